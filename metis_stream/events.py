@@ -1,0 +1,159 @@
+"""Events: the one shape that travels from a batch job to every watcher.
+
+Pure code: parsing and validating what a job posts, and encoding what watchers
+receive. The server assigns ``seq`` and ``time``; a job only says ``type``,
+``data`` and, optionally, an idempotency ``id``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+JsonValue = Any
+"""Any value that JSON can carry (``orjson`` decides what encodes)."""
+
+TYPE_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+
+TERMINAL_TYPES = frozenset({"completed", "fatal", "cancelled"})
+SERVER_ONLY_TYPES = frozenset({"starting", "submitted", "cancelled"})
+"""Types that only the server appends: a job cannot claim it was submitted or cancelled."""
+
+MAX_EVENT_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+class InvalidEvent(ValueError):
+    """A posted event is malformed; the message says why, for the client."""
+
+
+class EventTooLarge(InvalidEvent):
+    """An event or a request is over its size limit (HTTP 413)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event as a job (or the server) asks to append it, before it has a seq."""
+
+    type: str
+    data: JsonValue = None
+    id: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An event in a job's log: what watchers receive."""
+
+    job: str
+    seq: int
+    type: str
+    data: JsonValue
+    time: float
+    wire: str = field(default="", compare=False, repr=False)
+    """The JSON text of the event, encoded once and shared by every watcher."""
+
+    def __post_init__(self) -> None:
+        if not self.wire:
+            object.__setattr__(self, "wire", encode_event(self))
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    def as_dict(self) -> dict[str, JsonValue]:
+        return {"job": self.job, "seq": self.seq, "type": self.type,
+                "data": self.data, "time": self.time}
+
+
+def encode_event(event: Event) -> str:
+    return orjson.dumps(event.as_dict()).decode()
+
+
+def decode_event(text: str | bytes) -> Event:
+    """Decode an event that the server itself encoded (from the log or pub/sub)."""
+    raw = orjson.loads(text)
+    wire = text if isinstance(text, str) else text.decode()
+    return Event(job=raw["job"], seq=raw["seq"], type=raw["type"], data=raw["data"],
+                 time=raw["time"], wire=wire)
+
+
+def validate_type(event_type: object) -> str:
+    if not isinstance(event_type, str) or not TYPE_PATTERN.match(event_type):
+        raise InvalidEvent(
+            "'type' must be a string matching [a-z][a-z0-9_.-]{0,63}, "
+            f"got {event_type!r:.80}"
+        )
+    return event_type
+
+
+def parse_new_event(raw: object, *, from_job: bool = True) -> NewEvent:
+    """Validate one decoded JSON object as an event to append."""
+    if not isinstance(raw, dict):
+        raise InvalidEvent("an event must be a JSON object")
+    unknown = set(raw) - {"type", "data", "id"}
+    if unknown:
+        raise InvalidEvent(f"unknown field(s) in event: {', '.join(sorted(unknown))}")
+    if "type" not in raw:
+        raise InvalidEvent("an event needs a 'type'")
+    event_type = validate_type(raw["type"])
+    if from_job and event_type in SERVER_ONLY_TYPES:
+        raise InvalidEvent(f"only the server may append '{event_type}' events")
+    key = raw.get("id")
+    if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY_PATTERN.match(key)):
+        raise InvalidEvent("'id' must be a string matching [A-Za-z0-9_.:-]{1,128}")
+    return NewEvent(type=event_type, data=raw.get("data"), id=key)
+
+
+def parse_event_json(body: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> NewEvent:
+    """Parse one event from the JSON text of a request body or an NDJSON line."""
+    if len(body) > max_bytes:
+        raise EventTooLarge(f"an event may be at most {max_bytes} bytes, got {len(body)}")
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"not valid JSON: {exc}") from None
+    return parse_new_event(raw)
+
+
+def parse_ndjson(body: bytes, *, max_event_bytes: int = MAX_EVENT_BYTES) -> list[NewEvent]:
+    """Parse a whole NDJSON body: every line must be a valid event, or none is taken."""
+    events = []
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(parse_event_json(line, max_bytes=max_event_bytes))
+        except InvalidEvent as exc:
+            raise type(exc)(f"line {number}: {exc}") from None
+    return events
+
+
+class LineSplitter:
+    """Cut a streamed body into lines as its chunks arrive, with a bound on line length."""
+
+    def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max = max_line_bytes
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        self._buffer += chunk
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            yield line
+        if len(self._buffer) > self._max:
+            raise EventTooLarge(f"an event may be at most {self._max} bytes")
+
+    def close(self) -> Iterator[bytes]:
+        if self._buffer.strip():
+            yield bytes(self._buffer)
+        self._buffer.clear()

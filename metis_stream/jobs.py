@@ -1,0 +1,146 @@
+"""Jobs: the record kept for each job and the state machine that events drive.
+
+Pure code. A job moves forward only: created -> submitting -> queued ->
+running -> one of completed, failed, cancelled. A terminal state is final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from metis_stream.events import Event, JsonValue
+
+
+class JobState(StrEnum):
+    CREATED = "created"
+    SUBMITTING = "submitting"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+
+TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+ACTIVE_STATES = frozenset(JobState) - TERMINAL_STATES
+
+_RANK = {
+    JobState.CREATED: 0,
+    JobState.SUBMITTING: 1,
+    JobState.QUEUED: 2,
+    JobState.RUNNING: 3,
+    JobState.COMPLETED: 4,
+    JobState.FAILED: 4,
+    JobState.CANCELLED: 4,
+}
+
+STATE_AFTER_EVENT: Mapping[str, JobState] = {
+    "starting": JobState.SUBMITTING,
+    "submitted": JobState.QUEUED,
+    "queued": JobState.QUEUED,
+    "completed": JobState.COMPLETED,
+    "fatal": JobState.FAILED,
+    "cancelled": JobState.CANCELLED,
+}
+"""The state each event type leads to; any other type means the job is running."""
+
+
+def state_after(state: JobState, event_type: str) -> JobState:
+    """The state a job is in after an event of ``event_type``: forward only, terminal final."""
+    if state.terminal:
+        return state
+    target = STATE_AFTER_EVENT.get(event_type, JobState.RUNNING)
+    return target if target.rank > state.rank else state
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+JOB_ID_PATTERN = re.compile(r"j_[0-9A-HJKMNP-TV-Z]{26}\Z")
+
+
+def new_job_id(now: float | None = None) -> str:
+    """A ULID-like id: sortable by creation time, with 80 random bits (unguessable)."""
+    millis = int((time.time() if now is None else now) * 1000)
+    value = (millis << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "j_" + "".join(reversed(chars))
+
+
+def is_job_id(text: str) -> bool:
+    return bool(JOB_ID_PATTERN.match(text))
+
+
+@dataclass(slots=True)
+class Job:
+    """One job in the job database."""
+
+    id: str
+    template: str
+    cluster: str
+    params: dict[str, JsonValue] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    state: JobState = JobState.CREATED
+    created: float = 0.0
+    updated: float = 0.0
+    ended: float | None = None
+    scheduler_id: str | None = None
+    last_seq: int = 0
+    result: JsonValue = None
+    error: str | None = None
+    exit_status: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["state"] = self.state.value
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Job:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in record.items() if k in names}
+        values["state"] = JobState(values.get("state", JobState.CREATED))
+        return cls(**values)
+
+
+def apply_event(job: Job, event: Event) -> None:
+    """Update ``job`` in place for an event just appended to its log."""
+    job.last_seq = event.seq
+    job.updated = event.time
+    job.state = state_after(job.state, event.type)
+    data = event.data
+    if event.type == "submitted" and isinstance(data, str):
+        job.scheduler_id = data
+    elif event.type == "result" or (event.type == "completed" and data is not None):
+        job.result = data
+    elif event.type in ("fatal", "cancelled"):
+        job.error, job.exit_status = _error_of(event.type, data)
+    if job.state.terminal and job.ended is None:
+        job.ended = event.time
+
+
+def _error_of(event_type: str, data: JsonValue) -> tuple[str, int | None]:
+    if isinstance(data, str):
+        return data, None
+    if isinstance(data, Mapping):
+        status = data.get("exit_status")
+        message = data.get("error") or data.get("message") or event_type
+        return str(message), status if isinstance(status, int) else None
+    return event_type, None
+

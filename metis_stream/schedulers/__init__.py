@@ -1,0 +1,6 @@
+"""Schedulers: how a job reaches a cluster's batch system and how its status is read back.
+
+``base`` is the contract the server uses; ``pbs`` and ``slurm`` are pure command
+building and output parsing; ``batch`` runs those commands through a shell;
+``local`` runs the batch script as a child process (the embedded default).
+"""

@@ -1,0 +1,72 @@
+"""The contract between the server and a cluster's scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from metis_stream.templates import Template
+
+SchedulerState = Literal["queued", "running", "ended"]
+
+
+class SchedulerError(RuntimeError):
+    """A scheduler command failed; the message is the scheduler's own words."""
+
+
+class SubmitOutcomeUnknown(SchedulerError):
+    """The connection broke while submitting: the job may or may not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """Everything a scheduler needs to start one job."""
+
+    job_id: str
+    name: str
+    """The scheduler's job name: short, ``[A-Za-z0-9_-]``, unique per job."""
+    template: Template
+    env: Mapping[str, str]
+    """``METIS_JOB_ID``, ``METIS_EVENTS_URL`` and one variable per parameter. A scheduler
+    that cannot pass a value safely leaves it out: the job reads it from its spec."""
+    token: str
+    """The job's secret: delivered in a file readable only by the job's user, never in env."""
+    spec: Mapping[str, object] = field(default_factory=dict)
+    """The job's full spec (params, inputs), for jobs whose values did not fit the env."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStatus:
+    """What the scheduler knows of one job."""
+
+    state: SchedulerState
+    exit_status: int | None = None
+    detail: str = ""
+    """The scheduler's own words for the state, such as ``C`` or ``TIMEOUT``."""
+
+
+class Scheduler(Protocol):
+    """One cluster's batch system, as the server uses it."""
+
+    name: str
+    poll_interval: float
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def submit(self, submission: Submission) -> str:
+        """Submit and return the scheduler's job id."""
+        ...
+
+    async def poll(self, scheduler_ids: Sequence[str]) -> Mapping[str, SchedulerStatus]:
+        """Status of the given jobs in one batched query; an id the scheduler no longer
+        knows is left out of the result."""
+        ...
+
+    async def cancel(self, scheduler_id: str) -> None: ...
+
+    async def release(self, job_id: str) -> None:
+        """The job has ended: remove its token file and anything else staged for it."""
+        ...

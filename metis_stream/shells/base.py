@@ -1,0 +1,47 @@
+"""The contract for running scheduler commands and placing files on a cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ShellError(RuntimeError):
+    """The shell could not run a command (connection lost, timeout, refused host key)."""
+
+
+class CommandTimeout(ShellError):
+    """A command ran past its timeout; its outcome is unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class Shell(Protocol):
+    """Runs argv lists (every element quoted for the remote shell) and moves files.
+
+    Relative paths are relative to the login user's home directory.
+    """
+
+    async def run(self, argv: Sequence[str], *, timeout: float | None = None) -> CommandResult:
+        """Run one command; a non-zero exit is a result, not an error."""
+        ...
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        """Write a whole file atomically with ``mode``, creating parent folders."""
+        ...
+
+    async def remove_file(self, path: str) -> None:
+        """Remove a file; a missing file is not an error."""
+        ...
+
+    async def realpath(self, path: str) -> str:
+        """The absolute form of ``path`` on the cluster."""
+        ...
+
+    async def close(self) -> None: ...

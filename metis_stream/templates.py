@@ -1,0 +1,250 @@
+"""Templates: the server-side allowlist of batch scripts that clients may submit.
+
+Pure code. A client names a template and gives values for its parameters; it
+never sends a script or a command line. Every value is checked against the
+parameter's type and bounds before anything reaches a scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+ParamType = Literal["str", "int", "float", "bool", "url", "choice"]
+PARAM_TYPES: tuple[str, ...] = ("str", "int", "float", "bool", "url", "choice")
+ParamValue = str | int | float | bool
+
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
+ENV_NAME_PATTERN = re.compile(r"[A-Z_][A-Z0-9_]{0,63}\Z")
+RESERVED_ENV_NAMES = frozenset({
+    "PATH", "HOME", "SHELL", "USER", "LOGNAME", "IFS", "ENV", "BASH_ENV", "CDPATH",
+    "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "TMPDIR", "LANG",
+})
+RESERVED_ENV_PREFIXES = ("METIS_", "PBS_", "SLURM_")
+DEFAULT_STR_MAX_LENGTH = 1000
+MAX_URL_LENGTH = 2048
+MAX_INPUTS = 20
+
+
+class InvalidParams(ValueError):
+    """Client input that a template refuses; ``problems`` maps each field to what is wrong."""
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        self.problems = dict(problems)
+        super().__init__("; ".join(f"{k}: {v}" for k, v in self.problems.items()))
+
+
+class TemplateError(ValueError):
+    """A template in the configuration is malformed (an operator's mistake)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    type: ParamType = "str"
+    default: ParamValue | None = None
+    required: bool = False
+    description: str = ""
+    min: float | None = None
+    max: float | None = None
+    max_length: int | None = None
+    pattern: str | None = None
+    choices: tuple[str, ...] = ()
+    env: str = ""
+    """The environment variable that carries the value; default: the name in upper case."""
+
+    def env_name(self) -> str:
+        return self.env or self.name.upper()
+
+    def public(self) -> dict[str, Any]:
+        """What clients may see of the parameter (to build a form)."""
+        out: dict[str, Any] = {"name": self.name, "type": self.type,
+                               "required": self.required and self.default is None}
+        for key in ("default", "description", "min", "max", "max_length", "pattern"):
+            value = getattr(self, key)
+            if value not in (None, ""):
+                out[key] = value
+        if self.choices:
+            out["choices"] = list(self.choices)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    name: str
+    cluster: str
+    script: Path | None = None
+    """A local batch script, staged on the cluster by the scheduler."""
+    remote_script: str | None = None
+    """A batch script that already lives on the cluster."""
+    description: str = ""
+    queue: str | None = None
+    account: str | None = None
+    resources: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Param] = field(default_factory=dict)
+    accepts_inputs: bool = True
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "cluster": self.cluster,
+                "params": [p.public() for p in self.params.values()],
+                "accepts_inputs": self.accepts_inputs}
+
+
+def param_from_config(name: str, raw: Mapping[str, Any]) -> Param:
+    """Build a parameter from its TOML table, refusing anything an operator got wrong."""
+    if not NAME_PATTERN.match(name):
+        raise TemplateError(f"parameter name {name!r} must match [a-z][a-z0-9_]{{0,63}}")
+    known = {"type", "default", "required", "description", "min", "max", "max_length",
+             "pattern", "choices", "env"}
+    unknown = set(raw) - known
+    if unknown:
+        raise TemplateError(f"parameter {name!r}: unknown key(s) {sorted(unknown)}")
+    kind = raw.get("type", "str")
+    if kind not in PARAM_TYPES:
+        raise TemplateError(f"parameter {name!r}: type must be one of {PARAM_TYPES}")
+    env = raw.get("env", "")
+    param = Param(
+        name=name, type=kind, default=raw.get("default"),
+        required=bool(raw.get("required", False)), description=str(raw.get("description", "")),
+        min=raw.get("min"), max=raw.get("max"), max_length=raw.get("max_length"),
+        pattern=raw.get("pattern"), choices=tuple(raw.get("choices", ())), env=env,
+    )
+    env_name = param.env_name()
+    if (not ENV_NAME_PATTERN.match(env_name) or env_name in RESERVED_ENV_NAMES
+            or env_name.startswith(RESERVED_ENV_PREFIXES)):
+        raise TemplateError(f"parameter {name!r}: {env_name!r} cannot carry a parameter")
+    if kind == "choice" and not param.choices:
+        raise TemplateError(f"parameter {name!r}: a choice needs 'choices'")
+    if param.pattern is not None:
+        re.compile(param.pattern)
+    if param.default is not None:
+        try:
+            coerce_param(param, param.default)
+        except ValueError as exc:
+            raise TemplateError(f"parameter {name!r}: bad default: {exc}") from None
+    return param
+
+
+def validate_params(template: Template, raw: object) -> dict[str, ParamValue]:
+    """Check a client's parameters against the template; defaults fill the gaps."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise InvalidParams({"params": "must be a JSON object"})
+    problems: dict[str, str] = {}
+    for name in raw:
+        if name not in template.params:
+            problems[str(name)[:64]] = "unknown parameter"
+    values: dict[str, ParamValue] = {}
+    for name, param in template.params.items():
+        if name not in raw or raw[name] is None:
+            if param.default is not None:
+                values[name] = param.default
+            elif param.required:
+                problems[name] = "required"
+            continue
+        try:
+            values[name] = coerce_param(param, raw[name])
+        except ValueError as exc:
+            problems[name] = str(exc)
+    if problems:
+        raise InvalidParams(problems)
+    return values
+
+
+def validate_inputs(template: Template, raw: object) -> list[str]:
+    """Input files are download links (http or https) that the job fetches."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidParams({"inputs": "must be a list of URLs"})
+    if raw and not template.accepts_inputs:
+        raise InvalidParams({"inputs": f"template {template.name!r} takes no inputs"})
+    if len(raw) > MAX_INPUTS:
+        raise InvalidParams({"inputs": f"at most {MAX_INPUTS} inputs"})
+    problems: dict[str, str] = {}
+    urls = []
+    for index, item in enumerate(raw):
+        try:
+            urls.append(check_url(item))
+        except ValueError as exc:
+            problems[f"inputs[{index}]"] = str(exc)
+    if problems:
+        raise InvalidParams(problems)
+    return urls
+
+
+def coerce_param(param: Param, value: object) -> ParamValue:
+    """One value, checked for the parameter's type and bounds; raises ValueError."""
+    match param.type:
+        case "bool":
+            if not isinstance(value, bool):
+                raise ValueError("must be true or false")
+            return value
+        case "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError("must be an integer")
+            _check_bounds(param, value)
+            return value
+        case "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError("must be a number")
+            if not math.isfinite(value):
+                raise ValueError("must be a finite number")
+            _check_bounds(param, value)
+            return float(value)
+        case "choice":
+            if value not in param.choices:
+                raise ValueError(f"must be one of {', '.join(param.choices)}")
+            return str(value)
+        case "url":
+            return check_url(value)
+        case _:
+            return _check_str(param, value)
+
+
+def _check_bounds(param: Param, value: float) -> None:
+    if param.min is not None and value < param.min:
+        raise ValueError(f"must be at least {param.min}")
+    if param.max is not None and value > param.max:
+        raise ValueError(f"must be at most {param.max}")
+
+
+def _check_str(param: Param, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    limit = param.max_length or DEFAULT_STR_MAX_LENGTH
+    if len(value) > limit:
+        raise ValueError(f"must be at most {limit} characters")
+    if "\x00" in value:
+        raise ValueError("must not contain NUL")
+    if param.pattern is not None and not re.fullmatch(param.pattern, value):
+        raise ValueError(f"must match {param.pattern}")
+    return value
+
+
+def check_url(value: object) -> str:
+    """An http(s) URL with a host and no credentials."""
+    if not isinstance(value, str):
+        raise ValueError("must be a URL string")
+    if len(value) > MAX_URL_LENGTH:
+        raise ValueError(f"must be at most {MAX_URL_LENGTH} characters")
+    if any(ord(c) < 0x21 or c == "\x7f" for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - reading it raises ValueError for a malformed port
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http or https URL")
+    if not parts.hostname:
+        raise ValueError("must have a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials")
+    return value
