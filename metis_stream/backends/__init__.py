@@ -1,0 +1,4 @@
+"""Backends: the job database and the event log with publish/subscribe.
+
+``memory`` is the embedded default (one process); ``redis`` is for production.
+"""

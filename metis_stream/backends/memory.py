@@ -1,0 +1,129 @@
+"""The embedded backend: everything in this process's memory.
+
+For the demo, tests and a single server process. Nothing survives a restart;
+use the Redis backend for that and for several processes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
+
+from metis_stream.backends.base import (
+    DEFAULT_MAX_EVENTS_PER_JOB,
+    READ_PAGE,
+    AppendResult,
+    EventLimitReached,
+    Hub,
+    JobEnded,
+    JobNotFound,
+    JobNotSubmitted,
+    Subscription,
+)
+from metis_stream.events import Event, NewEvent
+from metis_stream.jobs import Job, JobState, apply_event
+
+
+@dataclass
+class _Entry:
+    job: Job
+    log: list[Event] = field(default_factory=list)
+    seq_of_key: dict[str, int] = field(default_factory=dict)
+
+
+class MemoryBackend:
+    def __init__(self, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB) -> None:
+        self.hub = Hub()
+        self._entries: dict[str, _Entry] = {}
+        self._max_events = max_events_per_job
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def create_job(self, job: Job) -> None:
+        self._entries[job.id] = _Entry(job=replace(job))
+
+    async def get_job(self, job_id: str) -> Job:
+        return replace(self._entry(job_id).job)
+
+    async def list_jobs(self, *, states: Collection[JobState] | None = None,
+                        cluster: str | None = None, limit: int = 100) -> list[Job]:
+        jobs = []
+        for entry in reversed(self._entries.values()):
+            job = entry.job
+            if (states is None or job.state in states) and (cluster in (None, job.cluster)):
+                jobs.append(replace(job))
+                if len(jobs) >= limit:
+                    break
+        return jobs
+
+    async def append(self, job_id: str, events: Sequence[NewEvent], *,
+                     from_job: bool = False) -> AppendResult:
+        entry = self._entry(job_id)
+        job = entry.job
+        if from_job and job.state in (JobState.CREATED, JobState.SUBMITTING):
+            raise JobNotSubmitted(job_id)
+        seqs, fresh, keys = self._plan(entry, events)
+        now = time.time()
+        appended = []
+        for new, seq in zip(fresh, range(job.last_seq + 1, job.last_seq + 1 + len(fresh)),
+                            strict=True):
+            event = Event(job=job_id, seq=seq, type=new.type, data=new.data, time=now)
+            entry.log.append(event)
+            apply_event(job, event)
+            appended.append(event)
+        entry.seq_of_key.update(keys)
+        for event in appended:
+            self.hub.publish(job_id, event)
+        return AppendResult(events=appended, seqs=seqs)
+
+    def _plan(self, entry: _Entry, events: Sequence[NewEvent]
+              ) -> tuple[list[int], list[NewEvent], dict[str, int]]:
+        """Check a whole batch before anything changes: all or nothing."""
+        job = entry.job
+        next_seq = job.last_seq + 1
+        ended = job.state.terminal
+        seqs: list[int] = []
+        fresh: list[NewEvent] = []
+        keys: dict[str, int] = {}
+        for new in events:
+            known = keys.get(new.id) if new.id else None
+            if new.id and known is None:
+                known = entry.seq_of_key.get(new.id)
+            if known is not None:
+                seqs.append(known)
+                continue
+            if ended:
+                raise JobEnded(job.id)
+            if not new.terminal and len(entry.log) + len(fresh) >= self._max_events:
+                raise EventLimitReached(f"job {job.id} has reached {self._max_events} events")
+            if new.id:
+                keys[new.id] = next_seq
+            seqs.append(next_seq)
+            fresh.append(new)
+            next_seq += 1
+            ended = new.terminal
+        return seqs, fresh, keys
+
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
+        log = self._entry(job_id).log
+        start = bisect.bisect_right(log, after, key=lambda event: event.seq)
+        return log[start:start + limit]
+
+    def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
+        return self.hub.subscribe(job_id)
+
+    async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
+        return True  # one process: nobody else to share with
+
+    def _entry(self, job_id: str) -> _Entry:
+        try:
+            return self._entries[job_id]
+        except KeyError:
+            raise JobNotFound(job_id) from None
