@@ -32,6 +32,10 @@ class InvalidEvent(ValueError):
     """A posted event is malformed; the message says why, for the client."""
 
 
+class MalformedEvent(InvalidEvent):
+    """A posted event is not even JSON (HTTP 400; a well-formed but invalid event is 422)."""
+
+
 class EventTooLarge(InvalidEvent):
     """An event or a request is over its size limit (HTTP 413)."""
 
@@ -120,7 +124,7 @@ def parse_event_json(body: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> NewEve
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent(f"not valid JSON: {exc}") from None
+        raise MalformedEvent(f"not valid JSON: {exc}") from None
     return parse_new_event(raw)
 
 
@@ -142,7 +146,7 @@ class LineSplitter:
 
     def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES) -> None:
         self._buffer = bytearray()
-        self._max = max_line_bytes
+        self.max_line_bytes = max_line_bytes
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         self._buffer += chunk
@@ -150,8 +154,8 @@ class LineSplitter:
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             yield line
-        if len(self._buffer) > self._max:
-            raise EventTooLarge(f"an event may be at most {self._max} bytes")
+        if len(self._buffer) > self.max_line_bytes:
+            raise EventTooLarge(f"an event may be at most {self.max_line_bytes} bytes")
 
     def close(self) -> Iterator[bytes]:
         if self._buffer.strip():

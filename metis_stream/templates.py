@@ -208,6 +208,13 @@ def coerce_param(param: Param, value: object) -> ParamValue:
             return _check_str(param, value)
 
 
+def param_text(value: ParamValue) -> str:
+    """A parameter's value as a job sees it: in its environment or from its spec."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _check_bounds(param: Param, value: float) -> None:
     if param.min is not None and value < param.min:
         raise ValueError(f"must be at least {param.min}")

@@ -1,0 +1,219 @@
+"""Configuration: one TOML file, ``METIS_<KEY>`` environment overrides, embedded defaults.
+
+No file at all means the embedded defaults: memory backend, local scheduler,
+the example templates, loopback only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from metis_stream import tokens
+from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
+from metis_stream.templates import Template, TemplateError, param_from_config
+
+PACKAGE_DIR = Path(__file__).parent
+JOBSCRIPTS_DIR = PACKAGE_DIR / "jobscripts"
+EXAMPLES_FILE = JOBSCRIPTS_DIR / "examples.toml"
+EMIT_SCRIPT = JOBSCRIPTS_DIR / "metis-emit"
+SCHEDULERS = ("local", "pbs", "slurm")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""
+    secret: str = ""
+    redis_url: str = ""
+    api_keys: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    state_dir: str = "~/.local/state/metis-stream"
+    max_event_bytes: int = MAX_EVENT_BYTES
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_events_per_job: int = 10_000
+    event_retention: float = 7 * 24 * 3600
+    submit_timeout: float = 120.0
+
+    @property
+    def events_base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str
+    scheduler: str = "local"
+    host: str = ""
+    port: int = 22
+    user: str = ""
+    key_file: str = ""
+    known_hosts: str = "~/.ssh/known_hosts"
+    workdir: str = "metis-stream"
+    poll_interval: float = 10.0
+    max_sessions: int = 8
+    command_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
+    templates: Mapping[str, Template] = field(default_factory=dict)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.server.state_dir).expanduser()
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or the embedded defaults), apply ``METIS_*`` overrides, fill the secret."""
+    environ = os.environ if environ is None else environ
+    source = path or EXAMPLES_FILE
+    try:
+        raw = tomllib.loads(source.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    unknown = set(raw) - {"server", "clusters", "templates"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
+    server = _server_config({**raw.get("server", {}), **_environment_overrides(environ)})
+    clusters = {name: _cluster_config(name, table)
+                for name, table in raw.get("clusters", {}).items()}
+    templates = {name: _template(name, table, source.parent, clusters)
+                 for name, table in raw.get("templates", {}).items()}
+    config = Config(server=server, clusters=clusters, templates=templates)
+    if not server.secret:
+        config = replace(config, server=replace(server, secret=_kept_secret(config.state_dir)))
+    return config
+
+
+def check_listen_address(config: Config) -> None:
+    """Refuse to serve beyond loopback without API keys: anyone could submit jobs."""
+    host = config.server.host
+    if config.server.api_keys or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"refusing to listen on {host}: a server reachable from other machines needs "
+            "api_keys in [server] (or METIS_API_KEYS); without keys, anyone who can reach it "
+            "could submit jobs to your cluster"
+        )
+
+
+def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in fields(ServerConfig):
+        value = environ.get(f"METIS_{item.name.upper()}")
+        if value is not None:
+            overrides[item.name] = value
+    return overrides
+
+
+def _server_config(table: Mapping[str, Any]) -> ServerConfig:
+    known = {f.name: f for f in fields(ServerConfig)}
+    unknown = set(table) - set(known)
+    if unknown:
+        raise ConfigError(f"[server]: unknown key(s) {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for name, value in table.items():
+        default = getattr(ServerConfig(), name)
+        try:
+            values[name] = _coerce(value, default)
+        except (TypeError, ValueError):
+            raise ConfigError(f"[server] {name}: cannot use {value!r}") from None
+    return ServerConfig(**values)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """Values from the environment arrive as text; lists there are comma-separated."""
+    if isinstance(default, tuple):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    if isinstance(default, bool):
+        raise TypeError
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
+    known = {f.name for f in fields(ClusterConfig)} - {"name"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"[clusters.{name}]: unknown key(s) {sorted(unknown)}")
+    cluster = ClusterConfig(name=name, **table)
+    if cluster.scheduler not in SCHEDULERS:
+        raise ConfigError(f"[clusters.{name}] scheduler must be one of {', '.join(SCHEDULERS)}")
+    if cluster.scheduler != "local" and not (cluster.host and cluster.user):
+        raise ConfigError(f"[clusters.{name}]: a {cluster.scheduler} cluster needs host and user")
+    return cluster
+
+
+def _template(name: str, table: Mapping[str, Any], base: Path,
+              clusters: Mapping[str, ClusterConfig]) -> Template:
+    where = f"[templates.{name}]"
+    known = {"cluster", "script", "remote_script", "description", "queue", "account",
+             "resources", "params", "accepts_inputs"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+    cluster = table.get("cluster", "")
+    if cluster not in clusters:
+        raise ConfigError(f"{where}: cluster {cluster!r} is not configured")
+    if ("script" in table) == ("remote_script" in table):
+        raise ConfigError(f"{where}: give exactly one of script or remote_script")
+    script = None
+    if "script" in table:
+        script = (base / Path(table["script"]).expanduser()).resolve()
+        if not script.is_file():
+            raise ConfigError(f"{where}: script {script} does not exist")
+    try:
+        params = {key: param_from_config(key, value)
+                  for key, value in table.get("params", {}).items()}
+    except TemplateError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    resources = {str(k): str(v) for k, v in table.get("resources", {}).items()}
+    return Template(
+        name=name, cluster=cluster, script=script, remote_script=table.get("remote_script"),
+        description=table.get("description", ""), queue=table.get("queue"),
+        account=table.get("account"), resources=resources, params=params,
+        accepts_inputs=bool(table.get("accepts_inputs", True)),
+    )
+
+
+def _kept_secret(state_dir: Path) -> str:
+    """The server's secret, generated once and kept, so tokens survive a restart and every
+    process on this machine agrees on them."""
+    path = state_dir / "secret"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        draft = state_dir / f".secret.{os.getpid()}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(tokens.new_secret())
+        try:
+            os.link(draft, path)  # atomic, and fails if another process got there first
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()

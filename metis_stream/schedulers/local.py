@@ -1,0 +1,116 @@
+"""The local scheduler: runs a template's batch script as a child process of the server.
+
+The embedded default, for the demo and for development without a cluster. Each
+job gets a folder under the server's state directory holding its token file
+(mode 0600), its spec and its stdout/stderr; the script runs there in its own
+process group, so cancelling kills everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anyio
+import orjson
+
+from metis_stream.schedulers.base import SchedulerError, SchedulerStatus, Submission
+
+BASE_ENV_NAMES = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "LOGNAME")
+KILL_GRACE = 5.0
+
+
+class LocalScheduler:
+    def __init__(self, name: str, *, jobs_dir: Path, emit_script: Path,
+                 poll_interval: float = 0.5) -> None:
+        self.name = name
+        self.poll_interval = poll_interval
+        self._jobs_dir = jobs_dir
+        self._emit_script = emit_script
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    async def start(self) -> None:
+        self._jobs_dir.mkdir(parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        """Leave running jobs alone: like jobs on a cluster, they outlive the server."""
+        self._processes.clear()
+
+    async def submit(self, submission: Submission) -> str:
+        template = submission.template
+        if template.script is None:
+            raise SchedulerError(f"template {template.name!r}: the local scheduler needs a "
+                                 "local script, not remote_script")
+        job_dir = self._jobs_dir / submission.job_id
+        job_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        token_file = _write_private(job_dir / "token", submission.token.encode())
+        spec_file = _write_private(job_dir / "spec.json", orjson.dumps(submission.spec))
+        env = {name: os.environ[name] for name in BASE_ENV_NAMES if name in os.environ}
+        env.update(submission.env)
+        env.update({
+            "METIS_TOKEN_FILE": str(token_file),
+            "METIS_SPEC_FILE": str(spec_file),
+            "METIS_EMIT": str(self._emit_script),
+            "PBS_O_WORKDIR": str(job_dir),
+            "PBS_JOBNAME": submission.name,
+        })
+        process = await anyio.to_thread.run_sync(self._spawn, template.script, job_dir, env)
+        scheduler_id = f"{process.pid}.local"
+        self._processes[scheduler_id] = process
+        return scheduler_id
+
+    @staticmethod
+    def _spawn(script: Path, job_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with open(job_dir / "stdout", "wb") as out, open(job_dir / "stderr", "wb") as err:
+            return subprocess.Popen(
+                ["/bin/sh", str(script)], cwd=job_dir, env=env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=err, start_new_session=True,
+            )
+
+    async def poll(self, scheduler_ids: Sequence[str]) -> Mapping[str, SchedulerStatus]:
+        statuses = {}
+        for scheduler_id in scheduler_ids:
+            process = self._processes.get(scheduler_id)
+            if process is None:
+                continue  # not started by this process: unknown, as a purged job would be
+            code = process.poll()
+            if code is None:
+                statuses[scheduler_id] = SchedulerStatus("running")
+            else:
+                statuses[scheduler_id] = _ended(code)
+                del self._processes[scheduler_id]
+        return statuses
+
+    async def cancel(self, scheduler_id: str) -> None:
+        process = self._processes.get(scheduler_id)
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            await anyio.to_thread.run_sync(process.wait, KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    async def release(self, job_id: str) -> None:
+        (self._jobs_dir / job_id / "token").unlink(missing_ok=True)
+
+
+def _ended(returncode: int) -> SchedulerStatus:
+    if returncode < 0:
+        signum = -returncode
+        reason = signal.strsignal(signum) or f"signal {signum}"
+        return SchedulerStatus("ended", 128 + signum, f"killed: {reason}")
+    return SchedulerStatus("ended", returncode, f"exited with status {returncode}")
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    return path

@@ -1,0 +1,198 @@
+"""The job service: what the server does with jobs, independent of HTTP.
+
+It creates jobs, submits them without blocking the event loop, takes their
+events, cancels them, and runs one monitor per cluster. The web layer is a thin
+translation of routes onto these methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from metis_stream import tokens
+from metis_stream.backends.base import (
+    AppendResult,
+    Backend,
+    BackendUnavailable,
+    JobEnded,
+    JobNotSubmitted,
+    follow,
+)
+from metis_stream.config import Config
+from metis_stream.events import Event, NewEvent
+from metis_stream.jobs import Job, new_job_id
+from metis_stream.monitor import Monitor
+from metis_stream.schedulers.base import Scheduler, SchedulerError, Submission
+from metis_stream.templates import (
+    InvalidParams,
+    Template,
+    param_text,
+    validate_inputs,
+    validate_params,
+)
+
+logger = logging.getLogger(__name__)
+
+SUBMISSION_WAIT = 30.0
+"""How long a job's first event waits for the server to record the submission."""
+
+
+class UnknownTemplate(InvalidParams):
+    def __init__(self, name: str) -> None:
+        super().__init__({"template": f"no template named {name[:64]!r}"})
+
+
+class JobService:
+    def __init__(self, config: Config, backend: Backend,
+                 schedulers: Mapping[str, Scheduler]) -> None:
+        self.config = config
+        self.backend = backend
+        self.schedulers = schedulers
+        self._tasks: TaskGroup | None = None
+
+    async def run(self, task_group: TaskGroup) -> None:
+        """Start the backend, the schedulers and their monitors in ``task_group``."""
+        await self.backend.start()
+        for scheduler in self.schedulers.values():
+            await scheduler.start()
+            task_group.start_soon(Monitor(self.backend, scheduler, self._append_monitor).run)
+        self._tasks = task_group
+
+    async def close(self) -> None:
+        for scheduler in self.schedulers.values():
+            await scheduler.close()
+        await self.backend.close()
+
+    # Tokens
+
+    def job_token(self, job_id: str) -> str:
+        return tokens.job_token(self.config.server.secret, job_id)
+
+    def watch_token(self, job_id: str) -> str:
+        return tokens.watch_token(self.config.server.secret, job_id)
+
+    def events_url(self, job_id: str) -> str:
+        return f"{self.config.server.events_base_url}/api/jobs/{job_id}/events"
+
+    # Jobs
+
+    def template(self, name: object) -> Template:
+        template = self.config.templates.get(name) if isinstance(name, str) else None
+        if template is None:
+            raise UnknownTemplate(str(name))
+        return template
+
+    async def create(self, template_name: object, params: object, inputs: object) -> Job:
+        """Validate, record the job with its ``starting`` event, and submit in the background."""
+        template = self.template(template_name)
+        values = validate_params(template, params)
+        urls = validate_inputs(template, inputs)
+        now = time.time()
+        job = Job(id=new_job_id(now), template=template.name, cluster=template.cluster,
+                  params=dict(values), inputs=urls, created=now, updated=now)
+        await self.backend.create_job(job)
+        await self.backend.append(job.id, [NewEvent("starting", {"template": template.name})])
+        assert self._tasks is not None, "the service is not running"
+        self._tasks.start_soon(self._submit, job, template)
+        return await self.backend.get_job(job.id)
+
+    def spec(self, job: Job) -> dict[str, Any]:
+        return {"job": job.id, "template": job.template, "params": job.params,
+                "inputs": job.inputs}
+
+    async def _submit(self, job: Job, template: Template) -> None:
+        scheduler = self.schedulers[template.cluster]
+        env = {"METIS_JOB_ID": job.id, "METIS_EVENTS_URL": self.events_url(job.id)}
+        for name, value in job.params.items():
+            env[template.params[name].env_name()] = param_text(value)
+        submission = Submission(job_id=job.id, name=f"ms-{job.id[-12:]}", template=template,
+                                env=env, token=self.job_token(job.id), spec=self.spec(job))
+        try:
+            with anyio.fail_after(self.config.server.submit_timeout):
+                scheduler_id = await scheduler.submit(submission)
+        except Exception as exc:  # any failure must end the job, never the server
+            logger.warning("job %s: submission failed: %r", job.id, exc)
+            await self._append_quietly(job.id, NewEvent(
+                "fatal", {"error": f"submission failed: {exc or type(exc).__name__}"}))
+            return
+        await self._record_submission(job.id, scheduler, scheduler_id)
+
+    async def _record_submission(self, job_id: str, scheduler: Scheduler,
+                                 scheduler_id: str) -> None:
+        """Append ``submitted``, riding out a short backend outage: the job now exists on
+        the cluster, and without its scheduler id the monitor could never find it."""
+        delay = 0.1
+        while True:
+            try:
+                await self.backend.append(job_id, [NewEvent("submitted", scheduler_id)])
+                return
+            except JobEnded:
+                # Cancelled while it was being submitted: the scheduler must forget it too.
+                await scheduler.cancel(scheduler_id)
+                return
+            except BackendUnavailable:
+                logger.warning("job %s: backend unavailable, retrying in %.1fs", job_id, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def ingest(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
+        """Append events that the job itself posted.
+
+        A job can start before its scheduler's submit command has returned; its events
+        then wait for the ``submitted`` event, so that watchers always see it first.
+        """
+        result = await self._append_job_events(job_id, events)
+        if any(event.terminal for event in result.events):
+            await self._release(job_id)
+        return result
+
+    async def _append_job_events(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
+        try:
+            return await self.backend.append(job_id, events, from_job=True)
+        except JobNotSubmitted:
+            pass
+        async with self.backend.subscribe(job_id) as live:
+            with anyio.move_on_after(SUBMISSION_WAIT):
+                while True:
+                    try:
+                        return await self.backend.append(job_id, events, from_job=True)
+                    except JobNotSubmitted:
+                        await live.next()
+        raise BackendUnavailable(f"job {job_id} is still being submitted; retry")
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.backend.get_job(job_id)
+        if job.state.terminal:
+            raise JobEnded(job_id)
+        if job.scheduler_id is not None:
+            await self.schedulers[job.cluster].cancel(job.scheduler_id)
+        await self.backend.append(job_id, [NewEvent("cancelled", {"error": "cancelled"})])
+        await self._release(job_id)
+        return await self.backend.get_job(job_id)
+
+    def follow(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
+        return follow(self.backend, job_id, after)
+
+    async def _append_monitor(self, job_id: str, events: list[NewEvent]) -> None:
+        result = await self.backend.append(job_id, events)
+        if any(event.terminal for event in result.events):
+            await self._release(job_id)
+
+    async def _append_quietly(self, job_id: str, event: NewEvent) -> None:
+        with contextlib.suppress(JobEnded):
+            await self._append_monitor(job_id, [event])
+
+    async def _release(self, job_id: str) -> None:
+        job = await self.backend.get_job(job_id)
+        try:
+            await self.schedulers[job.cluster].release(job_id)
+        except (SchedulerError, OSError) as exc:
+            logger.warning("job %s: could not remove its token file: %s", job_id, exc)
+

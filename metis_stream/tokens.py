@@ -1,0 +1,56 @@
+"""Secrets: job tokens, watch tokens and API keys. Pure code.
+
+A job token lets a batch job post events for its own job; a watch token lets a
+browser watch one job. Both are HMACs of the job id with the server's secret,
+so any server process can check them without a lookup, and a check never
+tells whether the job exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+
+API_KEY_HASH_PREFIX = "sha256:"
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def _mac(secret: str, purpose: str, job_id: str) -> str:
+    digest = hmac.new(secret.encode(), f"{purpose}:{job_id}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def job_token(secret: str, job_id: str) -> str:
+    return _mac(secret, "job", job_id)
+
+
+def watch_token(secret: str, job_id: str) -> str:
+    return _mac(secret, "watch", job_id)
+
+
+def same_secret(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), given.encode())
+
+
+def hash_api_key(key: str) -> str:
+    """The form to put in ``api_keys`` so that the configuration holds no usable key."""
+    return API_KEY_HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+
+def api_key_matches(configured: Iterable[str], given: str) -> bool:
+    """Whether ``given`` is one of the configured keys (each plain or ``sha256:<hex>``).
+
+    Every entry is compared, in constant time, so the time taken tells nothing.
+    """
+    hashed = hash_api_key(given)
+    found = False
+    for entry in configured:
+        expected = entry if entry.startswith(API_KEY_HASH_PREFIX) else hash_api_key(entry)
+        found |= hmac.compare_digest(expected.encode(), hashed.encode())
+    return found

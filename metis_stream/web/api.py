@@ -1,0 +1,278 @@
+"""The REST routes of DESIGN.md's interface table."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+
+from metis_stream.backends.base import READ_PAGE
+from metis_stream.events import (
+    EventTooLarge,
+    InvalidEvent,
+    LineSplitter,
+    MalformedEvent,
+    NewEvent,
+    parse_event_json,
+    parse_ndjson,
+)
+from metis_stream.jobs import Job, JobState
+from metis_stream.service import JobService
+from metis_stream.templates import param_text
+from metis_stream.web import auth
+from metis_stream.web.errors import HTTPError, JSONResponse, as_http_error
+
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+JSON_TYPE = "application/json"
+MAX_SUBMIT_BYTES = 64 * 1024
+SSE_KEEPALIVE = 15.0
+
+
+def service_of(request: Request) -> JobService:
+    service: JobService = request.app.state.service
+    return service
+
+
+def job_view(service: JobService, job: Job, *, with_watch_token: bool) -> dict[str, Any]:
+    view = job.as_dict()
+    view["watch_url"] = f"/ws/jobs/{job.id}"
+    view["events_url"] = f"/api/jobs/{job.id}/events"
+    if with_watch_token:
+        view["watch_token"] = service.watch_token(job.id)
+    return view
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPError(413, f"the request body may be at most {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPError(413, f"the request body may be at most {limit} bytes")
+    return bytes(body)
+
+
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await read_body(request, limit))
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(400, f"not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    return body
+
+
+def after_param(request: Request) -> int:
+    raw = request.query_params.get("after") or request.headers.get("last-event-id") or "0"
+    if not raw.isdigit() or len(raw) > 18:
+        raise HTTPError(400, "'after' must be a whole number")
+    return int(raw)
+
+
+# Clients
+
+
+async def create_job(request: Request) -> Response:
+    service = service_of(request)
+    auth.require_client(request, service.config.server)
+    body = await read_json_object(request, MAX_SUBMIT_BYTES)
+    job = await service.create(body.get("template"), body.get("params"), body.get("inputs"))
+    return JSONResponse(job_view(service, job, with_watch_token=True), status_code=201)
+
+
+async def list_jobs(request: Request) -> Response:
+    service = service_of(request)
+    auth.require_client(request, service.config.server)
+    state = request.query_params.get("state")
+    if state is not None and state not in JobState.__members__.values():
+        raise HTTPError(400, f"'state' must be one of {', '.join(JobState)}")
+    limit = request.query_params.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise HTTPError(400, "'limit' must be a whole number from 1 to 1000")
+    jobs = await service.backend.list_jobs(
+        states=None if state is None else {JobState(state)}, limit=int(limit))
+    return JSONResponse({"jobs": [job_view(service, job, with_watch_token=True)
+                                  for job in jobs]})
+
+
+async def get_job(request: Request) -> Response:
+    service = service_of(request)
+    job_id = request.path_params["job_id"]
+    auth.require_watcher(request, service.config.server, job_id)
+    job = await service.backend.get_job(job_id)
+    with_token = auth.is_client(request, service.config.server)
+    return JSONResponse(job_view(service, job, with_watch_token=with_token))
+
+
+async def cancel_job(request: Request) -> Response:
+    service = service_of(request)
+    job_id = request.path_params["job_id"]
+    auth.require_client(request, service.config.server)
+    job = await service.cancel(job_id)
+    return JSONResponse(job_view(service, job, with_watch_token=True))
+
+
+async def job_events(request: Request) -> Response:
+    service = service_of(request)
+    job_id = request.path_params["job_id"]
+    auth.require_watcher(request, service.config.server, job_id)
+    after = after_param(request)
+    await service.backend.get_job(job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return StreamingResponse(_sse(service, job_id, after), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+    events = await service.backend.read(job_id, after, READ_PAGE)
+    return Response(b'{"job":' + orjson.dumps(job_id) + b',"events":['
+                    + ",".join(event.wire for event in events).encode() + b"]}",
+                    media_type=JSON_TYPE)
+
+
+async def _sse(service: JobService, job_id: str, after: int) -> AsyncIterator[str]:
+    """Server-Sent Events: ``id: <seq>`` on every event, comments to keep proxies open,
+    and the end of the response after the terminal event."""
+    send, receive = anyio.create_memory_object_stream[str](64)
+
+    async def pump() -> None:
+        async with send:
+            try:
+                async for event in service.follow(job_id, after):
+                    await send.send(f"id: {event.seq}\ndata: {event.wire}\n\n")
+            except Exception as exc:
+                error = as_http_error(exc)
+                if error is None:
+                    raise
+                payload = orjson.dumps({"error": error.message}).decode()
+                await send.send(f"event: error\ndata: {payload}\n\n")
+
+    async with anyio.create_task_group() as tasks, receive:
+        tasks.start_soon(pump)
+        while True:
+            with anyio.move_on_after(SSE_KEEPALIVE) as waited:
+                try:
+                    frame = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+            yield ": keep-alive\n\n" if waited.cancelled_caught else frame
+
+
+async def list_templates(request: Request) -> Response:
+    service = service_of(request)
+    auth.require_client(request, service.config.server)
+    return JSONResponse({"templates": [template.public()
+                                       for template in service.config.templates.values()]})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+# The batch job
+
+
+async def post_events(request: Request) -> Response:
+    service = service_of(request)
+    server = service.config.server
+    job_id = request.path_params["job_id"]
+    auth.require_job_token(request, server, job_id)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in NDJSON_TYPES:
+        if "content-length" in request.headers:
+            body = await read_body(request, server.max_request_bytes)
+            events = parse_ndjson(body, max_event_bytes=server.max_event_bytes)
+            seqs, duplicates = await _ingest(service, job_id, events)
+        else:
+            seqs, duplicates = await _ingest_stream(service, request, job_id)
+    elif content_type == JSON_TYPE:
+        body = await read_body(request, server.max_event_bytes)
+        seqs, duplicates = await _ingest(service, job_id, [parse_event_json(body)])
+    else:
+        raise HTTPError(415, "send one event as application/json or several as "
+                             "application/x-ndjson")
+    return JSONResponse({"seqs": seqs, "duplicates": duplicates})
+
+
+async def _ingest(service: JobService, job_id: str, events: list[NewEvent]
+                  ) -> tuple[list[int], int]:
+    if not events:
+        raise HTTPError(400, "no events in the request")
+    result = await service.ingest(job_id, events)
+    return result.seqs, result.duplicates
+
+
+async def _ingest_stream(service: JobService, request: Request, job_id: str
+                         ) -> tuple[list[int], int]:
+    """A streamed NDJSON body: each chunk's complete lines are appended as they arrive, so
+    watchers see a piped program's output live. A bad line ends the request; the lines
+    before it stay appended (they were delivered already), and the error says so."""
+    splitter = LineSplitter(service.config.server.max_event_bytes)
+    seqs: list[int] = []
+    duplicates = 0
+    line_number = 0
+
+    async def take(lines: list[bytes]) -> None:
+        nonlocal line_number
+        events = []
+        for line in lines:
+            line_number += 1
+            if not line.strip():
+                continue
+            try:
+                events.append(parse_event_json(line, max_bytes=splitter.max_line_bytes))
+            except InvalidEvent as exc:
+                await flush(events)
+                status = 413 if isinstance(exc, EventTooLarge) else (
+                    400 if isinstance(exc, MalformedEvent) else 422)
+                raise HTTPError(status, f"line {line_number}: {exc}", seqs=seqs) from None
+        await flush(events)
+
+    async def flush(events: list[NewEvent]) -> None:
+        nonlocal duplicates
+        if events:
+            result = await service.ingest(job_id, events)
+            seqs.extend(result.seqs)
+            duplicates += result.duplicates
+
+    try:
+        async for chunk in request.stream():
+            await take(list(splitter.feed(chunk)))
+        await take(list(splitter.close()))
+    except EventTooLarge as exc:
+        raise HTTPError(413, f"line {line_number + 1}: {exc}", seqs=seqs) from None
+    if not seqs:
+        raise HTTPError(400, "no events in the request")
+    return seqs, duplicates
+
+
+async def job_spec(request: Request) -> Response:
+    job = await _job_for_its_token(request)
+    return JSONResponse(service_of(request).spec(job))
+
+
+async def job_spec_param(request: Request) -> Response:
+    job = await _job_for_its_token(request)
+    name = request.path_params["name"]
+    if name not in job.params:
+        raise HTTPError(404, f"the job has no parameter {name[:64]!r}")
+    return PlainTextResponse(param_text(job.params[name]))
+
+
+async def job_spec_inputs(request: Request) -> Response:
+    job = await _job_for_its_token(request)
+    return PlainTextResponse("".join(f"{url}\n" for url in job.inputs))
+
+
+async def _job_for_its_token(request: Request) -> Job:
+    service = service_of(request)
+    job_id = request.path_params["job_id"]
+    auth.require_job_token(request, service.config.server, job_id)
+    job = await service.backend.get_job(job_id)
+    if job.state.terminal:
+        raise HTTPError(409, "the job has already ended")
+    return job

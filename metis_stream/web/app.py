@@ -1,0 +1,68 @@
+"""The Starlette application: routes, lifespan, static viewer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from metis_stream.backends.base import Backend, BackendError
+from metis_stream.config import Config
+from metis_stream.events import InvalidEvent
+from metis_stream.factory import build_backend, build_schedulers
+from metis_stream.schedulers.base import Scheduler
+from metis_stream.service import JobService
+from metis_stream.templates import InvalidParams
+from metis_stream.web import api, sockets
+from metis_stream.web.errors import HTTPError, handle_error, handle_not_found
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(config: Config, *, backend: Backend | None = None,
+               schedulers: Mapping[str, Scheduler] | None = None) -> Starlette:
+    service = JobService(
+        config,
+        backend if backend is not None else build_backend(config),
+        schedulers if schedulers is not None else build_schedulers(config),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            await service.run(tasks)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+                await service.close()
+
+    job = "/api/jobs/{job_id}"
+    routes = [
+        Route("/healthz", api.healthz),
+        Route("/api/templates", api.list_templates),
+        Route("/api/jobs", api.create_job, methods=["POST"]),
+        Route("/api/jobs", api.list_jobs, methods=["GET"]),
+        Route(job, api.get_job, methods=["GET"]),
+        Route(job, api.cancel_job, methods=["DELETE"]),
+        Route(job + "/events", api.job_events, methods=["GET"]),
+        Route(job + "/events", api.post_events, methods=["POST"]),
+        Route(job + "/spec", api.job_spec),
+        Route(job + "/spec/inputs", api.job_spec_inputs),
+        Route(job + "/spec/params/{name}", api.job_spec_param),
+        WebSocketRoute("/ws/jobs", sockets.submit_socket),
+        WebSocketRoute("/ws/jobs/{job_id}", sockets.watch_socket),
+        Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer"),
+    ]
+    handlers = {exc: handle_error for exc in (HTTPError, BackendError, InvalidEvent,
+                                              InvalidParams)}
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={**handlers, HTTPException: handle_not_found})
+    app.state.service = service
+    return app

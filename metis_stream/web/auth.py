@@ -1,0 +1,53 @@
+"""Who may do what: API keys for clients, watch tokens for one job's watchers, job tokens
+for a job's own events. Every check runs before the job is looked up, so a refusal
+never tells whether a job exists."""
+
+from __future__ import annotations
+
+from starlette.requests import HTTPConnection
+
+from metis_stream import tokens
+from metis_stream.config import ServerConfig
+from metis_stream.web.errors import HTTPError
+
+
+def bearer(conn: HTTPConnection) -> str | None:
+    scheme, _, credentials = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
+
+
+def is_client(conn: HTTPConnection, server: ServerConfig) -> bool:
+    """A holder of an API key, or anyone when the server has no keys (loopback only)."""
+    if not server.api_keys:
+        return True
+    key = bearer(conn)
+    return key is not None and tokens.api_key_matches(server.api_keys, key)
+
+
+def require_client(conn: HTTPConnection, server: ServerConfig) -> None:
+    if not is_client(conn, server):
+        raise HTTPError(401, "a valid API key is required (Authorization: Bearer <key>)")
+
+
+def require_watcher(conn: HTTPConnection, server: ServerConfig, job_id: str) -> None:
+    """A client, or the holder of this job's watch token (as Bearer or ``?token=``)."""
+    if is_client(conn, server):
+        return
+    given = bearer(conn) or conn.query_params.get("token") or ""
+    if not tokens.same_secret(tokens.watch_token(server.secret, job_id), given):
+        raise HTTPError(401, "a valid API key or this job's watch token is required")
+
+
+def require_job_token(conn: HTTPConnection, server: ServerConfig, job_id: str) -> None:
+    given = bearer(conn) or ""
+    if not tokens.same_secret(tokens.job_token(server.secret, job_id), given):
+        raise HTTPError(401, "a valid job token is required (Authorization: Bearer <token>)")
+
+
+def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:
+    """Browsers send Origin on websocket handshakes; a CLI sends none and is judged by its key."""
+    origin = conn.headers.get("origin")
+    if server.allowed_origins and origin is not None and origin not in server.allowed_origins:
+        raise HTTPError(403, f"origin {origin[:100]} is not allowed")

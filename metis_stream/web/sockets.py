@@ -1,0 +1,142 @@
+"""The websocket routes: submit-and-watch, and watch.
+
+Every frame the server sends is one event's JSON (or one ``{"error": ...}``
+frame before a close). A socket closes with 1000 after it has sent a terminal
+event, with 4000 + an HTTP status for a client error (4404 unknown job, ...),
+and with 1013 (try again later) when the backend is unavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from metis_stream.service import JobService
+from metis_stream.web import auth
+from metis_stream.web.errors import (
+    WEBSOCKET_CLOSE_OFFSET,
+    WS_TRY_AGAIN,
+    HTTPError,
+    as_http_error,
+    error_response,
+)
+
+FIRST_FRAME_TIMEOUT = 30.0
+MAX_FIRST_FRAME = 64 * 1024
+DENIAL_EXTENSION = "websocket.http.response"
+
+
+def service_of(websocket: WebSocket) -> JobService:
+    service: JobService = websocket.app.state.service
+    return service
+
+
+async def submit_socket(websocket: WebSocket) -> None:
+    """``WS /ws/jobs``: the first frame is a submit request; then the job's events."""
+    service = service_of(websocket)
+    try:
+        auth.check_origin(websocket, service.config.server)
+        auth.require_client(websocket, service.config.server)
+    except HTTPError as error:
+        await _deny(websocket, error)
+        return
+    await websocket.accept()
+    try:
+        with anyio.fail_after(FIRST_FRAME_TIMEOUT):
+            message = await websocket.receive()
+        request = _submit_request(message)
+        job = await service.create(request.get("template"), request.get("params"),
+                                   request.get("inputs"))
+    except TimeoutError:
+        await _close_with_error(websocket, HTTPError(408, "no submit request received"))
+        return
+    except WebSocketDisconnect:
+        return
+    except Exception as exc:
+        await _close_with_error(websocket, _client_error(exc))
+        return
+    await _stream(websocket, service, job.id, after=0)
+
+
+async def watch_socket(websocket: WebSocket) -> None:
+    """``WS /ws/jobs/{id}?after=N``: history after N, then live, until the terminal event."""
+    service = service_of(websocket)
+    job_id = websocket.path_params["job_id"]
+    try:
+        auth.check_origin(websocket, service.config.server)
+        auth.require_watcher(websocket, service.config.server, job_id)
+        raw_after = websocket.query_params.get("after", "0")
+        if not raw_after.isdigit() or len(raw_after) > 18:
+            raise HTTPError(400, "'after' must be a whole number")
+        await service.backend.get_job(job_id)
+    except Exception as exc:
+        await _deny(websocket, _client_error(exc))
+        return
+    await websocket.accept()
+    await _stream(websocket, service, job_id, after=int(raw_after))
+
+
+def _submit_request(message: Mapping[str, Any]) -> dict[str, Any]:
+    if message.get("type") == "websocket.disconnect":
+        raise WebSocketDisconnect()
+    raw = message.get("text") or message.get("bytes") or b""
+    assert isinstance(raw, str | bytes)
+    if len(raw) > MAX_FIRST_FRAME:
+        raise HTTPError(413, f"a submit request may be at most {MAX_FIRST_FRAME} bytes")
+    try:
+        request = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(400, f"the first frame must be JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise HTTPError(400, 'the first frame must be {"template": ..., "params": {...}}')
+    return request
+
+
+async def _stream(websocket: WebSocket, service: JobService, job_id: str, after: int) -> None:
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(_cancel_on_disconnect, websocket, tasks.cancel_scope)
+        try:
+            async for event in service.follow(job_id, after):
+                await websocket.send_text(event.wire)
+        except (WebSocketDisconnect, OSError):
+            pass  # the client left; nothing to tell it
+        except Exception as exc:
+            await _close_with_error(websocket, _client_error(exc))
+        else:
+            await websocket.close(1000)
+        tasks.cancel_scope.cancel()
+
+
+async def _cancel_on_disconnect(websocket: WebSocket, scope: anyio.CancelScope) -> None:
+    """Watchers send nothing after their first frame; a receive only ever sees the close."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+    scope.cancel()
+
+
+def _client_error(exc: Exception) -> HTTPError:
+    error = as_http_error(exc)
+    if error is None:
+        raise exc
+    return error
+
+
+async def _deny(websocket: WebSocket, error: HTTPError) -> None:
+    """Refuse a handshake with the real HTTP status where the server supports it."""
+    if DENIAL_EXTENSION in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(error))
+    else:
+        await websocket.close(WEBSOCKET_CLOSE_OFFSET + error.status, error.message[:120])
+
+
+async def _close_with_error(websocket: WebSocket, error: HTTPError) -> None:
+    code = WS_TRY_AGAIN if error.status == 503 else WEBSOCKET_CLOSE_OFFSET + error.status
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        await websocket.send_text(orjson.dumps({"error": error.message}).decode())
+        await websocket.close(code, error.message[:120])
