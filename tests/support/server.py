@@ -1,0 +1,140 @@
+"""A real metis-stream server under uvicorn, in its own process, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from metis_stream.config import JOBSCRIPTS_DIR
+
+EXAMPLE_TEMPLATES = f"""
+[templates.tokens]
+cluster = "local"
+script = "{JOBSCRIPTS_DIR / 'tokens.pbs'}"
+description = "Stream a model's output token by token"
+params.text = {{ type = "str", max_length = 2000, default = "Hello from the cluster" }}
+params.delay = {{ type = "float", min = 0, max = 5, default = 0.05 }}
+
+[templates.download]
+cluster = "local"
+script = "{JOBSCRIPTS_DIR / 'download.pbs'}"
+description = "Download a file and report its size and SHA-256"
+params.url = {{ type = "url", required = true }}
+"""
+
+LOCAL_CLUSTER = """
+[clusters.local]
+scheduler = "local"
+poll_interval = 0.3
+"""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """``metis-stream serve`` with a config written for the test; restartable on its port."""
+
+    state_dir: Path
+    extra_config: str = LOCAL_CLUSTER + EXAMPLE_TEMPLATES
+    server_settings: Mapping[str, object] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port(self.host)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.state_dir / "config.toml"
+        self.log_path = self.state_dir / "server.log"
+        settings = {"host": self.host, "port": self.port, "state_dir": str(self.state_dir),
+                    **self.server_settings}
+        lines = ["[server]"] + [f"{key} = {_toml(value)}" for key, value in settings.items()]
+        self.config_path.write_text("\n".join(lines) + "\n" + self.extra_config)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        env = {**os.environ, **self.env}
+        env.pop("METIS_CONFIG", None)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "metis_stream.cli", "serve", "--config",
+                 str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real server on embedded-like defaults: memory backend, local scheduler, examples."""
+    server = ServerProcess(state_dir=tmp_path / "server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
