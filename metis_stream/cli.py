@@ -1,68 +1,122 @@
-"""The ``metis-stream`` command line."""
+"""The ``metis-stream`` command line: run the server, and talk to one.
+
+Client commands find the server from ``--url`` or ``METIS_URL`` and the key
+from ``--key`` or ``METIS_API_KEY``. ``tail`` exits 0 after ``completed``, 1
+after ``fatal`` or ``cancelled``, 130 on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
+import time
 import webbrowser
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, TextIO
 
+import orjson
 import uvicorn
 
+from metis_stream import tokens
+from metis_stream.client import Client, ClientError, post_event
 from metis_stream.config import Config, ConfigError, check_listen_address, load_config
 from metis_stream.web.app import create_app
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         code: int = args.run(args)
     except ConfigError as exc:
         print(f"metis-stream: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except ClientError as exc:
+        where = f" ({exc.status})" if exc.status else ""
+        print(f"metis-stream: {exc.message}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return code
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metis-stream", description=__doc__)
+    parser = argparse.ArgumentParser(prog="metis-stream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--host", help="address to listen on (default from the config)")
+    server.add_argument("--port", type=int, help="port to listen on (default from the config)")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", type=Path, help="TOML configuration (or METIS_CONFIG)")
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--url", default=os.environ.get("METIS_URL", DEFAULT_URL),
+                        help=f"the server (or METIS_URL; default {DEFAULT_URL})")
+    client.add_argument("--key", default=os.environ.get("METIS_API_KEY"),
+                        help="API key (or METIS_API_KEY)")
 
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--config", type=Path, help="TOML configuration (or METIS_CONFIG)")
-    _listen_options(serve)
-    serve.set_defaults(run=_serve)
+    def command(name: str, help: str, run: Any, *parents: argparse.ArgumentParser
+                ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, parents=list(parents))
+        sub.set_defaults(run=run)
+        return sub
 
-    demo = commands.add_parser("demo", help="run the server on embedded defaults and open the "
-                                             "viewer: no Redis, no cluster needed")
-    _listen_options(demo)
+    command("serve", "run the server", _serve, config, server)
+    demo = command("demo", "run the server on embedded defaults (no Redis, no cluster) and "
+                           "open the viewer", _demo, server)
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser")
-    demo.set_defaults(run=_demo)
+
+    submit = command("submit", "submit a job from a template", _submit, client)
+    submit.add_argument("template")
+    submit.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a template parameter (repeatable)")
+    submit.add_argument("-i", "--input", action="append", default=[], metavar="URL",
+                        help="an input file's download link (repeatable)")
+    submit.add_argument("--follow", action="store_true", help="then tail the job")
+    submit.add_argument("--json", action="store_true", help="with --follow: one event a line")
+
+    tail = command("tail", "print a job's events until it ends", _tail, client)
+    tail.add_argument("job")
+    tail.add_argument("--after", type=int, default=0, help="only events after this seq")
+    tail.add_argument("--json", action="store_true", help="one event a line, as JSON")
+
+    jobs = command("jobs", "list jobs, newest first", _jobs, client)
+    jobs.add_argument("--state", help="only jobs in this state")
+    jobs.add_argument("--json", action="store_true", help="one job record a line, as JSON")
+
+    cancel = command("cancel", "cancel a job", _cancel, client)
+    cancel.add_argument("job")
+
+    token = command("token", "print a job's ingest token (needs the server's secret)",
+                    _token, config)
+    token.add_argument("job")
+
+    emit = command("emit", "post one event from inside a job (the Python twin of "
+                           "scripts/metis-emit)", _emit)
+    emit.add_argument("type")
+    emit.add_argument("data", nargs="?", help="JSON, or text taken as a string")
     return parser
 
 
-def _listen_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="address to listen on (default from the config)")
-    parser.add_argument("--port", type=int, help="port to listen on (default from the config)")
+# The server
 
 
-def _with_listen_options(config: Config, args: argparse.Namespace) -> Config:
-    server = config.server
-    if args.host:
-        server = replace(server, host=args.host)
-    if args.port is not None:
-        server = replace(server, port=args.port)
-    return replace(config, server=server)
+def _load_config(args: argparse.Namespace) -> Config:
+    path = args.config or (Path(os.environ["METIS_CONFIG"]) if os.environ.get("METIS_CONFIG")
+                           else None)
+    return load_config(path)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
-    path = args.config or (Path(os.environ["METIS_CONFIG"]) if os.environ.get("METIS_CONFIG")
-                           else None)
-    return _run_server(_with_listen_options(load_config(path), args))
+    return _run_server(_with_listen_options(_load_config(args), args))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -74,11 +128,213 @@ def _demo(args: argparse.Namespace) -> int:
     return _run_server(config)
 
 
+def _with_listen_options(config: Config, args: argparse.Namespace) -> Config:
+    server = config.server
+    if args.host:
+        server = replace(server, host=args.host)
+    if args.port is not None:
+        server = replace(server, port=args.port)
+    return replace(config, server=server)
+
+
 def _run_server(config: Config) -> int:
     check_listen_address(config)
     uvicorn.run(create_app(config), host=config.server.host, port=config.server.port,
                 log_level="info", ws_ping_interval=20, ws_ping_timeout=20)
     return 0
+
+
+# Clients
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, key=args.key)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            templates = {t["name"]: t for t in await client.templates()}
+            if args.template not in templates:
+                raise ClientError(422, f"no template named {args.template!r}; there are: "
+                                       f"{', '.join(templates) or 'none'}")
+            params = _parse_params(templates[args.template], args.param)
+            job = await client.submit(args.template, params, args.input)
+            if not args.follow:
+                print(job["id"])
+                return 0
+            print(f"job {job['id']}", file=sys.stderr)
+            return await _follow(client, job["id"], 0, as_json=args.json)
+
+    return _run(run())
+
+
+def _parse_params(template: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs, typed by the template so ``-p delay=0.1`` is a number."""
+    types = {param["name"]: param["type"] for param in template["params"]}
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise ClientError(400, f"parameter {pair!r}: write NAME=VALUE")
+        kind = types.get(name)
+        try:
+            params[name] = (int(text) if kind == "int" else float(text) if kind == "float"
+                            else _parse_bool(text) if kind == "bool" else text)
+        except ValueError:
+            raise ClientError(400, f"parameter {name!r}: {text!r} is not a {kind}") from None
+    return params
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            return await _follow(client, args.job, args.after, as_json=args.json)
+
+    return _run(run())
+
+
+async def _follow(client: Client, job_id: str, after: int, *, as_json: bool) -> int:
+    printer = EventPrinter(sys.stdout, as_json=as_json)
+    final = None
+    async for event in client.watch(job_id, after):
+        printer.show(event)
+        final = event["type"]
+    printer.finish()
+    return 0 if final == "completed" else EXIT_FAILED
+
+
+class EventPrinter:
+    """Token text inline as it arrives; other events as timestamped lines; a progress bar
+    that redraws in place on a terminal."""
+
+    def __init__(self, out: TextIO, *, as_json: bool) -> None:
+        self._out = out
+        self._json = as_json
+        self._tty = out.isatty()
+        self._mid_line = False
+        self._bar = False
+
+    def show(self, event: dict[str, Any]) -> None:
+        if self._json:
+            self._out.write(orjson.dumps(event).decode() + "\n")
+        elif event["type"] == "token":
+            self._clear_bar()
+            self._out.write(str(event["data"]))
+            self._mid_line = True
+        elif event["type"] == "progress" and self._tty:
+            self._end_line()
+            self._out.write("\r" + _progress_bar(event["data"]))
+            self._bar = True
+        else:
+            self._clear_bar()
+            self._end_line()
+            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            self._out.write(f"{stamp} {event['type']:<10} {_describe(event['data'])}\n")
+        self._out.flush()
+
+    def finish(self) -> None:
+        self._clear_bar()
+        self._end_line()
+        self._out.flush()
+
+    def _end_line(self) -> None:
+        if self._mid_line:
+            self._out.write("\n")
+            self._mid_line = False
+
+    def _clear_bar(self) -> None:
+        if self._bar:
+            self._out.write("\r\x1b[K")
+            self._bar = False
+
+
+def _progress_bar(data: Any, width: int = 30) -> str:
+    if not isinstance(data, dict):
+        return f"progress {_describe(data)}"
+    current, total = data.get("current"), data.get("total")
+    label = data.get("label") or ""
+    if not isinstance(current, int | float) or not isinstance(total, int | float) or total <= 0:
+        return f"progress {_describe(data)}"
+    filled = int(width * min(max(current / total, 0), 1))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {current}/{total} {label}".rstrip()
+
+
+def _describe(data: Any) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return orjson.dumps(data).decode()
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            for job in await client.jobs(args.state):
+                if args.json:
+                    print(orjson.dumps(job).decode())
+                else:
+                    created = time.strftime("%Y-%m-%d %H:%M:%S",
+                                            time.localtime(job["created"]))
+                    print(f"{job['id']}  {job['state']:<10} {job['template']:<12} {created}")
+        return 0
+
+    return _run(run())
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            job = await client.cancel(args.job)
+            print(f"{job['id']} {job['state']}")
+        return 0
+
+    return _run(run())
+
+
+def _token(args: argparse.Namespace) -> int:
+    print(tokens.job_token(_load_config(args).server.secret, args.job))
+    return 0
+
+
+def _emit(args: argparse.Namespace) -> int:
+    url = os.environ.get("METIS_EVENTS_URL")
+    token_file = os.environ.get("METIS_TOKEN_FILE")
+    if not url or not token_file:
+        raise ConfigError("emit runs inside a job: METIS_EVENTS_URL and METIS_TOKEN_FILE "
+                          "must be set")
+    token = Path(token_file).read_text().strip()
+    result = post_event(url, token, args.type, _json_or_text(args.data))
+    print(" ".join(str(seq) for seq in result["seqs"]))
+    return 0
+
+
+def _json_or_text(text: str | None) -> Any:
+    """Event data from the command line: JSON when it parses, else the text as a string."""
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def _run(coroutine: Any) -> int:
+    try:
+        code: int = asyncio.run(coroutine)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code
 
 
 if __name__ == "__main__":

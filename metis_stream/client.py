@@ -1,0 +1,184 @@
+"""An async Python client for a metis-stream server: submit, watch, get, list, cancel.
+
+``watch`` is an async iterator over a job's events that resumes by itself
+after a dropped connection or a server restart, from the last seq it saw, so
+nothing is lost or doubled.
+
+    async with Client("http://127.0.0.1:8000", key=...) as client:
+        job = await client.submit("tokens", {"text": "Hello"})
+        async for event in client.watch(job["id"]):
+            print(event["type"], event["data"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from metis_stream.events import TERMINAL_TYPES
+
+RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
+"""Closes that mean "the server went away or is busy": reconnect and resume."""
+
+
+class ClientError(Exception):
+    """The server refused a request, or could not be reached; ``status`` is 0 for the latter."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Client:
+    def __init__(self, url: str, *, key: str | None = None, timeout: float = 30.0,
+                 max_retry_delay: float = 5.0, give_up_after: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        self.key = key
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=timeout)
+        self._max_retry_delay = max_retry_delay
+        self._give_up_after = give_up_after
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def templates(self) -> list[dict[str, Any]]:
+        templates: list[dict[str, Any]] = (await self._request("GET", "/api/templates"))[
+            "templates"]
+        return templates
+
+    async def submit(self, template: str, params: Mapping[str, Any] | None = None,
+                     inputs: Sequence[str] = ()) -> dict[str, Any]:
+        return await self._request("POST", "/api/jobs", json={
+            "template": template, "params": dict(params or {}), "inputs": list(inputs)})
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        return await self._request("GET", f"/api/jobs/{job_id}")
+
+    async def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        query: dict[str, str | int] = {"limit": limit}
+        if state:
+            query["state"] = state
+        jobs: list[dict[str, Any]] = (await self._request("GET", "/api/jobs", params=query))[
+            "jobs"]
+        return jobs
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return await self._request("DELETE", f"/api/jobs/{job_id}")
+
+    async def history(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = (await self._request(
+            "GET", f"/api/jobs/{job_id}/events", params={"after": after}))["events"]
+        return events
+
+    async def watch(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """The job's events with seq > ``after`` until its terminal event, resuming by itself."""
+        last = after
+        delay = 0.25
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None
+        while True:
+            try:
+                async for event in self._watch_once(job_id, last):
+                    failing_since = None
+                    delay = 0.25
+                    if event["seq"] <= last:
+                        continue
+                    last = event["seq"]
+                    yield event
+                    if event["type"] in TERMINAL_TYPES:
+                        return
+            except (ConnectionClosed, OSError, TimeoutError) as exc:
+                code = exc.rcvd.code if isinstance(exc, ConnectionClosed) and exc.rcvd else 1006
+                if code not in RETRY_CLOSE_CODES:
+                    raise ClientError(code, f"connection closed ({code})") from None
+            now = loop.time()
+            failing_since = failing_since or now
+            if now - failing_since > self._give_up_after:
+                raise ClientError(0, f"cannot reach {self.url} to watch job {job_id}")
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self._max_retry_delay)
+
+    async def _watch_once(self, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+        url = f"{_ws_url(self.url)}/ws/jobs/{job_id}?after={after}"
+        try:
+            async with websockets.connect(url, additional_headers=self._headers,
+                                          open_timeout=10, max_size=2**22) as socket:
+                async for frame in socket:
+                    message = orjson.loads(frame)
+                    if "error" in message and "seq" not in message:
+                        code = socket.close_code or 0
+                        raise ClientError(code - 4000 if code >= 4000 else code,
+                                          message["error"])
+                    yield message
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status >= 500:
+                raise OSError(f"server answered {status}") from None
+            raise ClientError(status, _error_text(bytes(exc.response.body or b""))) from None
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(0, f"cannot reach {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            raise ClientError(response.status_code, _error_text(response.content))
+        body: dict[str, Any] = response.json()
+        return body
+
+
+def _ws_url(url: str) -> str:
+    return "ws" + url.removeprefix("http") if url.startswith("http") else url
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return str(orjson.loads(body)["error"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return body.decode(errors="replace")[:200] or "no details"
+
+
+def post_event(events_url: str, token: str, event_type: str, data: Any = None, *,
+               retries: int = 5) -> dict[str, Any]:
+    """Post one event as a batch job does, retrying safely: the idempotency id stays the
+    same across attempts, so the server never appends it twice."""
+    body = {"type": event_type, "data": data, "id": uuid.uuid4().hex}
+    headers = {"Authorization": f"Bearer {token}"}
+    delay = 0.5
+    attempts = 0
+    while True:
+        try:
+            response = httpx.post(events_url, json=body, headers=headers, timeout=30)
+        except httpx.HTTPError as exc:
+            failure = ClientError(0, f"cannot reach {events_url}: {exc}")
+        else:
+            if response.status_code < 400:
+                result: dict[str, Any] = response.json()
+                return result
+            failure = ClientError(response.status_code, _error_text(response.content))
+            if response.status_code < 500 and response.status_code != 429:
+                raise failure
+        attempts += 1
+        if attempts > retries:
+            raise failure
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
