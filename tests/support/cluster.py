@@ -139,8 +139,21 @@ class TestCluster:
     def restart_sshd(self) -> None:
         """Stop sshd and start it again on the same address and port. Open SSH
         connections drop, as when a login node reboots."""
-        _stop_process(self._procs.pop("sshd"))
+        self._stop_sshd()
         self._start_sshd()
+
+    def drop_connections(self) -> None:
+        """Cut every open SSH connection (as a network failure would); sshd keeps
+        accepting new ones."""
+        # Each connection has its own sshd processes, forked from the listener.
+        for pid in _descendants(self._procs["sshd"].pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _stop_sshd(self) -> None:
+        # A connection's processes outlive the listener: end them too.
+        self.drop_connections()
+        _stop_process(self._procs.pop("sshd"))
 
     def _start_sshd(self) -> None:
         self._procs["sshd"] = _spawn(self._in_cluster(self._sshd_argv), self.state_dir, "sshd")
@@ -195,7 +208,9 @@ class TestCluster:
                     if not out.strip():
                         break
                     time.sleep(0.2)
-        for name in ("sshd", "slurmd", "slurmctld", "munged"):
+        if "sshd" in self._procs:
+            self._stop_sshd()
+        for name in ("slurmd", "slurmctld", "munged"):
             if name in self._procs:
                 _stop_process(self._procs.pop(name))
         _authorized_keys(self.user, self.state_dir.name).unlink(missing_ok=True)
@@ -504,6 +519,22 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str, cluster: Tes
             raise ClusterError(f"{', '.join(dead)} exited while waiting for {what}")
         time.sleep(0.1)
     raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _descendants(pid: int) -> list[int]:
+    """The PIDs of all processes below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name (field 2) may contain spaces: parse after its ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 def _port_open(host: str, port: int) -> bool:

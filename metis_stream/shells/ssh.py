@@ -1,0 +1,398 @@
+"""The ``ssh`` shell: scheduler commands and files on a cluster's login node, with paramiko.
+
+One SSH connection per shell is opened on first use and kept alive; every command gets
+its own channel on it, so a command costs one round trip instead of a new handshake.
+paramiko is blocking: each call into it runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import posixpath
+import secrets
+import shlex
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from select import select
+from typing import NoReturn, TypeVar
+
+import anyio
+import anyio.to_thread
+import paramiko
+
+from metis_stream.shells.base import CommandResult, CommandTimeout, ShellError
+
+T = TypeVar("T")
+
+# Failures that mean the connection (not the command) broke.
+_CONNECTION_ERRORS = (paramiko.SSHException, EOFError, ConnectionError, socket.timeout)
+# Reconnect attempts after a failed one wait 0.5 s, 1 s, 2 s, ... up to this.
+_MAX_BACKOFF = 30.0
+_READ_SIZE = 65536
+
+
+class ConnectionLost(ShellError):
+    """The connection broke after a command was sent and before it reported its exit
+    status: the command may or may not have run (a ``qsub`` may have queued a job).
+    Raised only for commands run with ``idempotent=False``; others are retried once."""
+
+
+class _NotSent(ShellError):
+    """The connection broke before the command reached the server: safe to retry."""
+
+
+class SSHShell:
+    """The Shell protocol over one kept-alive SSH connection.
+
+    At most ``max_sessions`` commands run at once (OpenSSH allows 10 channels per
+    connection by default; one more is kept for SFTP); the others wait their turn.
+    Host keys are always checked against ``known_hosts`` and never added.
+    """
+
+    connections_opened: int
+    """How many SSH connections this shell has opened: 1 while the first one lasts."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        port: int = 22,
+        user: str,
+        known_hosts: Path,
+        key_file: Path | None = None,
+        passphrase: str | None = None,
+        use_agent: bool = True,
+        max_sessions: int = 8,
+        connect_timeout: float = 10,
+        keepalive: float = 30,
+    ) -> None:
+        if key_file is None and not use_agent:
+            raise ValueError("SSHShell needs a key_file, the SSH agent (use_agent), or both")
+        self.host = host
+        self.port = port
+        self.user = user
+        self.known_hosts = known_hosts
+        self.key_file = key_file
+        self._passphrase = passphrase
+        self._use_agent = use_agent
+        self._connect_timeout = connect_timeout
+        self._keepalive = keepalive
+        self.connections_opened = 0
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._connect_lock = anyio.Lock()
+        self._sftp_lock = anyio.Lock()
+        self._sessions = anyio.Semaphore(max_sessions)
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error = ""
+        self._closed = False
+
+    @property
+    def _where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ commands
+
+    async def run(
+        self, argv: Sequence[str], *, timeout: float | None = None, idempotent: bool = True
+    ) -> CommandResult:
+        """Run one command; a non-zero exit is a result, not an error.
+
+        ``idempotent=False`` (``qsub``, ``sbatch``) means that running the command twice
+        would do harm: when the connection breaks after it was sent, it is not retried
+        and ConnectionLost is raised, since it may have run.
+        """
+        command = command_line(argv)
+        async with self._sessions:
+            for attempt in (1, 2):
+                client = await self._connected()
+                try:
+                    return await anyio.to_thread.run_sync(_execute, client, command, timeout)
+                except CommandTimeout as exc:
+                    raise CommandTimeout(f"{argv[0]} on {self._where}: {exc}") from None
+                except _NotSent as exc:
+                    await self._drop(client)
+                    if attempt == 2:
+                        raise ShellError(f"{self._where}: {exc}") from exc
+                except ConnectionLost as exc:
+                    await self._drop(client)
+                    if not idempotent or attempt == 2:
+                        raise ConnectionLost(f"{argv[0]} on {self._where}: {exc}") from exc
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    # ------------------------------------------------------------------ files
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        await self._with_sftp(lambda sftp: _write_file(sftp, path, data, mode))
+
+    async def remove_file(self, path: str) -> None:
+        await self._with_sftp(lambda sftp: _remove_file(sftp, path))
+
+    async def realpath(self, path: str) -> str:
+        return await self._with_sftp(lambda sftp: sftp.normalize(path))
+
+    async def _with_sftp(self, operation: Callable[[paramiko.SFTPClient], T]) -> T:
+        """Run ``operation`` on the connection's one SFTP channel. File operations are
+        idempotent, so one that met a broken connection is tried once more."""
+        async with self._sftp_lock:
+            for attempt in (1, 2):
+                client = await self._connected()
+                try:
+                    if self._sftp is None:
+                        self._sftp = await anyio.to_thread.run_sync(client.open_sftp)
+                    return await anyio.to_thread.run_sync(operation, self._sftp)
+                except _CONNECTION_ERRORS as exc:
+                    # The SFTP channel is gone either way; the connection may be too.
+                    self._sftp = None
+                    if not _active(client):
+                        await self._drop(client)
+                    if attempt == 2:
+                        raise ShellError(f"SFTP on {self._where} failed: {exc}") from exc
+                except OSError as exc:
+                    raise ShellError(f"SFTP on {self._where}: {exc}") from exc
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connected(self) -> paramiko.SSHClient:
+        """The live connection, opened now if there is none (or it dropped)."""
+        client = self._client
+        if client is not None and _active(client):
+            return client
+        async with self._connect_lock:
+            if self._closed:
+                raise ShellError(f"the SSH shell for {self._where} is closed")
+            if self._client is not None:
+                if _active(self._client):
+                    return self._client  # another task reconnected while we waited
+                await self._drop(self._client)
+            # Fail fast during the backoff instead of queueing callers behind a dead
+            # host: the scheduler's poller and the web requests will come back.
+            if self._failures and time.monotonic() < self._retry_at:
+                raise ShellError(
+                    f"cannot connect to {self._where} (retrying in "
+                    f"{self._retry_at - time.monotonic():.1f} s): {self._last_error}"
+                )
+            try:
+                client = await anyio.to_thread.run_sync(self._connect)
+            except ShellError as exc:
+                self._failures += 1
+                self._last_error = str(exc)
+                self._retry_at = time.monotonic() + min(
+                    0.5 * 2 ** (self._failures - 1), _MAX_BACKOFF
+                )
+                raise
+            self._failures = 0
+            self._client = client
+            self.connections_opened += 1
+            return client
+
+    def _connect(self) -> paramiko.SSHClient:
+        """Open and authenticate a connection (blocking: runs in a worker thread)."""
+        client = paramiko.SSHClient()
+        try:
+            # Only this file: never the user's own ~/.ssh/known_hosts behind the config's back.
+            client.load_host_keys(str(self.known_hosts))
+        except OSError as exc:
+            raise ShellError(
+                f"cannot read the known_hosts file {self.known_hosts} ({exc.strerror}); host "
+                f"keys of {self.host} are always verified: create it with the host's key"
+            ) from None
+        client.set_missing_host_key_policy(_RefuseUnknownHost())
+        try:
+            sock = socket.create_connection((self.host, self.port), self._connect_timeout)
+        except OSError as exc:
+            raise ShellError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        # Without it every round trip stalls ~40 ms (Nagle against delayed ACKs).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            client.connect(
+                self.host,
+                self.port,
+                username=self.user,
+                sock=sock,
+                key_filename=str(self.key_file) if self.key_file else None,
+                passphrase=self._passphrase,
+                allow_agent=self._use_agent,
+                look_for_keys=False,
+                timeout=self._connect_timeout,
+                banner_timeout=self._connect_timeout,
+                auth_timeout=self._connect_timeout,
+            )
+        except BaseException as exc:
+            client.close()
+            sock.close()
+            raise self._connect_error(exc) from exc
+        transport = client.get_transport()
+        assert transport is not None  # connect() succeeded
+        # Keepalives notice a dead peer and keep NAT and firewall state from expiring.
+        transport.set_keepalive(max(1, round(self._keepalive)))
+        return client
+
+    def _connect_error(self, exc: BaseException) -> BaseException:
+        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        if isinstance(exc, _UnknownHostKey):
+            return ShellError(
+                f"host key of {name} ({exc.key_type} {exc.fingerprint}) is not in "
+                f"{self.known_hosts}: refusing to connect. Check the fingerprint with the "
+                f"cluster's admins, then add the key, for example with "
+                f"`ssh-keyscan -p {self.port} {self.host} >> {self.known_hosts}`"
+            )
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return ShellError(
+                f"host key of {name} has CHANGED: it offered {exc.key.get_name()} "
+                f"{exc.key.fingerprint}, but {self.known_hosts} expects "
+                f"{exc.expected_key.fingerprint}. Refusing to connect: someone may be "
+                f"intercepting the connection. If the change is expected, remove the old key "
+                f"with `ssh-keygen -R '{name}' -f {self.known_hosts}` and add the new one"
+            )
+        if isinstance(exc, paramiko.AuthenticationException):
+            how = f"key {self.key_file}" if self.key_file else "the SSH agent"
+            return ShellError(f"authentication as {self.user} on {name} with {how} failed: {exc}")
+        if isinstance(exc, (*_CONNECTION_ERRORS, OSError)):
+            return ShellError(f"cannot connect to {name}: {exc or type(exc).__name__}")
+        return exc
+
+    async def _drop(self, client: paramiko.SSHClient) -> None:
+        """Forget a broken connection; the next command opens a new one."""
+        if self._client is client:
+            self._client = None
+            self._sftp = None
+        await anyio.to_thread.run_sync(client.close)
+
+    async def close(self) -> None:
+        async with self._connect_lock:
+            self._closed = True
+            if self._client is not None:
+                await self._drop(self._client)
+
+
+class _UnknownHostKey(paramiko.SSHException):
+    def __init__(self, key: paramiko.PKey) -> None:
+        super().__init__("host key not in known_hosts")
+        self.key_type = key.get_name()
+        self.fingerprint = key.fingerprint
+
+
+class _RefuseUnknownHost(paramiko.RejectPolicy):
+    """RejectPolicy, with the offered key kept for the error message."""
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> NoReturn:
+        raise _UnknownHostKey(key)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """``argv`` as one command line for the remote shell, every element quoted."""
+    if not argv:
+        raise ValueError("empty command")
+    for arg in argv:
+        # NUL cannot travel in an argument: the remote side would cut the argument there.
+        if "\0" in arg:
+            raise ValueError(f"NUL character in command argument {arg!r}")
+    return shlex.join(argv)
+
+
+def _active(client: paramiko.SSHClient) -> bool:
+    transport = client.get_transport()
+    return transport is not None and transport.is_active()
+
+
+def _execute(client: paramiko.SSHClient, command: str, timeout: float | None) -> CommandResult:
+    """Run ``command`` on a new channel and collect its output (blocking)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    transport = client.get_transport()
+    try:
+        if transport is None:
+            raise EOFError("no transport")
+        channel = transport.open_session(timeout=timeout)
+    except _CONNECTION_ERRORS as exc:
+        if transport is not None and transport.is_active():
+            # The connection is fine, the server refused the channel (MaxSessions?).
+            raise ShellError(f"the server refused a new session: {exc}") from exc
+        raise _NotSent(f"connection lost: {exc or type(exc).__name__}") from exc
+    with channel:
+        try:
+            channel.exec_command(command)
+            # No input: a command that reads stdin sees EOF instead of hanging.
+            channel.shutdown_write()
+            stdout, stderr = _collect(channel, deadline)
+        except _CONNECTION_ERRORS as exc:
+            raise ConnectionLost(f"connection lost: {exc or type(exc).__name__}") from exc
+        if channel.exit_status == -1 and not transport.is_active():
+            raise ConnectionLost("connection lost before the command's exit status arrived")
+        # -1 on a live connection: killed by a signal (paramiko ignores "exit-signal").
+        return CommandResult(
+            channel.exit_status,
+            stdout.decode(errors="replace"),
+            stderr.decode(errors="replace"),
+        )
+
+
+def _collect(channel: paramiko.Channel, deadline: float | None) -> tuple[bytes, bytes]:
+    """Read stdout and stderr until both end. Both are read as they come: an unread
+    stream would fill the channel's window and stall the other."""
+    stdout, stderr = bytearray(), bytearray()
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise CommandTimeout("still running after its timeout; its outcome is unknown")
+        # The channel's file descriptor is readable when either stream has data or ends.
+        select([channel], [], [], remaining)
+        while channel.recv_ready():
+            stdout += channel.recv(_READ_SIZE)
+        while channel.recv_stderr_ready():
+            stderr += channel.recv_stderr(_READ_SIZE)
+        ended = channel.eof_received or channel.closed
+        if ended and not (channel.recv_ready() or channel.recv_stderr_ready()):
+            break
+    # The exit status follows the output; it is set (or -1) once the channel closes.
+    if not channel.status_event.wait(
+        None if deadline is None else max(0.0, deadline - time.monotonic())
+    ):
+        raise CommandTimeout("output ended but no exit status arrived before the timeout")
+    return bytes(stdout), bytes(stderr)
+
+
+def _write_file(sftp: paramiko.SFTPClient, path: str, data: bytes, mode: int) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
+    parent, name = posixpath.split(path)
+    if parent:
+        _makedirs(sftp, parent)
+    temporary = posixpath.join(parent, f".{name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with sftp.open(temporary, "wb") as file:
+            # Narrow the mode while the file is still empty: the secret never sits in a
+            # file that others can read.
+            sftp.chmod(temporary, mode)
+            file.set_pipelined(True)
+            file.write(data)
+        sftp.posix_rename(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError, *_CONNECTION_ERRORS):
+            _remove_file(sftp, temporary)
+        raise
+
+
+def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
+    """Create ``folder`` and its missing parents, private to the user (they hold tokens)."""
+    try:
+        sftp.stat(folder)
+    except FileNotFoundError:
+        parent = posixpath.dirname(folder.rstrip("/"))
+        if parent and parent != folder:
+            _makedirs(sftp, parent)
+        sftp.mkdir(folder, mode=0o700)
+
+
+def _remove_file(sftp: paramiko.SFTPClient, path: str) -> None:
+    try:
+        sftp.remove(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

@@ -1,0 +1,218 @@
+"""SSHShell against the real sshd of the test cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from metis_stream.shells.base import CommandTimeout, ShellError
+from metis_stream.shells.ssh import ConnectionLost, SSHShell, command_line
+from tests.support.cluster import TestCluster
+
+pytestmark = pytest.mark.cluster
+
+
+def make_shell(cluster: TestCluster, **kwargs: object) -> SSHShell:
+    options: dict[str, object] = {
+        "port": cluster.port,
+        "user": cluster.user,
+        "known_hosts": cluster.known_hosts,
+        "key_file": cluster.key_file,
+        "use_agent": False,
+    }
+    options.update(kwargs)
+    return SSHShell(cluster.host, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def shell(test_cluster: TestCluster) -> AsyncIterator[SSHShell]:
+    shell = make_shell(test_cluster)
+    yield shell
+    await shell.close()
+
+
+async def test_runs_a_command(shell: SSHShell) -> None:
+    result = await shell.run(["echo", "hello"])
+    assert (result.exit_status, result.stdout, result.stderr) == (0, "hello\n", "")
+    assert shell.connections_opened == 1
+
+
+async def test_exit_status_and_stderr(shell: SSHShell) -> None:
+    result = await shell.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (result.exit_status, result.stdout, result.stderr) == (3, "out\n", "err\n")
+
+
+async def test_stdin_is_closed(shell: SSHShell) -> None:
+    result = await shell.run(["cat"], timeout=5)
+    assert (result.exit_status, result.stdout) == (0, "")
+
+
+async def test_large_output_on_both_streams(shell: SSHShell) -> None:
+    # More than a channel window (2 MiB) on each stream: neither may stall the other.
+    script = "head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2"
+    result = await shell.run(["sh", "-c", script], timeout=30)
+    assert (len(result.stdout), len(result.stderr)) == (3_000_000, 3_000_000)
+
+
+async def test_arguments_arrive_literally(shell: SSHShell) -> None:
+    marker = Path(f"/tmp/pwned-{os.getpid()}")
+    args = [f"; touch {marker}", "$HOME", "a b", "'single'", '"double"', "`id`", "$(id)", "*"]
+    result = await shell.run(["printf", "%s\\n", *args])
+    assert result.stdout.splitlines() == args
+    assert not marker.exists()
+
+
+async def test_nul_in_an_argument_is_refused(shell: SSHShell) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        await shell.run(["echo", "a\0b"])
+    assert command_line(["qstat", "-f", "1 2"]) == "qstat -f '1 2'"
+
+
+async def test_timeout(shell: SSHShell) -> None:
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout, match="sleep"):
+        await shell.run(["sleep", "10"], timeout=0.5)
+    assert time.monotonic() - started < 3
+    assert (await shell.run(["true"])).exit_status == 0  # the connection is still good
+    assert shell.connections_opened == 1
+
+
+async def test_files(shell: SSHShell, test_cluster: TestCluster) -> None:
+    path = f"metis-test-{os.getpid()}/sub/secret.txt"
+    await shell.write_file(path, b"first", mode=0o600)
+    await shell.write_file(path, b"s3cret\n", mode=0o600)  # replaces atomically
+    result = await shell.run(
+        ["sh", "-c", f"stat -c %a {path}; cat {path}; ls -a $(dirname {path})"]
+    )
+    mode, content, *listing = result.stdout.splitlines()
+    assert (mode, content) == ("600", "s3cret")
+    assert sorted(listing) == [".", "..", "secret.txt"]  # no temporary file left behind
+    assert await shell.realpath(path) == f"/home/{test_cluster.user}/{path}"
+    await shell.write_file(path, b"#!/bin/sh\n", mode=0o755)
+    assert (await shell.run(["stat", "-c", "%a", path])).stdout == "755\n"
+    await shell.remove_file(path)
+    await shell.remove_file(path)  # missing is not an error
+    assert (await shell.run(["test", "-e", path])).exit_status == 1
+    await shell.run(["rm", "-r", path.split("/")[0]])
+    assert shell.connections_opened == 1
+
+
+async def test_concurrent_commands_share_one_connection(test_cluster: TestCluster) -> None:
+    shell = make_shell(test_cluster, max_sessions=8)
+    results: dict[int, str] = {}
+
+    async def one(n: int) -> None:
+        results[n] = (await shell.run(["sh", "-c", f"sleep 0.3; echo {n}"])).stdout
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(one, n)
+    elapsed = time.monotonic() - started
+    await shell.close()
+    assert results == {n: f"{n}\n" for n in range(20)}
+    assert shell.connections_opened == 1
+    # 8 at a time: three waves of 0.3 s, not one (all at once) nor twenty (one by one).
+    assert 0.85 < elapsed < 5
+
+
+async def test_reconnects_after_sshd_restart(shell: SSHShell, test_cluster: TestCluster) -> None:
+    assert (await shell.run(["true"])).exit_status == 0
+    await anyio.to_thread.run_sync(test_cluster.restart_sshd)
+    assert (await shell.run(["echo", "back"])).stdout == "back\n"
+    assert shell.connections_opened == 2
+    # SFTP reopens on the new connection too.
+    assert (await shell.realpath(".")).startswith("/home/")
+
+
+async def test_connection_lost_during_a_command(shell: SSHShell, test_cluster: TestCluster) -> None:
+    async def drop_soon() -> None:
+        await anyio.sleep(0.5)
+        await anyio.to_thread.run_sync(test_cluster.drop_connections)
+
+    # Not idempotent (a qsub): it may have run, so it is reported, not repeated.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drop_soon)
+        with pytest.raises(ConnectionLost, match="sleep"):
+            await shell.run(["sleep", "3"], idempotent=False)
+    # Idempotent (a qstat): run again on a new connection.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drop_soon)
+        result = await shell.run(["sh", "-c", "sleep 1.5; echo done"])
+    assert result.stdout == "done\n"
+    assert shell.connections_opened == 3
+
+
+async def test_unknown_host_key_is_refused(test_cluster: TestCluster, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    shell = make_shell(test_cluster, known_hosts=empty)
+    with pytest.raises(ShellError, match=r"is not in .*refusing to connect") as info:
+        await shell.run(["true"])
+    assert test_cluster.host in str(info.value)
+    assert "ssh-keyscan" in str(info.value)
+    assert empty.read_text() == ""  # never added
+    assert shell.connections_opened == 0
+
+
+async def test_changed_host_key_is_refused(test_cluster: TestCluster, tmp_path: Path) -> None:
+    forged = test_cluster.forge_known_hosts(tmp_path / "known_hosts")
+    shell = make_shell(test_cluster, known_hosts=forged)
+    with pytest.raises(ShellError, match="CHANGED") as info:
+        await shell.run(["true"])
+    assert test_cluster.host in str(info.value)
+    assert "ssh-keygen -R" in str(info.value)
+    assert shell.connections_opened == 0
+
+
+async def test_missing_known_hosts_file_is_refused(
+    test_cluster: TestCluster, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope"
+    shell = make_shell(test_cluster, known_hosts=missing)
+    with pytest.raises(ShellError, match="known_hosts file") as info:
+        await shell.run(["true"])
+    assert str(missing) in str(info.value)
+
+
+async def test_wrong_key_is_refused_then_backs_off(
+    test_cluster: TestCluster, tmp_path: Path
+) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    shell = make_shell(test_cluster, key_file=other)
+    with pytest.raises(ShellError, match="authentication"):
+        await shell.run(["true"])
+    # Right after a failure, callers are told at once instead of queueing on the host.
+    with pytest.raises(ShellError, match="retrying in"):
+        await shell.run(["true"])
+
+
+async def test_kept_connection_is_faster_than_new_ones(test_cluster: TestCluster) -> None:
+    runs = 10
+    shell = make_shell(test_cluster)
+    await shell.run(["true"])  # the connection's own first use is not the point
+    started = time.perf_counter()
+    for _ in range(runs):
+        await shell.run(["true"])
+    kept = (time.perf_counter() - started) / runs
+    await shell.close()
+
+    started = time.perf_counter()
+    for _ in range(runs):
+        fresh_shell = make_shell(test_cluster)
+        await fresh_shell.run(["true"])
+        await fresh_shell.close()
+    fresh = (time.perf_counter() - started) / runs
+    print(
+        f"\n`true` over ssh: kept connection {kept * 1000:.1f} ms, new connection "
+        f"{fresh * 1000:.1f} ms ({runs} runs each)"
+    )
+    assert kept < fresh
