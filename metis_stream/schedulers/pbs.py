@@ -1,0 +1,430 @@
+"""PBS Pro, Torque and Slurm's PBS wrappers: command lines and output parsing.
+
+Pure code, no I/O. ``DIALECT`` is what ``BatchScheduler`` drives. Status comes
+from ``qstat -f -F json -x`` where it exists (PBS Pro) and from the text
+``qstat -f`` elsewhere (Torque, Slurm's wrappers, which exit 2 on ``-F json``);
+a job that the text form shows as ended without an exit status (the wrappers'
+``C``) is then asked of ``scontrol``, which holds the true outcome there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from collections.abc import Iterator, Mapping, Sequence
+
+from metis_stream.schedulers import slurm
+from metis_stream.schedulers.base import SchedulerError, SchedulerStatus
+from metis_stream.schedulers.batch import (
+    ACCOUNT_NAME,
+    GONE,
+    JOB_NAME,
+    QUEUE_NAME,
+    SAFE_PATH,
+    Dialect,
+    JobRequest,
+    LookupProbe,
+    ProbeOutcome,
+    StatusProbe,
+    SubmitCommand,
+    check,
+    command_output,
+    signal_name,
+    split_env,
+)
+from metis_stream.shells.base import CommandResult
+
+# `15` (Slurm's wrappers), `15.server`, `15[].server` (PBS Pro arrays), `15[3].server`.
+JOB_ID = re.compile(r"[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_.-]+)?\Z")
+
+_TIME = r"[0-9]{1,7}(:[0-9]{1,2}){0,2}(\.[0-9]{1,3})?"
+_SIZE = r"[0-9]{1,12}([kKmMgGtTpP]?[bBwW])?"
+_COUNT = r"[0-9]{1,6}"
+_CHUNK_RES = r"[A-Za-z_][A-Za-z0-9_]{0,30}=[A-Za-z0-9_.]{1,64}"
+_SELECT_CHUNK = rf"([0-9]{{1,6}}|{_CHUNK_RES})(:{_CHUNK_RES})*"
+_NODE_PROPERTY = r"[A-Za-z_][A-Za-z0-9_]{0,30}(=[A-Za-z0-9_.]{1,64})?"
+_NODES_CHUNK = rf"([0-9]{{1,6}}|[A-Za-z][A-Za-z0-9_.-]{{0,63}})(:{_NODE_PROPERTY})*"
+_PLACE = r"(free|pack|scatter|vscatter)?(:?(excl|shared|exclhost|group=[A-Za-z0-9_]{1,30}))*"
+
+RESOURCES: Mapping[str, re.Pattern[str]] = {
+    "walltime": re.compile(_TIME + r"\Z"),
+    "cput": re.compile(_TIME + r"\Z"),
+    "mem": re.compile(_SIZE + r"\Z"),
+    "vmem": re.compile(_SIZE + r"\Z"),
+    "pmem": re.compile(_SIZE + r"\Z"),
+    "ncpus": re.compile(_COUNT + r"\Z"),
+    "ngpus": re.compile(_COUNT + r"\Z"),
+    "mpiprocs": re.compile(_COUNT + r"\Z"),
+    "ompthreads": re.compile(_COUNT + r"\Z"),
+    "select": re.compile(rf"{_SELECT_CHUNK}(\+{_SELECT_CHUNK})*\Z"),
+    "nodes": re.compile(rf"{_NODES_CHUNK}(\+{_NODES_CHUNK})*\Z"),
+    "place": re.compile(_PLACE + r"\Z"),
+}
+"""The ``-l`` resources a template may ask for, each with the form of its value."""
+
+ARRAY = re.compile(r"[0-9]{1,7}-[0-9]{1,7}(:[0-9]{1,7})?(%[0-9]{1,5})?\Z")
+_DEPEND_IDS = r"(:[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_.-]+)?)+"
+_DEPEND_TYPE = r"(after|afterok|afternotok|afterany|before|beforeok|beforenotok|beforeany)"
+_DEPEND_ONE = _DEPEND_TYPE + _DEPEND_IDS
+DEPEND = re.compile(rf"{_DEPEND_ONE}(,{_DEPEND_ONE})*\Z")
+
+QUEUED_STATES: Mapping[str, str] = {
+    "Q": "queued", "H": "held", "W": "waiting for its start time", "T": "in transit",
+    "S": "suspended", "U": "suspended (workstation busy)", "M": "moved to another server",
+}
+RUNNING_STATES: Mapping[str, str] = {"R": "running", "E": "exiting", "B": "array running"}
+ENDED_STATES: Mapping[str, str] = {"C": "completed", "F": "finished", "X": "subjob expired"}
+
+JOB_EXEC_KILL_WALLTIME = -29
+SIGNAL_BASE = 256
+"""PBS reports a job killed by signal N as 256 + N."""
+WALLTIME_SIGTERM = SIGNAL_BASE + signal.SIGTERM
+
+# From PBS's own job.h (JOB_EXEC_* codes), for the negative Exit_status values.
+EXEC_FAILURES: Mapping[int, str] = {
+    -1: "job could not start (before files were staged)",
+    -2: "job could not start (after files were staged)",
+    -3: "job could not start, to be retried",
+    -4: "aborted on MoM initialization",
+    -5: "aborted on MoM initialization (checkpoint, no migration)",
+    -6: "aborted on MoM initialization (checkpoint, migration)",
+    -7: "restart from checkpoint failed",
+    -8: "standard output/error could not be created",
+    -9: "the job's user has no home directory or cannot log in",
+    -10: "invalid user or group for the job",
+    -11: "job rerun",
+    -12: "checkpointed and killed",
+    -13: "bad password",
+    -14: "job rerun (sister node failure)",
+    -15: "requeued for restart from checkpoint",
+    -16: "rejected by a hook, requeued",
+    -17: "rejected by a hook, deleted",
+    -18: "requeued by a hook",
+    -19: "deleted by a hook",
+    -20: "lost contact with the primary execution host",
+    -21: "security breach in a PBS directory",
+    -22: "a hook failed or timed out",
+    -23: "no Kerberos credentials",
+    -24: "killed: CPU usage (burst) over the limit",
+    -25: "killed: CPU usage (sum) over the limit",
+    -26: "killed: virtual memory over the limit",
+    -27: "killed: memory over the limit",
+    -28: "killed: CPU time over the limit",
+    -30: "could not join the job's execution hosts",
+}
+
+
+# ---- submit ----------------------------------------------------------------------------
+
+
+def submit_command(request: JobRequest) -> SubmitCommand:
+    """``qsub`` with everything on the command line (the wrappers ignore ``#PBS -o``)."""
+    argv = ["qsub", "-N", check(JOB_NAME, request.name, "job name")]
+    if request.queue:
+        argv += ["-q", check(QUEUE_NAME, request.queue, "queue")]
+    if request.account:
+        argv += ["-A", check(ACCOUNT_NAME, request.account, "account")]
+    for key, value in request.resources.items():
+        argv += ["-l", f"{key}={_check_resource(key, value)}"]
+    argv += ["-o", check(SAFE_PATH, request.stdout, "output path")]
+    if request.join_output:
+        argv += ["-j", "oe"]
+    else:
+        argv += ["-e", check(SAFE_PATH, request.stderr, "error path")]
+    if request.depend:
+        argv += ["-W", "depend=" + check(DEPEND, request.depend, "dependency")]
+    if request.array:
+        argv += ["-J", check(ARRAY, request.array, "array range")]
+    safe, left_out = split_env(request.env)
+    if safe:
+        argv += ["-v", ",".join(f"{name}={value}" for name, value in safe.items())]
+    argv.append(check(SAFE_PATH, request.script, "script path"))
+    return SubmitCommand(argv, left_out)
+
+
+def _check_resource(key: str, value: str) -> str:
+    pattern = RESOURCES.get(key)
+    if pattern is None:
+        raise SchedulerError(f"resource {key!r} is not allowed (allowed: {', '.join(RESOURCES)})")
+    return check(pattern, value, f"resource {key}")
+
+
+def parse_submit(result: CommandResult) -> str:
+    """The job id: the last line qsub printed, only when it exited 0 and looks like an id."""
+    if result.exit_status != 0:
+        raise SchedulerError(command_output(result))
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    if not lines or not JOB_ID.match(lines[-1]):
+        raise SchedulerError(f"qsub printed no job id: {command_output(result)}")
+    return lines[-1]
+
+
+# ---- cancel ----------------------------------------------------------------------------
+
+
+def cancel_argv(scheduler_id: str) -> list[str]:
+    return ["qdel", check(JOB_ID, scheduler_id, "job id")]
+
+
+def check_cancel(result: CommandResult) -> None:
+    """Nothing when the job is gone; an already ended or unknown job counts as gone."""
+    if result.exit_status != 0 and not GONE.search(result.stdout + result.stderr):
+        raise SchedulerError(command_output(result))
+
+
+# ---- find a job by name ----------------------------------------------------------------
+
+
+def qselect_argv(name: str) -> list[str]:
+    return ["qselect", "-N", check(JOB_NAME, name, "job name")]
+
+
+def parse_ids(result: CommandResult) -> list[str] | None:
+    """Job ids, one a line (``qselect``); None when the command does not exist here."""
+    if result.exit_status != 0:
+        if result.exit_status == 2 or "command not found" in result.stderr:
+            return None
+        raise SchedulerError(command_output(result))
+    return [line.strip() for line in result.stdout.splitlines() if JOB_ID.match(line.strip())]
+
+
+# ---- status ----------------------------------------------------------------------------
+
+
+def qstat_json_argv(ids: Sequence[str]) -> list[str]:
+    return ["qstat", "-f", "-F", "json", "-x", *(check(JOB_ID, i, "job id") for i in ids)]
+
+
+def qstat_text_argv(ids: Sequence[str]) -> list[str]:
+    return ["qstat", "-f", *(check(JOB_ID, i, "job id") for i in ids)]
+
+
+def parse_qstat_json_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutcome:
+    if result.exit_status == 2 and not result.stdout.lstrip().startswith("{"):
+        return ProbeOutcome(supported=False)
+    _raise_unless_only_gone(result)
+    try:
+        jobs = parse_qstat_json(result.stdout)
+    except ValueError:
+        # Broken beyond repair: the text form of qstat has the same facts.
+        return ProbeOutcome(follow_up=tuple(ids))
+    statuses = _match_ids(ids, {job: status_from_attributes(a) for job, a in jobs.items()})
+    missing = [i for i in ids if i not in statuses]
+    # qstat exits 0 only if it knew every id: a job missing then is a qstat bug (some
+    # versions print only the first job of several in JSON), so ask the text form.
+    follow_up = missing if result.exit_status == 0 else []
+    follow_up += [i for i, s in statuses.items() if s.state == "ended" and s.exit_status is None]
+    return ProbeOutcome(statuses, tuple(follow_up))
+
+
+def parse_qstat_text_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutcome:
+    _raise_unless_only_gone(result)
+    jobs = parse_qstat_text(result.stdout)
+    statuses = _match_ids(ids, {job: status_from_attributes(a) for job, a in jobs.items()})
+    ended_unknown = [i for i, s in statuses.items() if s.state == "ended" and s.exit_status is None]
+    return ProbeOutcome(statuses, tuple(ended_unknown))
+
+
+def _raise_unless_only_gone(result: CommandResult) -> None:
+    """A non-zero qstat is fine when every complaint is about an unknown or finished job
+    (the wrappers say nothing at all and exit 153)."""
+    if result.exit_status == 0:
+        return
+    complaints = [line for line in result.stderr.splitlines() if line.strip()]
+    if not all(GONE.search(line) for line in complaints):
+        raise SchedulerError(command_output(result))
+
+
+def _match_ids(
+    asked: Sequence[str], found: Mapping[str, SchedulerStatus]
+) -> dict[str, SchedulerStatus]:
+    """Key the statuses by the ids we asked about: qstat may print ``15.server.domain``
+    for ``15.server`` (or ``15`` for ``15.server``), so match on the sequence number."""
+    by_number: dict[str, list[str]] = {}
+    for job in asked:
+        by_number.setdefault(job.split(".", 1)[0], []).append(job)
+    matched: dict[str, SchedulerStatus] = {}
+    for job, status in found.items():
+        if job in asked:
+            matched[job] = status
+            continue
+        candidates = by_number.get(job.split(".", 1)[0], [])
+        if len(candidates) == 1 and candidates[0] not in found:
+            matched[candidates[0]] = status
+    return matched
+
+
+def status_from_attributes(attributes: Mapping[str, object]) -> SchedulerStatus:
+    """Map ``job_state`` and ``Exit_status`` (Torque: ``exit_status``) to a status."""
+    state = str(attributes.get("job_state", "")).strip()
+    code = attributes.get("Exit_status", attributes.get("exit_status"))
+    return status_of(state, _as_int(code))
+
+
+def status_of(state: str, exit_status: int | None) -> SchedulerStatus:
+    if state in ENDED_STATES:
+        return SchedulerStatus("ended", exit_status, describe_exit(state, exit_status))
+    if state in RUNNING_STATES:
+        return SchedulerStatus("running", None, f"{RUNNING_STATES[state]} (job_state={state})")
+    words = QUEUED_STATES.get(state, "in an unknown state")
+    # An unknown letter is never taken for an end: a false "ended" fails a live job.
+    return SchedulerStatus("queued", None, f"{words} (job_state={state})")
+
+
+def describe_exit(state: str, exit_status: int | None) -> str:
+    """A person's words for how the job ended, with PBS's own numbers."""
+    if exit_status is None:
+        return f"ended without an exit status (job_state={state})"
+    tag = f"(Exit_status={exit_status})"
+    if exit_status == 0:
+        return f"completed {tag}"
+    if exit_status in (JOB_EXEC_KILL_WALLTIME, WALLTIME_SIGTERM):
+        return f"killed: walltime exceeded {tag}"
+    if exit_status < 0:
+        reason = EXEC_FAILURES.get(exit_status, "PBS could not run the job")
+        return f"{reason} {tag}"
+    if exit_status > SIGNAL_BASE:
+        return f"killed by {signal_name(exit_status - SIGNAL_BASE)} {tag}"
+    return f"exited with status {exit_status} {tag}"
+
+
+def _as_int(value: object) -> int | None:
+    """Exit_status arrives as 0, "0" or " 0" depending on the version and the format."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+        return int(value)
+    return None
+
+
+# ---- qstat -f (text) -------------------------------------------------------------------
+
+_JOB_HEADER = re.compile(r"Job Id:\s*(\S+)")
+_ATTRIBUTE = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*) = ?(.*)\Z")
+
+
+def parse_qstat_text(text: str) -> dict[str, dict[str, str]]:
+    """``Job Id: ID`` blocks of indented ``key = value`` lines.
+
+    PBS Pro and Torque indent attributes by four spaces and wrap long values onto
+    lines that start with a TAB; Slurm's wrappers indent attributes by a TAB and
+    never wrap. So the first attribute's indentation says which lines are attributes;
+    any other indented line continues the value before it, joined as is (qstat cuts
+    long values at a fixed width, not at a separator).
+    """
+    jobs: dict[str, dict[str, str]] = {}
+    for job, lines in _job_blocks(text):
+        attributes: dict[str, str] = {}
+        indent: str | None = None
+        key: str | None = None
+        for line in lines:
+            body = line.lstrip(" \t")
+            lead = line[: len(line) - len(body)]
+            match = _ATTRIBUTE.match(body)
+            if match and (indent is None or lead == indent):
+                indent = lead
+                key = match.group(1)
+                attributes[key] = match.group(2).rstrip("\r")
+            elif key is not None and lead:
+                attributes[key] += line.removeprefix("\t").rstrip("\r")
+        jobs[job] = attributes
+    return jobs
+
+
+def _job_blocks(text: str) -> Iterator[tuple[str, list[str]]]:
+    job: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        header = _JOB_HEADER.match(line)
+        if header:
+            if job is not None:
+                yield job, lines
+            job, lines = header.group(1), []
+        elif job is not None and line.strip():
+            lines.append(line)
+    if job is not None:
+        yield job, lines
+
+
+# ---- qstat -f -F json ------------------------------------------------------------------
+
+_ESCAPE = re.compile(r'\\(["\\/bfnrt]|u[0-9a-fA-F]{4})|\\')
+_MEMBER = re.compile(r'(?P<key>\s*"(?:[^"\\]|\\.)*"\s*:\s*)(?P<value>.*?)(?P<comma>,?)\s*\Z')
+
+
+def parse_qstat_json(text: str) -> dict[str, Mapping[str, object]]:
+    """The ``Jobs`` of ``qstat -f -F json``, tolerating PBS Pro's known defects.
+
+    PBS Pro has printed invalid JSON in several versions: backslashes that escape
+    nothing (``\\,`` and ``\\'`` from Variable_List), raw control characters,
+    unescaped double quotes in values, and environment values such as ``005`` printed
+    as bare numbers. Valid output is parsed as is; otherwise those defects are repaired
+    one line at a time (qstat prints one attribute a line). Raises ValueError when the
+    text is still not JSON.
+    """
+    if not text.strip():
+        return {}
+    try:
+        document = json.loads(text, strict=False)
+    except ValueError:
+        document = json.loads(repair_json(text), strict=False)
+    if not isinstance(document, dict):
+        raise ValueError("qstat JSON is not an object")
+    jobs = document.get("Jobs", {})
+    if not isinstance(jobs, dict):
+        raise ValueError("qstat JSON 'Jobs' is not an object")
+    return {str(job): attrs for job, attrs in jobs.items() if isinstance(attrs, dict)}
+
+
+def repair_json(text: str) -> str:
+    return "\n".join(_repair_line(line) for line in text.splitlines())
+
+
+def _repair_line(line: str) -> str:
+    member = _MEMBER.match(line)
+    if member is None:
+        return line
+    value = member.group("value")
+    if not value or value in ("{", "["):
+        return line
+    if value.startswith('"') and value.endswith('"') and len(value) > 1:
+        fixed = _fix_string_body(value[1:-1])
+    elif _is_json_scalar(value):
+        return line
+    else:
+        fixed = _fix_string_body(value)
+    return f'{member.group("key")}"{fixed}"{member.group("comma")}'
+
+
+def _fix_string_body(body: str) -> str:
+    """Keep valid escapes, double stray backslashes, escape bare quotes."""
+    escaped = _ESCAPE.sub(lambda m: m.group(0) if m.group(1) else "\\\\", body)
+    return re.sub(r'(?<!\\)"', '\\"', escaped)
+
+
+def _is_json_scalar(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
+# ---- the dialect -----------------------------------------------------------------------
+
+QSTAT_JSON = StatusProbe("qstat -f -F json -x", qstat_json_argv, parse_qstat_json_result)
+QSTAT_TEXT = StatusProbe("qstat -f", qstat_text_argv, parse_qstat_text_result)
+
+DIALECT = Dialect(
+    name="pbs",
+    submit=submit_command,
+    parse_submit=parse_submit,
+    cancel=cancel_argv,
+    check_cancel=check_cancel,
+    status_probes=(QSTAT_JSON, QSTAT_TEXT, slurm.SCONTROL),
+    lookup_probes=(LookupProbe("qselect -N", qselect_argv, parse_ids), slurm.SQUEUE_BY_NAME),
+    scheduler_id=JOB_ID,
+)
