@@ -1,0 +1,78 @@
+"""The ``local`` shell: scheduler commands and files on the server's own machine."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from metis_stream.shells.base import CommandResult, CommandTimeout
+
+
+class LocalShell:
+    """The Shell protocol on this machine: argv runs directly (no shell in between), and
+    relative paths are relative to ``home`` (the user's home folder by default)."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home if home is not None else Path.home()
+
+    async def run(self, argv: Sequence[str], *, timeout: float | None = None) -> CommandResult:
+        """Run one command; a non-zero exit is a result, not an error. A command that
+        does not exist exits 127, as it would through a remote shell."""
+        if not argv:
+            raise ValueError("empty command")
+        if any("\0" in arg for arg in argv):
+            raise ValueError(f"NUL character in command {list(argv)!r}")
+        try:
+            with anyio.fail_after(timeout):
+                done = await anyio.run_process(
+                    list(argv), stdin=subprocess.DEVNULL, check=False, cwd=self.home
+                )
+        except TimeoutError:
+            # run_process killed it when the deadline cancelled the wait.
+            raise CommandTimeout(f"{argv[0]} ran past its timeout of {timeout} s") from None
+        except FileNotFoundError as exc:
+            return CommandResult(127, "", f"{argv[0]}: {exc.strerror}\n")
+        return CommandResult(
+            done.returncode,
+            done.stdout.decode(errors="replace"),
+            done.stderr.decode(errors="replace"),
+        )
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        await anyio.to_thread.run_sync(_write_file, self.home / path, data, mode)
+
+    async def remove_file(self, path: str) -> None:
+        await anyio.to_thread.run_sync(lambda: (self.home / path).unlink(missing_ok=True))
+
+    async def realpath(self, path: str) -> str:
+        return await anyio.to_thread.run_sync(os.path.realpath, self.home / path)
+
+    async def close(self) -> None:
+        """Nothing to release: every command is its own process."""
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
+    # Private folders: they hold job tokens. (mkdir(parents=True) would give the
+    # parents the default mode.)
+    missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # Created with the final mode, so the content is never readable by others; fchmod
+    # because the umask may have narrowed it further than asked.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
