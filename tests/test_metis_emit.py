@@ -1,0 +1,763 @@
+"""The metis-emit helper's wire behaviour, and the two example batch scripts.
+
+These run the REAL shell script with the real ``curl`` against a small stub of
+the events route (a stdlib HTTP server on 127.0.0.1), under ``dash`` (Debian's
+/bin/sh) and, for the escaping, every POSIX shell found on the machine. The
+end-to-end test against the real server lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metis_stream.events import EventTooLarge, InvalidEvent, parse_event_json
+
+JOBSCRIPTS = Path(__file__).resolve().parents[1] / "metis_stream" / "jobscripts"
+SCRIPT = JOBSCRIPTS / "metis-emit"
+JOB = "j_test01"
+ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("dash") is None,
+    reason="needs curl and dash",
+)
+
+
+def _shells() -> list[list[str]]:
+    shells = []
+    for name in ("dash", "bash"):
+        if shutil.which(name):
+            shells.append([name] if name != "bash" else [name, "--posix"])
+    if shutil.which("busybox"):
+        shells.append(["busybox", "sh"])
+    return shells
+
+
+SHELLS = _shells()
+
+
+# ---------------------------------------------------------------------------
+# The stub server
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes = b""
+    chunked: bool = False
+    status: int = 0
+
+
+@dataclass
+class Stub:
+    token: str
+    url: str = ""
+    requests: list[Recorded] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    ids: dict[str, int] = field(default_factory=dict)
+    fail: list[str] = field(default_factory=list)
+    """Actions for the next event POSTs, one per attempt: "503", "drop", "409", "400"."""
+    drop_stream_after: int | None = None
+    """Drop the next streamed request's connection after this many lines."""
+    ended: bool = False
+    params: dict[str, str] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def events_url(self) -> str:
+        return f"{self.url}/api/jobs/{JOB}/events"
+
+    def posts(self) -> list[Recorded]:
+        return [r for r in self.requests if r.method == "POST"]
+
+    def append(self, raw_lines: list[bytes]) -> tuple[list[int], int]:
+        """Validate every line first (all or nothing), then append; dedupe by id."""
+        parsed = [parse_event_json(line) for line in raw_lines]
+        seqs, duplicates = [], 0
+        with self.cond:
+            for event in parsed:
+                if event.id is not None and event.id in self.ids:
+                    seqs.append(self.ids[event.id])
+                    duplicates += 1
+                    continue
+                seq = len(self.events) + 1
+                self.events.append({"seq": seq, "type": event.type, "data": event.data,
+                                    "id": event.id})
+                if event.id is not None:
+                    self.ids[event.id] = seq
+                seqs.append(seq)
+                if event.type in ("completed", "fatal"):
+                    self.ended = True
+            self.cond.notify_all()
+        return seqs, duplicates
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+
+def make_handler(stub: Stub) -> type[BaseHTTPRequestHandler]:
+    prefix = f"/api/jobs/{JOB}"
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _record(self) -> Recorded:
+            rec = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+            with stub.cond:
+                stub.requests.append(rec)
+            return rec
+
+        def _send(self, rec: Recorded, status: int, body: bytes,
+                  ctype: str = "application/json") -> None:
+            rec.status = status
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, rec: Recorded, status: int, message: str) -> None:
+            self._send(rec, status, json.dumps({"error": message}).encode())
+
+        def _drop(self) -> None:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        def _authorized(self) -> bool:
+            return self.headers.get("Authorization") == f"Bearer {stub.token}"
+
+        def do_GET(self) -> None:
+            rec = self._record()
+            if self.path.startswith("/files/"):
+                name = self.path.removeprefix("/files/")
+                if name in stub.files:
+                    self._send(rec, 200, stub.files[name], "application/octet-stream")
+                else:
+                    self._send(rec, 404, b"not found", "text/plain")
+                return
+            if not self._authorized():
+                self._error(rec, 401, "bad or missing token")
+                return
+            if self.path == f"{prefix}/spec":
+                spec = {"job": JOB, "template": "t", "params": stub.params, "inputs": stub.inputs}
+                self._send(rec, 200, json.dumps(spec).encode())
+            elif self.path.startswith(f"{prefix}/spec/params/"):
+                name = self.path.removeprefix(f"{prefix}/spec/params/")
+                if name in stub.params:
+                    self._send(rec, 200, stub.params[name].encode(), "text/plain; charset=utf-8")
+                else:
+                    self._error(rec, 404, f"no parameter {name!r}")
+            elif self.path == f"{prefix}/spec/inputs":
+                text = "".join(u + "\n" for u in stub.inputs)
+                self._send(rec, 200, text.encode(), "text/plain; charset=utf-8")
+            else:
+                self._error(rec, 404, "not found")
+
+        def do_POST(self) -> None:
+            rec = self._record()
+            rec.chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+            if self.path != f"{prefix}/events":
+                self._read_all(rec)
+                self._error(rec, 404, "unknown job")
+                return
+            with stub.cond:
+                action = stub.fail.pop(0) if stub.fail else None
+            if rec.chunked and action is None:
+                self._stream(rec)
+                return
+            self._read_all(rec)
+            if action == "drop":
+                self._drop()
+                return
+            if action == "503":
+                self._error(rec, 503, "backend unavailable")
+                return
+            if action == "400":
+                self._error(rec, 400, "not valid JSON: stub says no")
+                return
+            if not self._authorized():
+                self._error(rec, 401, "bad or missing token")
+                return
+            if action == "409" or stub.ended:
+                self._error(rec, 409, "job j_test01 has already ended")
+                return
+            ctype = self.headers.get("Content-Type", "")
+            try:
+                if ctype.startswith("application/json"):
+                    seqs, dups = stub.append([rec.body])
+                elif ctype.startswith("application/x-ndjson"):
+                    lines = [ln for ln in rec.body.split(b"\n") if ln.strip()]
+                    seqs, dups = stub.append(lines)
+                else:
+                    self._error(rec, 415, f"unsupported content type {ctype!r}")
+                    return
+            except EventTooLarge as exc:
+                self._error(rec, 413, str(exc))
+                return
+            except InvalidEvent as exc:
+                self._error(rec, 422, str(exc))
+                return
+            self._send(rec, 200, json.dumps({"seqs": seqs, "duplicates": dups}).encode())
+
+        def _read_all(self, rec: Recorded) -> None:
+            if rec.chunked:
+                for chunk in self._chunks():
+                    rec.body += chunk
+            else:
+                rec.body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+        def _chunks(self) -> Iterator[bytes]:
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return
+                data = self.rfile.read(size)
+                self.rfile.readline()
+                yield data
+
+        def _stream(self, rec: Recorded) -> None:
+            """Append each line as it arrives (as the real route does)."""
+            if not self._authorized():
+                self._read_all(rec)
+                self._error(rec, 401, "bad or missing token")
+                return
+            buffer = b""
+            seqs: list[int] = []
+            dups = 0
+            count = 0
+            for chunk in self._chunks():
+                rec.body += chunk
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    if stub.ended:
+                        self._error(rec, 409, "job j_test01 has already ended")
+                        self._drop()
+                        return
+                    try:
+                        new, dup = stub.append([line])
+                    except InvalidEvent as exc:
+                        self._error(rec, 422, str(exc))
+                        self._drop()
+                        return
+                    seqs += new
+                    dups += dup
+                    count += 1
+                    if stub.drop_stream_after is not None and count >= stub.drop_stream_after:
+                        stub.drop_stream_after = None
+                        self._drop()
+                        return
+            if buffer.strip():
+                new, dup = stub.append([buffer])
+                seqs += new
+                dups += dup
+            self._send(rec, 200, json.dumps({"seqs": seqs, "duplicates": dups}).encode())
+
+    return Handler
+
+
+@pytest.fixture
+def stub() -> Iterator[Stub]:
+    state = Stub(token="mtk_" + secrets.token_urlsafe(24))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    server.daemon_threads = True
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def env(stub: Stub, tmp_path: Path) -> dict[str, str]:
+    token_file = tmp_path / "token"
+    token_file.write_text(stub.token + "\n")
+    token_file.chmod(0o600)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "TMPDIR": str(tmp),
+        "NO_PROXY": "*",
+        "METIS_JOB_ID": JOB,
+        "METIS_EVENTS_URL": stub.events_url,
+        "METIS_TOKEN_FILE": str(token_file),
+        "METIS_EMIT": str(SCRIPT),
+        "METIS_EMIT_RETRY_DELAY": "1",
+    }
+
+
+def emit(env: dict[str, str], *args: str, shell: list[str] | None = None,
+         stdin: bytes | None = None, extra: dict[str, str] | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    cmd = [*(shell or ["dash"]), str(SCRIPT), *args]
+    return subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True,
+                          env={**env, **(extra or {})}, timeout=timeout, check=False)
+
+
+def only_event(stub: Stub) -> dict[str, Any]:
+    posts = stub.posts()
+    assert len(posts) == 1, posts
+    post = posts[0]
+    assert post.path == f"/api/jobs/{JOB}/events"
+    assert post.headers["authorization"] == f"Bearer {stub.token}"
+    assert post.headers["content-type"] == "application/json"
+    body = json.loads(post.body)
+    assert isinstance(body, dict)
+    assert ID_RE.match(body["id"]), body
+    return body
+
+
+# ---------------------------------------------------------------------------
+# One event a call
+
+NASTY_TEXTS = [
+    "Loading model",
+    "   leading spaces and trailing  ",
+    'quote " backslash \\ slash / \\n not a newline \\u0041',
+    "tab\there\nnewline\r\ncrlf\rcr",
+    "".join(chr(c) for c in range(1, 32)) + "\x7f",
+    "unicode: é € ą ň Ё 中文 🎉 \u2028 \u00a0",
+    "trailing newlines\n\n",
+    "\nleading newline",
+    "-n -e --help %s %d %b \\c $HOME `id` $(id) * ? [a] ~ ; & | > <",
+    "",
+    "x" * 700 + '"\\\t\n\x01é' * 50,  # long: the awk path
+]
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_text_events_carry_the_text_exactly(stub: Stub, env: dict[str, str],
+                                            shell: list[str]) -> None:
+    for i, text in enumerate(NASTY_TEXTS):
+        kind = ("step", "token", "chunk", "log")[i % 4]
+        stub.requests.clear()
+        done = emit(env, kind, text, shell=shell)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == b""
+        body = only_event(stub)
+        assert set(body) == {"type", "data", "id"}
+        assert body["type"] == kind
+        assert body["data"] == text, (text, body)
+    assert [e["data"] for e in stub.events] == NASTY_TEXTS
+
+
+def test_quote_prints_a_json_string(env: dict[str, str]) -> None:
+    for text in NASTY_TEXTS:
+        done = emit(env, "quote", text)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == text
+
+
+def test_event_of_64_kib_goes_through(stub: Stub, env: dict[str, str]) -> None:
+    text = ('ab"\\\té' * 9000)[: 60 * 1024 // 2]
+    done = emit(env, "chunk", text)
+    assert done.returncode == 0, done.stderr
+    assert only_event(stub)["data"] == text
+
+
+def test_progress(stub: Stub, env: dict[str, str]) -> None:
+    cases = [
+        (("3", "10"), {"current": 3, "total": 10}),
+        (("0", "1", 'label "x"\t'), {"current": 0, "total": 1, "label": 'label "x"\t'}),
+        (("-1.5e3", "2.25", ""), {"current": -1500.0, "total": 2.25, "label": ""}),
+    ]
+    for args, data in cases:
+        stub.requests.clear()
+        done = emit(env, "progress", *args)
+        assert done.returncode == 0, done.stderr
+        body = only_event(stub)
+        assert body["type"] == "progress"
+        assert body["data"] == data
+    for bad in (("x", "1"), ("01", "2"), ("1.", "2"), ("1", ""), ("1", "2e"), ("1",)):
+        done = emit(env, "progress", *bad)
+        assert done.returncode == 2, (bad, done)
+    assert len(stub.posts()) == 1
+
+
+def test_raw_json_events(stub: Stub, env: dict[str, str]) -> None:
+    payload = {"text": 'a "b"\n', "n": [1, 2.5, None, True], "é": {}}
+    pretty = json.dumps(payload, indent=2, ensure_ascii=False)
+    cases: list[tuple[tuple[str, ...], str, Any]] = [
+        (("result", pretty), "result", payload),
+        (("result", '"just a string"'), "result", "just a string"),
+        (("event", "custom.thing-1", '{"k": [1]}'), "custom.thing-1", {"k": [1]}),
+        (("event", "ping"), "ping", None),
+        (("completed", json.dumps(payload)), "completed", payload),
+    ]
+    for args, kind, data in cases:
+        stub.requests.clear()
+        stub.ended = False
+        done = emit(env, *args)
+        assert done.returncode == 0, done.stderr
+        body = only_event(stub)
+        assert body["type"] == kind
+        assert body.get("data") == data
+
+
+def test_completed_without_data_and_fatal(stub: Stub, env: dict[str, str]) -> None:
+    done = emit(env, "completed")
+    assert done.returncode == 0, done.stderr
+    body = only_event(stub)
+    assert body["type"] == "completed"
+    assert body.get("data") is None
+    stub.requests.clear()
+    stub.ended = False
+    message = 'download of "x" failed\n(curl exit 22)'
+    done = emit(env, "fatal", message)
+    assert done.returncode == 0, done.stderr
+    body = only_event(stub)
+    assert body["type"] == "fatal"
+    assert body["data"] == {"error": message}
+
+
+def test_ids_are_unique_and_can_be_given(stub: Stub, env: dict[str, str]) -> None:
+    for _ in range(5):
+        assert emit(env, "log", "same text").returncode == 0
+    ids = [json.loads(r.body)["id"] for r in stub.posts()]
+    assert len(set(ids)) == 5
+    assert all(ID_RE.match(i) for i in ids)
+    assert emit(env, "--id", "my-key:1", "log", "x").returncode == 0
+    assert emit(env, "--id", "my-key:1", "log", "x").returncode == 0
+    assert json.loads(stub.posts()[-1].body)["id"] == "my-key:1"
+    assert [e["data"] for e in stub.events] == ["same text"] * 5 + ["x"]
+    assert emit(env, "--id", "bad id", "log", "x").returncode == 2
+
+
+def test_token_and_data_never_on_a_command_line(stub: Stub, env: dict[str, str],
+                                               tmp_path: Path) -> None:
+    real_curl = shutil.which("curl")
+    assert real_curl
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "argv.log"
+    wrapper = bindir / "curl"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$0" "$@" >> "{log}"\nexec "{real_curl}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**env, "PATH": f"{bindir}{os.pathsep}{env['PATH']}"}
+    secret_text = "private words of the job"
+    assert emit(env, "token", secret_text).returncode == 0
+    assert emit(env, "pipe", "token", stdin=f"{secret_text}\n".encode()).returncode == 0
+    stub.params["p"] = "value"
+    assert emit(env, "param", "p").returncode == 0
+    argv = log.read_text()
+    assert argv.count(str(wrapper)) >= 3
+    assert stub.token not in argv
+    assert secret_text not in argv
+    assert [e["data"] for e in stub.events] == [secret_text, secret_text]
+    # Nothing is left behind in TMPDIR (no copy of the token, no spool).
+    assert list(Path(env["TMPDIR"]).iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Retries and errors
+
+
+@pytest.mark.parametrize("failure", ["503", "drop"])
+def test_retries_reuse_the_idempotency_id(stub: Stub, env: dict[str, str], failure: str) -> None:
+    stub.fail = [failure, failure]
+    done = emit(env, "token", " world")
+    assert done.returncode == 0, done.stderr
+    posts = stub.posts()
+    assert len(posts) == 3
+    assert posts[0].body == posts[1].body == posts[2].body
+    assert [e["data"] for e in stub.events] == [" world"]
+
+
+def test_duplicate_delivery_is_not_appended_twice(stub: Stub, env: dict[str, str]) -> None:
+    # The server appended the event but the answer was lost: the retry is a duplicate.
+    assert emit(env, "--id", "k1", "step", "once").returncode == 0
+    assert emit(env, "--id", "k1", "step", "once").returncode == 0
+    assert len(stub.events) == 1
+
+
+def test_gives_up_after_the_retries(stub: Stub, env: dict[str, str]) -> None:
+    stub.fail = ["503"] * 10
+    done = emit(env, "step", "x", extra={"METIS_EMIT_RETRIES": "1"})
+    assert done.returncode == 4
+    assert b"backend unavailable" in done.stderr
+    assert len(stub.posts()) == 2
+
+
+def test_unreachable_server(env: dict[str, str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = emit(env, "step", "x", extra={"METIS_EVENTS_URL": f"http://127.0.0.1:{port}/events",
+                                         "METIS_EMIT_RETRIES": "0"})
+    assert done.returncode == 4
+    assert b"curl" in done.stderr
+
+
+def test_rejections(stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    stub.fail = ["409"]
+    done = emit(env, "step", "late")
+    assert done.returncode == 5
+    assert b"already ended" in done.stderr
+    stub.fail = ["400"]
+    done = emit(env, "step", "x")
+    assert done.returncode == 1
+    assert b"stub says no" in done.stderr
+    done = emit(env, "result", "{not json")
+    assert done.returncode == 1
+    assert b"not valid JSON" in done.stderr
+    assert len(stub.posts()) == 3  # a 4xx is never retried
+    bad_token = tmp_path / "bad-token"
+    bad_token.write_text("wrong")
+    done = emit(env, "step", "x", extra={"METIS_TOKEN_FILE": str(bad_token)})
+    assert done.returncode == 6
+    assert b"bad or missing token" in done.stderr
+    done = emit(env, "step", "x", extra={"METIS_EVENTS_URL": f"{stub.url}/api/jobs/nope/events"})
+    assert done.returncode == 1
+    assert b"unknown job" in done.stderr
+    assert stub.events == []
+    assert stub.token.encode() not in done.stderr + done.stdout
+
+
+def test_usage_and_environment_errors(stub: Stub, env: dict[str, str]) -> None:
+    done = emit(env, "--help")
+    assert done.returncode == 0
+    assert b"Usage: metis-emit" in done.stdout
+    for args in [(), ("nope",), ("step",), ("step", "a", "b"), ("event", "Bad"),
+                 ("event", "starting"), ("pipe", "9x"), ("result",), ("param", "a/b"),
+                 ("--bogus", "step", "x")]:
+        done = emit(env, *args)
+        assert done.returncode == 2, args
+        assert done.stderr, args
+    for missing in ("METIS_EVENTS_URL", "METIS_TOKEN_FILE"):
+        partial = {k: v for k, v in env.items() if k != missing}
+        done = emit(partial, "step", "x")
+        assert done.returncode == 3
+        assert missing.encode() in done.stderr
+    done = emit(env, "step", "x", extra={"METIS_TOKEN_FILE": "/nonexistent/token"})
+    assert done.returncode == 3
+    assert stub.requests == []
+
+
+# ---------------------------------------------------------------------------
+# pipe
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[bytes, bytes]:
+    """Close the process's stdin and wait for it; return its stdout and stderr."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.close()
+    proc.wait(timeout)
+    return proc.stdout.read(), proc.stderr.read()
+
+
+def test_pipe_streams_lines_live_over_one_request(stub: Stub, env: dict[str, str]) -> None:
+    lines = ["Hello", " world", "", '  "quoted" \\ and\ttab', "é€ 中文 🎉", "last, no newline"]
+    proc = subprocess.Popen(["dash", str(SCRIPT), "pipe", "token"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write((lines[0] + "\n").encode())
+        proc.stdin.flush()
+        # The server has the first line while stdin is still open.
+        assert stub.wait_for(lambda: len(stub.events) == 1), "first line not seen live"
+        proc.stdin.write((lines[1] + "\n").encode())
+        proc.stdin.flush()
+        assert stub.wait_for(lambda: len(stub.events) == 2), "second line not seen live"
+        proc.stdin.write("".join(x + "\n" for x in lines[2:-1]).encode() + lines[-1].encode())
+        out, err = finish(proc)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out == b""
+    posts = stub.posts()
+    assert len(posts) == 1
+    post = posts[0]
+    assert post.chunked
+    assert post.headers["content-type"] == "application/x-ndjson"
+    assert post.headers["authorization"] == f"Bearer {stub.token}"
+    assert [e["type"] for e in stub.events] == ["token"] * len(lines)
+    assert [e["data"] for e in stub.events] == lines
+    ids = [e["id"] for e in stub.events]
+    assert len(set(ids)) == len(ids)
+    assert all(ID_RE.match(i) for i in ids)
+    # Without --id, two pipes never share ids.
+    assert emit(env, "pipe", "log", stdin=b"a\nb\n").returncode == 0
+    assert len({e["id"] for e in stub.events}) == len(lines) + 2
+
+
+def test_pipe_of_nothing_and_of_many_lines(stub: Stub, env: dict[str, str]) -> None:
+    done = emit(env, "pipe", "chunk", stdin=b"")
+    assert done.returncode == 0, done.stderr
+    assert stub.events == []
+    many = [f"line {i} \"q\" \\ \t" for i in range(500)]
+    done = emit(env, "pipe", "chunk", stdin="".join(x + "\n" for x in many).encode())
+    assert done.returncode == 0, done.stderr
+    assert [e["data"] for e in stub.events] == many
+
+
+def test_pipe_recovers_from_a_dropped_stream(stub: Stub, env: dict[str, str]) -> None:
+    stub.drop_stream_after = 2
+    lines = [f"word {i}" for i in range(6)]
+    proc = subprocess.Popen(["dash", str(SCRIPT), "pipe", "token"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdin is not None
+    try:
+        for line in lines:
+            proc.stdin.write((line + "\n").encode())
+            proc.stdin.flush()
+            time.sleep(0.2)
+        _, err = finish(proc)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    # Every line exactly once, in order, although some were sent twice.
+    assert [e["data"] for e in stub.events] == lines
+    assert len(stub.posts()) >= 2
+
+
+def test_pipe_stops_when_the_job_has_ended(stub: Stub, env: dict[str, str]) -> None:
+    stub.ended = True
+    done = emit(env, "pipe", "log", stdin=b"one\ntwo\n")
+    assert done.returncode == 5, done.stderr
+    assert b"already ended" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# param, inputs, spec
+
+
+def test_param_from_env_or_spec(stub: Stub, env: dict[str, str]) -> None:
+    stub.params = {"text": 'two words "quoted"\nand a line', "delay": "0.5", "path": "p"}
+    done = emit(env, "param", "text", extra={"TEXT": "from env"})
+    assert (done.returncode, done.stdout) == (0, b"from env")
+    assert stub.requests == []
+    done = emit(env, "param", "text")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == stub.params["text"]
+    assert stub.requests[-1].path == f"/api/jobs/{JOB}/spec/params/text"
+    # A variable that the system sets is never taken for a parameter.
+    done = emit(env, "param", "path")
+    assert (done.returncode, done.stdout) == (0, b"p")
+    done = emit(env, "param", "missing")
+    assert done.returncode == 1
+    assert b"no parameter" in done.stderr
+
+
+def test_inputs_and_spec(stub: Stub, env: dict[str, str]) -> None:
+    done = emit(env, "inputs")
+    assert (done.returncode, done.stdout) == (0, b"")
+    stub.inputs = ["https://example.org/a.txt", "https://example.org/b?x=1&y=2"]
+    done = emit(env, "inputs")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == stub.inputs
+    done = emit(env, "spec")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["inputs"] == stub.inputs
+
+
+# ---------------------------------------------------------------------------
+# The example batch scripts
+
+
+def run_job(name: str, env: dict[str, str], workdir: Path,
+            extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    script = JOBSCRIPTS / name
+    return subprocess.run(["dash", str(script)], capture_output=True, cwd=workdir,
+                          env={**env, "PBS_O_WORKDIR": str(workdir), **(extra or {})},
+                          timeout=120, check=False)
+
+
+def test_tokens_job(stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    done = run_job("tokens.pbs", env, tmp_path,
+                   {"TEXT": "Hello  from\tthe cluster", "DELAY": "0.01"})
+    assert done.returncode == 0, done.stderr
+    words = ["Hello", " from", " the", " cluster"]
+    expected: list[tuple[str, Any]] = [("step", "Loading model"), ("step", "Generating")]
+    for i, word in enumerate(words, start=1):
+        expected += [("token", word), ("progress", {"current": i, "total": 4})]
+    expected.append(("completed", {"text": "Hello from the cluster", "tokens": 4}))
+    assert [(e["type"], e["data"]) for e in stub.events] == expected
+
+
+def test_tokens_job_reads_params_from_the_spec(stub: Stub, env: dict[str, str],
+                                               tmp_path: Path) -> None:
+    stub.params = {"text": 'say "hi" \\ now', "delay": "0"}
+    done = run_job("tokens.pbs", env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    tokens = [e["data"] for e in stub.events if e["type"] == "token"]
+    assert tokens == ["say", ' "hi"', " \\", " now"]
+    assert stub.events[-1]["data"] == {"text": 'say "hi" \\ now', "tokens": 4}
+
+
+def test_download_job(stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    content = secrets.token_bytes(100_000)
+    stub.files["data.bin"] = content
+    url = f"{stub.url}/files/data.bin"
+    done = run_job("download.pbs", env, tmp_path, {"URL": url})
+    assert done.returncode == 0, done.stderr
+    assert [(e["type"], e["data"]) for e in stub.events] == [
+        ("step", "Downloading input"),
+        ("step", "Hashing"),
+        ("completed", {"url": url, "bytes": len(content),
+                       "sha256": hashlib.sha256(content).hexdigest()}),
+    ]
+
+
+def test_download_job_with_inputs(stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    files = {"a.txt": b"alpha\n", "b.txt": b"", "c.bin": bytes(range(256)) * 10}
+    stub.files.update(files)
+    stub.params["url"] = f"{stub.url}/files/a.txt"
+    stub.inputs = [f"{stub.url}/files/b.txt", f"{stub.url}/files/c.bin"]
+    done = run_job("download.pbs", env, tmp_path)  # URL from the spec
+    assert done.returncode == 0, done.stderr
+    assert stub.types() == ["step", "step", "completed"]
+    result = stub.events[-1]["data"]
+
+    def entry(name: str) -> dict[str, Any]:
+        return {"url": f"{stub.url}/files/{name}", "bytes": len(files[name]),
+                "sha256": hashlib.sha256(files[name]).hexdigest()}
+
+    assert result == {**entry("a.txt"), "inputs": [entry("b.txt"), entry("c.bin")]}
+
+
+def test_download_job_failure(stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    url = f"{stub.url}/files/missing.bin"
+    done = run_job("download.pbs", env, tmp_path, {"URL": url})
+    assert done.returncode != 0
+    assert stub.types() == ["step", "fatal"]
+    error = stub.events[-1]["data"]["error"]
+    assert url in error
+    assert "curl exit code 22" in error
