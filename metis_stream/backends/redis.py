@@ -1,0 +1,655 @@
+"""The production backend: Redis holds the job database and the event logs, and carries
+live events between server processes.
+
+Per job (``P`` is the key prefix, ``metis:`` by default):
+
+- ``P job:<id>``: HASH, the :class:`~metis_stream.jobs.Job` fields (text for id,
+  template, cluster and state; JSON for the rest), plus ``epoch`` (a random token
+  written at creation) and ``order`` (the job's rank in creation order).
+- ``P log:<id>``: STREAM, one entry per event with id ``0-<seq>`` and one field
+  ``e``: the event's exact wire JSON. Capped at ``max_events_per_job + 1`` (the one
+  terminal event still taken at the limit), so the cap never trims an accepted event.
+- ``P ids:<id>``: HASH, idempotency id -> seq.
+- ``P ch:<id>``: the pub/sub channel that carries each new event's wire JSON.
+
+Indexes: ``P jobs:state:<state>`` and ``P jobs:cluster:<cluster>``, sorted sets of
+job ids scored by ``order``. Ids of expired jobs are dropped when a listing meets them.
+
+One Lua script appends a whole batch (checks, seqs, log, job hash, index, expiry,
+PUBLISH) in one round trip: Redis runs it atomically, so every process sees the
+same seqs, and an event is published only if it is in the log. docs/redis.md has
+the operator's view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
+from typing import Any, cast
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from metis_stream.backends.base import (
+    DEFAULT_MAX_EVENTS_PER_JOB,
+    READ_PAGE,
+    AppendResult,
+    BackendError,
+    BackendUnavailable,
+    EventLimitReached,
+    Hub,
+    JobEnded,
+    JobNotFound,
+    JobNotSubmitted,
+    LogLost,
+    Subscription,
+)
+from metis_stream.events import TERMINAL_TYPES, Event, NewEvent, decode_event
+from metis_stream.jobs import (
+    STATE_AFTER_EVENT,
+    TERMINAL_STATES,
+    Job,
+    JobState,
+    apply_event,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETENTION = 7 * 24 * 3600.0
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+_TEXT_FIELDS = frozenset({"id", "template", "cluster", "state"})
+"""Job fields stored as plain text; every other field is stored as JSON."""
+_NOT_SUBMITTED = (JobState.CREATED, JobState.SUBMITTING)
+_STATES = tuple(JobState)
+_PATCHED_FIELDS = ("scheduler_id", "result", "error", "exit_status")
+"""The Job fields an event may set besides state, last_seq, updated and ended."""
+_UNSET: Any = object()
+_SEEN_CAP = 100_000
+_RECONNECT_BASE = 0.05
+_RECONNECT_CAP = 2.0
+
+
+def _lua_constants() -> str:
+    """Lua tables generated from jobs.py and events.py: the state machine has one source."""
+    tables = {
+        "STATE_AFTER": {name: state.value for name, state in STATE_AFTER_EVENT.items()},
+        "RANK": {state.value: state.rank for state in JobState},
+        "TERMINAL_STATES": {state.value: True for state in TERMINAL_STATES},
+        "TERMINAL_TYPES": dict.fromkeys(TERMINAL_TYPES, True),
+        "NOT_SUBMITTED": {state.value: True for state in _NOT_SUBMITTED},
+        "STATES": [state.value for state in _STATES],
+    }
+    lines = [f"local {name} = cjson.decode([==[{orjson.dumps(value).decode()}]==])"
+             for name, value in tables.items()]
+    # jobs.state_after: an event type without an entry in STATE_AFTER_EVENT means running.
+    lines.append(f"local OTHERWISE = '{JobState.RUNNING.value}'")
+    return "\n".join(lines) + "\n"
+
+
+_APPEND_LUA = _lua_constants() + """
+-- KEYS: job hash, log stream, ids hash, then one state index per entry of STATES.
+-- ARGV: job id, channel, now (JSON), from_job (1/0), max events, stream cap, retention (ms),
+--       wire head, event count, then per event: type, idempotency id or '', wire tail,
+--       patch pair count, field, value, ...
+local job_key, log_key, ids_key = KEYS[1], KEYS[2], KEYS[3]
+local job_id, channel, now = ARGV[1], ARGV[2], ARGV[3]
+local max_events, cap, retention = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+
+local state = redis.call('HGET', job_key, 'state')
+if not state then return redis.error_reply('METIS_NOT_FOUND') end
+if ARGV[4] == '1' and NOT_SUBMITTED[state] then return redis.error_reply('METIS_NOT_SUBMITTED') end
+
+local events, cursor = {}, 10
+for i = 1, tonumber(ARGV[9]) do
+  local pairs_count = tonumber(ARGV[cursor + 3])
+  local patch = {}
+  for j = 1, 2 * pairs_count do patch[j] = ARGV[cursor + 3 + j] end
+  events[i] = {type = ARGV[cursor], id = ARGV[cursor + 1], tail = ARGV[cursor + 2], patch = patch}
+  cursor = cursor + 4 + 2 * pairs_count
+end
+
+-- Plan the whole batch before changing anything: all or nothing.
+local count = redis.call('XLEN', log_key)
+local last_seq = tonumber(redis.call('HGET', job_key, 'last_seq'))
+local ended = TERMINAL_STATES[state] or false
+local seqs, fresh, new_ids = {}, {}, {}
+for i, event in ipairs(events) do
+  local known = false
+  if event.id ~= '' then known = new_ids[event.id] or redis.call('HGET', ids_key, event.id) end
+  if known then
+    seqs[i] = tonumber(known)
+  else
+    if ended then return redis.error_reply('METIS_ENDED') end
+    if not TERMINAL_TYPES[event.type] and count + #fresh >= max_events then
+      return redis.error_reply('METIS_LIMIT')
+    end
+    local seq = last_seq + #fresh + 1
+    if event.id ~= '' then new_ids[event.id] = seq end
+    seqs[i] = seq
+    fresh[#fresh + 1] = i
+    ended = TERMINAL_TYPES[event.type] or false
+  end
+end
+if #fresh == 0 then return {seqs, fresh} end
+
+local function state_after(current, event_type)
+  if TERMINAL_STATES[current] then return current end
+  local target = STATE_AFTER[event_type] or OTHERWISE
+  if RANK[target] > RANK[current] then return target end
+  return current
+end
+
+local old_state, wires = state, {}
+for _, i in ipairs(fresh) do
+  local event, seq = events[i], string.format('%d', seqs[i])
+  local wire = ARGV[8] .. seq .. event.tail
+  redis.call('XADD', log_key, 'MAXLEN', '~', cap, '0-' .. seq, 'e', wire)
+  if #event.patch > 0 then redis.call('HSET', job_key, unpack(event.patch)) end
+  state = state_after(state, event.type)
+  wires[#wires + 1] = wire
+end
+redis.call('HSET', job_key, 'state', state, 'updated', now,
+           'last_seq', string.format('%d', seqs[fresh[#fresh]]))
+for key, seq in pairs(new_ids) do redis.call('HSET', ids_key, key, string.format('%d', seq)) end
+if state ~= old_state then
+  local order = redis.call('HGET', job_key, 'order')
+  for i, name in ipairs(STATES) do
+    if name == old_state then redis.call('ZREM', KEYS[3 + i], job_id) end
+    if name == state then redis.call('ZADD', KEYS[3 + i], order, job_id) end
+  end
+end
+if TERMINAL_STATES[state] then
+  if redis.call('HGET', job_key, 'ended') == 'null' then
+    redis.call('HSET', job_key, 'ended', now)
+  end
+  for _, key in ipairs({job_key, log_key, ids_key}) do redis.call('PEXPIRE', key, retention) end
+end
+for _, wire in ipairs(wires) do redis.call('PUBLISH', channel, wire) end
+return {seqs, fresh}
+"""
+
+_CREATE_LUA = """
+-- KEYS: job hash, log stream, ids hash, order counter, cluster index, then every state index.
+-- ARGV: job id, state index position (1-based, among the state indexes), field, value, ...
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+local order = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'order', order, unpack(ARGV, 3))
+for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('ZADD', KEYS[5 + tonumber(ARGV[2])], order, ARGV[1])
+redis.call('ZADD', KEYS[5], order, ARGV[1])
+"""
+
+_LEASE_LUA = """
+-- Take the lease if free, or renew it if this owner holds it.
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_SCRIPT_ERRORS: dict[str, Callable[[str, int], BackendError]] = {
+    "METIS_NOT_FOUND": lambda job_id, limit: JobNotFound(job_id),
+    "METIS_NOT_SUBMITTED": lambda job_id, limit: JobNotSubmitted(job_id),
+    "METIS_ENDED": lambda job_id, limit: JobEnded(job_id),
+    "METIS_LIMIT": lambda job_id, limit: EventLimitReached(
+        f"job {job_id} has reached {limit} events"),
+}
+
+
+@contextmanager
+def _unavailable_on_errors() -> Iterator[None]:
+    """Turn a lost or refused connection into BackendUnavailable: the caller may retry."""
+    try:
+        yield
+    except _CONNECTION_ERRORS as exc:
+        raise BackendUnavailable(f"Redis is unreachable: {exc}") from exc
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _job_to_hash(job: Job) -> dict[str, str]:
+    return {name: value if name in _TEXT_FIELDS else _json(value)
+            for name, value in job.as_dict().items()}
+
+
+def _job_from_hash(raw: dict[bytes, bytes]) -> Job:
+    names = {field.name for field in dataclasses.fields(Job)}
+    record: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.decode()
+        if name in _TEXT_FIELDS:
+            record[name] = value.decode()
+        elif name in names:
+            record[name] = orjson.loads(value)
+    return Job.from_dict(record)
+
+
+def _wire_head(job_id: str) -> str:
+    """The wire JSON up to the seq, which only the Lua script knows: ``{"job":"..","seq":``."""
+    return _json({"job": job_id})[:-1] + ',"seq":'
+
+
+def _wire_tail(new: NewEvent, now: float) -> str:
+    """The wire JSON after the seq; head + seq + tail is exactly what ``encode_event`` gives."""
+    return "," + _json({"type": new.type, "data": new.data, "time": now})[1:]
+
+
+def _patch(job_id: str, new: NewEvent, now: float) -> list[str]:
+    """The job fields this event sets, as HSET pairs, found by apply_event itself so that
+    jobs.py stays the one definition of what an event does to a job."""
+    scratch = Job(id=job_id, template="", cluster="", scheduler_id=_UNSET, result=_UNSET,
+                  error=_UNSET, exit_status=_UNSET)
+    # A placeholder wire: the scratch event is never sent, so it need not be encoded.
+    apply_event(scratch, Event(job=job_id, seq=0, type=new.type, data=new.data, time=now,
+                               wire="{}"))
+    pairs: list[str] = []
+    for name in _PATCHED_FIELDS:
+        value = getattr(scratch, name)
+        if value is not _UNSET:
+            pairs += [name, _json(value)]
+    return pairs
+
+
+def _backoff(attempt: int) -> float:
+    """Capped exponential backoff with jitter, so that many processes do not reconnect in step."""
+    return min(_RECONNECT_CAP, _RECONNECT_BASE * 2.0 ** attempt) * random.uniform(0.5, 1.0)
+
+
+@dataclasses.dataclass(slots=True)
+class _Seen:
+    """What this process has seen of a job's log: to tell a wiped log from an empty one."""
+
+    epoch: bytes
+    seq: int = 0
+
+
+class _Listener:
+    """This process's one pub/sub connection and the one task that reads it.
+
+    The hub calls :meth:`_subscribe` for a job's first local watcher and
+    :meth:`_unsubscribe` for its last. A broken connection is replaced with backoff;
+    the new one subscribes every job the hub still has, and then every watcher is
+    told to backfill from the log what it may have missed meanwhile.
+    """
+
+    def __init__(self, pool: ConnectionPool, channel_prefix: str, *, interval: float,
+                 timeout: float, store_was_wiped: Callable[[], Awaitable[bool]],
+                 on_event: Callable[[Event], None]) -> None:
+        self.hub = Hub(on_first=self._subscribe, on_last=self._unsubscribe)
+        self._pool = pool
+        self._prefix = channel_prefix
+        self._interval = interval
+        self._timeout = timeout
+        self._store_was_wiped = store_was_wiped
+        self._on_event = on_event
+        self._conn: AbstractConnection | None = None
+        self._confirmations: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._ping_pending = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        with _unavailable_on_errors():
+            await self._connect()
+        self._task = asyncio.create_task(self._run(), name="metis-stream redis pub/sub")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._drop()
+
+    def channel(self, job_id: str) -> bytes:
+        return (self._prefix + job_id).encode()
+
+    async def _subscribe(self, job_id: str) -> None:
+        """SUBSCRIBE, and return only once Redis confirms: follow() reads the log next."""
+        conn = self._conn
+        # A connection that is down must not be re-opened here behind the reader's back
+        # (send_command would); the reader reconnects and subscribes this job itself.
+        if conn is None or not conn.is_connected:
+            raise BackendUnavailable("Redis pub/sub is reconnecting")
+        channel = self.channel(job_id)
+        confirmed = self._expect(channel)
+        try:
+            await conn.send_command("SUBSCRIBE", channel, check_health=False)
+            async with asyncio.timeout(self._timeout):
+                await confirmed
+        except (*_CONNECTION_ERRORS, TimeoutError) as exc:
+            raise BackendUnavailable(f"Redis did not confirm SUBSCRIBE: {exc!r}") from exc
+
+    async def _unsubscribe(self, job_id: str) -> None:
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            return  # the next connection subscribes only the jobs the hub still has
+        try:
+            await conn.send_command("UNSUBSCRIBE", self.channel(job_id), check_health=False)
+        except _CONNECTION_ERRORS:
+            return  # the reader notices the broken connection and reconnects
+
+    def _expect(self, channel: bytes) -> asyncio.Future[None]:
+        """A future resolved by the reader at this channel's next subscribe confirmation;
+        Redis confirms in the order the SUBSCRIBEs were sent, hence a FIFO per channel."""
+        future = asyncio.get_running_loop().create_future()
+        self._confirmations.setdefault(channel, deque()).append(future)
+        return future
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                if self._conn is None:
+                    await self._connect()
+                    attempt = 0
+                await self._read()
+            except _CONNECTION_ERRORS as exc:
+                log.warning("Redis pub/sub connection lost (%s); reconnecting", exc)
+                await self._drop()
+                await asyncio.sleep(_backoff(attempt))
+                attempt += 1
+
+    async def _connect(self) -> None:
+        """A new connection, subscribed to every job the hub has, then every watcher
+        backfills: what was published while no connection listened is only in the log."""
+        conn = self._pool.connection_class(**self._pool.connection_kwargs)
+        await conn.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        self._conn = conn
+        self._ping_pending = False
+        channels = [self.channel(job_id) for job_id in self.hub.job_ids]
+        if channels:
+            confirmations = [self._expect(channel) for channel in channels]
+            await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+            while not all(future.done() for future in confirmations):
+                response = await conn.read_response(timeout=self._timeout)
+                if response is None:
+                    raise RedisTimeoutError("no SUBSCRIBE confirmation from Redis")
+                self._handle(response)
+        self.hub.mark_all_lagged()
+
+    async def _read(self) -> None:
+        """Read messages; every ``interval`` seconds PING (a half-open connection never
+        answers) and check the store was not wiped under a connection that stayed up."""
+        assert self._conn is not None
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + self._interval
+        while True:
+            response = await conn.read_response(timeout=max(0.0, next_check - loop.time()))
+            if response is not None:
+                self._ping_pending = False
+                self._handle(response)
+                continue
+            if self._ping_pending:
+                raise RedisTimeoutError(f"no answer to PING within {self._interval}s")
+            self._ping_pending = True
+            await conn.send_command("PING", check_health=False)
+            if await self._store_was_wiped():
+                log.warning("Redis lost its data (flushed or replaced); watchers re-read logs")
+                self.hub.mark_all_lagged()
+            next_check = loop.time() + self._interval
+
+    def _handle(self, response: Any) -> None:
+        if not isinstance(response, list):
+            return  # the PONG of a connection that has no subscription
+        kind = response[0]
+        if kind == b"message":
+            event = decode_event(response[2])
+            self._on_event(event)
+            self.hub.publish(event.job, event)
+        elif kind == b"subscribe":
+            waiting = self._confirmations.get(response[1])
+            if waiting:
+                future = waiting.popleft()
+                if not waiting:
+                    del self._confirmations[response[1]]
+                if not future.done():  # its subscriber may have timed out or left
+                    future.set_result(None)
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        for waiting in self._confirmations.values():
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(BackendUnavailable("Redis pub/sub connection lost"))
+        self._confirmations.clear()
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+
+class RedisBackend:
+    """Job database, event logs and cross-process delivery in Redis (see docs/redis.md).
+
+    Call :meth:`start` before use and :meth:`close` at shutdown.
+    """
+
+    def __init__(self, url: str, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB,
+                 retention: float = DEFAULT_RETENTION, key_prefix: str = "metis:",
+                 socket_timeout: float = 5.0, health_check_interval: float = 5.0,
+                 max_connections: int = 32) -> None:
+        self._max_events = max_events_per_job
+        self._retention_ms = max(1, int(retention * 1000))
+        self._prefix = key_prefix
+        name = f"metis-stream:{secrets.token_hex(4)}"
+        self.client_name = name
+        """CLIENT SETNAME of this instance's connections (its pub/sub one gets ``:pubsub``)."""
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+            "socket_keepalive": True, "protocol": 2,
+            # No automatic retry: a retried EVALSHA whose reply was lost would append twice.
+            # The caller gets BackendUnavailable and retries with idempotency ids instead.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        pool = BlockingConnectionPool.from_url(url, max_connections=max_connections,
+                                               timeout=socket_timeout, client_name=name,
+                                               **options)
+        self._client = Redis(connection_pool=pool)
+        self._append_script = self._client.register_script(_APPEND_LUA)
+        self._create_script = self._client.register_script(_CREATE_LUA)
+        self._lease_script = self._client.register_script(_LEASE_LUA)
+        # Used only to make the one pub/sub connection with the same settings.
+        pubsub_factory = ConnectionPool.from_url(url, client_name=f"{name}:pubsub", **options)
+        self._listener = _Listener(pubsub_factory, f"{key_prefix}ch:",
+                                   interval=health_check_interval, timeout=socket_timeout,
+                                   store_was_wiped=self._store_was_wiped, on_event=self._saw)
+        self.hub = self._listener.hub
+        self._seen: dict[str, _Seen] = {}
+
+    async def start(self) -> None:
+        with _unavailable_on_errors():
+            for script in (self._append_script, self._create_script, self._lease_script):
+                await self._client.script_load(script.script)
+            await self._store_was_wiped()
+        await self._listener.start()
+
+    async def close(self) -> None:
+        await self._listener.close()
+        await self._client.aclose()
+
+    # Keys
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}{kind}:{name}"
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        return [self._key("job", job_id), self._key("log", job_id), self._key("ids", job_id)]
+
+    def _state_index(self, state: JobState) -> str:
+        return self._key("jobs:state", state.value)
+
+    def _cluster_index(self, cluster: str) -> str:
+        return self._key("jobs:cluster", cluster)
+
+    # Job database
+
+    async def create_job(self, job: Job) -> None:
+        epoch = secrets.token_hex(8)
+        record = _job_to_hash(job) | {"epoch": epoch}
+        keys = [*self._job_keys(job.id), self._key("jobs", "order"),
+                self._cluster_index(job.cluster), *map(self._state_index, _STATES)]
+        args: list[str | int] = [job.id, _STATES.index(job.state) + 1,
+                *(item for pair in record.items() for item in pair)]
+        with _unavailable_on_errors():
+            await self._create_script(keys=keys, args=args)
+        self._remember(job.id, epoch.encode())
+
+    async def get_job(self, job_id: str) -> Job:
+        with _unavailable_on_errors():
+            raw = cast(dict[bytes, bytes], await self._client.hgetall(self._key("job", job_id)))
+        if not raw:
+            raise JobNotFound(job_id)
+        self._remember(job_id, raw[b"epoch"])
+        return _job_from_hash(raw)
+
+    async def list_jobs(self, *, states: Collection[JobState] | None = None,
+                        cluster: str | None = None, limit: int = 100) -> list[Job]:
+        if states is not None:
+            sources = [self._state_index(JobState(state)) for state in set(states)]
+        elif cluster is not None:
+            sources = [self._cluster_index(cluster)]
+        else:
+            sources = [self._state_index(state) for state in _STATES]
+        page = min(max(limit, 50), 1000)
+        jobs: list[Job] = []
+        below = "+inf"
+        with _unavailable_on_errors():
+            while len(jobs) < limit:
+                ids = await self._newest(sources, below, page)
+                for job in await self._load(sources, [job_id for job_id, _ in ids]):
+                    if (states is None or job.state in states) and cluster in (None, job.cluster):
+                        jobs.append(job)
+                if len(ids) < page:
+                    break
+                below = f"({ids[-1][1]!r}"
+        return jobs[:limit]
+
+    async def _newest(self, sources: list[str], below: str, page: int
+                      ) -> list[tuple[str, float]]:
+        """The ``page`` newest ids under score ``below`` across all ``sources``, newest first:
+        each source's ``page`` newest are enough to find the overall ``page`` newest."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.zrevrangebyscore(source, below, "-inf", start=0, num=page, withscores=True)
+            replies: list[list[tuple[bytes, float]]] = await pipe.execute()
+        merged = sorted((entry for reply in replies for entry in reply),
+                        key=lambda entry: entry[1], reverse=True)
+        return [(job_id.decode(), score) for job_id, score in merged[:page]]
+
+    async def _load(self, sources: list[str], job_ids: list[str]) -> list[Job]:
+        """The records of ``job_ids`` in order; ids whose record expired leave the indexes."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self._key("job", job_id))
+            records: list[dict[bytes, bytes]] = await pipe.execute()
+        gone = [job_id for job_id, raw in zip(job_ids, records, strict=True) if not raw]
+        if gone:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for source in sources:
+                    pipe.zrem(source, *gone)
+                await pipe.execute()
+        return [_job_from_hash(raw) for raw in records if raw]
+
+    # Event log
+
+    async def append(self, job_id: str, events: Sequence[NewEvent], *,
+                     from_job: bool = False) -> AppendResult:
+        now = time.time()
+        head = _wire_head(job_id)
+        tails = [_wire_tail(new, now) for new in events]
+        args: list[str | int] = [
+            job_id, self._listener.channel(job_id).decode(), _json(now), int(from_job),
+            self._max_events, self._max_events + 1, self._retention_ms, head, len(events),
+        ]
+        for new, tail in zip(events, tails, strict=True):
+            patch = _patch(job_id, new, now)
+            args += [new.type, new.id or "", tail, len(patch) // 2, *patch]
+        keys = [*self._job_keys(job_id), *map(self._state_index, _STATES)]
+        try:
+            with _unavailable_on_errors():
+                seqs, fresh = await self._append_script(keys=keys, args=args)
+        except ResponseError as exc:
+            make_error = _SCRIPT_ERRORS.get(str(exc).split(" ", 1)[0])
+            if make_error is None:
+                raise
+            raise make_error(job_id, self._max_events) from None
+        appended = [Event(job=job_id, seq=seqs[i - 1], type=events[i - 1].type,
+                          data=events[i - 1].data, time=now,
+                          wire=head + str(seqs[i - 1]) + tails[i - 1])
+                    for i in fresh]
+        for event in appended:
+            self._saw(event)
+        return AppendResult(events=appended, seqs=[int(seq) for seq in seqs])
+
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
+        start = f"(0-{after}" if after > 0 else "-"
+        with _unavailable_on_errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hmget(self._key("job", job_id), ["epoch", "last_seq"])
+                pipe.xrange(self._key("log", job_id), start, "+", count=limit)
+                (epoch, last_seq), entries = await pipe.execute()
+        self._check_log(job_id, epoch, last_seq, after)
+        events = [decode_event(fields[b"e"]) for _, fields in entries]
+        for event in events:
+            self._saw(event)
+        return events
+
+    def _check_log(self, job_id: str, epoch: bytes | None, last_seq: bytes | None,
+                   after: int) -> None:
+        """Refuse to answer "nothing new" for a log that Redis lost: a watcher would
+        wait forever, or silently skip the events that later take the lost seqs."""
+        seen = self._seen.get(job_id)
+        if epoch is None or last_seq is None:
+            if seen is not None:
+                raise LogLost(f"job {job_id} and its events are gone from Redis "
+                              "(flushed, expired, or replaced by an empty server)")
+            raise JobNotFound(job_id)
+        if seen is None:
+            self._remember(job_id, epoch)
+        elif seen.epoch != epoch:
+            raise LogLost(f"job {job_id} was created again in Redis: its old events are gone")
+        elif seen.seq >= after > int(last_seq):
+            raise LogLost(f"Redis has {int(last_seq)} events of job {job_id}, but event {after} "
+                          "was delivered before: Redis lost acknowledged events "
+                          "(restored from an older copy?)")
+
+    def _remember(self, job_id: str, epoch: bytes) -> None:
+        seen = self._seen.get(job_id)
+        if seen is None or seen.epoch != epoch:
+            if len(self._seen) >= _SEEN_CAP:
+                del self._seen[next(iter(self._seen))]  # the oldest; a dict keeps insertion order
+            self._seen[job_id] = _Seen(epoch)
+
+    def _saw(self, event: Event) -> None:
+        seen = self._seen.get(event.job)
+        if seen is not None and event.seq > seen.seq:
+            seen.seq = event.seq
+
+    async def _store_was_wiped(self) -> bool:
+        """True when the marker key that every process sets is gone (and set it again)."""
+        was_missing = await self._client.set(self._key("store", "marker"), "1", nx=True)
+        return bool(was_missing)
+
+    def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
+        return self.hub.subscribe(job_id)
+
+    async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
+        with _unavailable_on_errors():
+            held = await self._lease_script(keys=[self._key("lease", name)],
+                                            args=[owner, max(1, int(ttl * 1000))])
+        return bool(held)
