@@ -231,10 +231,12 @@ class EventPrinter:
             self._clear_bar()
             self._out.write(str(event["data"]))
             self._mid_line = True
-        elif event["type"] == "progress" and self._tty:
-            self._end_line()
-            self._out.write("\r" + _progress_bar(event["data"]))
-            self._bar = True
+        elif event["type"] == "progress":
+            # Only a terminal can redraw a bar in place, and only on a line of its own:
+            # progress lines must never cut streamed text (--json keeps every event).
+            if self._tty and not self._mid_line:
+                self._out.write("\r" + _progress_bar(event["data"]))
+                self._bar = True
         else:
             self._clear_bar()
             self._end_line()

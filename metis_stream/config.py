@@ -44,6 +44,8 @@ class ServerConfig:
     max_events_per_job: int = 10_000
     event_retention: float = 7 * 24 * 3600
     submit_timeout: float = 120.0
+    submissions_per_minute: float = 120.0
+    """Per API key (or per client address on a server without keys); beyond it, 429."""
 
     @property
     def events_base_url(self) -> str:

@@ -28,6 +28,7 @@ from metis_stream.backends.base import (
 from metis_stream.config import Config
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, new_job_id
+from metis_stream.limits import RateLimiter
 from metis_stream.monitor import Monitor
 from metis_stream.schedulers.base import Scheduler, SchedulerError, Submission
 from metis_stream.templates import (
@@ -49,6 +50,12 @@ class UnknownTemplate(InvalidParams):
         super().__init__({"template": f"no template named {name[:64]!r}"})
 
 
+class TooManySubmissions(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many submissions: retry in {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
 class JobService:
     def __init__(self, config: Config, backend: Backend,
                  schedulers: Mapping[str, Scheduler]) -> None:
@@ -56,6 +63,7 @@ class JobService:
         self.backend = backend
         self.schedulers = schedulers
         self._tasks: TaskGroup | None = None
+        self._submissions = RateLimiter(config.server.submissions_per_minute)
 
     async def run(self, task_group: TaskGroup) -> None:
         """Start the backend, the schedulers and their monitors in ``task_group``."""
@@ -89,8 +97,15 @@ class JobService:
             raise UnknownTemplate(str(name))
         return template
 
-    async def create(self, template_name: object, params: object, inputs: object) -> Job:
-        """Validate, record the job with its ``starting`` event, and submit in the background."""
+    async def create(self, template_name: object, params: object, inputs: object, *,
+                     client: str) -> Job:
+        """Validate, record the job with its ``starting`` event, and submit in the background.
+
+        ``client`` names who asks (an API key's hash, or an address) for the rate limit.
+        """
+        wait = self._submissions.acquire(client, time.monotonic())
+        if wait:
+            raise TooManySubmissions(wait)
         template = self.template(template_name)
         values = validate_params(template, params)
         urls = validate_inputs(template, inputs)

@@ -82,7 +82,8 @@ async def create_job(request: Request) -> Response:
     service = service_of(request)
     auth.require_client(request, service.config.server)
     body = await read_json_object(request, MAX_SUBMIT_BYTES)
-    job = await service.create(body.get("template"), body.get("params"), body.get("inputs"))
+    job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
+                               client=auth.client_identity(request, service.config.server))
     return JSONResponse(job_view(service, job, with_watch_token=True), status_code=201)
 
 

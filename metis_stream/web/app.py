@@ -17,7 +17,7 @@ from metis_stream.config import Config
 from metis_stream.events import InvalidEvent
 from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.schedulers.base import Scheduler
-from metis_stream.service import JobService
+from metis_stream.service import JobService, TooManySubmissions
 from metis_stream.templates import InvalidParams
 from metis_stream.web import api, sockets
 from metis_stream.web.errors import HTTPError, handle_error, handle_not_found
@@ -61,7 +61,7 @@ def create_app(config: Config, *, backend: Backend | None = None,
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer"),
     ]
     handlers = {exc: handle_error for exc in (HTTPError, BackendError, InvalidEvent,
-                                              InvalidParams)}
+                                              InvalidParams, TooManySubmissions)}
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={**handlers, HTTPException: handle_not_found})
     app.state.service = service

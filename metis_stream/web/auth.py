@@ -26,6 +26,14 @@ def is_client(conn: HTTPConnection, server: ServerConfig) -> bool:
     return key is not None and tokens.api_key_matches(server.api_keys, key)
 
 
+def client_identity(conn: HTTPConnection, server: ServerConfig) -> str:
+    """Who a client is, for rate limits: its key's hash, or its address on a keyless server."""
+    key = bearer(conn)
+    if server.api_keys and key is not None:
+        return tokens.hash_api_key(key)
+    return conn.client.host if conn.client else "unknown"
+
+
 def require_client(conn: HTTPConnection, server: ServerConfig) -> None:
     if not is_client(conn, server):
         raise HTTPError(401, "a valid API key is required (Authorization: Bearer <key>)")

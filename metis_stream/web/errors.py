@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from metis_stream.backends.base import (
     LogLost,
 )
 from metis_stream.events import EventTooLarge, InvalidEvent, MalformedEvent
+from metis_stream.service import TooManySubmissions
 from metis_stream.templates import InvalidParams
 
 WEBSOCKET_CLOSE_OFFSET = 4000
@@ -58,6 +60,8 @@ def as_http_error(exc: Exception) -> HTTPError | None:
             return HTTPError(422, str(exc), problems=exc.problems)
         case LogLost():
             return HTTPError(410, str(exc))
+        case TooManySubmissions():
+            return HTTPError(429, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))})
         case BackendUnavailable():
             return HTTPError(503, f"backend unavailable, retry: {exc}", {"Retry-After": "1"})
     return None

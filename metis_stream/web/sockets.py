@@ -50,8 +50,9 @@ async def submit_socket(websocket: WebSocket) -> None:
         with anyio.fail_after(FIRST_FRAME_TIMEOUT):
             message = await websocket.receive()
         request = _submit_request(message)
-        job = await service.create(request.get("template"), request.get("params"),
-                                   request.get("inputs"))
+        job = await service.create(
+            request.get("template"), request.get("params"), request.get("inputs"),
+            client=auth.client_identity(websocket, service.config.server))
     except TimeoutError:
         await _close_with_error(websocket, HTTPError(408, "no submit request received"))
         return

@@ -1,0 +1,344 @@
+"""End to end: a real server under uvicorn, real websockets, real batch scripts run by the
+local scheduler, posting with the real scripts/metis-emit and curl."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from metis_stream import tokens
+from metis_stream.config import load_config
+from tests.support.server import EXAMPLE_TEMPLATES, LOCAL_CLUSTER, ServerProcess
+
+REPO = Path(__file__).resolve().parent.parent
+EMIT = REPO / "scripts" / "metis-emit"
+
+SCRIPTS = {
+    "exit3": "echo working; exit 3\n",
+    "silent_ok": "exit 0\n",
+    "sleepy": '"$METIS_EMIT" step "Sleeping"\nsleep 60\n"$METIS_EMIT" completed\n',
+    "echo_param": '"$METIS_EMIT" result "{\\"has_env\\": \\"${WORD:+yes}\\"}"\n'
+                  '"$METIS_EMIT" log "$("$METIS_EMIT" param word)"\n"$METIS_EMIT" completed\n',
+}
+
+
+def custom_templates(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ""
+    for name, body in SCRIPTS.items():
+        script = folder / f"{name}.sh"
+        script.write_text("#!/bin/sh\n" + body)
+        config += f'\n[templates.{name}]\ncluster = "local"\nscript = "{script}"\n'
+        if name == "echo_param":
+            config += 'params.word = { type = "str", default = "plain" }\n'
+    return config
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    process = ServerProcess(
+        state_dir=tmp_path / "server",
+        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES + custom_templates(tmp_path / "scripts"))
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+async def submit_and_collect(server: ServerProcess, template: str, params: dict[str, Any],
+                             **connect: Any) -> tuple[list[dict[str, Any]], int | None]:
+    async with websockets.connect(f"{server.ws_url}/ws/jobs", **connect) as socket:
+        await socket.send(json.dumps({"template": template, "params": params}))
+        events = [json.loads(frame) async for frame in socket]
+        return events, socket.close_code
+
+
+def without_monitor_running(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The monitor may add `running` when it sees the process before the job's first event."""
+    return [e for e in events if not (e["type"] == "running" and e["data"] == {
+        "source": "scheduler"})]
+
+
+def job_token_for(server: ServerProcess, job_id: str) -> str:
+    return tokens.job_token(load_config(server.config_path).server.secret, job_id)
+
+
+async def test_tokens_job_streams_the_exact_sequence_and_closes_1000(server: ServerProcess):
+    text = "the quick brown fox"
+    events, code = await submit_and_collect(server, "tokens", {"text": text, "delay": 0.01})
+    assert code == 1000
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert len({e["job"] for e in events}) == 1
+    job_events = without_monitor_running(events)
+    assert [e["type"] for e in job_events[:2]] == ["starting", "submitted"]
+    words = text.split()
+    expected = [("step", "Loading model"), ("step", "Generating")]
+    for index, word in enumerate(words):
+        expected.append(("token", word if index == 0 else " " + word))
+        expected.append(("progress", {"current": index + 1, "total": len(words)}))
+    observed = [(e["type"], {k: v for k, v in e["data"].items() if k != "label"}
+                 if e["type"] == "progress" else e["data"]) for e in job_events[2:-1]]
+    assert observed == expected
+    assert job_events[-1]["type"] == "completed"
+    assert job_events[-1]["data"] == {"text": text, "tokens": len(words)}
+    record = httpx.get(f"{server.url}/api/jobs/{events[0]['job']}").json()
+    assert record["state"] == "completed"
+    assert record["result"] == {"text": text, "tokens": len(words)}
+    assert record["scheduler_id"] == events[1]["data"]
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    payload = bytes(range(256)) * 4000 + b"tail"
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "data.bin").write_bytes(payload)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/data.bin", payload
+    finally:
+        httpd.shutdown()
+
+
+async def test_download_reports_size_and_sha256(server: ServerProcess, file_server):
+    url, payload = file_server
+    events, code = await submit_and_collect(server, "download", {"url": url})
+    assert code == 1000
+    final = events[-1]
+    assert final["type"] == "completed", events
+    result = final["data"]
+    assert result["bytes"] == len(payload)
+    assert result["sha256"] == hashlib.sha256(payload).hexdigest()
+    steps = [e["data"] for e in events if e["type"] == "step"]
+    assert steps[0] == "Downloading input"
+
+
+async def test_download_of_a_failing_url_ends_in_fatal(server: ServerProcess, file_server):
+    url, _ = file_server
+    events, code = await submit_and_collect(server, "download", {"url": url + ".missing"})
+    assert code == 1000
+    assert events[-1]["type"] == "fatal"
+    record = httpx.get(f"{server.url}/api/jobs/{events[0]['job']}").json()
+    assert record["state"] == "failed"
+    assert record["error"]
+
+
+async def test_a_job_that_exits_without_reporting_gets_fatal_with_its_exit_status(
+        server: ServerProcess):
+    events, code = await submit_and_collect(server, "exit3", {})
+    assert code == 1000
+    assert events[-1]["type"] == "fatal"
+    assert events[-1]["data"]["exit_status"] == 3
+    record = httpx.get(f"{server.url}/api/jobs/{events[0]['job']}").json()
+    assert (record["state"], record["exit_status"]) == ("failed", 3)
+
+
+async def test_exit_0_without_completed_is_still_fatal(server: ServerProcess):
+    events, _ = await submit_and_collect(server, "silent_ok", {})
+    assert events[-1]["type"] == "fatal"
+    assert events[-1]["data"]["exit_status"] == 0
+    assert "without reporting" in events[-1]["data"]["error"]
+
+
+async def test_parameters_reach_the_job_and_shell_metacharacters_stay_data(
+        server: ServerProcess, tmp_path: Path):
+    marker = tmp_path / "pwned"
+    word = f"$(touch {marker}); `touch {marker}` | & ; 'q' \"d\" a,b"
+    events, _ = await submit_and_collect(server, "echo_param", {"word": word})
+    assert events[-1]["type"] == "completed", events
+    logs = [e["data"] for e in events if e["type"] == "log"]
+    assert logs == [word]
+    assert not marker.exists()
+
+
+async def test_watch_with_after_replays_only_later_events_of_an_ended_job(
+        server: ServerProcess):
+    events, _ = await submit_and_collect(server, "tokens", {"text": "one two", "delay": 0})
+    job_id = events[0]["job"]
+    async with websockets.connect(f"{server.ws_url}/ws/jobs/{job_id}?after=3") as socket:
+        replay = [json.loads(frame) async for frame in socket]
+        assert socket.close_code == 1000
+    assert replay == events[3:]
+    history = httpx.get(f"{server.url}/api/jobs/{job_id}/events", params={"after": 0}).json()
+    assert history["events"] == events
+
+
+async def test_two_watchers_see_the_same_live_events(server: ServerProcess):
+    job = httpx.post(f"{server.url}/api/jobs",
+                     json={"template": "tokens", "params": {"text": "a b c d e f",
+                                                            "delay": 0.05}}).json()
+
+    async def watch() -> list[dict[str, Any]]:
+        async with websockets.connect(f"{server.ws_url}/ws/jobs/{job['id']}") as socket:
+            return [json.loads(frame) async for frame in socket]
+
+    first, second = await asyncio.gather(watch(), watch())
+    assert first == second
+    assert first[-1]["type"] == "completed"
+    assert [e["seq"] for e in first] == list(range(1, len(first) + 1))
+
+
+def test_a_curl_retry_of_the_same_event_is_not_doubled(server: ServerProcess):
+    job = httpx.post(f"{server.url}/api/jobs", json={"template": "sleepy"}).json()
+    token = job_token_for(server, job["id"])
+    url = f"{server.url}/api/jobs/{job['id']}/events"
+    wait_for_state(server, job["id"], "running")
+    body = json.dumps({"type": "log", "data": "once", "id": "retry-key-1"})
+    answers = [json.loads(subprocess.run(
+        ["curl", "-fsS", "--retry", "3", "-H", f"Authorization: Bearer {token}",
+         "-H", "Content-Type: application/json", "-d", body, url],
+        capture_output=True, check=True, text=True).stdout) for _ in range(3)]
+    assert answers[0]["duplicates"] == 0
+    assert [a["seqs"] for a in answers] == [answers[0]["seqs"]] * 3
+    assert [a["duplicates"] for a in answers[1:]] == [1, 1]
+    logs = [e for e in httpx.get(url).json()["events"] if e["type"] == "log"]
+    assert [e["data"] for e in logs] == ["once"]
+    httpx.delete(f"{server.url}/api/jobs/{job['id']}")
+
+
+def wait_for_state(server: ServerProcess, job_id: str, state: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{server.url}/api/jobs/{job_id}").json()["state"] == state:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {state}")
+
+
+async def test_cancel_kills_the_job_and_sends_cancelled(server: ServerProcess):
+    async with websockets.connect(f"{server.ws_url}/ws/jobs") as socket:
+        await socket.send(json.dumps({"template": "sleepy"}))
+        seen = []
+        async for frame in socket:
+            seen.append(json.loads(frame))
+            if seen[-1]["type"] == "step":
+                job_id = seen[-1]["job"]
+                answer = httpx.delete(f"{server.url}/api/jobs/{job_id}")
+                assert answer.status_code == 200
+                assert answer.json()["state"] == "cancelled"
+        assert socket.close_code == 1000
+    assert seen[-1]["type"] == "cancelled"
+    again = httpx.delete(f"{server.url}/api/jobs/{job_id}")
+    assert again.status_code == 409
+    job_dir = server.state_dir / "jobs" / "local" / job_id
+    assert not (job_dir / "token").exists()
+    pid = int(seen[1]["data"].split(".")[0])
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_the_job_spec_routes_answer_with_the_job_token(server: ServerProcess):
+    job = httpx.post(f"{server.url}/api/jobs", json={
+        "template": "sleepy", "inputs": ["https://example.org/a?x=1&y=2"]}).json()
+    wait_for_state(server, job["id"], "running")
+    headers = {"Authorization": f"Bearer {job_token_for(server, job['id'])}"}
+    base = f"{server.url}/api/jobs/{job['id']}/spec"
+    assert httpx.get(base, headers=headers).json()["inputs"] == [
+        "https://example.org/a?x=1&y=2"]
+    assert httpx.get(base + "/inputs", headers=headers).text == "https://example.org/a?x=1&y=2\n"
+    assert httpx.get(base).status_code == 401
+    assert httpx.get(base + "/params/nope", headers=headers).status_code == 404
+    httpx.delete(f"{server.url}/api/jobs/{job['id']}")
+    assert httpx.get(base, headers=headers).status_code == 409
+
+
+def test_templates_and_job_listing(server: ServerProcess):
+    names = [t["name"] for t in httpx.get(f"{server.url}/api/templates").json()["templates"]]
+    assert {"tokens", "download"} <= set(names)
+    job = httpx.post(f"{server.url}/api/jobs", json={"template": "sleepy"}).json()
+    wait_for_state(server, job["id"], "running")
+    running = httpx.get(f"{server.url}/api/jobs", params={"state": "running"}).json()["jobs"]
+    assert [j["id"] for j in running] == [job["id"]]
+    assert httpx.get(f"{server.url}/api/jobs", params={"state": "completed"}).json() == {
+        "jobs": []}
+    httpx.delete(f"{server.url}/api/jobs/{job['id']}")
+
+
+def test_the_cli_submits_follows_and_exits_0_after_completed(server: ServerProcess):
+    done = subprocess.run(
+        [sys.executable, "-m", "metis_stream.cli", "submit", "tokens", "-p", "text=hi there",
+         "-p", "delay=0", "--follow", "--url", server.url],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "hi there\n" in done.stdout
+    assert "completed" in done.stdout
+
+
+def test_the_cli_tail_exits_1_after_fatal_and_jobs_lists_it(server: ServerProcess):
+    job = httpx.post(f"{server.url}/api/jobs", json={"template": "exit3"}).json()
+    tail = subprocess.run(
+        [sys.executable, "-m", "metis_stream.cli", "tail", job["id"], "--url", server.url,
+         "--json"], capture_output=True, text=True, timeout=60)
+    assert tail.returncode == 1
+    lines = [json.loads(line) for line in tail.stdout.splitlines()]
+    assert lines[-1]["type"] == "fatal"
+    listing = subprocess.run(
+        [sys.executable, "-m", "metis_stream.cli", "jobs", "--url", server.url],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert f"{job['id']}  failed" in listing.stdout
+
+
+def test_the_cli_says_what_is_wrong_without_a_traceback(server: ServerProcess):
+    unknown = subprocess.run(
+        [sys.executable, "-m", "metis_stream.cli", "tail", "j_01M87P14J6V8D2MYD25J6MJ0B2",
+         "--url", server.url], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1
+    assert "unknown job" in unknown.stderr and "Traceback" not in unknown.stderr
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "metis_stream.cli", "jobs", "--url", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1
+    assert "cannot reach" in unreachable.stderr and "Traceback" not in unreachable.stderr
+
+
+def test_metis_emit_pipe_streams_lines_live(server: ServerProcess):
+    job = httpx.post(f"{server.url}/api/jobs", json={"template": "sleepy"}).json()
+    wait_for_state(server, job["id"], "running")
+    token_file = server.state_dir / "token-copy"
+    token_file.write_text(job_token_for(server, job["id"]))
+    env = {"METIS_EVENTS_URL": f"{server.url}/api/jobs/{job['id']}/events",
+           "METIS_TOKEN_FILE": str(token_file), "PATH": "/usr/bin:/bin"}
+    pipe = subprocess.Popen([str(EMIT), "pipe", "chunk"], stdin=subprocess.PIPE, env=env)
+    assert pipe.stdin is not None
+    pipe.stdin.write(b"first line\n")
+    pipe.stdin.flush()
+    deadline = time.monotonic() + 10
+    seen: list[Any] = []
+    while time.monotonic() < deadline and "first line" not in seen:
+        seen = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
+                if e["type"] == "chunk"]
+        time.sleep(0.05)
+    assert seen == ["first line"], "the first line must arrive before the pipe closes"
+    pipe.stdin.write(b"second line\n")
+    pipe.stdin.close()
+    assert pipe.wait(20) == 0
+    chunks = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
+              if e["type"] == "chunk"]
+    assert chunks == ["first line", "second line"]
+    httpx.delete(f"{server.url}/api/jobs/{job['id']}")
