@@ -86,7 +86,7 @@ async def test_tokens_job_streams_the_exact_sequence_and_closes_1000(server: Ser
     job_events = without_monitor_running(events)
     assert [e["type"] for e in job_events[:2]] == ["starting", "submitted"]
     words = text.split()
-    expected = [("step", "Loading model"), ("step", "Generating")]
+    expected: list[tuple[str, Any]] = [("step", "Loading model"), ("step", "Generating")]
     for index, word in enumerate(words):
         expected.append(("token", word if index == 0 else " " + word))
         expected.append(("progress", {"current": index + 1, "total": len(words)}))
