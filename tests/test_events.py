@@ -1,0 +1,425 @@
+"""Unit tests of metis_stream.events: validation, size limits, NDJSON, line splitting, wire."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metis_stream.events import (
+    MAX_EVENT_BYTES,
+    SERVER_ONLY_TYPES,
+    TERMINAL_TYPES,
+    Event,
+    EventTooLarge,
+    InvalidEvent,
+    LineSplitter,
+    MalformedEvent,
+    NewEvent,
+    decode_event,
+    encode_event,
+    parse_event_json,
+    parse_ndjson,
+    parse_new_event,
+    validate_type,
+)
+
+REFERENCE_TYPE = re.compile(r"[a-z][a-z0-9_.\-]{0,63}")
+REFERENCE_KEY = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+BUILT_IN_JOB_TYPES = ["queued", "running", "step", "progress", "token", "chunk", "log",
+                      "result", "completed", "fatal"]
+
+text_no_surrogates = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False) | text_no_surrogates,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(text_no_surrogates, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def body(**fields: Any) -> bytes:
+    return orjson.dumps(fields)
+
+
+# validate_type and the type pattern
+
+
+@pytest.mark.parametrize("name", ["a", "token", "step", "x9", "a.b-c_d", "a" * 64,
+                                  "my.custom-type_2"])
+def test_valid_types_are_accepted(name):
+    assert validate_type(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "A", "Token", "1abc", "_a", ".a", "-a", "a b", "a/b",
+                                  "a" * 65, "token\n", "\ntoken", "tok\u00e9n", "a:b"])
+def test_invalid_types_are_refused(name):
+    with pytest.raises(InvalidEvent, match="'type' must be a string"):
+        validate_type(name)
+
+
+@pytest.mark.parametrize("value", [None, 1, 1.5, True, ["token"], {"type": "token"}, b"token"])
+def test_non_string_types_are_refused(value):
+    with pytest.raises(InvalidEvent):
+        validate_type(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("abcXYZ019_.-: \n\t/\u00e9"), max_size=70))
+def test_type_validation_agrees_with_the_documented_pattern(name):
+    expected = REFERENCE_TYPE.fullmatch(name) is not None
+    try:
+        validate_type(name)
+    except InvalidEvent:
+        accepted = False
+    else:
+        accepted = True
+    assert accepted == expected
+
+
+# parse_new_event
+
+
+def test_parse_new_event_minimal_and_full():
+    assert parse_new_event({"type": "step"}) == NewEvent("step", None, None)
+    assert parse_new_event({"type": "token", "data": " hi", "id": "k-1"}) == NewEvent(
+        "token", " hi", "k-1")
+
+
+@pytest.mark.parametrize("data", [None, 0, "", [], {}, {"nested": [1, {"a": None}]}, 3.25])
+def test_data_is_kept_exactly(data):
+    assert parse_new_event({"type": "result", "data": data}).data == data
+
+
+@pytest.mark.parametrize("server_type", sorted(SERVER_ONLY_TYPES))
+def test_server_only_types_are_refused_from_jobs(server_type):
+    with pytest.raises(InvalidEvent, match="only the server"):
+        parse_new_event({"type": server_type})
+    # ... but the server itself may append them
+    assert parse_new_event({"type": server_type}, from_job=False).type == server_type
+
+
+def test_server_only_types_are_exactly_the_documented_ones():
+    assert {"starting", "submitted", "cancelled"} == SERVER_ONLY_TYPES
+    assert {"completed", "fatal", "cancelled"} == TERMINAL_TYPES
+
+
+@pytest.mark.parametrize("job_type", [*BUILT_IN_JOB_TYPES, "my-custom.event"])
+def test_jobs_may_post_their_own_types(job_type):
+    assert parse_new_event({"type": job_type}).type == job_type
+
+
+@pytest.mark.parametrize("raw", [None, [], "token", 7, [{"type": "token"}]])
+def test_an_event_must_be_an_object(raw):
+    with pytest.raises(InvalidEvent, match="JSON object"):
+        parse_new_event(raw)
+
+
+def test_type_is_required():
+    with pytest.raises(InvalidEvent, match="needs a 'type'"):
+        parse_new_event({"data": 1})
+
+
+def test_unknown_fields_are_refused_and_named():
+    with pytest.raises(InvalidEvent, match="unknown field") as caught:
+        parse_new_event({"type": "token", "seq": 3, "job": "j_x"})
+    assert "job" in str(caught.value)
+    assert "seq" in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["a", "A-z_0.9:x", "x" * 128,
+                                 "01HX3ZJ5K1:retry-2", "step.1"])
+def test_valid_idempotency_keys(key):
+    assert parse_new_event({"type": "step", "id": key}).id == key
+
+
+@pytest.mark.parametrize("key", ["", "x" * 129, "a b", "a/b", "a\n", "k\u00e9", 5, 1.0, True,
+                                 ["a"], {"a": 1}])
+def test_invalid_idempotency_keys(key):
+    with pytest.raises(InvalidEvent, match="'id'"):
+        parse_new_event({"type": "step", "id": key})
+
+
+def test_null_id_means_no_key():
+    assert parse_new_event({"type": "step", "id": None}).id is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from("aZ09_.:-/ \u00e9"), max_size=130))
+def test_idempotency_key_agrees_with_the_documented_pattern(key):
+    expected = REFERENCE_KEY.fullmatch(key) is not None
+    try:
+        parse_new_event({"type": "step", "id": key})
+    except InvalidEvent:
+        accepted = False
+    else:
+        accepted = True
+    assert accepted == expected
+
+
+def test_terminal_property_of_new_events():
+    assert NewEvent("completed").terminal
+    assert NewEvent("fatal").terminal
+    assert NewEvent("cancelled").terminal
+    assert not NewEvent("result").terminal
+    assert not NewEvent("running").terminal
+
+
+# parse_event_json: JSON and size limits
+
+
+def test_parse_event_json_accepts_a_valid_body():
+    event = parse_event_json(body(type="progress", data={"current": 1, "total": 3}, id="p1"))
+    assert event == NewEvent("progress", {"current": 1, "total": 3}, "p1")
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"{", b'{"type": "step",}', b"\xff\xfe",
+                                 b"{'type': 'step'}", b'{"type": "step"} trailing'])
+def test_non_json_is_malformed(raw):
+    with pytest.raises(MalformedEvent, match="not valid JSON"):
+        parse_event_json(raw)
+
+
+def test_valid_json_but_invalid_event_is_not_malformed():
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event_json(body(type="Bad"))
+    assert not isinstance(caught.value, MalformedEvent)
+    assert not isinstance(caught.value, EventTooLarge)
+
+
+def test_error_classes_are_invalid_events_and_value_errors():
+    assert issubclass(MalformedEvent, InvalidEvent)
+    assert issubclass(EventTooLarge, InvalidEvent)
+    assert issubclass(InvalidEvent, ValueError)
+
+
+def _body_of_size(size: int) -> bytes:
+    prefix = b'{"type":"log","data":"'
+    suffix = b'"}'
+    raw = prefix + b"x" * (size - len(prefix) - len(suffix)) + suffix
+    assert len(raw) == size
+    return raw
+
+
+def test_an_event_of_exactly_the_limit_is_accepted():
+    event = parse_event_json(_body_of_size(MAX_EVENT_BYTES))
+    assert event.type == "log"
+    assert len(event.data) == MAX_EVENT_BYTES - 24
+
+
+def test_an_event_over_the_limit_is_too_large():
+    with pytest.raises(EventTooLarge, match=str(MAX_EVENT_BYTES)):
+        parse_event_json(_body_of_size(MAX_EVENT_BYTES + 1))
+
+
+def test_the_size_limit_counts_bytes_not_characters():
+    # 3 bytes per character in UTF-8: 30 characters make a 90+ byte body.
+    raw = orjson.dumps({"type": "log", "data": "\u20ac" * 30})
+    assert len(raw) > 90
+    with pytest.raises(EventTooLarge):
+        parse_event_json(raw, max_bytes=80)
+    assert parse_event_json(raw, max_bytes=len(raw)).data == "\u20ac" * 30
+
+
+def test_size_is_checked_before_parsing():
+    # Too large and not JSON: the size is what the client hears about (413, not 400).
+    with pytest.raises(EventTooLarge):
+        parse_event_json(b"{" * 200, max_bytes=100)
+
+
+def test_parse_event_json_refuses_server_only_types():
+    with pytest.raises(InvalidEvent, match="only the server"):
+        parse_event_json(body(type="submitted", data="123.pbs"))
+
+
+# parse_ndjson
+
+
+def test_ndjson_parses_every_line_in_order():
+    raw = b"\n".join(body(type="token", data=w) for w in ["a", "b", "c"]) + b"\n"
+    assert [e.data for e in parse_ndjson(raw)] == ["a", "b", "c"]
+
+
+def test_ndjson_skips_blank_lines_and_accepts_crlf():
+    raw = b'\n{"type":"step"}\r\n   \n\t\n{"type":"log","data":1}\r\n'
+    assert parse_ndjson(raw) == [NewEvent("step"), NewEvent("log", 1)]
+
+
+def test_ndjson_empty_body_is_no_events():
+    assert parse_ndjson(b"") == []
+    assert parse_ndjson(b"\n\n  \n") == []
+
+
+def test_ndjson_without_a_final_newline():
+    assert parse_ndjson(b'{"type":"a"}\n{"type":"b"}') == [NewEvent("a"), NewEvent("b")]
+
+
+@pytest.mark.parametrize(("bad_line", "error"), [
+    (b"nope", MalformedEvent),
+    (b'{"type":"Bad"}', InvalidEvent),
+    (b'{"type":"starting"}', InvalidEvent),
+    (b'{"type":"ok","extra":1}', InvalidEvent),
+])
+def test_ndjson_is_all_or_nothing_and_names_the_line(bad_line, error):
+    # line 1 good, line 2 blank (still counted), line 3 good, line 4 bad, line 5 good
+    raw = b'{"type":"a"}\n\n{"type":"b"}\n' + bad_line + b'\n{"type":"c"}\n'
+    with pytest.raises(error) as caught:
+        parse_ndjson(raw)
+    assert type(caught.value) is error
+    assert str(caught.value).startswith("line 4: ")
+
+
+def test_ndjson_line_too_large_keeps_its_class_and_line_number():
+    raw = b'{"type":"a"}\n' + _body_of_size(200) + b"\n"
+    with pytest.raises(EventTooLarge) as caught:
+        parse_ndjson(raw, max_event_bytes=100)
+    assert str(caught.value).startswith("line 2: ")
+
+
+def test_ndjson_limit_is_per_line_not_per_body():
+    lines = [_body_of_size(90) for _ in range(5)]
+    assert len(parse_ndjson(b"\n".join(lines), max_event_bytes=100)) == 5
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["token", "step", "log", "x.y-z"]), json_values),
+                max_size=8))
+def test_ndjson_round_trip(items):
+    raw = b"".join(orjson.dumps({"type": t, "data": d}) + b"\n" for t, d in items)
+    assert parse_ndjson(raw) == [NewEvent(t, d) for t, d in items]
+
+
+# LineSplitter
+
+
+def _split_all(splitter: LineSplitter, chunks: list[bytes]) -> list[bytes]:
+    lines: list[bytes] = []
+    for chunk in chunks:
+        lines.extend(splitter.feed(chunk))
+    lines.extend(splitter.close())
+    return lines
+
+
+def _expected_lines(data: bytes) -> list[bytes]:
+    lines = data.split(b"\n")
+    last = lines.pop()
+    if last.strip():
+        lines.append(last)
+    return lines
+
+
+def test_line_splitter_basic():
+    splitter = LineSplitter()
+    assert list(splitter.feed(b'{"a":1}\n{"b"')) == [b'{"a":1}']
+    assert list(splitter.feed(b":2}\n")) == [b'{"b":2}']
+    assert list(splitter.close()) == []
+
+
+def test_line_splitter_yields_the_unterminated_tail_on_close():
+    splitter = LineSplitter()
+    assert list(splitter.feed(b"one\ntwo")) == [b"one"]
+    assert list(splitter.close()) == [b"two"]
+    # closing cleared the buffer
+    assert list(splitter.close()) == []
+
+
+def test_line_splitter_drops_a_blank_tail():
+    splitter = LineSplitter()
+    assert list(splitter.feed(b"one\n  \t")) == [b"one"]
+    assert list(splitter.close()) == []
+
+
+def test_line_splitter_bounds_an_unterminated_line():
+    splitter = LineSplitter(max_line_bytes=10)
+    assert list(splitter.feed(b"x" * 10)) == []  # exactly the bound: still fine
+    with pytest.raises(EventTooLarge):
+        list(splitter.feed(b"x"))
+
+
+def test_line_splitter_bound_applies_to_the_pending_line_only():
+    splitter = LineSplitter(max_line_bytes=10)
+    lines = list(splitter.feed(b"123456789\n123456789\n12345"))
+    assert lines == [b"123456789", b"123456789"]
+    assert list(splitter.close()) == [b"12345"]
+
+
+def test_line_splitter_many_small_lines_in_one_chunk_exceed_no_bound():
+    splitter = LineSplitter(max_line_bytes=8)
+    chunk = b"abcdefg\n" * 100
+    assert list(splitter.feed(chunk)) == [b"abcdefg"] * 100
+
+
+@st.composite
+def body_and_cuts(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    lines = draw(st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")),
+                          max_size=10))
+    data = b"\n".join(lines) + draw(st.sampled_from([b"", b"\n", b"\n\n", b"  "]))
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    return data, chunks
+
+
+@settings(max_examples=300, deadline=None)
+@given(body_and_cuts())
+def test_line_splitter_is_independent_of_chunk_boundaries(case):
+    data, chunks = case
+    assert b"".join(chunks) == data
+    assert _split_all(LineSplitter(), chunks) == _expected_lines(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["token", "chunk"]), text_no_surrogates), max_size=6),
+       st.integers(1, 7))
+def test_line_splitter_then_parse_gives_the_same_events_as_parse_ndjson(items, size):
+    raw = b"".join(orjson.dumps({"type": t, "data": d}) + b"\n" for t, d in items)
+    chunks = [raw[i:i + size] for i in range(0, len(raw), size)]
+    lines = _split_all(LineSplitter(), chunks)
+    streamed = [parse_event_json(line) for line in lines if line.strip()]
+    assert streamed == parse_ndjson(raw) == [NewEvent(t, d) for t, d in items]
+
+
+# Event, wire encoding, decode_event
+
+
+def test_event_wire_is_its_json():
+    event = Event(job="j_1", seq=7, type="token", data=" world", time=1764012345.123)
+    assert orjson.loads(event.wire) == {"job": "j_1", "seq": 7, "type": "token",
+                                        "data": " world", "time": 1764012345.123}
+    assert event.wire == encode_event(event)
+    assert event.as_dict() == orjson.loads(event.wire)
+
+
+def test_event_wire_is_not_part_of_equality():
+    a = Event(job="j", seq=1, type="log", data=None, time=1.0)
+    b = Event(job="j", seq=1, type="log", data=None, time=1.0, wire='{"other":1}')
+    assert a == b
+    assert b.wire == '{"other":1}'  # a given wire is kept, not re-encoded
+
+
+def test_event_terminal():
+    assert Event("j", 1, "fatal", None, 0.0).terminal
+    assert not Event("j", 1, "token", None, 0.0).terminal
+
+
+@settings(max_examples=150, deadline=None)
+@given(job=st.from_regex(r"j_[0-9A-Z]{26}", fullmatch=True),
+       seq=st.integers(1, 2**40), type_=st.from_regex(REFERENCE_TYPE, fullmatch=True),
+       data=json_values, time=st.floats(0, 4e9, allow_nan=False))
+def test_decode_event_round_trip(job, seq, type_, data, time):
+    event = Event(job=job, seq=seq, type=type_, data=data, time=time)
+    for text in (event.wire, event.wire.encode()):
+        decoded = decode_event(text)
+        assert decoded == event
+        assert decoded.wire == event.wire
+        assert isinstance(decoded.wire, str)
+
+
+def test_decode_event_needs_every_field():
+    with pytest.raises(KeyError):
+        decode_event(b'{"job":"j","seq":1,"type":"x","time":1.0}')
