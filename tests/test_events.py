@@ -34,7 +34,7 @@ REFERENCE_KEY = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 BUILT_IN_JOB_TYPES = ["queued", "running", "step", "progress", "token", "chunk", "log",
                       "result", "completed", "fatal"]
 
-text_no_surrogates = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+text_no_surrogates = st.text(st.characters(codec="utf-8"), max_size=20)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53)
     | st.floats(allow_nan=False, allow_infinity=False) | text_no_surrogates,
