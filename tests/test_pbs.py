@@ -64,7 +64,7 @@ def test_qsub_join_output_array_and_dependency() -> None:
         join_output=True, array="1-10:2%3", depend="afterok:15.pbs01:16[].pbs01",
         resources={"nodes": "1:ppn=4"},
     )).argv
-    assert ["-j", "oe"] == argv[argv.index("-j"):argv.index("-j") + 2]
+    assert argv[argv.index("-j"):argv.index("-j") + 2] == ["-j", "oe"]
     assert "-e" not in argv
     assert argv[argv.index("-J") + 1] == "1-10:2%3"
     assert argv[argv.index("-W") + 1] == "depend=afterok:15.pbs01:16[].pbs01"
@@ -205,7 +205,8 @@ def test_text_running_job_with_wrapped_values() -> None:
     assert attrs["Variable_List"].endswith("METIS_JOB_ID=j_01HX0000000000000000000000")
     assert re.fullmatch(r"login-1\.example\.org:/home/alice/metis-stream/jobs/j_01HX0+/stdout",
                         attrs["Output_Path"])
-    assert attrs["Submit_arguments"].endswith("00 -v METIS_JOB_ID=j_01HX0000000000000000000000 run.pbs")
+    assert attrs["Submit_arguments"].endswith("walltime=00:05:00 -v METIS_JOB_ID=j_01HX" + "0" * 22
+                                              + " run.pbs")
     assert attrs["comment"].startswith("Job run at")  # the attribute after a wrapped one
     assert pbs.status_from_attributes(attrs).state == "running"
 
