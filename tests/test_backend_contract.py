@@ -1,0 +1,303 @@
+"""The backend contract, run against every backend: memory (the reference) and Redis.
+
+The Redis runs need the ``redis_server`` fixture (tests.support.redis_server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metis_stream.backends.base import (
+    DEFAULT_SUBSCRIPTION_BUFFER,
+    Backend,
+    EventLimitReached,
+    JobEnded,
+    JobNotFound,
+    JobNotSubmitted,
+    follow,
+)
+from metis_stream.backends.memory import MemoryBackend
+from metis_stream.backends.redis import RedisBackend
+from metis_stream.events import Event, NewEvent, encode_event
+from metis_stream.jobs import Job, JobState, apply_event, new_job_id
+
+MakeBackend = Callable[..., Backend]
+SHARED_FIXTURE = settings(suppress_health_check=[HealthCheck.function_scoped_fixture],
+                          deadline=None)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def make_backend(request: pytest.FixtureRequest) -> MakeBackend:
+    if request.param == "memory":
+        return MemoryBackend
+    server = request.getfixturevalue("redis_server")
+    prefix = f"test-{secrets.token_hex(4)}:"
+
+    def make(**options: int) -> Backend:
+        return RedisBackend(server.url, key_prefix=prefix, socket_timeout=2.0,
+                            health_check_interval=0.5, **options)
+    return make
+
+
+@pytest.fixture
+async def backend(make_backend: MakeBackend) -> AsyncIterator[Backend]:
+    started = make_backend()
+    await started.start()
+    yield started
+    await started.close()
+
+
+async def new_job(backend: Backend, *, cluster: str = "local", submitted: bool = True) -> Job:
+    job = Job(id=new_job_id(), template="tokens", cluster=cluster,
+              params={"text": "héllo", "delay": 0.5}, inputs=["a.txt"], created=time.time())
+    await backend.create_job(job)
+    if submitted:
+        await backend.append(job.id, [NewEvent("starting"), NewEvent("submitted", "42.pbs")])
+    return job
+
+
+def events(*types: str) -> list[NewEvent]:
+    return [NewEvent(event_type, {"n": n}) for n, event_type in enumerate(types)]
+
+
+async def read_all(backend: Backend, job_id: str) -> list[Event]:
+    return await backend.read(job_id, 0, 100_000)
+
+
+# Job database
+
+
+async def test_create_get_and_list_newest_first(backend: Backend) -> None:
+    first = await new_job(backend, submitted=False)
+    second = await new_job(backend, cluster="metis")
+    third = await new_job(backend, submitted=False)
+
+    assert await backend.get_job(first.id) == first
+    fetched = await backend.get_job(second.id)
+    assert (fetched.state, fetched.scheduler_id, fetched.last_seq) == (JobState.QUEUED, "42.pbs", 2)
+    assert fetched.params == {"text": "héllo", "delay": 0.5} and fetched.inputs == ["a.txt"]
+
+    listed = [job.id for job in await backend.list_jobs()]
+    assert listed[:3] == [third.id, second.id, first.id]
+    assert [job.id for job in await backend.list_jobs(limit=2)] == [third.id, second.id]
+    created = await backend.list_jobs(states=[JobState.CREATED])
+    assert [job.id for job in created][:2] == [third.id, first.id]
+    assert second.id not in {job.id for job in created}
+    assert [job.id for job in await backend.list_jobs(states=[JobState.QUEUED, JobState.CREATED],
+                                                     limit=3)] == [third.id, second.id, first.id]
+    assert [job.id for job in await backend.list_jobs(cluster="metis")] == [second.id]
+    assert await backend.list_jobs(states=[JobState.RUNNING], cluster="metis") == []
+
+
+async def test_unknown_job(backend: Backend) -> None:
+    with pytest.raises(JobNotFound):
+        await backend.get_job(new_job_id())
+    with pytest.raises(JobNotFound):
+        await backend.append(new_job_id(), events("step"))
+    with pytest.raises(JobNotFound):
+        await backend.read(new_job_id())
+
+
+# Appending and reading
+
+
+async def test_seqs_start_at_one_without_gaps(backend: Backend) -> None:
+    job = await new_job(backend, submitted=False)
+    one = await backend.append(job.id, [NewEvent("starting")])
+    many = await backend.append(job.id, events("step", "progress", "token", "token"))
+    assert one.seqs == [1] and many.seqs == [2, 3, 4, 5]
+    assert [event.seq for event in many.events] == [2, 3, 4, 5] and many.duplicates == 0
+    logged = await read_all(backend, job.id)
+    assert [event.seq for event in logged] == [1, 2, 3, 4, 5]
+    assert logged == one.events + many.events
+    # The text that watchers get is the event's own encoding, the same from every path.
+    assert [event.wire for event in logged] == [event.wire for event in one.events + many.events]
+    assert all(event.wire == encode_event(event) for event in logged)
+    assert (await backend.get_job(job.id)).last_seq == 5
+
+
+async def test_read_after_n_in_pages(backend: Backend) -> None:
+    job = await new_job(backend)
+    await backend.append(job.id, events(*["token"] * 23))
+    assert [event.seq for event in await backend.read(job.id, 5, 10)] == list(range(6, 16))
+    assert [event.seq for event in await backend.read(job.id, 15, 10)] == list(range(16, 26))
+    assert await backend.read(job.id, 25) == []
+
+
+async def test_a_batch_is_all_or_nothing(backend: Backend) -> None:
+    job = await new_job(backend)
+    with pytest.raises(JobEnded):
+        await backend.append(job.id, events("step", "completed", "token"))
+    assert len(await read_all(backend, job.id)) == 2
+    assert (await backend.get_job(job.id)).state == JobState.QUEUED
+    # The idempotency ids of a refused batch are not remembered either.
+    with pytest.raises(JobEnded):
+        await backend.append(job.id, [NewEvent("step", id="s1"), NewEvent("fatal"),
+                                      NewEvent("step", id="s2")])
+    result = await backend.append(job.id, [NewEvent("step", id="s1")])
+    assert result.seqs == [3] and result.duplicates == 0
+
+
+async def test_idempotency_ids(backend: Backend) -> None:
+    job = await new_job(backend)
+    first = await backend.append(job.id, [NewEvent("step", "a", id="k1"),
+                                          NewEvent("step", "b", id="k2")])
+    again = await backend.append(job.id, [NewEvent("step", "b", id="k2"),
+                                          NewEvent("token", "c", id="k3"),
+                                          NewEvent("token", "c", id="k3")])
+    assert first.seqs == [3, 4]
+    assert again.seqs == [4, 5, 5] and again.duplicates == 2
+    assert [event.seq for event in again.events] == [5]
+    await backend.append(job.id, [NewEvent("completed", None, id="done")])
+    # After the end, a retried event (even the terminal one) still gets its original seq.
+    late = await backend.append(job.id, [NewEvent("step", "a", id="k1"),
+                                         NewEvent("completed", None, id="done")])
+    assert late.seqs == [3, 6] and late.events == []
+    assert [event.seq for event in await read_all(backend, job.id)] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_no_event_after_a_terminal_one(backend: Backend) -> None:
+    job = await new_job(backend)
+    await backend.append(job.id, events("step", "cancelled"))
+    for batch in (events("token"), events("completed"), [NewEvent("step", id="new")]):
+        with pytest.raises(JobEnded):
+            await backend.append(job.id, batch)
+    assert len(await read_all(backend, job.id)) == 4
+
+
+async def test_a_job_cannot_post_before_its_submission_is_recorded(backend: Backend) -> None:
+    job = await new_job(backend, submitted=False)
+    with pytest.raises(JobNotSubmitted):
+        await backend.append(job.id, events("step"), from_job=True)
+    await backend.append(job.id, [NewEvent("starting")])
+    with pytest.raises(JobNotSubmitted):
+        await backend.append(job.id, events("step"), from_job=True)
+    await backend.append(job.id, [NewEvent("submitted", "7.pbs")])
+    assert (await backend.append(job.id, events("step"), from_job=True)).seqs == [3]
+
+
+async def test_event_limit_still_takes_the_terminal_event(make_backend: MakeBackend) -> None:
+    backend = make_backend(max_events_per_job=5)
+    await backend.start()
+    try:
+        job = await new_job(backend)
+        await backend.append(job.id, events("step", "token", "token"))
+        with pytest.raises(EventLimitReached):
+            await backend.append(job.id, events("token"))
+        with pytest.raises(EventLimitReached):  # all or nothing: not even the terminal one
+            await backend.append(job.id, events("token", "completed"))
+        assert (await backend.append(job.id, events("fatal"))).seqs == [6]
+        assert (await backend.get_job(job.id)).state == JobState.FAILED
+        with pytest.raises(JobEnded):
+            await backend.append(job.id, events("completed"))
+    finally:
+        await backend.close()
+
+
+# The job state machine
+
+
+async def test_state_machine_effects(backend: Backend) -> None:
+    job = await new_job(backend, submitted=False)
+    assert (await backend.get_job(job.id)).state == JobState.CREATED
+    await backend.append(job.id, [NewEvent("starting")])
+    assert (await backend.get_job(job.id)).state == JobState.SUBMITTING
+    await backend.append(job.id, [NewEvent("submitted", "99.metis")])
+    queued = await backend.get_job(job.id)
+    assert (queued.state, queued.scheduler_id) == (JobState.QUEUED, "99.metis")
+    await backend.append(job.id, [NewEvent("step", "Downloading"), NewEvent("queued")])
+    assert (await backend.get_job(job.id)).state == JobState.RUNNING  # forward only
+    await backend.append(job.id, [NewEvent("result", {"size": 3})])
+    done = await backend.append(job.id, [NewEvent("completed", {"sha256": "ab"})])
+    final = await backend.get_job(job.id)
+    assert final.state == JobState.COMPLETED and final.result == {"sha256": "ab"}
+    assert final.ended == final.updated == done.events[0].time
+    assert final.error is None and final.exit_status is None
+
+    failed = await new_job(backend)
+    await backend.append(failed.id, [NewEvent("fatal", {"error": "walltime", "exit_status": 271})])
+    record = await backend.get_job(failed.id)
+    assert (record.state, record.error, record.exit_status) == (JobState.FAILED, "walltime", 271)
+    assert record.ended is not None
+
+
+EVENT_TYPES = st.sampled_from(["starting", "submitted", "queued", "running", "step", "result",
+                               "token", "my.custom-type", "completed", "fatal", "cancelled"])
+INT64 = st.integers(-(2**63), 2**63 - 1)  # what JSON (orjson) carries
+EVENT_DATA = st.one_of(st.none(), st.text(max_size=8), INT64, st.booleans(),
+                       st.fixed_dictionaries({"error": st.text(max_size=5),
+                                              "exit_status": st.one_of(INT64, st.booleans())}))
+
+
+@settings(SHARED_FIXTURE, max_examples=40)
+@given(batches=st.lists(st.lists(st.tuples(EVENT_TYPES, EVENT_DATA), min_size=1, max_size=4),
+                        max_size=5))
+async def test_job_record_follows_jobs_apply_event(backend: Backend,
+                                                   batches: list[list[tuple[str, object]]]
+                                                   ) -> None:
+    """Whatever the events, the stored record is what jobs.apply_event makes of them."""
+    job = await new_job(backend, submitted=False)
+    model = await backend.get_job(job.id)
+    for batch in batches:
+        new = [NewEvent(event_type, data) for event_type, data in batch]
+        ends_early = model.state.terminal or any(event.terminal for event in new[:-1])
+        try:
+            result = await backend.append(job.id, new)
+        except JobEnded:
+            assert ends_early
+            continue
+        assert not ends_early
+        for event in result.events:
+            apply_event(model, event)
+    assert await backend.get_job(job.id) == model
+
+
+# Following: the log, then live, without gap or duplicate
+
+
+async def collect(backend: Backend, job_id: str, after: int) -> list[Event]:
+    return [event async for event in follow(backend, job_id, after)]
+
+
+@settings(SHARED_FIXTURE, max_examples=25)
+@given(before=st.integers(0, 30), after_fraction=st.floats(0, 1),
+       batches=st.lists(st.integers(1, 40), max_size=6), pause=st.sampled_from([0, 0.001, 0.01]))
+async def test_follow_from_any_point_while_appending(backend: Backend, before: int,
+                                                     after_fraction: float, batches: list[int],
+                                                     pause: float) -> None:
+    job = await new_job(backend)
+    if before:
+        await backend.append(job.id, events(*["token"] * before))
+    last_before = 2 + before
+    after = round(after_fraction * last_before)
+    watcher = asyncio.create_task(collect(backend, job.id, after))
+    for size in batches:
+        await asyncio.sleep(pause)
+        await backend.append(job.id, events(*["chunk"] * size))
+    await backend.append(job.id, events("completed"))
+    received = await asyncio.wait_for(watcher, 10)
+    total = last_before + sum(batches) + 1
+    assert [event.seq for event in received] == list(range(after + 1, total + 1))
+    assert received == (await read_all(backend, job.id))[after:]
+
+
+async def test_a_slow_watcher_loses_nothing(backend: Backend) -> None:
+    """A watcher that does not read while more than its buffer is published is caught up
+    from the log."""
+    job = await new_job(backend)
+    stream = follow(backend, job.id, 0)
+    assert (await anext(stream)).seq == 1
+    count = DEFAULT_SUBSCRIPTION_BUFFER + 500
+    for _ in range(0, count, 100):
+        await backend.append(job.id, events(*["token"] * 100))
+    await backend.append(job.id, events("completed"))
+    await asyncio.sleep(0.2)  # let every live message reach the (overflowing) buffer
+    rest = [event.seq async for event in stream]
+    assert rest == list(range(2, count + 4))  # submitted, the tokens, completed
