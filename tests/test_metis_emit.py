@@ -501,6 +501,39 @@ def test_retries_reuse_the_idempotency_id(stub: Stub, env: dict[str, str], failu
     assert [e["data"] for e in stub.events] == [" world"]
 
 
+def fake_curl(tmp_path: Path, version: str) -> Path:
+    """A directory with a `curl` that claims VERSION and runs the real curl."""
+    real_curl = shutil.which("curl")
+    assert real_curl
+    bindir = tmp_path / f"curl-{version}"
+    bindir.mkdir()
+    wrapper = bindir / "curl"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = --version ]; then echo "curl {version} (x86_64-pc-linux-gnu)"; exit 0; fi\n'
+        f'for a in "$@"; do echo "$a"; done >> "{bindir}/argv.log"\n'
+        f'exec "{real_curl}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return bindir
+
+
+@pytest.mark.parametrize("version", ["7.29.0", "7.68.0"])
+def test_older_curl_still_retries_a_dropped_connection(stub: Stub, env: dict[str, str],
+                                                       tmp_path: Path, version: str) -> None:
+    bindir = fake_curl(tmp_path, version)
+    stub.fail = ["drop", "503"]
+    done = emit(env, "token", "x", extra={"PATH": f"{bindir}{os.pathsep}{env['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    posts = stub.posts()
+    assert len(posts) == 3
+    assert posts[0].body == posts[1].body == posts[2].body
+    assert [e["data"] for e in stub.events] == ["x"]
+    argv = (bindir / "argv.log").read_text().splitlines()
+    assert "--retry-all-errors" not in argv
+    assert ("--retry-connrefused" in argv) == (version == "7.68.0")
+
+
 def test_duplicate_delivery_is_not_appended_twice(stub: Stub, env: dict[str, str]) -> None:
     # The server appended the event but the answer was lost: the retry is a duplicate.
     assert emit(env, "--id", "k1", "step", "once").returncode == 0
@@ -618,6 +651,16 @@ def test_pipe_streams_lines_live_over_one_request(stub: Stub, env: dict[str, str
     assert len({e["id"] for e in stub.events}) == len(lines) + 2
 
 
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_pipe_in_every_shell(stub: Stub, env: dict[str, str], shell: list[str]) -> None:
+    lines = ["a", ' "b" ', "\tc\\", "é 🎉", ""]
+    done = emit(env, "pipe", "token", shell=shell,
+                stdin="".join(x + "\n" for x in lines).encode())
+    assert done.returncode == 0, done.stderr
+    assert [e["data"] for e in stub.events] == lines
+    assert len(stub.posts()) == 1
+
+
 def test_pipe_of_nothing_and_of_many_lines(stub: Stub, env: dict[str, str]) -> None:
     done = emit(env, "pipe", "chunk", stdin=b"")
     assert done.returncode == 0, done.stderr
@@ -645,7 +688,11 @@ def test_pipe_recovers_from_a_dropped_stream(stub: Stub, env: dict[str, str]) ->
     assert proc.returncode == 0, err
     # Every line exactly once, in order, although some were sent twice.
     assert [e["data"] for e in stub.events] == lines
-    assert len(stub.posts()) >= 2
+    posts = stub.posts()
+    # The broken stream, the resend of what it had carried, a new stream.
+    assert [p.chunked for p in posts] == [True, False, True], posts
+    resent = [json.loads(line)["data"] for line in posts[1].body.splitlines()]
+    assert resent[:2] == lines[:2]
 
 
 def test_pipe_stops_when_the_job_has_ended(stub: Stub, env: dict[str, str]) -> None:
@@ -720,6 +767,18 @@ def test_tokens_job_reads_params_from_the_spec(stub: Stub, env: dict[str, str],
     tokens = [e["data"] for e in stub.events if e["type"] == "token"]
     assert tokens == ["say", ' "hi"', " \\", " now"]
     assert stub.events[-1]["data"] == {"text": 'say "hi" \\ now', "tokens": 4}
+
+
+def test_jobs_run_a_helper_without_its_execute_bit(stub: Stub, env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    copy = tmp_path / "helper" / "metis-emit"
+    copy.parent.mkdir()
+    copy.write_bytes(SCRIPT.read_bytes())
+    copy.chmod(0o644)
+    done = run_job("tokens.pbs", {**env, "METIS_EMIT": str(copy)}, tmp_path,
+                   {"TEXT": "one two", "DELAY": "0"})
+    assert done.returncode == 0, done.stderr
+    assert stub.events[-1]["data"] == {"text": "one two", "tokens": 2}
 
 
 def test_download_job(stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
