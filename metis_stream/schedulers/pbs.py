@@ -168,8 +168,10 @@ def cancel_argv(scheduler_id: str) -> list[str]:
 
 
 def check_cancel(result: CommandResult) -> None:
-    """Nothing when the job is gone; an already ended or unknown job counts as gone."""
-    if result.exit_status != 0 and not GONE.search(result.stdout + result.stderr):
+    """Nothing when the job is gone; an already ended or unknown job counts as gone.
+    Slurm's qdel says nothing at all (exit 1) for those, so silence counts as gone."""
+    words = result.stdout + result.stderr
+    if result.exit_status != 0 and words.strip() and not GONE.search(words):
         raise SchedulerError(command_output(result))
 
 
