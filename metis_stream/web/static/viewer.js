@@ -429,7 +429,7 @@ class JobView {
     $("job-seq").textContent = "0";
     $("job-error").hidden = true;
     $("cancel-job").hidden = true;
-    for (const id of ["progress-panel", "steps-panel", "chunks-panel", "result-panel", "logs-panel"]) {
+    for (const id of ["output-panel", "progress-panel", "steps-panel", "chunks-panel", "result-panel", "logs-panel"]) {
       $(id).hidden = true;
     }
     for (const id of ["steps", "chunks", "result", "logs", "events"]) $(id).replaceChildren();
@@ -504,6 +504,12 @@ class JobView {
       + "or it was lost when the server restarted (the memory backend keeps no history).");
     $("cancel-job").hidden = true;
     clearInterval(this.tickTimer);
+    // Whatever state the page last saw is stale now: say so instead.
+    const badge = $("job-state");
+    badge.textContent = "unknown";
+    badge.dataset.state = "lost";
+    const open = this.steps[this.steps.length - 1];
+    if (open && !open.closed) open.duration.textContent = "unknown (job lost)";
   }
 
   markUnauthorized() {
@@ -634,6 +640,7 @@ class JobView {
   }
 
   appendToken(piece) {
+    $("output-panel").hidden = false;
     this.text.appendData(piece);
   }
 
