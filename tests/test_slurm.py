@@ -138,7 +138,8 @@ def test_scancel() -> None:
 
 
 def test_lookup_by_name() -> None:
-    assert slurm.squeue_by_name_argv("j_1") == ["squeue", "-h", "-t", "all", "-n", "j_1", "-o", "%i"]
+    argv = slurm.squeue_by_name_argv("j_1")
+    assert argv == ["squeue", "-h", "-t", "all", "-n", "j_1", "-o", "%i"]
     assert slurm.parse_ids(ok("15\n")) == ["15"]
     assert slurm.parse_ids(ok("")) == []
 

@@ -1,0 +1,327 @@
+"""BatchScheduler over a fake shell: staging, submission, interrupted submits, polling."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+
+from metis_stream.schedulers import pbs, slurm
+from metis_stream.schedulers.base import SchedulerError, Submission, SubmitOutcomeUnknown
+from metis_stream.schedulers.batch import BatchScheduler, Dialect, UnsafeValue
+from metis_stream.shells.base import CommandResult, ShellError
+from metis_stream.templates import Template
+
+HOME = "/home/alice"
+Responder = Callable[[list[str]], CommandResult]
+
+
+class FakeShell:
+    """Records every command and file; answers commands from a list of responders
+    (each takes the argv and returns a result, or raises ShellError)."""
+
+    def __init__(self, *responders: Responder) -> None:
+        self.responders = list(responders)
+        self.commands: list[list[str]] = []
+        self.files: dict[str, tuple[bytes, int]] = {}
+        self.writes: list[str] = []
+        self.removed: list[str] = []
+        self.closed = False
+
+    async def run(self, argv: Sequence[str], *, timeout: float | None = None) -> CommandResult:
+        self.commands.append(list(argv))
+        if not self.responders:
+            raise AssertionError(f"unexpected command {argv}")
+        return self.responders.pop(0)(list(argv))
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        self.files[path] = (data, mode)
+        self.writes.append(path)
+
+    async def remove_file(self, path: str) -> None:
+        self.removed.append(path)
+        self.files.pop(path, None)
+
+    async def realpath(self, path: str) -> str:
+        return f"{HOME}/{path}"
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def answer(stdout: str = "", stderr: str = "", exit_status: int = 0) -> Responder:
+    return lambda argv: CommandResult(exit_status, stdout, stderr)
+
+
+def broken(argv: list[str]) -> CommandResult:
+    raise ShellError("connection reset by peer")
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    script = tmp_path / "tokens.pbs"
+    script.write_text("#!/bin/sh\n$METIS_EMIT step hello\n")
+    emit = tmp_path / "metis-emit"
+    emit.write_text("#!/bin/sh\ncurl ...\n")
+    return script, emit
+
+
+def make(shell: FakeShell, emit: Path, dialect: Dialect = pbs.DIALECT) -> BatchScheduler:
+    return BatchScheduler("metis", dialect, shell, workdir="metis-stream", poll_interval=5,
+                          emit_script=emit)
+
+
+def submission(script: Path | None, job_id: str = "j_1", **env: str) -> Submission:
+    template = Template(name="tokens", cluster="metis", script=script, queue="short",
+                        resources={"select": "1:ncpus=1", "walltime": "00:05:00"})
+    return Submission(
+        job_id=job_id, name=f"{job_id}-x", template=template,
+        env={"METIS_JOB_ID": job_id, "METIS_EVENTS_URL": f"http://10.0.0.5:8000/api/jobs/{job_id}/events",
+             **env},
+        token="s3cret-token", spec={"params": {"text": "hi, there"}},
+    )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+async def test_submit_stages_files_and_passes_only_paths(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell(answer("42.pbs01\n"))
+    scheduler = make(shell, emit)
+    job = await scheduler.submit(submission(script, TEXT="hi, there", DELAY="0.5"))
+    assert job == "42.pbs01"
+
+    root = f"{HOME}/metis-stream"
+    script_path = f"metis-stream/scripts/{digest(script)}-tokens.pbs"
+    emit_path = f"metis-stream/bin/metis-emit-{digest(emit)}"
+    assert shell.files[script_path] == (script.read_bytes(), 0o700)
+    assert shell.files[emit_path][1] == 0o700
+    assert shell.files["metis-stream/jobs/j_1/token"] == (b"s3cret-token", 0o600)
+    spec_data, spec_mode = shell.files["metis-stream/jobs/j_1/spec.json"]
+    assert spec_mode == 0o600
+    assert orjson.loads(spec_data) == {"params": {"text": "hi, there"},
+                                       "env": {"TEXT": "hi, there"}}
+
+    [argv] = shell.commands
+    assert argv[:3] == ["qsub", "-N", "j_1-x"]
+    assert argv[-1] == f"{HOME}/{script_path}"
+    assert argv[argv.index("-o") + 1] == f"{root}/jobs/j_1/stdout"
+    env = argv[argv.index("-v") + 1]
+    assert env == (
+        "METIS_JOB_ID=j_1,METIS_EVENTS_URL=http://10.0.0.5:8000/api/jobs/j_1/events,"
+        f"DELAY=0.5,METIS_TOKEN_FILE={root}/jobs/j_1/token,"
+        f"METIS_SPEC_FILE={root}/jobs/j_1/spec.json,METIS_EMIT={HOME}/{emit_path}"
+    )
+    assert all("s3cret-token" not in arg for arg in argv)
+
+
+async def test_unchanged_files_are_uploaded_once(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell(answer("1\n"), answer("2\n"), answer("3\n"))
+    scheduler = make(shell, emit)
+    await scheduler.submit(submission(script, "j_1"))
+    await scheduler.submit(submission(script, "j_2"))
+    staged = [p for p in shell.writes if "/jobs/" not in p]
+    assert len(staged) == 2
+    script.write_text("#!/bin/sh\necho changed\n")
+    await scheduler.submit(submission(script, "j_3"))
+    staged = [p for p in shell.writes if "/jobs/" not in p]
+    assert len(staged) == 3
+    assert staged[-1].endswith(f"{digest(script)}-tokens.pbs")
+
+
+async def test_remote_script_is_used_as_is(files: tuple[Path, Path]) -> None:
+    _, emit = files
+    shell = FakeShell(answer("7\n"))
+    scheduler = make(shell, emit)
+    template = Template(name="t", cluster="metis", remote_script="/opt/jobs/run.pbs")
+    sub = Submission(job_id="j_9", name="j_9", template=template, env={}, token="t")
+    await scheduler.submit(sub)
+    assert shell.commands[0][-1] == "/opt/jobs/run.pbs"
+    assert not any("/scripts/" in p for p in shell.writes)
+
+
+async def test_qsub_failure_raises_the_schedulers_words(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell(answer("qsub: Unknown queue\n", exit_status=1))
+    with pytest.raises(SchedulerError, match="Unknown queue"):
+        await make(shell, emit).submit(submission(script))
+
+
+async def test_interrupted_submit_finds_the_job_by_name(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell(broken, answer("42.pbs01\n"))
+    job = await make(shell, emit).submit(submission(script))
+    assert job == "42.pbs01"
+    assert shell.commands[1] == ["qselect", "-N", "j_1-x"]
+    assert [c[0] for c in shell.commands].count("qsub") == 1  # never submitted twice
+
+
+async def test_interrupted_submit_on_the_wrappers_falls_back_to_squeue(
+    files: tuple[Path, Path],
+) -> None:
+    script, emit = files
+    shell = FakeShell(broken, answer("", "bash: qselect: command not found", 127), answer("15\n"))
+    scheduler = make(shell, emit)
+    assert await scheduler.submit(submission(script)) == "15"
+    assert shell.commands[2] == ["squeue", "-h", "-t", "all", "-n", "j_1-x", "-o", "%i"]
+    # qselect is not asked again
+    shell.responders = [answer("16\n")]
+    assert await scheduler.lookup("j_2-x") == ["16"]
+    assert shell.commands[-1][0] == "squeue"
+
+
+async def test_interrupted_submit_without_a_job_is_an_error(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell(broken, answer(""))
+    with pytest.raises(SchedulerError, match="no such job") as info:
+        await make(shell, emit).submit(submission(script))
+    assert not isinstance(info.value, SubmitOutcomeUnknown)
+
+
+async def test_interrupted_submit_and_lookup_means_unknown(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell(broken, broken)
+    with pytest.raises(SubmitOutcomeUnknown):
+        await make(shell, emit).submit(submission(script))
+
+
+async def test_staging_failure_is_a_scheduler_error(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell()
+
+    async def fail(path: str, data: bytes, *, mode: int = 0o600) -> None:
+        raise ShellError("sftp failed")
+
+    shell.write_file = fail  # type: ignore[method-assign]
+    with pytest.raises(SchedulerError, match="could not stage"):
+        await make(shell, emit).submit(submission(script))
+    assert shell.commands == []
+
+
+async def test_unsafe_workdir_and_job_id_are_refused(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    for workdir in ("/abs", "../up", "a b", "x;y"):
+        with pytest.raises(UnsafeValue):
+            BatchScheduler("m", pbs.DIALECT, FakeShell(), workdir=workdir, poll_interval=1,
+                           emit_script=emit)
+    with pytest.raises(UnsafeValue):
+        await make(FakeShell(), emit).submit(submission(script, job_id="../../x"))
+
+
+async def test_poll_falls_back_to_text_once_and_follows_up_with_scontrol(
+    files: tuple[Path, Path],
+) -> None:
+    _, emit = files
+    text = "Job Id:\t15\n\tjob_state = R\n\nJob Id:\t16\n\tjob_state = C\n"
+    show = "JobId=16 JobName=x JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"
+    shell = FakeShell(answer("", "Unknown option: F\n", 2), answer(text), answer(show))
+    scheduler = make(shell, emit)
+    statuses = await scheduler.poll(["15", "16", "17"])
+    assert statuses["15"].state == "running"
+    assert (statuses["16"].state, statuses["16"].exit_status) == ("ended", 143)
+    assert "walltime" in statuses["16"].detail
+    assert "17" not in statuses
+    assert shell.commands == [
+        ["qstat", "-f", "-F", "json", "-x", "15", "16", "17"],
+        ["qstat", "-f", "15", "16", "17"],
+        ["scontrol", "-o", "show", "job", "16"],
+    ]
+    shell.responders = [answer("Job Id:\t15\n\tjob_state = R\n")]
+    await scheduler.poll(["15"])
+    assert shell.commands[-1] == ["qstat", "-f", "15"]  # JSON is not tried again
+
+
+async def test_poll_pbs_pro_json_is_one_command(files: tuple[Path, Path]) -> None:
+    _, emit = files
+    json_out = ('{"Jobs": {"1.s": {"job_state": "F", "Exit_status": -29},'
+                ' "2.s": {"job_state": "Q"}}}')
+    shell = FakeShell(answer(json_out))
+    statuses = await make(shell, emit).poll(["1.s", "2.s", "2.s"])
+    assert len(shell.commands) == 1
+    assert statuses["1.s"].detail == "killed: walltime exceeded (Exit_status=-29)"
+    assert statuses["2.s"].state == "queued"
+
+
+async def test_poll_keeps_what_it_knows_when_a_follow_up_fails(files: tuple[Path, Path]) -> None:
+    _, emit = files
+    shell = FakeShell(answer("", "x", 2), answer("Job Id:\t16\n\tjob_state = C\n"), broken)
+    statuses = await make(shell, emit).poll(["16"])
+    assert (statuses["16"].state, statuses["16"].exit_status) == ("ended", None)
+
+
+async def test_poll_never_drops_jobs_because_a_command_failed(files: tuple[Path, Path]) -> None:
+    _, emit = files
+    shell = FakeShell(answer("", "qstat: cannot connect to server\n", 1))
+    with pytest.raises(SchedulerError, match="cannot connect"):
+        await make(shell, emit).poll(["1.s"])
+    with pytest.raises(SchedulerError):
+        await make(FakeShell(broken), emit).poll(["1.s"])
+
+
+async def test_poll_ignores_ids_that_are_not_job_ids(files: tuple[Path, Path]) -> None:
+    _, emit = files
+    shell = FakeShell()
+    assert await make(shell, emit).poll(["1;rm -rf ~", ""]) == {}
+    assert shell.commands == []
+
+
+async def test_slurm_poll_without_accounting_storage(files: tuple[Path, Path]) -> None:
+    _, emit = files
+    shell = FakeShell(
+        answer("101|RUNNING|None\n102|TIMEOUT|TimeLimit\n"),
+        answer("", "Slurm accounting storage is disabled\n", 1),
+        answer("JobId=102 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"),
+        answer("101|RUNNING|None\n102|TIMEOUT|TimeLimit\n"),
+        answer("JobId=102 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"),
+    )
+    scheduler = make(shell, emit, slurm.DIALECT)
+    first = await scheduler.poll(["101", "102"])
+    assert first["101"].state == "running"
+    assert first["102"].exit_status == 143
+    second = await scheduler.poll(["101", "102"])
+    assert second == first
+    assert [c[0] for c in shell.commands] == ["squeue", "sacct", "scontrol", "squeue", "scontrol"]
+
+
+async def test_slurm_submit(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell(answer("77;cluster\n"))
+    assert await make(shell, emit, slurm.DIALECT).submit(submission(script)) == "77"
+    argv = shell.commands[0]
+    assert argv[:3] == ["sbatch", "--parsable", "--job-name=j_1-x"]
+    assert "--ntasks=1" in argv
+    assert "--time=0-00:05:00" in argv
+
+
+async def test_cancel(files: tuple[Path, Path]) -> None:
+    _, emit = files
+    shell = FakeShell(answer(), answer("", "", 1),
+                      answer("", "qdel: Unauthorized Request 5.s\n", 159), broken)
+    scheduler = make(shell, emit)
+    await scheduler.cancel("5.s")
+    await scheduler.cancel("5.s")  # the wrappers: an ended job, silently
+    with pytest.raises(SchedulerError, match="Unauthorized"):
+        await scheduler.cancel("5.s")
+    with pytest.raises(SchedulerError, match="could not cancel"):
+        await scheduler.cancel("5.s")
+    with pytest.raises(UnsafeValue):
+        await scheduler.cancel("5.s; id")
+
+
+async def test_release_removes_the_secrets_and_close_closes_the_shell(
+    files: tuple[Path, Path],
+) -> None:
+    _, emit = files
+    shell = FakeShell()
+    scheduler = make(shell, emit)
+    await scheduler.start()
+    await scheduler.release("j_1")
+    assert shell.removed == ["metis-stream/jobs/j_1/token", "metis-stream/jobs/j_1/spec.json"]
+    await scheduler.close()
+    assert shell.closed
