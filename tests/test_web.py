@@ -206,7 +206,7 @@ def test_a_curl_retry_of_the_same_event_is_not_doubled(server: ServerProcess):
     job = httpx.post(f"{server.url}/api/jobs", json={"template": "sleepy"}).json()
     token = job_token_for(server, job["id"])
     url = f"{server.url}/api/jobs/{job['id']}/events"
-    wait_for_state(server, job["id"], "running")
+    wait_for_event(server, job["id"], "step")
     body = json.dumps({"type": "log", "data": "once", "id": "retry-key-1"})
     answers = [json.loads(subprocess.run(
         ["curl", "-fsS", "--retry", "3", "-H", f"Authorization: Bearer {token}",
@@ -227,6 +227,18 @@ def wait_for_state(server: ServerProcess, job_id: str, state: str, timeout: floa
             return
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} never reached {state}")
+
+
+def wait_for_event(server: ServerProcess, job_id: str, event_type: str,
+                   timeout: float = 10) -> None:
+    """Wait until the job has posted an event of ``event_type`` itself."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = httpx.get(f"{server.url}/api/jobs/{job_id}/events").json()["events"]
+        if any(e["type"] == event_type for e in events):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never posted {event_type}")
 
 
 async def test_cancel_kills_the_job_and_sends_cancelled(server: ServerProcess):
