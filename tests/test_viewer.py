@@ -1,0 +1,351 @@
+"""The viewer (metis_stream/web/static/) in a real headless Chromium against a real server.
+
+Each test drives the page the way a user does (the form, links, reloads) and
+checks what the user sees. Screenshots go to ``test-artifacts/`` (git-ignored).
+``docs/viewer.png`` is rewritten only when ``METIS_UPDATE_DOCS_SCREENSHOT=1``, so
+that an ordinary run leaves the committed picture alone.
+
+Chromium: ``METIS_CHROMIUM`` or ``chromium`` / ``chromium-browser`` on PATH. Missing,
+the tests skip locally and FAIL when ``CI=true`` (a CI that cannot run them must
+not look green).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import pytest
+
+from tests.support.server import ServerProcess, free_port
+
+pytestmark = pytest.mark.browser
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+DOCS_SCREENSHOT = REPO_ROOT / "docs" / "viewer.png"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+TWELVE_WORDS = "The quick brown fox jumps over the lazy dog near the river"
+WAIT_MS = 30_000
+
+try:
+    from playwright.sync_api import Browser, Page, sync_playwright
+    from playwright.sync_api import expect as _expect
+
+    PLAYWRIGHT_MISSING = ""
+except ImportError as exc:  # pragma: no cover - the test extra is not installed
+    PLAYWRIGHT_MISSING = f"the playwright package is not installed: {exc}"
+
+
+def _chromium_path() -> str | None:
+    explicit = os.environ.get("METIS_CHROMIUM")
+    if explicit:
+        return explicit if Path(explicit).exists() else None
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if PLAYWRIGHT_MISSING:
+        _unavailable(PLAYWRIGHT_MISSING)
+    executable = _chromium_path()
+    if executable is None:
+        _unavailable("no Chromium found (set METIS_CHROMIUM or put chromium on PATH)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+class Viewer:
+    """One page of the viewer, with what a test needs to watch it."""
+
+    def __init__(self, page: Page, server: ServerProcess) -> None:
+        self.page = page
+        self.server = server
+        self.socket_urls: list[str] = []
+        self.errors: list[str] = []
+        page.on("websocket", lambda ws: self.socket_urls.append(ws.url))
+        page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
+        page.on("console", self._console)
+
+    def _console(self, message: Any) -> None:
+        # A refused websocket handshake or a dropped server logs a network error in the
+        # console; that is expected in these tests. Script errors are not.
+        if message.type == "error" and "WebSocket" not in message.text \
+                and "Failed to load resource" not in message.text:
+            self.errors.append(f"console: {message.text}")
+
+    def open(self, fragment: str = "#/") -> None:
+        self.page.goto(f"{self.server.url}/{fragment}")
+
+    def output(self) -> str:
+        text: str = self.page.locator("#output").text_content() or ""
+        return text
+
+    def expect_state(self, state: str, timeout: float = WAIT_MS) -> None:
+        _expect(self.page.locator("#job-state")).to_have_text(state, timeout=timeout)
+
+    def job_id(self) -> str:
+        self.page.wait_for_url("**/#/jobs/*", timeout=WAIT_MS)
+        return self.page.url.rsplit("/", 1)[1]
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def viewer(browser: Browser, live_server: ServerProcess) -> Iterator[Viewer]:
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    view = Viewer(page, live_server)
+    try:
+        yield view
+        assert view.errors == [], view.errors  # the page never crashed
+    finally:
+        context.close()
+
+
+def submit_with_api(server: ServerProcess, template: str, **params: Any) -> dict[str, Any]:
+    response = httpx.post(f"{server.url}/api/jobs",
+                          json={"template": template, "params": params}, timeout=10)
+    assert response.status_code == 201, response.text
+    record: dict[str, Any] = response.json()
+    return record
+
+
+def wait_for_end(server: ServerProcess, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = httpx.get(f"{server.url}/api/jobs/{job_id}", timeout=5).json()
+        if job["state"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end in {timeout}s")
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def wait_for_words(view: Viewer, at_least: int) -> str:
+    view.page.wait_for_function(
+        "n => document.getElementById('output').textContent.split(' ')"
+        ".filter(Boolean).length >= n", arg=at_least, timeout=WAIT_MS)
+    return view.output()
+
+
+# The tests
+
+
+def test_submit_tokens_from_the_form_streams_growing_text(viewer: Viewer) -> None:
+    page = viewer.page
+    viewer.open()
+    page.get_by_label("tokens").check()
+    page.get_by_label("text").fill(TWELVE_WORDS)
+    page.get_by_label("delay").fill("0.15")
+    page.get_by_role("button", name="Submit").click()
+    viewer.job_id()
+
+    # Mid-stream: some words, not all, and the one text node that will keep growing.
+    partial = wait_for_words(viewer, 2)
+    assert 2 <= word_count(partial) < 12, partial
+    assert TWELVE_WORDS.startswith(partial)
+    page.evaluate("window.__firstTextNode = document.getElementById('output').firstChild")
+    _expect(page.locator("#connection")).to_have_attribute("data-conn", "live")
+
+    viewer.expect_state("completed")
+    assert viewer.output() == TWELVE_WORDS
+    # Appended in place: the same single Text node from the middle of the stream to the end.
+    assert page.evaluate("""() => {
+        const out = document.getElementById('output');
+        return out.childNodes.length === 1 && out.firstChild === window.__firstTextNode;
+    }""")
+    _expect(page.locator("#connection")).to_have_attribute("data-conn", "ended")
+    steps = page.locator("#steps li")
+    _expect(steps).to_have_count(2)
+    _expect(steps.nth(0)).to_contain_text("Loading model")
+    _expect(steps.nth(1)).to_contain_text("Generating")
+    for index in range(2):
+        duration = steps.nth(index).locator(".duration").text_content() or ""
+        assert duration.endswith(" s") and "so far" not in duration, duration
+    _expect(page.locator("#progress-text")).to_have_text("12 / 12 (100%)")
+    _expect(page.locator("#result")).to_contain_text('"tokens": 12')
+    _expect(page.locator("#announcer")).to_have_text("Job completed.")
+
+    viewer.screenshot("tokens-completed")
+    if os.environ.get("METIS_UPDATE_DOCS_SCREENSHOT") == "1":
+        page.screenshot(path=str(DOCS_SCREENSHOT), full_page=True)
+        assert DOCS_SCREENSHOT.stat().st_size < 200_000
+
+
+def test_dropped_socket_resumes_after_last_seq_exactly_once(viewer: Viewer) -> None:
+    job = submit_with_api(viewer.server, "tokens", text=TWELVE_WORDS, delay=0.2)
+    viewer.open(f"#/jobs/{job['id']}")
+    wait_for_words(viewer, 3)
+    seen = viewer.page.evaluate("window.__metisViewer.state().lastSeq")
+    assert seen > 0
+
+    viewer.page.evaluate("window.__metisViewer.dropConnection()")
+    viewer.expect_state("completed")
+
+    assert viewer.output() == TWELVE_WORDS  # nothing lost, nothing doubled
+    resumed = [url for url in viewer.socket_urls if "after=0" not in url]
+    assert len(viewer.socket_urls) >= 2 and resumed, viewer.socket_urls
+    after = int(resumed[0].split("after=")[1].split("&")[0])
+    assert after >= seen
+    # Every event exactly once in the page's own list.
+    last_seq = wait_for_end(viewer.server, job["id"])["last_seq"]
+    _expect(viewer.page.locator("#events li")).to_have_count(last_seq)
+    viewer.screenshot("tokens-after-dropped-socket")
+
+
+def test_finished_job_opened_by_url_replays_its_history(viewer: Viewer) -> None:
+    # Markup in the text must come out as text: job data never becomes HTML.
+    text = ("<b>bold</b> <img/src=x/onerror=window.__xss=1> <script>window.__xss=2</script> "
+            "and nine more words to make it twelve overall")
+    job = submit_with_api(viewer.server, "tokens", text=text, delay=0)
+    wait_for_end(viewer.server, job["id"])
+
+    viewer.open(f"#/jobs/{job['id']}")
+    viewer.expect_state("completed")
+    assert viewer.output() == text
+    assert viewer.page.evaluate(
+        "document.querySelector('#output *, #result img, #result script') === null"
+        " && window.__xss === undefined")
+    _expect(viewer.page.locator("#connection")).to_have_attribute("data-conn", "ended")
+    _expect(viewer.page.locator("#steps li")).to_have_count(2)
+    _expect(viewer.page.locator("#progress-text")).to_have_text("12 / 12 (100%)")
+
+    # The page survives a reload: the hash names the job.
+    viewer.page.reload()
+    viewer.expect_state("completed")
+    assert viewer.output() == text
+    viewer.screenshot("finished-job-replayed")
+
+
+def test_fatal_job_shows_its_error(viewer: Viewer) -> None:
+    page = viewer.page
+    closed_port = free_port()  # nothing listens there: the download fails at once
+    viewer.open()
+    page.get_by_label("download").check()
+    page.get_by_label("url").fill(f"http://127.0.0.1:{closed_port}/missing.bin")
+    page.get_by_role("button", name="Submit").click()
+    viewer.job_id()
+
+    viewer.expect_state("failed")
+    error = page.locator("#job-error")
+    _expect(error).to_be_visible()
+    _expect(error).to_contain_text("failed")
+    _expect(page.locator("#connection")).to_have_attribute("data-conn", "ended")
+    viewer.screenshot("download-fatal")
+
+
+def test_server_restart_with_memory_backend_marks_the_job_lost(viewer: Viewer) -> None:
+    """The memory backend forgets every job on restart: the page must say so, not crash.
+
+    (Resuming exactly once across a restart needs the Redis backend; that is a
+    separate test.)"""
+    job = submit_with_api(viewer.server, "tokens", text=TWELVE_WORDS, delay=0.3)
+    viewer.open(f"#/jobs/{job['id']}")
+    partial = wait_for_words(viewer, 2)
+
+    viewer.server.restart()
+
+    _expect(viewer.page.locator("#connection")).to_have_attribute("data-conn", "lost",
+                                                                  timeout=WAIT_MS)
+    _expect(viewer.page.locator("#notice")).to_contain_text("Unknown job")
+    _expect(viewer.page.locator("#job-state")).to_have_text("unknown")
+    # What arrived before the restart stays on the page.
+    assert viewer.output().startswith(partial)
+    viewer.screenshot("memory-restart-lost-job")
+
+
+def test_phone_width_has_no_horizontal_scroll(browser: Browser,
+                                              live_server: ServerProcess) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True,
+                                  has_touch=True, device_scale_factor=2)
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    view = Viewer(page, live_server)
+    try:
+        long_word = "averyveryverylongwordwithoutanyspacesthatwouldoverflowanarrowscreen" * 2
+        job = submit_with_api(live_server, "tokens", text=f"{TWELVE_WORDS} {long_word}",
+                              delay=0)
+        wait_for_end(live_server, job["id"])
+
+        view.open()
+        _expect(page.locator("#jobs-list li")).to_have_count(1)
+        _expect(page.locator("#submit-form")).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        view.screenshot("phone-home")
+
+        view.open(f"#/jobs/{job['id']}")
+        view.expect_state("completed")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        view.screenshot("phone-job")
+        assert view.errors == [], view.errors
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def keyed_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(state_dir=tmp_path / "keyed",
+                           server_settings={"api_keys": ["test-key-123"]})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_api_key_is_asked_for_then_used(browser: Browser, keyed_server: ServerProcess) -> None:
+    """With api_keys, a 401 asks for the key; with it, fetches send Bearer and the
+    websocket watches with the job's watch token."""
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    view = Viewer(page, keyed_server)
+    try:
+        view.open()
+        _expect(page.locator("#notice")).to_contain_text("needs an API key")
+        _expect(page.locator("#api-key")).to_be_focused()
+
+        page.locator("#api-key").fill("test-key-123")
+        page.get_by_role("button", name="Save").click()
+        page.get_by_label("tokens").check()
+        page.get_by_label("text").fill("one two three")
+        page.get_by_label("delay").fill("0")
+        page.get_by_role("button", name="Submit").click()
+        view.job_id()
+        view.expect_state("completed")
+        assert view.output() == "one two three"
+        assert all("token=" in url for url in view.socket_urls), view.socket_urls
+        assert view.errors == [], view.errors
+    finally:
+        context.close()
