@@ -1,0 +1,385 @@
+"""Unit tests of metis_stream.config: the TOML file, METIS_* overrides, defaults, the secret."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metis_stream.config import (
+    EXAMPLES_FILE,
+    JOBSCRIPTS_DIR,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    ServerConfig,
+    check_listen_address,
+    load_config,
+)
+from metis_stream.templates import Param
+
+EXAMPLE_SCRIPTS_MISSING = not all(
+    (JOBSCRIPTS_DIR / name).is_file() for name in ("tokens.pbs", "download.pbs"))
+
+FULL = """
+[server]
+host = "127.0.0.1"
+port = 8123
+public_url = "http://10.0.0.5:8123"
+secret = "file-secret"
+redis_url = "redis://127.0.0.1:6379/0"
+api_keys = ["k1", "sha256:0000000000000000000000000000000000000000000000000000000000000000"]
+allowed_origins = ["https://app.example.org"]
+state_dir = "{state}"
+max_event_bytes = 1000
+max_events_per_job = 50
+submit_timeout = 30
+
+[clusters.metis]
+scheduler = "pbs"
+host = "metis.example.edu"
+port = 2222
+user = "me"
+key_file = "~/.ssh/id_ed25519"
+known_hosts = "~/.ssh/known_hosts"
+workdir = "metis-stream"
+poll_interval = 10
+
+[clusters.laptop]
+scheduler = "local"
+
+[templates.tokens]
+cluster = "metis"
+script = "jobs/tokens.pbs"
+description = "Stream a model's output token by token"
+queue = "short"
+account = "proj1"
+resources = {{ select = "1:ncpus=1", walltime = "00:05:00", mem = 4 }}
+params.text = {{ type = "str", max_length = 200, default = "Hello from the cluster" }}
+params.delay = {{ type = "float", min = 0, max = 5, default = 0.05 }}
+
+[templates.remote]
+cluster = "laptop"
+remote_script = "/abs/path/run.pbs"
+accepts_inputs = false
+"""
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def env(state: Path) -> dict[str, str]:
+    """An environment that keeps the secret out of the real home directory."""
+    return {"METIS_STATE_DIR": str(state)}
+
+
+def write(tmp_path: Path, text: str, scripts: tuple[str, ...] = ("jobs/tokens.pbs",)) -> Path:
+    folder = tmp_path / "conf"
+    folder.mkdir(exist_ok=True)
+    for script in scripts:
+        (folder / script).parent.mkdir(parents=True, exist_ok=True)
+        (folder / script).write_text("#!/bin/sh\n")
+    path = folder / "metis.toml"
+    path.write_text(text)
+    return path
+
+
+def minimal(extra: str = "", template: str | None = "") -> str:
+    return ('[clusters.c]\nscheduler = "local"\n' + extra
+            + ("\n[templates.t]\ncluster = \"c\"\nremote_script = \"/x.sh\"\n" + template
+               if template is not None else ""))
+
+
+# no file: the embedded defaults
+
+
+@pytest.mark.xfail(EXAMPLE_SCRIPTS_MISSING, strict=True,
+                   reason="BUG: examples.toml names jobscripts/tokens.pbs and download.pbs, which "
+                          "are not in the package: load_config(None) raises ConfigError")
+def test_no_file_means_the_embedded_examples(env, state):
+    config = load_config(None, env)
+    assert config.server.host == "127.0.0.1"
+    assert config.server.redis_url == ""
+    assert config.server.api_keys == ()
+    assert set(config.clusters) == {"local"}
+    assert config.clusters["local"].scheduler == "local"
+    assert set(config.templates) == {"tokens", "download"}
+    tokens = config.templates["tokens"]
+    assert set(tokens.params) == {"text", "delay"}
+    assert tokens.params["delay"].type == "float"
+    assert tokens.script is not None
+    assert tokens.script.is_file()
+    download = config.templates["download"]
+    assert download.params["url"].type == "url"
+    assert download.params["url"].required
+    assert config.server.secret
+    check_listen_address(config)  # the defaults are loopback only
+
+
+def test_the_embedded_examples_file_parses():
+    # Independent of the scripts being present: the file itself names what the demo needs.
+    import tomllib
+
+    raw = tomllib.loads(EXAMPLES_FILE.read_text())
+    assert raw["clusters"]["local"]["scheduler"] == "local"
+    assert set(raw["templates"]) == {"tokens", "download"}
+    assert raw["templates"]["download"]["params"]["url"]["type"] == "url"
+
+
+# a full file
+
+
+def test_a_file_with_every_section(tmp_path, state):
+    path = write(tmp_path, FULL.format(state=state))
+    config = load_config(path, {})
+    server = config.server
+    assert server == ServerConfig(
+        host="127.0.0.1", port=8123, public_url="http://10.0.0.5:8123", secret="file-secret",
+        redis_url="redis://127.0.0.1:6379/0",
+        api_keys=("k1", "sha256:" + "0" * 64), allowed_origins=("https://app.example.org",),
+        state_dir=str(state), max_event_bytes=1000, max_events_per_job=50, submit_timeout=30.0)
+    assert isinstance(server.submit_timeout, float)
+    assert server.events_base_url == "http://10.0.0.5:8123"
+    assert config.clusters["metis"] == ClusterConfig(
+        name="metis", scheduler="pbs", host="metis.example.edu", port=2222, user="me",
+        key_file="~/.ssh/id_ed25519", known_hosts="~/.ssh/known_hosts", workdir="metis-stream",
+        poll_interval=10)
+    assert config.clusters["laptop"].scheduler == "local"
+    tokens = config.templates["tokens"]
+    assert tokens.cluster == "metis"
+    assert tokens.script == (tmp_path / "conf" / "jobs" / "tokens.pbs").resolve()
+    assert tokens.remote_script is None
+    assert (tokens.queue, tokens.account) == ("short", "proj1")
+    assert tokens.resources == {"select": "1:ncpus=1", "walltime": "00:05:00", "mem": "4"}
+    assert tokens.params["delay"] == Param("delay", type="float", min=0, max=5, default=0.05)
+    assert tokens.params["text"].max_length == 200
+    assert tokens.accepts_inputs
+    remote = config.templates["remote"]
+    assert remote.script is None
+    assert remote.remote_script == "/abs/path/run.pbs"
+    assert not remote.accepts_inputs
+    assert not state.exists()  # a configured secret is not written anywhere
+
+
+def test_events_base_url_defaults_from_host_and_port(tmp_path, env):
+    path = write(tmp_path, '[server]\nhost = "127.0.0.2"\nport = 9001\n' + minimal())
+    assert load_config(path, env).server.events_base_url == "http://127.0.0.2:9001"
+
+
+def test_public_url_trailing_slash_is_dropped(tmp_path, env):
+    path = write(tmp_path, '[server]\npublic_url = "http://h:1/"\n')
+    assert load_config(path, env).server.events_base_url == "http://h:1"
+
+
+def test_script_paths_are_relative_to_the_config_file(tmp_path, env, monkeypatch):
+    path = write(tmp_path, minimal(template=None) + '[templates.t]\ncluster = "c"\n'
+                 'script = "sub/run.sh"\n', scripts=("sub/run.sh",))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    script = load_config(path, env).templates["t"].script
+    assert script == (tmp_path / "conf" / "sub" / "run.sh").resolve()
+    assert script is not None
+    assert script.is_absolute()
+
+
+def test_a_missing_script_is_named(tmp_path, env):
+    path = write(tmp_path, minimal(template=None) + '[templates.t]\ncluster = "c"\n'
+                 'script = "nope.sh"\n', scripts=())
+    with pytest.raises(ConfigError, match=r"\[templates\.t\]: script .*nope\.sh does not exist"):
+        load_config(path, env)
+
+
+# METIS_* overrides
+
+
+def test_environment_wins_over_the_file(tmp_path, state):
+    path = write(tmp_path, FULL.format(state=state))
+    config = load_config(path, {
+        "METIS_HOST": "127.0.0.9", "METIS_PORT": "9999", "METIS_SECRET": "env-secret",
+        "METIS_API_KEYS": " a, b ,,c ,", "METIS_REDIS_URL": "redis://other:1/2",
+        "METIS_SUBMIT_TIMEOUT": "2.5", "METIS_ALLOWED_ORIGINS": "https://x.org",
+    })
+    server = config.server
+    assert server.host == "127.0.0.9"
+    assert server.port == 9999
+    assert isinstance(server.port, int)
+    assert server.secret == "env-secret"
+    assert server.api_keys == ("a", "b", "c")
+    assert server.redis_url == "redis://other:1/2"
+    assert server.submit_timeout == 2.5
+    assert server.allowed_origins == ("https://x.org",)
+    assert server.public_url == "http://10.0.0.5:8123"  # not overridden: the file's
+
+
+def test_unrelated_metis_variables_are_ignored(tmp_path, env):
+    path = write(tmp_path, minimal())
+    config = load_config(path, {**env, "METIS_URL": "http://x", "METIS_API_KEY": "k",
+                                "METIS_CONFIG": "/nope", "METIS_JOB_ID": "j_1"})
+    assert config.server.api_keys == ()
+
+
+@pytest.mark.parametrize(("name", "value"), [("METIS_PORT", "eighty"),
+                                             ("METIS_PORT", "80.5"),
+                                             ("METIS_MAX_EVENT_BYTES", "1k"),
+                                             ("METIS_SUBMIT_TIMEOUT", "soon")])
+def test_bad_environment_values_are_named(tmp_path, env, name, value):
+    path = write(tmp_path, minimal())
+    key = name.removeprefix("METIS_").lower()
+    with pytest.raises(ConfigError, match=rf"\[server\] {key}: cannot use"):
+        load_config(path, {**env, name: value})
+
+
+def test_empty_api_keys_from_the_environment_means_none(tmp_path, env):
+    path = write(tmp_path, '[server]\napi_keys = ["k"]\n')
+    assert load_config(path, {**env, "METIS_API_KEYS": " , "}).server.api_keys == ()
+
+
+# refusals, with where
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("[serverr]\nhost = 'x'\n", r"unknown section\(s\) \['serverr'\]"),
+    ("[server]\nhots = 'x'\n", r"\[server\]: unknown key\(s\) \['hots'\]"),
+    ('[clusters.c]\nscheduler = "local"\nhots = "x"\n',
+     r"\[clusters\.c\]: unknown key\(s\) \['hots'\]"),
+    (minimal(template='scirpt = "x"\n'), r"\[templates\.t\]: unknown key\(s\) \['scirpt'\]"),
+    (minimal(template='params.p = { type = "str", maxlen = 3 }\n'),
+     r"\[templates\.t\]: parameter 'p': unknown key"),
+    (minimal(template='params.PATH = { type = "str" }\n'), r"\[templates\.t\]: parameter"),
+    (minimal(template='params.path = { type = "str" }\n'), r"\[templates\.t\]: .*'PATH'"),
+    ('[server]\nport = "http"\n', r"\[server\] port: cannot use"),
+    ('[server]\nhost = 5\n', r"\[server\] host: cannot use"),
+])
+def test_unknown_or_bad_keys_are_refused_with_where(tmp_path, env, text, where):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=where):
+        load_config(path, env)
+
+
+def test_unreadable_or_invalid_toml_names_the_file(tmp_path, env):
+    with pytest.raises(ConfigError, match=r"nope\.toml"):
+        load_config(tmp_path / "nope.toml", env)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nhost=")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load_config(bad, env)
+
+
+@pytest.mark.parametrize(("cluster", "message"), [
+    ('scheduler = "sge"', "scheduler must be one of local, pbs, slurm"),
+    ('scheduler = "pbs"', "a pbs cluster needs host and user"),
+    ('scheduler = "slurm"\nhost = "h"', "a slurm cluster needs host and user"),
+    ('scheduler = "pbs"\nuser = "u"', "needs host and user"),
+])
+def test_cluster_validation(tmp_path, env, cluster, message):
+    path = write(tmp_path, f"[clusters.hpc]\n{cluster}\n")
+    with pytest.raises(ConfigError, match=rf"\[clusters\.hpc\].*{message}"):
+        load_config(path, env)
+
+
+def test_a_local_cluster_needs_no_host(tmp_path, env):
+    path = write(tmp_path, "[clusters.here]\nscheduler = 'local'\n")
+    cluster = load_config(path, env).clusters["here"]
+    assert (cluster.scheduler, cluster.host) == ("local", "")
+
+
+def test_scheduler_defaults_to_local(tmp_path, env):
+    path = write(tmp_path, "[clusters.here]\npoll_interval = 1\n")
+    assert load_config(path, env).clusters["here"].scheduler == "local"
+
+
+@pytest.mark.xfail(reason="BUG: _cluster_config checks no value types: poll_interval = \"fast\" "
+                          "(or port = \"22\") is accepted and only fails later in the monitor",
+                   strict=True)
+def test_cluster_values_are_type_checked(tmp_path, env):
+    path = write(tmp_path, '[clusters.here]\nscheduler = "local"\npoll_interval = "fast"\n')
+    with pytest.raises(ConfigError, match=r"\[clusters\.here\]"):
+        load_config(path, env)
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ('cluster = "nowhere"\nremote_script = "/x"', "cluster 'nowhere' is not configured"),
+    ('remote_script = "/x"', "cluster '' is not configured"),
+    ('cluster = "c"', "give exactly one of script or remote_script"),
+    ('cluster = "c"\nscript = "jobs/tokens.pbs"\nremote_script = "/x"', "give exactly one"),
+])
+def test_template_validation(tmp_path, env, template, message):
+    path = write(tmp_path, minimal(template=None) + f"[templates.t]\n{template}\n")
+    with pytest.raises(ConfigError, match=rf"\[templates\.t\]: {message}"):
+        load_config(path, env)
+
+
+# the secret
+
+
+def test_the_secret_is_generated_once_kept_0600_and_reused(tmp_path, state):
+    path = write(tmp_path, minimal())
+    env = {"METIS_STATE_DIR": str(state)}
+    first = load_config(path, env).server.secret
+    assert len(first) >= 40
+    kept = state / "secret"
+    assert kept.read_text().strip() == first
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert [p.name for p in state.iterdir()] == ["secret"]  # no draft left behind
+    assert load_config(path, env).server.secret == first
+    assert load_config(path, env).server.secret == first
+
+
+def test_a_different_state_dir_gets_a_different_secret(tmp_path):
+    path = write(tmp_path, minimal())
+    a = load_config(path, {"METIS_STATE_DIR": str(tmp_path / "a")}).server.secret
+    b = load_config(path, {"METIS_STATE_DIR": str(tmp_path / "b")}).server.secret
+    assert a != b
+
+
+def test_an_existing_secret_file_is_used_stripped(tmp_path, state):
+    state.mkdir()
+    (state / "secret").write_text("  operator-made \n")
+    path = write(tmp_path, minimal())
+    assert load_config(path, {"METIS_STATE_DIR": str(state)}).server.secret == "operator-made"
+
+
+def test_a_given_secret_writes_nothing(tmp_path, state):
+    path = write(tmp_path, minimal())
+    config = load_config(path, {"METIS_STATE_DIR": str(state), "METIS_SECRET": "given"})
+    assert config.server.secret == "given"
+    assert not state.exists()
+
+
+def test_state_dir_expands_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = write(tmp_path, minimal())
+    config = load_config(path, {"METIS_STATE_DIR": "~/st"})
+    assert config.state_dir == tmp_path / "st"
+    assert (tmp_path / "st" / "secret").read_text().strip() == config.server.secret
+
+
+# check_listen_address
+
+
+def with_server(**values: Any) -> Config:
+    return Config(server=ServerConfig(**values))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
+def test_loopback_needs_no_keys(host):
+    check_listen_address(with_server(host=host))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "10.0.0.5", "172.16.0.1",
+                                  "metis.example.edu", "", "fe80::1"])
+def test_beyond_loopback_without_keys_is_refused_with_why(host):
+    with pytest.raises(ConfigError, match="api_keys") as caught:
+        check_listen_address(with_server(host=host))
+    assert "refusing to listen" in str(caught.value)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "example.org"])
+def test_any_address_is_allowed_with_keys(host):
+    check_listen_address(with_server(host=host, api_keys=("k",)))
