@@ -1,5 +1,24 @@
 """Fixtures shared by the test suite. Each service fixture lives in tests/support/."""
 
+from __future__ import annotations
+
+import os
+
+import pytest
+
 pytest_plugins = [
     "tests.support.server",
 ]
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> pytest.TestReport:
+    """In CI a skipped test is a failed one: every service the tests need must be there."""
+    report: pytest.TestReport = yield
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which counts as a failure: {report.longrepr}"
+    return report
