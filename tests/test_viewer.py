@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import httpx
 import pytest
 
+from metis_stream.tokens import job_token
 from tests.support.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.browser
@@ -263,6 +264,47 @@ def test_fatal_job_shows_its_error(viewer: Viewer) -> None:
     _expect(error).to_contain_text("failed")
     _expect(page.locator("#connection")).to_have_attribute("data-conn", "ended")
     viewer.screenshot("download-fatal")
+
+
+def post_as_the_job(server: ServerProcess, job_id: str, *events: dict[str, Any]) -> None:
+    """Post events with the job's own token, as its batch script would."""
+    token = job_token((server.state_dir / "secret").read_text().strip(), job_id)
+    for event in events:
+        response = httpx.post(f"{server.url}/api/jobs/{job_id}/events", json=event,
+                              headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert response.status_code == 200, response.text
+
+
+def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
+    page = viewer.page
+    job = submit_with_api(viewer.server, "tokens", text=TWELVE_WORDS, delay=2)
+    viewer.open(f"#/jobs/{job['id']}")
+    wait_for_words(viewer, 1)
+    post_as_the_job(
+        viewer.server, job["id"],
+        {"type": "chunk", "data": {"rows": 3}},
+        {"type": "chunk", "data": "<i>plain text chunk</i>"},
+        {"type": "log", "data": "loaded 3 rows"},
+        {"type": "progress", "data": {"current": 1, "total": 4, "label": "Tables"}},
+        {"type": "result", "data": {"report": "https://example.org/report?id=7",
+                                    "bad": "javascript:alert(1)"}},
+        {"type": "fatal", "data": {"error": "out of memory", "exit_status": 137}},
+    )
+    viewer.expect_state("failed")
+    chunks = page.locator("#chunks li")
+    _expect(chunks).to_have_count(2)
+    _expect(chunks.nth(0).locator(".chunk-kind")).to_have_text("object")
+    _expect(chunks.nth(1).locator(".chunk-kind")).to_have_text("string")
+    _expect(chunks.nth(1).locator("pre")).to_have_text("<i>plain text chunk</i>")
+    _expect(page.locator("#logs")).to_have_text("loaded 3 rows\n")
+    _expect(page.locator("#progress-text")).to_have_text("Tables: 1 / 4 (25%)")
+    links = page.locator("#result a")
+    _expect(links).to_have_count(1)  # the javascript: string stays text
+    _expect(links).to_have_attribute("href", "https://example.org/report?id=7")
+    _expect(page.locator("#job-error")).to_contain_text("out of memory")
+    _expect(page.locator("#job-exit-status")).to_have_text("(exit status 137)")
+    assert page.evaluate("document.querySelector('#chunks i, #output *') === null")
+    viewer.screenshot("chunks-logs-result-fatal")
 
 
 def test_server_restart_with_memory_backend_marks_the_job_lost(viewer: Viewer) -> None:
