@@ -60,6 +60,8 @@ class ClusterConfig:
     port: int = 22
     user: str = ""
     key_file: str = ""
+    key_passphrase: str = ""
+    use_agent: bool = True
     known_hosts: str = "~/.ssh/known_hosts"
     workdir: str = "metis-stream"
     poll_interval: float = 10.0
@@ -165,8 +167,10 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
     cluster = ClusterConfig(name=name, **table)
     if cluster.scheduler not in SCHEDULERS:
         raise ConfigError(f"[clusters.{name}] scheduler must be one of {', '.join(SCHEDULERS)}")
-    if cluster.scheduler != "local" and not (cluster.host and cluster.user):
-        raise ConfigError(f"[clusters.{name}]: a {cluster.scheduler} cluster needs host and user")
+    if cluster.host and not cluster.user:
+        raise ConfigError(f"[clusters.{name}]: a cluster reached over SSH needs a user")
+    if cluster.scheduler == "local" and cluster.host:
+        raise ConfigError(f"[clusters.{name}]: the local scheduler runs jobs here; remove host")
     return cluster
 
 

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from metis_stream.backends.base import Backend
 from metis_stream.backends.memory import MemoryBackend
-from metis_stream.config import EMIT_SCRIPT, ClusterConfig, Config, ConfigError
+from metis_stream.backends.redis import RedisBackend
+from metis_stream.config import EMIT_SCRIPT, ClusterConfig, Config
+from metis_stream.schedulers import pbs, slurm
 from metis_stream.schedulers.base import Scheduler
+from metis_stream.schedulers.batch import BatchScheduler
 from metis_stream.schedulers.local import LocalScheduler
+from metis_stream.shells.base import Shell
+from metis_stream.shells.local import LocalShell
+from metis_stream.shells.ssh import SSHShell
+
+DIALECTS = {"pbs": pbs.DIALECT, "slurm": slurm.DIALECT}
 
 
 def build_backend(config: Config) -> Backend:
     server = config.server
     if server.redis_url:
-        raise ConfigError("the redis backend is not available yet")
+        return RedisBackend(server.redis_url, max_events_per_job=server.max_events_per_job,
+                            retention=server.event_retention)
     return MemoryBackend(max_events_per_job=server.max_events_per_job)
 
 
@@ -24,5 +35,20 @@ def _scheduler(config: Config, cluster: ClusterConfig) -> Scheduler:
     if cluster.scheduler == "local":
         return LocalScheduler(cluster.name, jobs_dir=config.state_dir / "jobs" / cluster.name,
                               emit_script=EMIT_SCRIPT, poll_interval=cluster.poll_interval)
-    raise ConfigError(f"[clusters.{cluster.name}]: scheduler {cluster.scheduler!r} "
-                      "is not available yet")
+    return BatchScheduler(cluster.name, DIALECTS[cluster.scheduler], _shell(cluster),
+                          workdir=cluster.workdir, poll_interval=cluster.poll_interval,
+                          emit_script=EMIT_SCRIPT, command_timeout=cluster.command_timeout)
+
+
+def _shell(cluster: ClusterConfig) -> Shell:
+    """SSH to the cluster's login node; with no host, the scheduler's commands run here
+    (a server that runs on the login node itself)."""
+    if not cluster.host:
+        return LocalShell()
+    return SSHShell(
+        cluster.host, port=cluster.port, user=cluster.user,
+        known_hosts=Path(cluster.known_hosts).expanduser(),
+        key_file=Path(cluster.key_file).expanduser() if cluster.key_file else None,
+        passphrase=cluster.key_passphrase or None, use_agent=cluster.use_agent,
+        max_sessions=cluster.max_sessions,
+    )
