@@ -192,7 +192,7 @@ class BatchScheduler:
         self.poll_interval = poll_interval
         self.dialect = dialect
         self._shell = shell
-        self._workdir = check(WORKDIR, workdir.rstrip("/"), "workdir").rstrip("/")
+        self._workdir = check(WORKDIR, workdir.rstrip("/"), "workdir")
         self._emit_script = emit_script
         self._timeout = command_timeout
         self._root: str | None = None
