@@ -1,0 +1,110 @@
+"""Unit tests of metis_stream.monitor.reconcile (pure)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metis_stream.events import Event, NewEvent, parse_new_event
+from metis_stream.jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState, apply_event
+from metis_stream.monitor import MISSES_BEFORE_VANISHED, reconcile
+from metis_stream.schedulers.base import SchedulerStatus
+
+S = JobState
+ENDED = SchedulerStatus("ended", exit_status=271, detail="F")
+RUNNING = SchedulerStatus("running", detail="R")
+QUEUED = SchedulerStatus("queued", detail="Q")
+
+
+def job_in(state: JobState) -> Job:
+    return Job(id="j_01HX3ZJ5K1ABCDEFGHJKMNPQRS", template="t", cluster="c", state=state,
+               scheduler_id="42.pbs", last_seq=3)
+
+
+def test_vanished_needs_the_documented_number_of_misses():
+    assert MISSES_BEFORE_VANISHED >= 2  # one miss may be a job not listed yet
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE_STATES))
+def test_not_listed_is_nothing_until_enough_misses(state):
+    for misses in range(MISSES_BEFORE_VANISHED):
+        assert reconcile(job_in(state), None, misses) == []
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE_STATES))
+@pytest.mark.parametrize("extra", [0, 1, 10])
+def test_vanished_after_enough_misses_is_fatal(state, extra):
+    events = reconcile(job_in(state), None, MISSES_BEFORE_VANISHED + extra)
+    assert len(events) == 1
+    event = events[0]
+    assert event.type == "fatal"
+    assert event.terminal
+    assert "vanished" in event.data["error"]
+    assert event.data["scheduler_state"] == "unknown"
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE_STATES))
+def test_ended_without_terminal_event_is_fatal_with_what_the_scheduler_knows(state):
+    events = reconcile(job_in(state), ENDED, 0)
+    assert events == [NewEvent("fatal", {
+        "error": "the job ended without reporting completion: F",
+        "exit_status": 271, "scheduler_state": "F"})]
+
+
+def test_ended_with_unknown_exit_status():
+    [event] = reconcile(job_in(S.RUNNING), SchedulerStatus("ended", detail="TIMEOUT"), 0)
+    assert event.data["exit_status"] is None
+    assert "TIMEOUT" in event.data["error"]
+
+
+@pytest.mark.parametrize("state", [S.CREATED, S.SUBMITTING, S.QUEUED])
+def test_running_is_reported_when_the_job_has_not_said_so(state):
+    assert reconcile(job_in(state), RUNNING, 0) == [NewEvent("running", {"source": "scheduler"})]
+
+
+def test_running_is_not_repeated_once_the_job_runs():
+    assert reconcile(job_in(S.RUNNING), RUNNING, 0) == []
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE_STATES))
+def test_queued_changes_nothing(state):
+    assert reconcile(job_in(state), QUEUED, 0) == []
+
+
+@pytest.mark.parametrize("state", sorted(TERMINAL_STATES))
+@pytest.mark.parametrize("status", [None, ENDED, RUNNING, QUEUED])
+@pytest.mark.parametrize("misses", [0, MISSES_BEFORE_VANISHED, 99])
+def test_nothing_for_terminal_jobs(state, status, misses):
+    assert reconcile(job_in(state), status, misses) == []
+
+
+def test_the_events_are_ones_the_server_may_append_and_drive_the_job():
+    job = job_in(S.QUEUED)
+    [running] = reconcile(job, RUNNING, 0)
+    assert parse_new_event({"type": running.type, "data": running.data}) == running
+    apply_event(job, Event(job.id, 4, running.type, running.data, 10.0))
+    assert job.state == "running"
+    [fatal] = reconcile(job, ENDED, 0)
+    apply_event(job, Event(job.id, 5, fatal.type, fatal.data, 11.0))
+    assert job.state is S.FAILED
+    assert job.exit_status == 271
+    assert job.error == "the job ended without reporting completion: F"
+    assert job.ended == 11.0
+    assert reconcile(job, ENDED, 0) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(S)), st.sampled_from([None, ENDED, RUNNING, QUEUED]),
+       st.integers(0, 5))
+def test_at_most_one_event_and_only_fatal_or_running(state, status, misses):
+    events = reconcile(job_in(state), status, misses)
+    assert len(events) <= 1
+    for event in events:
+        assert event.type in ("fatal", "running")
+        assert not state.terminal
+        if event.type == "running":
+            assert status is RUNNING
+            assert state.rank < S.RUNNING.rank
+        else:
+            assert status is ENDED or (status is None and misses >= MISSES_BEFORE_VANISHED)
