@@ -10,7 +10,6 @@ import pytest
 
 from metis_stream.config import (
     EXAMPLES_FILE,
-    JOBSCRIPTS_DIR,
     ClusterConfig,
     Config,
     ConfigError,
@@ -19,9 +18,6 @@ from metis_stream.config import (
     load_config,
 )
 from metis_stream.templates import Param
-
-EXAMPLE_SCRIPTS_MISSING = not all(
-    (JOBSCRIPTS_DIR / name).is_file() for name in ("tokens.pbs", "download.pbs"))
 
 FULL = """
 [server]
@@ -98,9 +94,6 @@ def minimal(extra: str = "", template: str | None = "") -> str:
 # no file: the embedded defaults
 
 
-@pytest.mark.xfail(EXAMPLE_SCRIPTS_MISSING, strict=True,
-                   reason="BUG: examples.toml names jobscripts/tokens.pbs and download.pbs, which "
-                          "are not in the package: load_config(None) raises ConfigError")
 def test_no_file_means_the_embedded_examples(env, state):
     config = load_config(None, env)
     assert config.server.host == "127.0.0.1"
@@ -273,9 +266,9 @@ def test_unreadable_or_invalid_toml_names_the_file(tmp_path, env):
 
 @pytest.mark.parametrize(("cluster", "message"), [
     ('scheduler = "sge"', "scheduler must be one of local, pbs, slurm"),
-    ('scheduler = "pbs"', "a pbs cluster needs host and user"),
-    ('scheduler = "slurm"\nhost = "h"', "a slurm cluster needs host and user"),
-    ('scheduler = "pbs"\nuser = "u"', "needs host and user"),
+    ('scheduler = "pbs"\nhost = "h"', "a cluster reached over SSH needs a user"),
+    ('scheduler = "slurm"\nhost = "h"', "needs a user"),
+    ('scheduler = "local"\nhost = "h"\nuser = "u"', "the local scheduler runs jobs here"),
 ])
 def test_cluster_validation(tmp_path, env, cluster, message):
     path = write(tmp_path, f"[clusters.hpc]\n{cluster}\n")
@@ -287,6 +280,14 @@ def test_a_local_cluster_needs_no_host(tmp_path, env):
     path = write(tmp_path, "[clusters.here]\nscheduler = 'local'\n")
     cluster = load_config(path, env).clusters["here"]
     assert (cluster.scheduler, cluster.host) == ("local", "")
+
+
+@pytest.mark.parametrize("scheduler", ["pbs", "slurm"])
+def test_a_batch_scheduler_without_host_runs_on_this_machine(tmp_path, env, scheduler):
+    # no host: the server itself runs on the login node and calls qsub/sbatch directly
+    path = write(tmp_path, f"[clusters.login]\nscheduler = '{scheduler}'\n")
+    cluster = load_config(path, env).clusters["login"]
+    assert (cluster.scheduler, cluster.host, cluster.user) == (scheduler, "", "")
 
 
 def test_scheduler_defaults_to_local(tmp_path, env):
