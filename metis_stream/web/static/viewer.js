@@ -486,6 +486,7 @@ class JobView {
       const job = await api(`api/jobs/${encodeURIComponent(this.jobId)}`, { query: { token: this.token } });
       rememberWatchToken(job);
       if (job.watch_token) this.token = job.watch_token;
+      if (this.stopped) return "stopped";
       $("job-template").textContent = job.template;
       if (job.scheduler_id) $("job-scheduler-id").textContent = job.scheduler_id;
       return "ok";
@@ -498,6 +499,7 @@ class JobView {
   }
 
   markLost() {
+    if (this.stopped) return; // a late answer for a page the user has left
     clearTimeout(this.retryTimer);
     this.setConnection("lost", "the server does not know this job");
     showNotice("Unknown job: the server does not know this job. It may never have existed, "
@@ -513,6 +515,7 @@ class JobView {
   }
 
   markUnauthorized() {
+    if (this.stopped) return;
     clearTimeout(this.retryTimer);
     this.setConnection("ended", "not allowed: an API key is needed");
     showNotice("This job needs an API key (or a link with its watch token). "
@@ -547,6 +550,7 @@ class JobView {
   }
 
   onFrame(socket, raw) {
+    if (this.stopped) return;
     let frame;
     try {
       frame = JSON.parse(raw);
