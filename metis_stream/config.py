@@ -159,12 +159,26 @@ def _coerce(value: Any, default: Any) -> Any:
     return value
 
 
+def _strict_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError
+
+
 def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
     known = {f.name for f in fields(ClusterConfig)} - {"name"}
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"[clusters.{name}]: unknown key(s) {sorted(unknown)}")
-    cluster = ClusterConfig(name=name, **table)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        default = getattr(ClusterConfig(name=name), key)
+        try:
+            values[key] = _coerce(value, default) if not isinstance(default, bool) else (
+                _strict_bool(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"[clusters.{name}] {key}: cannot use {value!r}") from None
+    cluster = ClusterConfig(name=name, **values)
     if cluster.scheduler not in SCHEDULERS:
         raise ConfigError(f"[clusters.{name}] scheduler must be one of {', '.join(SCHEDULERS)}")
     if cluster.host and not cluster.user:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -108,11 +108,25 @@ def param_from_config(name: str, raw: Mapping[str, Any]) -> Param:
     if kind not in PARAM_TYPES:
         raise TemplateError(f"parameter {name!r}: type must be one of {PARAM_TYPES}")
     env = raw.get("env", "")
+    choices = raw.get("choices", ())
+    if not isinstance(choices, list | tuple) or not all(isinstance(c, str) for c in choices):
+        raise TemplateError(f"parameter {name!r}: choices must be a list of strings")
+    for bound in ("min", "max"):
+        value = raw.get(bound)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise TemplateError(f"parameter {name!r}: {bound} must be a number")
+    max_length = raw.get("max_length")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise TemplateError(f"parameter {name!r}: max_length must be a positive integer")
+    for text in ("env", "description", "pattern"):
+        if raw.get(text) is not None and not isinstance(raw[text], str):
+            raise TemplateError(f"parameter {name!r}: {text} must be a string")
     param = Param(
-        name=name, type=kind, default=raw.get("default"),
+        name=name, type=kind, default=None,
         required=bool(raw.get("required", False)), description=str(raw.get("description", "")),
-        min=raw.get("min"), max=raw.get("max"), max_length=raw.get("max_length"),
-        pattern=raw.get("pattern"), choices=tuple(raw.get("choices", ())), env=env,
+        min=raw.get("min"), max=raw.get("max"), max_length=max_length,
+        pattern=raw.get("pattern"), choices=tuple(choices), env=env,
     )
     env_name = param.env_name()
     if (not ENV_NAME_PATTERN.match(env_name) or env_name in RESERVED_ENV_NAMES
@@ -121,10 +135,14 @@ def param_from_config(name: str, raw: Mapping[str, Any]) -> Param:
     if kind == "choice" and not param.choices:
         raise TemplateError(f"parameter {name!r}: a choice needs 'choices'")
     if param.pattern is not None:
-        re.compile(param.pattern)
-    if param.default is not None:
         try:
-            coerce_param(param, param.default)
+            re.compile(param.pattern)
+        except re.error as exc:
+            raise TemplateError(f"parameter {name!r}: bad pattern: {exc}") from None
+    if raw.get("default") is not None:
+        try:
+            # Stored as a client's value would be, so a float default of 1 is 1.0.
+            param = replace(param, default=coerce_param(param, raw["default"]))
         except ValueError as exc:
             raise TemplateError(f"parameter {name!r}: bad default: {exc}") from None
     return param
@@ -194,10 +212,14 @@ def coerce_param(param: Param, value: object) -> ParamValue:
         case "float":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError("must be a number")
-            if not math.isfinite(value):
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ValueError("must be a finite number") from None
+            if not math.isfinite(number):
                 raise ValueError("must be a finite number")
-            _check_bounds(param, value)
-            return float(value)
+            _check_bounds(param, number)
+            return number
         case "choice":
             if value not in param.choices:
                 raise ValueError(f"must be one of {', '.join(param.choices)}")
@@ -241,7 +263,7 @@ def check_url(value: object) -> str:
         raise ValueError("must be a URL string")
     if len(value) > MAX_URL_LENGTH:
         raise ValueError(f"must be at most {MAX_URL_LENGTH} characters")
-    if any(ord(c) < 0x21 or c == "\x7f" for c in value):
+    if any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError("must not contain spaces or control characters")
     try:
         parts = urlsplit(value)

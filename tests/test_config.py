@@ -295,9 +295,6 @@ def test_scheduler_defaults_to_local(tmp_path, env):
     assert load_config(path, env).clusters["here"].scheduler == "local"
 
 
-@pytest.mark.xfail(reason="BUG: _cluster_config checks no value types: poll_interval = \"fast\" "
-                          "(or port = \"22\") is accepted and only fails later in the monitor",
-                   strict=True)
 def test_cluster_values_are_type_checked(tmp_path, env):
     path = write(tmp_path, '[clusters.here]\nscheduler = "local"\npoll_interval = "fast"\n')
     with pytest.raises(ConfigError, match=r"\[clusters\.here\]"):

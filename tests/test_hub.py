@@ -176,9 +176,6 @@ async def test_a_failing_on_first_leaves_no_subscriber_behind():
     assert hooks.calls == [("first", JOB), ("first", JOB), ("last", JOB)]
 
 
-@pytest.mark.xfail(reason="BUG: Hub.subscribe hands a second watcher of a job its subscription "
-                          "while the first watcher's on_first (the Redis SUBSCRIBE) is still "
-                          "running, so it can miss live events", strict=True)
 async def test_a_second_watcher_waits_for_on_first_to_finish():
     gate = asyncio.Event()
     done: list[str] = []
@@ -203,9 +200,6 @@ async def test_a_second_watcher_waits_for_on_first_to_finish():
     assert handed_out == [True, True]
 
 
-@pytest.mark.xfail(reason="BUG: when on_first fails while a second watcher of the same job joined "
-                          "during it, the second watcher is left subscribed to a job whose "
-                          "upstream subscription failed", strict=True)
 async def test_a_failing_on_first_leaves_no_concurrent_subscriber_behind():
     gate = asyncio.Event()
 
@@ -384,10 +378,6 @@ async def test_follow_reads_a_long_log_in_pages():
     assert [e.seq for e in events] == list(range(1, 2502))
 
 
-@pytest.mark.xfail(reason="BUG: follow(after=N) for an ended job whose terminal event has seq <= N "
-                          "waits for live events forever instead of ending (an SSE client that "
-                          "reconnects with Last-Event-ID of the terminal event hangs)",
-                   strict=True)
 async def test_follow_after_the_terminal_event_ends_at_once():
     backend = await new_backend("starting", "submitted", "completed")
     assert await collect(follow(backend, JOB, after=3), timeout=0.5) == []

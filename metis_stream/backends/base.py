@@ -118,6 +118,7 @@ class Hub:
     def __init__(self, on_first: SubscribeHook = _no_hook, on_last: SubscribeHook = _no_hook,
                  buffer: int = DEFAULT_SUBSCRIPTION_BUFFER) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
+        self._ready: dict[str, asyncio.Future[None]] = {}
         self._on_first = on_first
         self._on_last = on_last
         self._buffer = buffer
@@ -140,18 +141,32 @@ class Hub:
 
     @asynccontextmanager
     async def subscribe(self, job_id: str) -> AsyncIterator[Subscription]:
+        """A subscription that receives every event published from the moment it is handed
+        out: when a job gets its first watcher, only once ``on_first`` has finished, and
+        watchers that arrive meanwhile wait for it too."""
         subscription = Subscription(job_id, self._buffer)
-        subscriptions = self._subscribers.get(job_id)
-        if subscriptions is None:
-            subscriptions = self._subscribers[job_id] = set()
-            subscriptions.add(subscription)
-            try:
-                await self._on_first(job_id)
-            except BaseException:
-                self._leave(subscription)
-                raise
-        else:
-            subscriptions.add(subscription)
+        subscriptions = self._subscribers.setdefault(job_id, set())
+        first = not subscriptions
+        subscriptions.add(subscription)
+        try:
+            if first:
+                ready = self._ready[job_id] = asyncio.get_running_loop().create_future()
+                try:
+                    await self._on_first(job_id)
+                except BaseException as exc:
+                    ready.set_exception(exc)
+                    ready.exception()  # retrieved here, so an unawaited failure is not logged
+                    raise
+                else:
+                    ready.set_result(None)
+                finally:
+                    del self._ready[job_id]
+            elif job_id in self._ready:
+                await asyncio.shield(self._ready[job_id])
+        except BaseException:
+            if self._leave(subscription) and not first:
+                await self._on_last(job_id)
+            raise
         try:
             yield subscription
         finally:
@@ -229,6 +244,9 @@ async def follow(backend: Backend, job_id: str, after: int = 0) -> AsyncIterator
             last = event.seq
             if event.terminal:
                 return
+        job = await backend.get_job(job_id)
+        if job.state.terminal and job.last_seq <= last:
+            return  # the watcher already has the terminal event: nothing more will come
         while True:
             pushed = await live.next()
             if pushed is not None and pushed.seq <= last:
