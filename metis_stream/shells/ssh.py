@@ -50,6 +50,10 @@ class SSHShell:
     At most ``max_sessions`` commands run at once (OpenSSH allows 10 channels per
     connection by default; one more is kept for SFTP); the others wait their turn.
     Host keys are always checked against ``known_hosts`` and never added.
+
+    A dropped connection is replaced by the next command. When opening one fails, the
+    next attempt is allowed after 0.5 s, then 1 s, 2 s, ... (at most 30 s); a command
+    in between fails at once with the last error rather than queueing on a dead host.
     """
 
     connections_opened: int
@@ -104,7 +108,11 @@ class SSHShell:
 
         ``idempotent=False`` (``qsub``, ``sbatch``) means that running the command twice
         would do harm: when the connection breaks after it was sent, it is not retried
-        and ConnectionLost is raised, since it may have run.
+        and ConnectionLost is raised, since it may have run. A command that never reached
+        the server is retried once either way.
+
+        Cancelling the caller waits for the command to end (its thread cannot be
+        interrupted): pass a ``timeout`` for anything that may hang.
         """
         command = command_line(argv)
         async with self._sessions:
