@@ -58,7 +58,7 @@ def main() -> None:
         run(cluster)
     finally:
         # The cluster user outlives the cluster: leave its home as it was.
-        cluster.run_as_user("rm -f ok.sh sleep.sh fail.sh ./*.[oe][0-9]*")
+        cluster.run_as_user("rm -f ok.sh sleep.sh fail.sh ./*.[oe][0-9]* slurm-[0-9]*.out")
         cluster.stop()
 
 
