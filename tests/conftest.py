@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 
 import pytest
 
@@ -15,7 +16,7 @@ IN_CI = os.environ.get("CI") == "true"
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> pytest.TestReport:
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """In CI a skipped test is a failed one: every service the tests need must be there."""
     report: pytest.TestReport = yield
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):

@@ -50,7 +50,7 @@ def test_qsub_argv_has_everything_on_the_command_line() -> None:
     ))
     assert command.argv == [
         "qsub", "-N", "j_01HX0000000000000000000000", "-q", "short", "-A", "proj-1",
-        "-l", "select=1:ncpus=2:mem=4gb", "-l", "walltime=00:05:00", "-l", "ngpus=1",
+        "-l", "select=1:ncpus=2:mem=4gb,walltime=00:05:00,ngpus=1",
         "-o", "/home/alice/metis-stream/jobs/j_1/stdout",
         "-e", "/home/alice/metis-stream/jobs/j_1/stderr",
         "-v", "METIS_JOB_ID=j_1,METIS_EVENTS_URL=http://10.0.0.5:8000/api/jobs/j_1/events",

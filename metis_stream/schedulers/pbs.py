@@ -125,8 +125,10 @@ def submit_command(request: JobRequest) -> SubmitCommand:
         argv += ["-q", check(QUEUE_NAME, request.queue, "queue")]
     if request.account:
         argv += ["-A", check(ACCOUNT_NAME, request.account, "account")]
-    for key, value in request.resources.items():
-        argv += ["-l", f"{key}={_check_resource(key, value)}"]
+    if request.resources:
+        # One -l with a comma list: Slurm's qsub wrapper keeps only the last -l it is given.
+        argv += ["-l", ",".join(f"{key}={_check_resource(key, value)}"
+                                for key, value in request.resources.items())]
     argv += ["-o", check(SAFE_PATH, request.stdout, "output path")]
     if request.join_output:
         argv += ["-j", "oe"]
