@@ -69,8 +69,9 @@ class Monitor:
         interval = self._scheduler.poll_interval
         while True:
             try:
-                if await self._backend.hold_lease(f"monitor:{self._scheduler.name}",
-                                                  self._owner, ttl=max(3 * interval, 5.0)):
+                if not self._scheduler.shared or await self._backend.hold_lease(
+                        f"monitor:{self._scheduler.name}", self._owner,
+                        ttl=max(3 * interval, 5.0)):
                     await self.poll_once()
             except Exception:
                 logger.exception("monitor of cluster %s: poll failed", self._scheduler.name)
@@ -84,6 +85,8 @@ class Monitor:
         misses = {}
         for scheduler_id, job in jobs.items():
             status = statuses.get(scheduler_id)
+            if status is None and not self._scheduler.shared:
+                continue  # another server process's child, or one from before a restart
             misses[job.id] = 0 if status is not None else self._misses.get(job.id, 0) + 1
             events = reconcile(job, status, misses[job.id])
             if events:

@@ -51,6 +51,11 @@ class Scheduler(Protocol):
 
     name: str
     poll_interval: float
+    shared: bool
+    """True when every server process sees the same jobs (a cluster's batch system): one
+    process at a time polls it. False for the local scheduler, whose jobs are children of
+    one process: each process polls only its own, and a job it does not know is not
+    taken for vanished."""
 
     async def start(self) -> None: ...
 

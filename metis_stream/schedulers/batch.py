@@ -177,6 +177,8 @@ class BatchScheduler:
     The scheduler owns its shell and closes it.
     """
 
+    shared = True
+
     def __init__(
         self,
         name: str,

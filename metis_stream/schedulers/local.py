@@ -4,6 +4,11 @@ The embedded default, for the demo and for development without a cluster. Each
 job gets a folder under the server's state directory holding its token file
 (mode 0600), its spec and its stdout/stderr; the script runs there in its own
 process group, so cancelling kills everything it started.
+
+Its jobs are children of one server process: with several server processes on
+one Redis, each watches only its own children, and a job whose server process
+restarted runs on but is no longer watched for a silent death. Use a cluster
+scheduler for anything that must survive a restart.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ KILL_GRACE = 5.0
 
 
 class LocalScheduler:
+    shared = False
+
     def __init__(self, name: str, *, jobs_dir: Path, emit_script: Path,
                  poll_interval: float = 0.5) -> None:
         self.name = name
