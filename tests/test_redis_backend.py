@@ -175,14 +175,17 @@ async def test_redis_crash_and_restart_in_the_middle_of_a_job(
 
 async def test_a_flushed_store_is_reported_not_skipped(make_backend: MakeBackend,
                                                        redis: Redis) -> None:
-    watching, appending = await make_backend(), await make_backend()
+    # Every process notices, not only the first to look after the wipe.
+    watching = [await make_backend() for _ in range(3)]
+    appending = await make_backend()
     job = await new_job(appending)
-    watcher = asyncio.create_task(collect(watching, job.id))
-    await until(lambda: watching.hub.watcher_count() == 1)
+    watchers = [asyncio.create_task(collect(backend, job.id)) for backend in watching]
+    await until(lambda: all(backend.hub.watcher_count() == 1 for backend in watching))
     await appending.append(job.id, [NewEvent("step", "one")])
     await redis.flushall()
-    with pytest.raises(LogLost, match="gone from Redis"):
-        await asyncio.wait_for(watcher, 5)
+    for watcher in watchers:
+        with pytest.raises(LogLost, match="gone from Redis"):
+            await asyncio.wait_for(watcher, 5)
     with pytest.raises(JobNotFound):
         await appending.get_job(job.id)
     with pytest.raises(JobNotFound):

@@ -359,8 +359,12 @@ class _Listener:
                     await self._connect()
                     attempt = 0
                 await self._read()
-            except _CONNECTION_ERRORS as exc:
-                log.warning("Redis pub/sub connection lost (%s); reconnecting", exc)
+            except Exception as exc:
+                # Whatever broke (the connection, or a message that would not decode), a
+                # fresh connection and a backfill from the log lose nothing; a dead reader would
+                # leave every watcher of this process waiting forever.
+                log.warning("Redis pub/sub reader failed (%r); reconnecting", exc,
+                            exc_info=not isinstance(exc, _CONNECTION_ERRORS))
                 await self._drop()
                 await asyncio.sleep(_backoff(attempt))
                 attempt += 1
@@ -459,7 +463,7 @@ class RedisBackend:
         pool = BlockingConnectionPool.from_url(url, max_connections=max_connections,
                                                timeout=socket_timeout, client_name=name,
                                                **options)
-        self._client = Redis(connection_pool=pool)
+        self._client = Redis.from_pool(pool)
         self._append_script = self._client.register_script(_APPEND_LUA)
         self._create_script = self._client.register_script(_CREATE_LUA)
         self._lease_script = self._client.register_script(_LEASE_LUA)
@@ -470,6 +474,7 @@ class RedisBackend:
                                    store_was_wiped=self._store_was_wiped, on_event=self._saw)
         self.hub = self._listener.hub
         self._seen: dict[str, _Seen] = {}
+        self._store_token: bytes | None = None
 
     async def start(self) -> None:
         with _unavailable_on_errors():
@@ -641,9 +646,16 @@ class RedisBackend:
             seen.seq = event.seq
 
     async def _store_was_wiped(self) -> bool:
-        """True when the marker key that every process sets is gone (and set it again)."""
-        was_missing = await self._client.set(self._key("store", "marker"), "1", nx=True)
-        return bool(was_missing)
+        """True when the store's marker changed since the last look: whichever process looks
+        first after a wipe writes a new random marker, and every other process sees it differ."""
+        marker = self._key("store", "marker")
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(marker, secrets.token_hex(8), nx=True)
+            pipe.get(marker)
+            _, token = await pipe.execute()
+        wiped = self._store_token is not None and token != self._store_token
+        self._store_token = token
+        return wiped
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
         return self.hub.subscribe(job_id)
