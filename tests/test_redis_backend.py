@@ -179,13 +179,16 @@ async def test_a_flushed_store_is_reported_not_skipped(make_backend: MakeBackend
     watching = [await make_backend() for _ in range(3)]
     appending = await make_backend()
     job = await new_job(appending)
-    watchers = [asyncio.create_task(collect(backend, job.id)) for backend in watching]
-    await until(lambda: all(backend.hub.watcher_count() == 1 for backend in watching))
     await appending.append(job.id, [NewEvent("step", "one")])
+    streams = [follow(backend, job.id) for backend in watching]
+    for stream in streams:
+        assert [(await anext(stream)).seq for _ in range(3)] == [1, 2, 3]
+    waiting = [asyncio.ensure_future(anext(stream)) for stream in streams]
+    await asyncio.sleep(0.2)  # until each waits for live events
     await redis.flushall()
-    for watcher in watchers:
+    for task in waiting:
         with pytest.raises(LogLost, match="gone from Redis"):
-            await asyncio.wait_for(watcher, 5)
+            await asyncio.wait_for(task, 5)
     with pytest.raises(JobNotFound):
         await appending.get_job(job.id)
     with pytest.raises(JobNotFound):
