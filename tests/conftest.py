@@ -9,6 +9,8 @@ import pytest
 
 pytest_plugins = [
     "tests.support.server",
+    "tests.support.redis_server",
+    "tests.support.cluster",
 ]
 
 IN_CI = os.environ.get("CI") == "true"
