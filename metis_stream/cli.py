@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    command("serve", "run the server", _serve, config, server)
+    serve = command("serve", "run the server", _serve, config, server)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes (more than one needs redis_url)")
     demo = command("demo", "run the server on embedded defaults (no Redis, no cluster) and "
                            "open the viewer", _demo, server)
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser")
@@ -116,7 +118,27 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    return _run_server(_with_listen_options(_load_config(args), args))
+    config = _with_listen_options(_load_config(args), args)
+    if args.workers > 1:
+        return _run_workers(config, args)
+    return _run_server(config)
+
+
+def _run_workers(config: Config, args: argparse.Namespace) -> int:
+    """Several processes, each building the app from the environment; they can share jobs
+    and events only through Redis."""
+    if not config.server.redis_url:
+        raise ConfigError("--workers needs redis_url: server processes share jobs and events "
+                          "only through Redis")
+    check_listen_address(config)
+    if args.config:
+        os.environ["METIS_CONFIG"] = str(args.config.resolve())
+    os.environ.update(METIS_SECRET=config.server.secret, METIS_HOST=config.server.host,
+                      METIS_PORT=str(config.server.port))
+    uvicorn.run("metis_stream.web.app:from_environment", factory=True,
+                host=config.server.host, port=config.server.port, workers=args.workers,
+                log_level="info", ws_ping_interval=20, ws_ping_timeout=20)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

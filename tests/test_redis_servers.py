@@ -175,3 +175,28 @@ def test_api_key_hash_is_accepted_across_processes(redis: RedisServer, tmp_path:
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_serve_with_workers_runs_several_processes_on_redis(redis: RedisServer,
+                                                                  tmp_path: Path):
+    server = ServerProcess(state_dir=tmp_path / "workers", serve_args=("--workers", "2"),
+                           server_settings={"redis_url": redis.url})
+    server.start()
+    try:
+        async def run_one() -> list[dict[str, Any]]:
+            async with websockets.connect(f"{server.ws_url}/ws/jobs") as socket:
+                await socket.send(json.dumps({"template": "tokens", "params": {
+                    "text": " ".join(WORDS), "delay": 0}}))
+                return [json.loads(frame) async for frame in socket]
+
+        for events in await asyncio.gather(*(run_one() for _ in range(6))):
+            assert_exactly_once(events)
+        assert server.log().count("Started server process") == 2
+    finally:
+        server.stop()
+
+
+def test_workers_without_redis_are_refused(tmp_path: Path):
+    server = ServerProcess(state_dir=tmp_path / "no-redis", serve_args=("--workers", "2"))
+    with pytest.raises(RuntimeError, match="--workers needs redis_url"):
+        server.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from metis_stream.backends.base import Backend, BackendError
-from metis_stream.config import Config
+from metis_stream.config import Config, load_config
 from metis_stream.events import InvalidEvent
 from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.schedulers.base import Scheduler
@@ -23,6 +24,13 @@ from metis_stream.web import api, sockets
 from metis_stream.web.errors import HTTPError, handle_error, handle_not_found
 
 STATIC_DIR = Path(__file__).parent / "static"
+
+
+def from_environment() -> Starlette:
+    """The app for ``uvicorn --factory metis_stream.web.app:from_environment``: its config
+    from ``METIS_CONFIG`` (or the embedded defaults) and ``METIS_*`` variables."""
+    path = os.environ.get("METIS_CONFIG")
+    return create_app(load_config(Path(path) if path else None))
 
 
 def create_app(config: Config, *, backend: Backend | None = None,

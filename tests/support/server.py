@@ -56,6 +56,7 @@ class ServerProcess:
     host: str = "127.0.0.1"
     port: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
+    serve_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -82,7 +83,7 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "metis_stream.cli", "serve", "--config",
-                 str(self.config_path)],
+                 str(self.config_path), *self.serve_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         deadline = time.monotonic() + timeout
