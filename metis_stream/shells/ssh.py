@@ -32,6 +32,8 @@ _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, ConnectionError, socket.t
 # Reconnect attempts after a failed one wait 0.5 s, 1 s, 2 s, ... up to this.
 _MAX_BACKOFF = 30.0
 _READ_SIZE = 65536
+# How long a command waits for the server to accept a new channel (see _SessionRefused).
+_SESSION_WAIT = 10.0
 
 
 class ConnectionLost(ShellError):
@@ -42,6 +44,33 @@ class ConnectionLost(ShellError):
 
 class _NotSent(ShellError):
     """The connection broke before the command reached the server: safe to retry."""
+
+
+class _SessionRefused(ShellError):
+    """The server refused a new channel on a live connection: nothing was sent. OpenSSH
+    does so beyond ``MaxSessions``, and also within it for a moment, since it frees a
+    channel only after the client's close has arrived and the command's process is reaped;
+    so a new channel right after another one closed can be refused."""
+
+
+class _Refusals:
+    """Waits between attempts to open a channel that the server refused: 50 ms, doubling
+    up to 1 s, for at most ``_SESSION_WAIT`` seconds (or the command's timeout)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self._limit = _SESSION_WAIT if timeout is None else min(timeout, _SESSION_WAIT)
+        self._started: float | None = None
+        self._delay = 0.05
+
+    async def pause(self, what: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        if now - self._started >= self._limit:
+            raise ShellError(f"{what}: the server still refuses a new session after "
+                             f"{self._limit:.0f} s: {exc}") from exc
+        await anyio.sleep(self._delay)
+        self._delay = min(self._delay * 2, 1.0)
 
 
 class SSHShell:
@@ -116,21 +145,27 @@ class SSHShell:
         """
         command = command_line(argv)
         async with self._sessions:
-            for attempt in (1, 2):
+            attempt = 1
+            refusals = _Refusals(timeout)
+            while True:
                 client = await self._connected()
                 try:
                     return await anyio.to_thread.run_sync(_execute, client, command, timeout)
                 except CommandTimeout as exc:
                     raise CommandTimeout(f"{argv[0]} on {self._where}: {exc}") from None
+                except _SessionRefused as exc:
+                    # Nothing was sent: wait for the server to free a channel.
+                    await refusals.pause(f"{argv[0]} on {self._where}", exc)
                 except _NotSent as exc:
                     await self._drop(client)
                     if attempt == 2:
                         raise ShellError(f"{self._where}: {exc}") from exc
+                    attempt += 1
                 except ConnectionLost as exc:
                     await self._drop(client)
                     if not idempotent or attempt == 2:
                         raise ConnectionLost(f"{argv[0]} on {self._where}: {exc}") from exc
-        raise AssertionError("unreachable: the second attempt returns or raises")
+                    attempt += 1
 
     # ------------------------------------------------------------------ files
 
@@ -147,12 +182,26 @@ class SSHShell:
         """Run ``operation`` on the connection's one SFTP channel. File operations are
         idempotent, so one that met a broken connection is tried once more."""
         async with self._sftp_lock:
-            for attempt in (1, 2):
+            refusals = _Refusals(None)
+            attempt = 1
+            while attempt <= 2:
                 client = await self._connected()
                 try:
                     if self._sftp is None:
                         self._sftp = await anyio.to_thread.run_sync(client.open_sftp)
                     return await anyio.to_thread.run_sync(operation, self._sftp)
+                except paramiko.ChannelException as exc:
+                    if _active(client) and self._sftp is None:
+                        # The SFTP channel was refused on a live connection: wait for a
+                        # free one (see _SessionRefused).
+                        await refusals.pause(f"SFTP on {self._where}", exc)
+                        continue
+                    self._sftp = None
+                    if not _active(client):
+                        await self._drop(client)
+                    if attempt == 2:
+                        raise ShellError(f"SFTP on {self._where} failed: {exc}") from exc
+                    attempt += 1
                 except _CONNECTION_ERRORS as exc:
                     # The SFTP channel is gone either way; the connection may be too.
                     self._sftp = None
@@ -160,6 +209,7 @@ class SSHShell:
                         await self._drop(client)
                     if attempt == 2:
                         raise ShellError(f"SFTP on {self._where} failed: {exc}") from exc
+                    attempt += 1
                 except OSError as exc:
                     raise ShellError(f"SFTP on {self._where}: {exc}") from exc
         raise AssertionError("unreachable: the second attempt returns or raises")
@@ -322,7 +372,7 @@ def _execute(client: paramiko.SSHClient, command: str, timeout: float | None) ->
     except _CONNECTION_ERRORS as exc:
         if transport is not None and transport.is_active():
             # The connection is fine, the server refused the channel (MaxSessions?).
-            raise ShellError(f"the server refused a new session: {exc}") from exc
+            raise _SessionRefused(f"the server refused a new session: {exc}") from exc
         raise _NotSent(f"connection lost: {exc or type(exc).__name__}") from exc
     with channel:
         try:
