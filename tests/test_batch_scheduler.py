@@ -31,7 +31,8 @@ class FakeShell:
         self.removed: list[str] = []
         self.closed = False
 
-    async def run(self, argv: Sequence[str], *, timeout: float | None = None) -> CommandResult:
+    async def run(self, argv: Sequence[str], *, timeout: float | None = None,
+                  idempotent: bool = True) -> CommandResult:
         self.commands.append(list(argv))
         if not self.responders:
             raise AssertionError(f"unexpected command {argv}")

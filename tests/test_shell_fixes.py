@@ -3,11 +3,18 @@ the SSH shell and the batch scheduler."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import anyio
 import pytest
 
+from metis_stream.schedulers import pbs
+from metis_stream.schedulers.base import Submission
+from metis_stream.schedulers.batch import BatchScheduler
 from metis_stream.shells.base import CommandResult
 from metis_stream.shells.ssh import SSHShell
+from metis_stream.templates import Template
 from tests.support.cluster import TestCluster
 
 
@@ -35,3 +42,41 @@ async def test_a_refused_session_waits_for_a_free_one(test_cluster: TestCluster)
     finally:
         await shell.close()
 
+
+class RecordingShell:
+    """A shell that answers ``qsub`` with an id and records how each command was run."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[list[str], bool]] = []
+
+    async def run(self, argv: Sequence[str], *, timeout: float | None = None,
+                  idempotent: bool = True) -> CommandResult:
+        self.runs.append((list(argv), idempotent))
+        return CommandResult(0, "42\n", "")
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        pass
+
+    async def remove_file(self, path: str) -> None:
+        pass
+
+    async def realpath(self, path: str) -> str:
+        return f"/home/alice/{path}"
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_submit_command_is_never_retried(tmp_path: Path) -> None:
+    """SSHShell.run retries a command whose connection broke after it was sent unless it
+    is told ``idempotent=False``; BatchScheduler.submit did not say so, so a qsub that lost
+    its connection could be run twice: two jobs with one id and one token."""
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\n")
+    shell = RecordingShell()
+    scheduler = BatchScheduler("c", pbs.DIALECT, shell, workdir="ms", poll_interval=1,
+                               emit_script=script)
+    template = Template(name="t", cluster="c", script=script)
+    submission = Submission(job_id="j_1", name="ms-1", template=template, env={}, token="s")
+    assert await scheduler.submit(submission) == "42"
+    assert [idempotent for argv, idempotent in shell.runs if argv[0] == "qsub"] == [False]

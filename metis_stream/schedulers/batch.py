@@ -222,7 +222,10 @@ class BatchScheduler:
         except ShellError as exc:
             raise SchedulerError(f"could not stage the job on {self.name}: {exc}") from exc
         try:
-            result = await self._shell.run(command.argv, timeout=self._timeout)
+            # Never run twice: a qsub whose connection broke may have queued the job, and
+            # a second one would start the same job again (same id, same token).
+            result = await self._shell.run(command.argv, timeout=self._timeout,
+                                           idempotent=False)
         except ShellError as exc:
             return await self._find_interrupted(submission.name, exc)
         return self.dialect.parse_submit(result)

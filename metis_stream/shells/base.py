@@ -28,8 +28,12 @@ class Shell(Protocol):
     Relative paths are relative to the login user's home directory.
     """
 
-    async def run(self, argv: Sequence[str], *, timeout: float | None = None) -> CommandResult:
-        """Run one command; a non-zero exit is a result, not an error."""
+    async def run(self, argv: Sequence[str], *, timeout: float | None = None,
+                  idempotent: bool = True) -> CommandResult:
+        """Run one command; a non-zero exit is a result, not an error.
+
+        ``idempotent=False`` (a submission) forbids running the command again after a
+        failure that left its outcome unknown: the shell reports the failure instead."""
         ...
 
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:

@@ -21,9 +21,11 @@ class LocalShell:
     def __init__(self, home: Path | None = None) -> None:
         self.home = home if home is not None else Path.home()
 
-    async def run(self, argv: Sequence[str], *, timeout: float | None = None) -> CommandResult:
+    async def run(self, argv: Sequence[str], *, timeout: float | None = None,
+                  idempotent: bool = True) -> CommandResult:
         """Run one command; a non-zero exit is a result, not an error. A command that
-        does not exist exits 127, as it would through a remote shell."""
+        does not exist exits 127, as it would through a remote shell. Nothing is ever
+        retried here, so ``idempotent`` changes nothing."""
         if not argv:
             raise ValueError("empty command")
         if any("\0" in arg for arg in argv):
