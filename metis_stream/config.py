@@ -42,6 +42,10 @@ class ServerConfig:
     max_event_bytes: int = MAX_EVENT_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_events_per_job: int = 10_000
+    max_lines_per_request: int = 10_000
+    max_sockets_per_job: int = 100
+    max_sockets: int = 10_000
+    """Websockets per server process; beyond either socket limit a handshake gets 429."""
     event_retention: float = 7 * 24 * 3600
     submit_timeout: float = 120.0
     submissions_per_minute: float = 120.0

@@ -3,6 +3,7 @@ status, and nothing changed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -389,3 +390,32 @@ def test_503_with_retry_after_when_the_backend_is_unavailable(in_process_server)
     assert response.headers["retry-after"] == "1"
     assert "retry" in response.json()["error"]
     httpx.delete(f"{url}/api/jobs/{job['id']}")
+
+
+def test_429_past_the_sockets_per_job_and_413_past_the_lines_per_request(tmp_path: Path):
+    process = ServerProcess(
+        state_dir=tmp_path / "server",
+        server_settings={"max_sockets_per_job": 2, "max_lines_per_request": 3},
+        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES + custom_templates(tmp_path / "s"))
+    process.start()
+    try:
+        job = Job(process)
+
+        async def three_watchers() -> int:
+            url = f"{process.ws_url}/ws/jobs/{job.id}"
+            async with websockets.connect(url), websockets.connect(url):
+                with pytest.raises(InvalidStatus) as refused:
+                    async with websockets.connect(url):
+                        pass
+                return refused.value.response.status_code
+
+        assert asyncio.run(three_watchers()) == 429
+        before = job.events()
+        lines = "".join(json.dumps({"type": "log", "data": n}) + "\n" for n in range(4))
+        assert_error(job.post(lines, "application/x-ndjson"), 413, "at most 3 events")
+        assert_unchanged(job, before)
+        assert job.post(lines[: lines.index("\n") + 1], "application/x-ndjson"
+                        ).status_code == 200
+        job.end()
+    finally:
+        process.stop()

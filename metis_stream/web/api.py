@@ -187,6 +187,7 @@ async def post_events(request: Request) -> Response:
         if "content-length" in request.headers:
             body = await read_body(request, server.max_request_bytes)
             events = parse_ndjson(body, max_event_bytes=server.max_event_bytes)
+            _check_line_count(len(events), server.max_lines_per_request)
             seqs, duplicates = await _ingest(service, job_id, events)
         else:
             seqs, duplicates = await _ingest_stream(service, request, job_id)
@@ -197,6 +198,11 @@ async def post_events(request: Request) -> Response:
         raise HTTPError(415, "send one event as application/json or several as "
                              "application/x-ndjson")
     return JSONResponse({"seqs": seqs, "duplicates": duplicates})
+
+
+def _check_line_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise HTTPError(413, f"a request may carry at most {limit} events")
 
 
 async def _ingest(service: JobService, job_id: str, events: list[NewEvent]
@@ -219,9 +225,15 @@ async def _ingest_stream(service: JobService, request: Request, job_id: str
 
     async def take(lines: list[bytes]) -> None:
         nonlocal line_number
-        events = []
+        events: list[NewEvent] = []
         for line in lines:
             line_number += 1
+            try:
+                _check_line_count(line_number, service.config.server.max_lines_per_request)
+            except HTTPError as error:
+                await flush(events)
+                error.details["seqs"] = seqs
+                raise
             if not line.strip():
                 continue
             try:

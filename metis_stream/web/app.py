@@ -73,4 +73,6 @@ def create_app(config: Config, *, backend: Backend | None = None,
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={**handlers, HTTPException: handle_not_found})
     app.state.service = service
+    app.state.socket_slots = sockets.SocketSlots(config.server.max_sockets_per_job,
+                                                 config.server.max_sockets)
     return app

@@ -9,7 +9,7 @@ and with 1013 (try again later) when the backend is unavailable.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -31,6 +31,40 @@ MAX_FIRST_FRAME = 64 * 1024
 DENIAL_EXTENSION = "websocket.http.response"
 
 
+class SocketSlots:
+    """Counts this process's websockets, per job and in all, against the configured limits."""
+
+    def __init__(self, per_job: int, total: int) -> None:
+        self._per_job = per_job
+        self._total = total
+        self._count = 0
+        self._by_job: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def take(self, job_id: str) -> Iterator[None]:
+        """One socket watching ``job_id`` (empty for a submit socket before its job exists)."""
+        if self._count >= self._total:
+            raise HTTPError(429, "this server has too many open sockets; retry later",
+                            {"Retry-After": "5"})
+        if job_id and self._by_job.get(job_id, 0) >= self._per_job:
+            raise HTTPError(429, f"job {job_id} has {self._per_job} watchers already",
+                            {"Retry-After": "5"})
+        self._count += 1
+        self._by_job[job_id] = self._by_job.get(job_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._count -= 1
+            self._by_job[job_id] -= 1
+            if not self._by_job[job_id]:
+                del self._by_job[job_id]
+
+
+def slots_of(websocket: WebSocket) -> SocketSlots:
+    slots: SocketSlots = websocket.app.state.socket_slots
+    return slots
+
+
 def service_of(websocket: WebSocket) -> JobService:
     service: JobService = websocket.app.state.service
     return service
@@ -39,12 +73,18 @@ def service_of(websocket: WebSocket) -> JobService:
 async def submit_socket(websocket: WebSocket) -> None:
     """``WS /ws/jobs``: the first frame is a submit request; then the job's events."""
     service = service_of(websocket)
-    try:
-        auth.check_origin(websocket, service.config.server)
-        auth.require_client(websocket, service.config.server)
-    except HTTPError as error:
-        await _deny(websocket, error)
-        return
+    with contextlib.ExitStack() as slot:
+        try:
+            auth.check_origin(websocket, service.config.server)
+            auth.require_client(websocket, service.config.server)
+            slot.enter_context(slots_of(websocket).take(""))
+        except HTTPError as error:
+            await _deny(websocket, error)
+            return
+        await _submit_and_stream(websocket, service)
+
+
+async def _submit_and_stream(websocket: WebSocket, service: JobService) -> None:
     await websocket.accept()
     try:
         with anyio.fail_after(FIRST_FRAME_TIMEOUT):
@@ -68,18 +108,20 @@ async def watch_socket(websocket: WebSocket) -> None:
     """``WS /ws/jobs/{id}?after=N``: history after N, then live, until the terminal event."""
     service = service_of(websocket)
     job_id = websocket.path_params["job_id"]
-    try:
-        auth.check_origin(websocket, service.config.server)
-        auth.require_watcher(websocket, service.config.server, job_id)
-        raw_after = websocket.query_params.get("after", "0")
-        if not raw_after.isdigit() or len(raw_after) > 18:
-            raise HTTPError(400, "'after' must be a whole number")
-        await service.backend.get_job(job_id)
-    except Exception as exc:
-        await _deny(websocket, _client_error(exc))
-        return
-    await websocket.accept()
-    await _stream(websocket, service, job_id, after=int(raw_after))
+    with contextlib.ExitStack() as slot:
+        try:
+            auth.check_origin(websocket, service.config.server)
+            auth.require_watcher(websocket, service.config.server, job_id)
+            raw_after = websocket.query_params.get("after", "0")
+            if not raw_after.isdigit() or len(raw_after) > 18:
+                raise HTTPError(400, "'after' must be a whole number")
+            await service.backend.get_job(job_id)
+            slot.enter_context(slots_of(websocket).take(job_id))
+        except Exception as exc:
+            await _deny(websocket, _client_error(exc))
+            return
+        await websocket.accept()
+        await _stream(websocket, service, job_id, after=int(raw_after))
 
 
 def _submit_request(message: Mapping[str, Any]) -> dict[str, Any]:
