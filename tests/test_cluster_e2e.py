@@ -484,6 +484,30 @@ def test_cancel_through_the_api_removes_the_job_from_the_scheduler(env: Env,
     assert late.status_code == 409
 
 
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_cancel_right_after_submitting_leaves_no_job_behind(env: Env, scheduler: str) -> None:
+    """DELETE while the submission may still be on its way: whichever comes first, the
+    scheduler must end up without the job."""
+    job = submit(env.server, f"sleepy_{scheduler}")
+    response = httpx.delete(f"{env.server.url}/api/jobs/{job['id']}", headers=HEADERS,
+                            timeout=30)
+    assert response.status_code == 200, response.text
+    name = f"ms-{job['id'][-12:]}"
+
+    def no_live_job() -> bool:
+        live = env.cluster.run_as_user(
+            ["squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING", "-n", name]).stdout
+        return not live.strip()
+
+    time.sleep(1.5)  # a submission still in flight lands, and is cancelled, by then
+    wait_until(no_live_job, 15, f"no live job named {name}")
+    events = history(env.server, job["id"])
+    assert events[-1]["type"] == "cancelled"
+    assert [e["type"] for e in events].count("cancelled") == 1
+    known = env.cluster.run_as_user(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"])
+    env.scheduler_ids.extend(known.stdout.split())
+
+
 def test_changed_host_key_is_refused_and_nothing_is_submitted(env: Env) -> None:
     before = accepted_ports(env.cluster, env.module_log_start)
     job = submit(env.server, "tokens_badhost", {"text": "never"})
@@ -769,11 +793,11 @@ def test_walltime_kill_becomes_fatal(env: Env, walltime_job: WalltimeJob) -> Non
     up to one minute and checks limits about every 30 s)."""
     events = follow(env.server, walltime_job.job_id,
                     timeout=max(10.0, 150 - (time.monotonic() - walltime_job.submitted)))
-    elapsed = time.monotonic() - walltime_job.submitted
-    FIGURES.add(f"[pbs] walltime 00:00:05 (Slurm: 1 min) -> fatal {elapsed:.0f} s "
-                "after submission")
     record(env, get_job(env.server, walltime_job.job_id))
     own = without_monitor_running(events)
+    started = next(e["time"] for e in own if e["type"] == "step")
+    FIGURES.add(f"[pbs] walltime 00:00:05 (Slurm: 1 min): the job started, then was killed "
+                f"and turned fatal {own[-1]['time'] - started:.0f} s later")
     assert [e["type"] for e in own] == ["starting", "submitted", "step", "fatal"], events
     data = own[-1]["data"]
     assert "walltime exceeded" in data["scheduler_state"], data
