@@ -1,0 +1,221 @@
+"""The async Python client (metis_stream.client.Client) against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metis_stream.client import Client, ClientError
+from metis_stream.events import TERMINAL_TYPES
+from metis_stream.tokens import hash_api_key
+from tests.support.redis_server import RedisServer
+from tests.support.server import ServerProcess, free_port
+
+UNKNOWN_JOB = "j_01M87P14J6V8D2MYD25J6MJ0B2"
+WORDS = [f"c{n}" for n in range(15)]
+TEXT = " ".join(WORDS)
+
+
+async def wait_for_state(client: Client, job_id: str, state: str, timeout: float = 15) -> None:
+    async with asyncio.timeout(timeout):
+        while (await client.get(job_id))["state"] != state:
+            await asyncio.sleep(0.05)
+
+
+async def wait_until_ended(client: Client, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            job = await client.get(job_id)
+            if job["state"] in ("completed", "failed", "cancelled"):
+                return job
+            await asyncio.sleep(0.05)
+
+
+def token_text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["data"] for e in events if e["type"] == "token")
+
+
+def assert_exactly_once(events: list[dict[str, Any]], text: str = TEXT) -> None:
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "starting"
+    assert events[-1]["type"] == "completed"
+    assert sum(e["type"] in TERMINAL_TYPES for e in events) == 1
+    assert token_text(events) == text
+
+
+async def test_submit_get_jobs_cancel_and_history(live_server: ServerProcess):
+    async with Client(live_server.url) as client:
+        templates = {t["name"] for t in await client.templates()}
+        assert {"tokens", "download"} <= templates
+
+        slow = await client.submit("tokens", {"text": "a b c d e f", "delay": 3})
+        assert slow["id"].startswith("j_")
+        assert slow["template"] == "tokens"
+        assert slow["watch_url"] == f"/ws/jobs/{slow['id']}"
+        fast = await client.submit("tokens", {"text": "quick one", "delay": 0})
+        await wait_for_state(client, slow["id"], "running")
+        assert (await wait_until_ended(client, fast["id"]))["state"] == "completed"
+
+        got = await client.get(slow["id"])
+        assert (got["id"], got["state"], got["params"]) == (
+            slow["id"], "running", {"text": "a b c d e f", "delay": 3.0})
+        assert [j["id"] for j in await client.jobs("running")] == [slow["id"]]
+        assert [j["id"] for j in await client.jobs("completed")] == [fast["id"]]
+        assert [j["id"] for j in await client.jobs()] == [fast["id"], slow["id"]]
+        assert await client.jobs("cancelled") == []
+
+        cancelled = await client.cancel(slow["id"])
+        assert cancelled["state"] == "cancelled"
+        assert [j["id"] for j in await client.jobs("cancelled")] == [slow["id"]]
+        events = await client.history(slow["id"])
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert events[-1]["type"] == "cancelled"
+        assert await client.history(slow["id"], after=2) == events[2:]
+        assert await client.history(slow["id"], after=len(events)) == []
+
+        finished = await client.history(fast["id"])
+        assert finished[-1]["type"] == "completed"
+        assert finished[-1]["data"] == {"text": "quick one", "tokens": 2}
+
+        with pytest.raises(ClientError) as again:
+            await client.cancel(slow["id"])
+        assert again.value.status == 409
+
+
+async def test_watch_yields_every_event_once_and_ends_after_the_terminal(
+        live_server: ServerProcess):
+    async with Client(live_server.url) as client:
+        job = await client.submit("tokens", {"text": TEXT, "delay": 0.03})
+        assert (await client.get(job["id"]))["state"] not in ("completed", "failed")
+        watched = [event async for event in client.watch(job["id"])]
+        assert_exactly_once(watched)
+        assert watched == await client.history(job["id"])
+        # After the end: a replay, and one from the middle.
+        assert [event async for event in client.watch(job["id"])] == watched
+        assert [event async for event in client.watch(job["id"], after=5)] == watched[5:]
+        last = len(watched) - 1
+        assert [event async for event in client.watch(job["id"], after=last)] == watched[-1:]
+
+
+@pytest.mark.xfail(strict=True, raises=ClientError, reason=(
+    "BUG: Client.watch(after=<the terminal seq>) of an ended job: the server closes with "
+    "1000 and no event, and watch takes that for a dropped connection, reconnects until "
+    "give_up_after (default 120 s) and raises ClientError(0, 'cannot reach ...')"))
+async def test_watch_after_the_terminal_seq_ends_at_once_with_nothing(
+        live_server: ServerProcess):
+    async with Client(live_server.url, give_up_after=2, max_retry_delay=0.2) as client:
+        job = await client.submit("tokens", {"text": "short", "delay": 0})
+        ended = await wait_until_ended(client, job["id"])
+        async with asyncio.timeout(10):
+            rest = [event async for event in client.watch(job["id"], after=ended["last_seq"])]
+        assert rest == []
+
+
+async def test_unknown_job_is_404_everywhere(live_server: ServerProcess):
+    async with Client(live_server.url) as client:
+        for call in (client.get(UNKNOWN_JOB), client.cancel(UNKNOWN_JOB),
+                     client.history(UNKNOWN_JOB)):
+            with pytest.raises(ClientError) as caught:
+                await call
+            assert caught.value.status == 404
+            assert "unknown job" in caught.value.message.lower()
+        with pytest.raises(ClientError) as watched:
+            async with asyncio.timeout(10):
+                async for _ in client.watch(UNKNOWN_JOB):
+                    pass
+        assert watched.value.status == 404
+
+
+async def test_an_unknown_template_is_422(live_server: ServerProcess):
+    async with Client(live_server.url) as client:
+        with pytest.raises(ClientError) as caught:
+            await client.submit("no-such-template")
+        assert caught.value.status == 422
+
+
+@pytest.fixture
+def keyed_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(state_dir=tmp_path / "keyed",
+                           server_settings={"api_keys": [hash_api_key("right-key")]})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_wrong_key_is_401_and_the_right_one_works(keyed_server: ServerProcess):
+    async with Client(keyed_server.url, key="right-key") as good:
+        job = await good.submit("tokens", {"text": "keyed words", "delay": 0})
+        events = [event async for event in good.watch(job["id"])]
+        assert_exactly_once(events, "keyed words")
+    for key in ("wrong-key", None):
+        async with Client(keyed_server.url, key=key) as bad:
+            for call in (bad.jobs(), bad.get(job["id"]), bad.submit("tokens"),
+                         bad.history(job["id"]), bad.cancel(job["id"])):
+                with pytest.raises(ClientError) as caught:
+                    await call
+                assert caught.value.status == 401, key
+            with pytest.raises(ClientError) as watched:
+                async with asyncio.timeout(10):
+                    async for _ in bad.watch(job["id"]):
+                        pass
+            assert watched.value.status == 401, key
+
+
+async def test_an_unreachable_server_is_status_0():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with Client(url, timeout=2, give_up_after=1.0, max_retry_delay=0.2) as client:
+        for call in (client.get(UNKNOWN_JOB), client.jobs(), client.submit("tokens")):
+            with pytest.raises(ClientError) as caught:
+                await call
+            assert caught.value.status == 0
+            assert "cannot reach" in caught.value.message
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ClientError) as watched:
+            async with asyncio.timeout(20):
+                async for _ in client.watch(UNKNOWN_JOB):
+                    pass
+        assert watched.value.status == 0
+        assert loop.time() - started >= 1.0, "watch retries until give_up_after"
+
+
+@pytest.mark.redis
+async def test_watch_resumes_across_a_server_restart_with_redis(redis_server: RedisServer,
+                                                                tmp_path: Path):
+    server = ServerProcess(state_dir=tmp_path / "server",
+                           server_settings={"redis_url": redis_server.url})
+    server.start()
+    try:
+        words = [f"r{n}" for n in range(40)]
+        received: list[dict[str, Any]] = []
+        async with Client(server.url, max_retry_delay=0.5) as client:
+            job = await client.submit("tokens", {"text": " ".join(words), "delay": 0.05})
+
+            async def watch() -> None:
+                async for event in client.watch(job["id"]):
+                    received.append(event)
+
+            watcher = asyncio.create_task(watch())
+            async with asyncio.timeout(30):
+                while sum(e["type"] == "token" for e in received) < 5:
+                    await asyncio.sleep(0.02)
+            seen_at_restart = len(received)
+            await asyncio.to_thread(server.restart)
+            await asyncio.wait_for(watcher, 60)
+            assert_exactly_once(received, " ".join(words))
+            assert received == await client.history(job["id"])
+        assert received[seen_at_restart - 1]["type"] not in TERMINAL_TYPES
+        assert len(received) > seen_at_restart, "events must have arrived after the restart"
+        log = server.log()
+        assert log.count("Started server process") == 2
+        resumed = re.findall(rf"WebSocket /ws/jobs/{job['id']}\?after=(\d+)", log)
+        assert len(resumed) >= 2 and int(resumed[-1]) >= seen_at_restart, resumed
+    finally:
+        server.stop()
