@@ -1,0 +1,368 @@
+"""The ``metis-stream`` CLI as a subprocess (``python -m metis_stream.cli``) against a real
+server: tail (live, fatal, cancelled, across a restart on Redis, Ctrl-C), jobs, token, emit,
+and where the URL and key come from."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from metis_stream.tokens import hash_api_key
+from tests.support.redis_server import RedisServer, _find_or_install_redis, _unavailable
+from tests.support.server import ServerProcess, free_port
+
+CLI = [sys.executable, "-m", "metis_stream.cli"]
+WORDS = [f"t{n}" for n in range(10)]
+TEXT = " ".join(WORDS)
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any METIS_* variable, plus ``extra``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("METIS_")}
+    env.update(extra or {})
+    return env
+
+
+def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(env))
+
+
+class Background:
+    """A CLI command running in the background, its stdout collected as it comes."""
+
+    def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
+        self.process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=clean_env(env))
+        self._out = bytearray()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        while chunk := os.read(self.process.stdout.fileno(), 4096):
+            with self._lock:
+                self._out += chunk
+
+    @property
+    def stdout(self) -> str:
+        with self._lock:
+            return self._out.decode()
+
+    def wait_for_output(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.stdout:
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} never appeared; output so far: {self.stdout!r}")
+
+    def wait(self, timeout: float = 60) -> tuple[int, str, str]:
+        """The exit code, stdout and stderr."""
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        assert self.process.stderr is not None
+        return code, self.stdout, self.process.stderr.read().decode()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def submit(server: ServerProcess, template: str = "tokens", key: str | None = None,
+           **params: Any) -> str:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(f"{server.url}/api/jobs", headers=headers, timeout=10,
+                          json={"template": template, "params": params})
+    assert response.status_code == 201, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def history(server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = httpx.get(
+        f"{server.url}/api/jobs/{job_id}/events", timeout=10).json()["events"]
+    return events
+
+
+def wait_for_state(server: ServerProcess, job_id: str, state: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{server.url}/api/jobs/{job_id}", timeout=5).json()["state"] == state:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {state}")
+
+
+def count_tokens(server: ServerProcess, job_id: str) -> int:
+    return sum(e["type"] == "token" for e in history(server, job_id))
+
+
+def assert_text_once(stdout: str, text: str) -> None:
+    """Token text is printed inline, on a line of its own between the event lines."""
+    lines = stdout.splitlines()
+    assert lines.count(text) == 1, stdout
+    first_word = text.split()[0]
+    # Nowhere else but in that line and in the `completed` line's result.
+    assert stdout.count(first_word + " ") == 2, stdout
+
+
+def is_event_line(line: str, event_type: str) -> bool:
+    parts = line.split()
+    return len(parts) >= 2 and parts[1] == event_type
+
+
+# tail
+
+
+def test_tail_of_a_live_job_prints_the_text_inline_and_exits_0(live_server: ServerProcess):
+    job_id = submit(live_server, text=TEXT, delay=0.1)
+    tail = Background("tail", job_id, "--url", live_server.url)
+    try:
+        tail.wait_for_output("step")
+        assert count_tokens(live_server, job_id) < len(WORDS), "tail must follow a live job"
+        code, out, err = tail.wait()
+    finally:
+        tail.stop()
+    assert code == 0, err
+    assert_text_once(out, TEXT)
+    lines = out.splitlines()
+    assert is_event_line(lines[0], "starting")
+    assert is_event_line(lines[-1], "completed")
+    assert lines[-2] == TEXT, "the text ends its line before the next event"
+    assert "Traceback" not in err
+
+
+def test_tail_exits_1_after_fatal(live_server: ServerProcess):
+    closed = f"http://127.0.0.1:{free_port()}/missing.bin"  # nothing listens: curl fails
+    job_id = submit(live_server, "download", url=closed)
+    done = cli("tail", job_id, "--url", live_server.url)
+    assert done.returncode == 1, done.stderr
+    assert is_event_line(done.stdout.splitlines()[-1], "fatal"), done.stdout
+    assert "Traceback" not in done.stderr
+    as_json = cli("tail", job_id, "--json", "--url", live_server.url)
+    assert as_json.returncode == 1
+    events = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert events == history(live_server, job_id)
+
+
+def test_tail_exits_1_after_cancelled(live_server: ServerProcess):
+    job_id = submit(live_server, text="slow words here", delay=5)
+    tail = Background("tail", job_id, "--url", live_server.url)
+    try:
+        tail.wait_for_output("step")
+        assert httpx.delete(f"{live_server.url}/api/jobs/{job_id}",
+                            timeout=10).status_code == 200
+        code, out, err = tail.wait(30)
+    finally:
+        tail.stop()
+    assert code == 1, err
+    assert is_event_line(out.splitlines()[-1], "cancelled"), out
+    assert "Traceback" not in err
+
+
+def test_tail_interrupted_with_sigint_exits_130_without_a_traceback(
+        live_server: ServerProcess):
+    job_id = submit(live_server, text="slow words here", delay=5)
+    tail = Background("tail", job_id, "--url", live_server.url)
+    try:
+        tail.wait_for_output("step")
+        tail.process.send_signal(signal.SIGINT)
+        code, _, err = tail.wait(15)
+    finally:
+        tail.stop()
+        httpx.delete(f"{live_server.url}/api/jobs/{job_id}", timeout=10)
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert "KeyboardInterrupt" not in err
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own."""
+    executable = _find_or_install_redis()
+    if executable is None:
+        _unavailable("redis-server is not installed")
+    server = RedisServer(executable, tmp_path / "redis")
+    server.directory.mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.redis
+def test_tail_across_a_server_restart_prints_the_text_once_and_exits_0(
+        redis: RedisServer, tmp_path: Path):
+    server = ServerProcess(state_dir=tmp_path / "server",
+                           server_settings={"redis_url": redis.url})
+    server.start()
+    words = [f"r{n}" for n in range(40)]
+    text = " ".join(words)
+    tail: Background | None = None
+    try:
+        job_id = submit(server, text=text, delay=0.05)
+        tail = Background("tail", job_id, "--url", server.url)
+        tail.wait_for_output(" r4")
+        printed_before = tail.stdout
+        server.restart()
+        code, out, err = tail.wait(60)
+        events = history(server, job_id)
+    finally:
+        if tail is not None:
+            tail.stop()
+        server.stop()
+    assert code == 0, err
+    assert "completed" not in printed_before, "the restart must come in the middle"
+    assert out.startswith(printed_before)
+    assert_text_once(out, text)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "completed"
+    assert "Traceback" not in err
+    log = server.log()
+    assert log.count("Started server process") == 2
+    resumed = re.findall(rf"WebSocket /ws/jobs/{job_id}\?after=(\d+)", log)
+    assert len(resumed) >= 2 and int(resumed[-1]) > 0, "tail must have resumed after N"
+
+
+# Where the URL and key come from
+
+
+@pytest.fixture
+def keyed_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(state_dir=tmp_path / "keyed",
+                           server_settings={"api_keys": [hash_api_key("cli-key")]})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_url_and_key_after_the_subcommand_and_from_the_environment(
+        keyed_server: ServerProcess):
+    job_id = submit(keyed_server, key="cli-key", text="keyed text", delay=0)
+    by_options = cli("jobs", "--url", keyed_server.url, "--key", "cli-key")
+    assert by_options.returncode == 0, by_options.stderr
+    assert job_id in by_options.stdout
+    by_env = cli("jobs", env={"METIS_URL": keyed_server.url, "METIS_API_KEY": "cli-key"})
+    assert by_env.returncode == 0, by_env.stderr
+    assert by_env.stdout == by_options.stdout
+    tail = cli("tail", job_id, "--key", "cli-key", "--url", keyed_server.url)
+    assert tail.returncode == 0, tail.stderr
+    assert_text_once(tail.stdout, "keyed text")
+    # An option wins over the environment.
+    mixed = cli("jobs", "--key", "cli-key", env={"METIS_URL": keyed_server.url,
+                                                 "METIS_API_KEY": "stale-key"})
+    assert mixed.returncode == 0, mixed.stderr
+
+
+@pytest.mark.parametrize("command", ["jobs", "tail"])
+def test_a_wrong_key_is_a_readable_error_and_exit_1(keyed_server: ServerProcess, command: str):
+    job_id = submit(keyed_server, key="cli-key", text="x", delay=0)
+    args = ["jobs"] if command == "jobs" else ["tail", job_id]
+    for key_args in (["--key", "wrong-key"], []):
+        done = cli(*args, "--url", keyed_server.url, *key_args, timeout=30)
+        assert done.returncode == 1, (key_args, done.stderr)
+        assert done.stderr.startswith("metis-stream: "), done.stderr
+        assert "(401)" in done.stderr and "key" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stdout == ""
+
+
+# token, emit, jobs
+
+
+def test_token_prints_the_job_token_that_the_server_accepts(live_server: ServerProcess):
+    job_id = submit(live_server, text="slow words here", delay=5)
+    try:
+        wait_for_state(live_server, job_id, "running")
+        done = cli("token", job_id, "--config", str(live_server.config_path))
+        assert done.returncode == 0, done.stderr
+        token = done.stdout.strip()
+        assert done.stdout == token + "\n" and len(token) >= 32
+        url = f"{live_server.url}/api/jobs/{job_id}/events"
+        body = json.dumps({"type": "log", "data": "posted with the CLI's token"})
+        posted = subprocess.run(
+            ["curl", "-sS", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {token}",
+             "-H", "Content-Type: application/json", "-d", body, url],
+            capture_output=True, text=True, timeout=30)
+        answer, status = posted.stdout.rsplit("\n", 1)
+        assert status == "200", posted.stdout
+        seq = json.loads(answer)["seqs"][0]
+        assert history(live_server, job_id)[seq - 1]["data"] == "posted with the CLI's token"
+        other = cli("token", "j_01M87P14J6V8D2MYD25J6MJ0B2", "--config",
+                    str(live_server.config_path)).stdout.strip()
+        refused = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+             f"Authorization: Bearer {other}", "-H", "Content-Type: application/json",
+             "-d", body, url], capture_output=True, text=True, timeout=30)
+        assert refused.stdout == "401", "another job's token is refused"
+    finally:
+        httpx.delete(f"{live_server.url}/api/jobs/{job_id}", timeout=10)
+
+
+def test_emit_posts_an_event_from_inside_a_job_and_prints_its_seq(live_server: ServerProcess):
+    job_id = submit(live_server, text="slow words here", delay=5)
+    try:
+        wait_for_state(live_server, job_id, "running")
+        token_file = live_server.state_dir / "jobs" / "local" / job_id / "token"
+        assert token_file.exists(), "the local scheduler writes the job's token file"
+        job_env = {"METIS_EVENTS_URL": f"{live_server.url}/api/jobs/{job_id}/events",
+                   "METIS_TOKEN_FILE": str(token_file)}
+        as_json = cli("emit", "chunk", '{"rows": 3}', env=job_env)
+        as_text = cli("emit", "log", "loaded 3 rows", env=job_env)
+        for done in (as_json, as_text):
+            assert done.returncode == 0, done.stderr
+        seqs = [int(done.stdout) for done in (as_json, as_text)]
+        events = history(live_server, job_id)
+        assert (events[seqs[0] - 1]["type"], events[seqs[0] - 1]["data"]) == (
+            "chunk", {"rows": 3})
+        assert (events[seqs[1] - 1]["type"], events[seqs[1] - 1]["data"]) == (
+            "log", "loaded 3 rows")
+        outside = cli("emit", "log", "nowhere")
+        assert outside.returncode == 2
+        assert "METIS_EVENTS_URL" in outside.stderr and "Traceback" not in outside.stderr
+    finally:
+        httpx.delete(f"{live_server.url}/api/jobs/{job_id}", timeout=10)
+
+
+def test_jobs_state_running_lists_only_the_running_job(live_server: ServerProcess):
+    done_id = submit(live_server, text="quick", delay=0)
+    running_id = submit(live_server, text="slow words here", delay=5)
+    try:
+        wait_for_state(live_server, done_id, "completed")
+        wait_for_state(live_server, running_id, "running")
+        running = cli("jobs", "--state", "running", "--url", live_server.url)
+        assert running.returncode == 0, running.stderr
+        lines = running.stdout.splitlines()
+        assert len(lines) == 1, running.stdout
+        assert lines[0].split()[:3] == [running_id, "running", "tokens"]
+        everything = cli("jobs", "--url", live_server.url).stdout.splitlines()
+        assert [line.split()[:2] for line in everything] == [
+            [running_id, "running"], [done_id, "completed"]]
+        as_json = cli("jobs", "--state", "completed", "--json", "--url", live_server.url)
+        assert [json.loads(line)["id"] for line in as_json.stdout.splitlines()] == [done_id]
+        bad = cli("jobs", "--state", "sleeping", "--url", live_server.url)
+        assert bad.returncode == 1 and "(400)" in bad.stderr
+    finally:
+        httpx.delete(f"{live_server.url}/api/jobs/{running_id}", timeout=10)
+
