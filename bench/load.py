@@ -688,7 +688,7 @@ def run_case(target: Target, scenario: Scenario, mode: str, args: argparse.Names
     plan = Plan(mode=mode, events=scenario.events, watchers=scenario.watchers,
                 total_jobs=scenario.jobs, rate_per_job=rate_per_job, batch=scenario.batch,
                 http=args.http, compression=args.compression == "deflate",
-                check_seq=target.metis, drain_timeout=30.0 + duration)
+                check_seq=target.metis, drain_timeout=10.0 + duration)
     context = multiprocessing.get_context("fork")
     barriers = [context.Barrier(workers + 1) for _ in range(3)]
     ready, go, done = barriers
@@ -706,10 +706,13 @@ def run_case(target: Target, scenario: Scenario, mode: str, args: argparse.Names
         rss1 = sum(rss_kib(pid) for pid in pids)
         cpu0 = sum(cpu_seconds(pid) for pid in pids)
         redis0 = cpu_seconds(target.redis.pid) if target.redis else 0.0
+        spy = start_py_spy(args, target, scenario, mode)
         wall0 = time.time()
         go.wait(BARRIER_TIMEOUT)
         done.wait(BARRIER_TIMEOUT)
         wall1 = time.time()
+        if spy is not None:
+            stop_py_spy(spy)
         cpu1 = sum(cpu_seconds(pid) for pid in pids)
         redis1 = cpu_seconds(target.redis.pid) if target.redis else 0.0
         outcomes = [results.get(timeout=120) for _ in processes]
@@ -764,6 +767,72 @@ def run_case(target: Target, scenario: Scenario, mode: str, args: argparse.Names
         notes.append(f"connect {max(o['connect_seconds'] for o in outcomes):.1f}s")
     row.note = "; ".join(notes)
     return row
+
+
+def start_py_spy(args: argparse.Namespace, target: Target, scenario: Scenario, mode: str
+                 ) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """``py-spy record`` of the (first) server while the events flow, when asked for."""
+    if not args.py_spy:
+        return None
+    executable = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(args.py_spy) / f"{target.name.replace(' ', '')}-{scenario.key}-{mode}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([executable, "record", "--pid", str(target.servers[0].pid),
+                                "--format", "raw", "--rate", "250", "--nonblocking",
+                                "--output", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches
+    return process, out
+
+
+def stop_py_spy(spy: tuple[subprocess.Popen[bytes], Path]) -> None:
+    process, out = spy
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if out.exists():
+        print(profile_summary(out.read_text()), flush=True)
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/to/module.py:123)`` -> ``func (module.py)``: lines merged, paths cut."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    parts = where.split("/")
+    keep = "/".join(parts[-2:]) if len(parts) > 1 else where
+    return f"{name} ({keep})"
+
+
+def profile_summary(raw: str, top: int = 25) -> str:
+    """The functions with the most samples, by self time and inclusive time."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_frame_name(f) for f in stack.split(";") if f and not f.startswith("process ")
+                  and not f.startswith("thread ")]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    if not total:
+        return "  (py-spy recorded no samples)"
+    out = [f"  py-spy: {total} samples on CPU", "  self time:"]
+    out += [f"    {100 * n / total:5.1f}%  {name}"
+            for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    out.append("  inclusive time:")
+    out += [f"    {100 * n / total:5.1f}%  {name}"
+            for name, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -887,6 +956,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="offer permessage-deflate on websockets, as browsers do")
     parser.add_argument("--poll-interval", type=float, default=2.0,
                         help="the local scheduler's poll interval in the generated config")
+    parser.add_argument("--py-spy", metavar="DIR", default="",
+                        help="record the server with py-spy (pip install py-spy) during each "
+                             "case into DIR, and print its top functions (the CPU figures of "
+                             "a profiled run include py-spy's own cost to the server)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (configs, server logs)")
     args = parser.parse_args(argv)
