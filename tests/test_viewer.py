@@ -280,6 +280,9 @@ def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
     job = submit_with_api(viewer.server, "tokens", text=TWELVE_WORDS, delay=2)
     viewer.open(f"#/jobs/{job['id']}")
     wait_for_words(viewer, 1)
+    # The job posts its own progress right after its first word: wait for it, so that it
+    # cannot land after the progress event below.
+    _expect(page.locator("#progress-text")).to_have_text("1 / 12 (8%)")
     post_as_the_job(
         viewer.server, job["id"],
         {"type": "chunk", "data": {"rows": 3}},
