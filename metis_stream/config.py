@@ -48,6 +48,9 @@ class ServerConfig:
     """Websockets per server process; beyond either socket limit a handshake gets 429."""
     event_retention: float = 7 * 24 * 3600
     submit_timeout: float = 120.0
+    access_log: bool = False
+    """One log line per HTTP request: off by default, since jobs post every event as a
+    request (about 5% of the server's CPU) and watch URLs carry tokens."""
     submissions_per_minute: float = 120.0
     """Per API key (or per client address on a server without keys); beyond it, 429."""
 
@@ -153,7 +156,7 @@ def _coerce(value: Any, default: Any) -> Any:
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(str(item).strip() for item in items if str(item).strip())
     if isinstance(default, bool):
-        raise TypeError
+        return _strict_bool(value)
     if isinstance(default, int):
         return int(value)
     if isinstance(default, float):
@@ -166,6 +169,8 @@ def _coerce(value: Any, default: Any) -> Any:
 def _strict_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
     raise TypeError
 
 
@@ -178,8 +183,7 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
     for key, value in table.items():
         default = getattr(ClusterConfig(name=name), key)
         try:
-            values[key] = _coerce(value, default) if not isinstance(default, bool) else (
-                _strict_bool(value))
+            values[key] = _coerce(value, default)
         except (TypeError, ValueError):
             raise ConfigError(f"[clusters.{name}] {key}: cannot use {value!r}") from None
     cluster = ClusterConfig(name=name, **values)

@@ -354,3 +354,18 @@ def test_metis_emit_pipe_streams_lines_live(server: ServerProcess):
               if e["type"] == "chunk"]
     assert chunks == ["first line", "second line"]
     httpx.delete(f"{server.url}/api/jobs/{job['id']}")
+
+
+async def test_watch_tokens_never_reach_the_access_log(server: ServerProcess):
+    job = httpx.post(f"{server.url}/api/jobs", json={"template": "tokens", "params": {
+        "text": "a", "delay": 0}}).json()
+    token = job["watch_token"]
+    async with websockets.connect(f"{server.ws_url}/ws/jobs/{job['id']}?token={token}") as ws:
+        assert [json.loads(frame) async for frame in ws][-1]["type"] == "completed"
+    assert httpx.get(f"{server.url}/api/jobs/{job['id']}/events",
+                     params={"after": 0, "token": token}).status_code == 200
+    await asyncio.sleep(0.2)
+    log = server.log()
+    assert f"/ws/jobs/{job['id']}?token=REDACTED" in log
+    assert "token=REDACTED" in log.split("/events?")[-1]
+    assert token not in log

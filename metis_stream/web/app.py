@@ -22,6 +22,7 @@ from metis_stream.service import JobService, TooManySubmissions
 from metis_stream.templates import InvalidParams
 from metis_stream.web import api, sockets
 from metis_stream.web.errors import HTTPError, handle_error, handle_not_found
+from metis_stream.web.logs import redact_access_log
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -43,6 +44,7 @@ def create_app(config: Config, *, backend: Backend | None = None,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redact_access_log()
         async with anyio.create_task_group() as tasks:
             await service.run(tasks)
             try:

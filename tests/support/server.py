@@ -64,8 +64,9 @@ class ServerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.state_dir / "config.toml"
         self.log_path = self.state_dir / "server.log"
+        # Access logs on: tests read them as evidence of which process served what.
         settings = {"host": self.host, "port": self.port, "state_dir": str(self.state_dir),
-                    **self.server_settings}
+                    "access_log": True, **self.server_settings}
         lines = ["[server]"] + [f"{key} = {_toml(value)}" for key, value in settings.items()]
         self.config_path.write_text("\n".join(lines) + "\n" + self.extra_config)
 
