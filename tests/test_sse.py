@@ -324,13 +324,13 @@ def test_sse_on_one_process_streams_events_posted_to_another(redis_server: Redis
         stream = sse_with_httpx(f"{a.url}/api/jobs/{job_id}/events")
         assert_complete(stream.events, " ".join(words))
         assert stream.events == history(b, job_id)
-        posts = [line for line in b.log().splitlines()
-                 if f"POST /api/jobs/{job_id}/events" in line]
-        assert len(posts) >= len(words), "the job must have posted to the other process"
-        assert f"POST /api/jobs/{job_id}/events" not in a.log()
         # And the other way round: SSE on B, after a Last-Event-ID.
         again = sse_with_httpx(f"{b.url}/api/jobs/{job_id}/events", {"Last-Event-ID": "3"})
         assert again.events == stream.events[3:]
     finally:
         a.stop()
         b.stop()
+    # Access lines go to the servers' stdout, which is block-buffered: read after they exit.
+    posts = [line for line in b.log().splitlines() if f"POST /api/jobs/{job_id}/events" in line]
+    assert len(posts) >= len(words), "the job must have posted to the other process"
+    assert f"POST /api/jobs/{job_id}/events" not in a.log()
