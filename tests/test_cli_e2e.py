@@ -215,7 +215,7 @@ def test_tail_across_a_server_restart_prints_the_text_once_and_exits_0(
     server = ServerProcess(state_dir=tmp_path / "server",
                            server_settings={"redis_url": redis.url})
     server.start()
-    words = [f"r{n}" for n in range(40)]
+    words = [f"r{n}" for n in range(24)]
     text = " ".join(words)
     tail: Background | None = None
     try:

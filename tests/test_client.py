@@ -193,7 +193,7 @@ async def test_watch_resumes_across_a_server_restart_with_redis(redis_server: Re
                            server_settings={"redis_url": redis_server.url})
     server.start()
     try:
-        words = [f"r{n}" for n in range(40)]
+        words = [f"r{n}" for n in range(24)]
         received: list[dict[str, Any]] = []
         async with Client(server.url, max_retry_delay=0.5) as client:
             job = await client.submit("tokens", {"text": " ".join(words), "delay": 0.05})
