@@ -175,6 +175,8 @@ def _uvicorn_options(config: Config) -> dict[str, Any]:
         # Events are small JSON: compression cost ~17 us per delivered event and ~29 KiB
         # per idle socket in bench/ and saved little.
         "ws_per_message_deflate": False,
+        # Open SSE responses would hold a shutdown until their jobs end; clients resume.
+        "timeout_graceful_shutdown": 5,
     }
 
 

@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from metis_stream.events import TERMINAL_TYPES
 
+ENDED_STATES = frozenset({"completed", "failed", "cancelled"})
 RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
 """Closes that mean "the server went away or is busy": reconnect and resume."""
 
@@ -106,10 +107,18 @@ class Client:
                     yield event
                     if event["type"] in TERMINAL_TYPES:
                         return
+                # A clean close before a terminal event: the job may have ended at or
+                # before ``last`` (a watch that started after its end), or the server left.
+                job = await self.get(job_id)
+                if job["state"] in ENDED_STATES and job["last_seq"] <= last:
+                    return
             except (ConnectionClosed, OSError, TimeoutError) as exc:
                 code = exc.rcvd.code if isinstance(exc, ConnectionClosed) and exc.rcvd else 1006
                 if code not in RETRY_CLOSE_CODES:
                     raise ClientError(code, f"connection closed ({code})") from None
+            except ClientError as exc:
+                if exc.status != 0:
+                    raise
             now = loop.time()
             failing_since = failing_since or now
             if now - failing_since > self._give_up_after:

@@ -149,8 +149,10 @@ class JobService:
                 await self.backend.append(job_id, [NewEvent("submitted", scheduler_id)])
                 return
             except JobEnded:
-                # Cancelled while it was being submitted: the scheduler must forget it too.
+                # Cancelled while it was being submitted: the scheduler must forget it too,
+                # and the token written during the submission must go.
                 await scheduler.cancel(scheduler_id)
+                await self._release(job_id)
                 return
             except BackendUnavailable:
                 logger.warning("job %s: backend unavailable, retrying in %.1fs", job_id, delay)

@@ -102,10 +102,6 @@ async def test_watch_yields_every_event_once_and_ends_after_the_terminal(
         assert [event async for event in client.watch(job["id"], after=last)] == watched[-1:]
 
 
-@pytest.mark.xfail(strict=True, raises=ClientError, reason=(
-    "BUG: Client.watch(after=<the terminal seq>) of an ended job: the server closes with "
-    "1000 and no event, and watch takes that for a dropped connection, reconnects until "
-    "give_up_after (default 120 s) and raises ClientError(0, 'cannot reach ...')"))
 async def test_watch_after_the_terminal_seq_ends_at_once_with_nothing(
         live_server: ServerProcess):
     async with Client(live_server.url, give_up_after=2, max_retry_delay=0.2) as client:

@@ -516,11 +516,6 @@ def test_cancel_right_after_submitting_leaves_no_job_behind(env: Env, scheduler:
                 f"{'had' if known.stdout.strip() else 'never had'} the job")
 
 
-@pytest.mark.xfail(reason=(
-    "service.JobService._record_submission: when the job was cancelled while it was being "
-    "submitted (JobEnded), it cancels the scheduler's job but never calls _release, and "
-    "cancel() released before submit() wrote the files: the token and spec.json stay on "
-    "the cluster"), strict=False)
 def test_cancel_during_submission_removes_the_token_file(env: Env, tmp_path: Path) -> None:
     # A server whose first submission must connect and stage first: the DELETE then
     # surely arrives while the submission is on its way.

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import resource
+import signal
 import socket
 import statistics
 import struct
@@ -408,10 +409,6 @@ async def test_1000_sockets_on_one_process_all_receive_the_jobs_events(server: S
 # 5. A clean stop
 
 
-@pytest.mark.xfail(reason="BUG: on SIGTERM the lifespan cancels its task group and then "
-                          "awaits service.close() inside the cancelled scope: the Redis "
-                          "backend's close is cancelled, uvicorn logs 'Application shutdown "
-                          "failed' with a traceback", strict=True)
 def test_a_redis_backed_server_stops_cleanly_on_sigterm(redis: RedisServer, tmp_path: Path):
     server = make_server(redis, tmp_path)
     server.start()
@@ -419,7 +416,9 @@ def test_a_redis_backed_server_stops_cleanly_on_sigterm(redis: RedisServer, tmp_
     assert server.process is not None
     process = server.process
     server.stop()
-    assert process.returncode == 0
+    # uvicorn re-raises the signal once it has shut down, as supervisors expect.
+    assert process.returncode in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.log()
     assert "Application shutdown failed" not in server.log()
     assert_no_traceback(server)
 

@@ -198,9 +198,6 @@ def test_after_query_resumes_after_n(live_server: ServerProcess):
         assert by_header.events == full[after:], after
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ?after= wins over Last-Event-ID, so an "
-                   "EventSource opened on '...events?after=N' replays from N again on every "
-                   "reconnection (api.after_param)")
 def test_last_event_id_of_a_reconnection_wins_over_the_after_of_the_url(
         live_server: ServerProcess):
     """A browser's EventSource reconnects to the same URL and adds Last-Event-ID: the
@@ -263,11 +260,6 @@ def test_unknown_job_and_bad_last_event_id_are_refused_before_the_stream(
     assert "error" in bad.json()
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason=(
-    "BUG: uvicorn's graceful shutdown waits for every open HTTP response, and an SSE "
-    "response stays open until the job ends (keep-alives included), so SIGTERM never "
-    "stops a server with an SSE client: set timeout_graceful_shutdown in cli._run_server "
-    "and _run_workers"))
 def test_an_open_sse_stream_does_not_hold_up_a_server_shutdown(tmp_path: Path):
     server = ServerProcess(state_dir=tmp_path / "server")
     server.start()

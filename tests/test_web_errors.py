@@ -103,7 +103,9 @@ def test_400_malformed_json_event(job: Job):
 
 def test_400_bad_after_and_bad_submit_body(server: ServerProcess, job: Job):
     assert_error(httpx.get(job.url, params={"after": "-1"}), 400, "whole number")
-    assert_error(httpx.post(f"{server.url}/api/jobs", content=b"[1,2"), 400, "not valid JSON")
+    as_json = {"Content-Type": "application/json"}
+    assert_error(httpx.post(f"{server.url}/api/jobs", content=b"[1,2", headers=as_json), 400,
+                 "not valid JSON")
     assert_error(httpx.post(f"{server.url}/api/jobs", json=[1]), 400, "JSON object")
 
 
@@ -419,3 +421,30 @@ def test_429_past_the_sockets_per_job_and_413_past_the_lines_per_request(tmp_pat
         job.end()
     finally:
         process.stop()
+
+
+async def test_a_keyless_server_takes_websockets_only_from_its_own_pages(server: ServerProcess):
+    with pytest.raises(InvalidStatus) as refused:
+        async with websockets.connect(f"{server.ws_url}/ws/jobs",
+                                      origin=Origin("https://evil.example.com")):
+            pass
+    assert refused.value.response.status_code == 403
+    async with websockets.connect(f"{server.ws_url}/ws/jobs",
+                                  origin=Origin(server.url)) as socket:
+        await socket.send(json.dumps({"template": "tokens", "params": {"delay": 0}}))
+        assert [json.loads(frame) async for frame in socket][-1]["type"] == "completed"
+
+
+def test_415_a_submission_that_is_not_json(server: ServerProcess):
+    before = httpx.get(f"{server.url}/api/jobs").json()["jobs"]
+    response = httpx.post(f"{server.url}/api/jobs", content=json.dumps({"template": "tokens"}),
+                          headers={"Content-Type": "text/plain"})
+    assert_error(response, 415, "application/json")
+    assert httpx.get(f"{server.url}/api/jobs").json()["jobs"] == before
+
+
+@pytest.mark.parametrize("path", ["/api/jobs/%2e%2e%2f%2e%2e/x", "/api/nope", "/api/jobs/a/b/c"])
+def test_404_json_for_unknown_api_paths(server: ServerProcess, path: str):
+    response = httpx.get(server.url + path)
+    assert response.status_code == 404
+    assert "error" in response.json()

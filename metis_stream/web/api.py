@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +31,7 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
 JSON_TYPE = "application/json"
 MAX_SUBMIT_BYTES = 64 * 1024
 SSE_KEEPALIVE = 15.0
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
 def service_of(request: Request) -> JobService:
@@ -48,7 +50,7 @@ def job_view(service: JobService, job: Job, *, with_watch_token: bool) -> dict[s
 
 async def read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise HTTPError(413, f"the request body may be at most {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -68,11 +70,20 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def after_param(request: Request) -> int:
-    raw = request.query_params.get("after") or request.headers.get("last-event-id") or "0"
-    if not raw.isdigit() or len(raw) > 18:
-        raise HTTPError(400, "'after' must be a whole number")
+def whole_number(raw: str, name: str) -> int:
+    """A query parameter that must be a whole number: ASCII digits only (``"²".isdigit()``
+    is true, and ``int("²")`` raises)."""
+    if not WHOLE_NUMBER.fullmatch(raw):
+        raise HTTPError(400, f"'{name}' must be a whole number")
     return int(raw)
+
+
+def after_param(request: Request) -> int:
+    """Where to resume: ``Last-Event-ID`` first, since an EventSource that reconnects sends
+    it to the same URL, whose ``?after=`` is where it first started."""
+    return whole_number(
+        request.headers.get("last-event-id") or request.query_params.get("after") or "0",
+        "after")
 
 
 # Clients
@@ -81,6 +92,9 @@ def after_param(request: Request) -> int:
 async def create_job(request: Request) -> Response:
     service = service_of(request)
     auth.require_client(request, service.config.server)
+    if _content_type(request) != JSON_TYPE:
+        # Also what keeps a web page from submitting cross-site as a "simple" request.
+        raise HTTPError(415, "send the job as application/json")
     body = await read_json_object(request, MAX_SUBMIT_BYTES)
     job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
                                client=auth.client_identity(request, service.config.server))
@@ -93,11 +107,11 @@ async def list_jobs(request: Request) -> Response:
     state = request.query_params.get("state")
     if state is not None and state not in JobState.__members__.values():
         raise HTTPError(400, f"'state' must be one of {', '.join(JobState)}")
-    limit = request.query_params.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+    limit = whole_number(request.query_params.get("limit", "100"), "limit")
+    if not 1 <= limit <= 1000:
         raise HTTPError(400, "'limit' must be a whole number from 1 to 1000")
     jobs = await service.backend.list_jobs(
-        states=None if state is None else {JobState(state)}, limit=int(limit))
+        states=None if state is None else {JobState(state)}, limit=limit)
     return JSONResponse({"jobs": [job_view(service, job, with_watch_token=True)
                                   for job in jobs]})
 
@@ -170,6 +184,10 @@ async def list_templates(request: Request) -> Response:
                                        for template in service.config.templates.values()]})
 
 
+async def no_such_route(request: Request) -> Response:
+    raise HTTPError(404, "no such route")
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
@@ -182,7 +200,7 @@ async def post_events(request: Request) -> Response:
     server = service.config.server
     job_id = request.path_params["job_id"]
     auth.require_job_token(request, server, job_id)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type in NDJSON_TYPES:
         if "content-length" in request.headers:
             body = await read_body(request, server.max_request_bytes)
@@ -198,6 +216,10 @@ async def post_events(request: Request) -> Response:
         raise HTTPError(415, "send one event as application/json or several as "
                              "application/x-ndjson")
     return JSONResponse({"seqs": seqs, "duplicates": duplicates})
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _check_line_count(count: int, limit: int) -> None:

@@ -51,7 +51,8 @@ def create_app(config: Config, *, backend: Backend | None = None,
                 yield
             finally:
                 tasks.cancel_scope.cancel()
-                await service.close()
+                with anyio.CancelScope(shield=True):
+                    await service.close()
 
     job = "/api/jobs/{job_id}"
     routes = [
@@ -68,6 +69,10 @@ def create_app(config: Config, *, backend: Backend | None = None,
         Route(job + "/spec/params/{name}", api.job_spec_param),
         WebSocketRoute("/ws/jobs", sockets.submit_socket),
         WebSocketRoute("/ws/jobs/{job_id}", sockets.watch_socket),
+        # Anything else under /api and /ws is a JSON 404, never the viewer's files.
+        Route("/api/{rest:path}", api.no_such_route,
+              methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        WebSocketRoute("/ws/{rest:path}", sockets.no_such_route),
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer"),
     ]
     handlers = {exc: handle_error for exc in (HTTPError, BackendError, InvalidEvent,

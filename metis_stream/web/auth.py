@@ -4,6 +4,8 @@ never tells whether a job exists."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from starlette.requests import HTTPConnection
 
 from metis_stream import tokens
@@ -55,7 +57,18 @@ def require_job_token(conn: HTTPConnection, server: ServerConfig, job_id: str) -
 
 
 def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:
-    """Browsers send Origin on websocket handshakes; a CLI sends none and is judged by its key."""
+    """Browsers send Origin on websocket handshakes; a CLI sends none and is judged by its key.
+
+    Browsers let any page open a websocket anywhere: a server without keys (the demo, on
+    loopback) would take jobs from every site the user visits, so without an allowlist
+    it takes them only from its own pages.
+    """
     origin = conn.headers.get("origin")
-    if server.allowed_origins and origin is not None and origin not in server.allowed_origins:
-        raise HTTPError(403, f"origin {origin[:100]} is not allowed")
+    if origin is None:
+        return
+    if server.allowed_origins:
+        if origin not in server.allowed_origins:
+            raise HTTPError(403, f"origin {origin[:100]} is not allowed")
+    elif not server.api_keys and urlsplit(origin).netloc != conn.headers.get("host"):
+        raise HTTPError(403, f"origin {origin[:100]} is not this server's; list it in "
+                             "allowed_origins")

@@ -18,6 +18,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from metis_stream.service import JobService
 from metis_stream.web import auth
+from metis_stream.web.api import whole_number
 from metis_stream.web.errors import (
     WEBSOCKET_CLOSE_OFFSET,
     WS_TRY_AGAIN,
@@ -112,16 +113,14 @@ async def watch_socket(websocket: WebSocket) -> None:
         try:
             auth.check_origin(websocket, service.config.server)
             auth.require_watcher(websocket, service.config.server, job_id)
-            raw_after = websocket.query_params.get("after", "0")
-            if not raw_after.isdigit() or len(raw_after) > 18:
-                raise HTTPError(400, "'after' must be a whole number")
+            after = whole_number(websocket.query_params.get("after", "0"), "after")
             await service.backend.get_job(job_id)
             slot.enter_context(slots_of(websocket).take(job_id))
         except Exception as exc:
             await _deny(websocket, _client_error(exc))
             return
         await websocket.accept()
-        await _stream(websocket, service, job_id, after=int(raw_after))
+        await _stream(websocket, service, job_id, after=after)
 
 
 def _submit_request(message: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,7 +150,8 @@ async def _stream(websocket: WebSocket, service: JobService, job_id: str, after:
         except Exception as exc:
             await _close_with_error(websocket, _client_error(exc))
         else:
-            await websocket.close(1000)
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await websocket.close(1000)  # the client may have left after the last event
         tasks.cancel_scope.cancel()
 
 
@@ -175,11 +175,20 @@ async def _deny(websocket: WebSocket, error: HTTPError) -> None:
     if DENIAL_EXTENSION in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(error_response(error))
     else:
-        await websocket.close(WEBSOCKET_CLOSE_OFFSET + error.status, error.message[:120])
+        await websocket.close(WEBSOCKET_CLOSE_OFFSET + error.status, _close_reason(error))
 
 
 async def _close_with_error(websocket: WebSocket, error: HTTPError) -> None:
     code = WS_TRY_AGAIN if error.status == 503 else WEBSOCKET_CLOSE_OFFSET + error.status
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         await websocket.send_text(orjson.dumps({"error": error.message}).decode())
-        await websocket.close(code, error.message[:120])
+        await websocket.close(code, _close_reason(error))
+
+
+def _close_reason(error: HTTPError) -> str:
+    """A close frame's reason may hold at most 123 bytes of UTF-8."""
+    return error.message.encode()[:123].decode(errors="ignore")
+
+
+async def no_such_route(websocket: WebSocket) -> None:
+    await _deny(websocket, HTTPError(404, "no such route"))

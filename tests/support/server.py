@@ -79,7 +79,8 @@ class ServerProcess:
         return f"ws://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
-        env = {**os.environ, **self.env}
+        # Unbuffered, so that a test reading the log sees every line already written.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("METIS_CONFIG", None)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
