@@ -7,6 +7,8 @@ import asyncio
 import hashlib
 import http.server
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -369,3 +371,39 @@ async def test_watch_tokens_never_reach_the_access_log(server: ServerProcess):
     assert f"/ws/jobs/{job['id']}?token=REDACTED" in log
     assert "token=REDACTED" in log.split("/events?")[-1]
     assert token not in log
+
+
+async def test_a_killed_sleep_stops_the_example_job_before_it_reports_success(
+        server: ServerProcess):
+    """A scheduler may signal the job's processes one by one: when only the `sleep`
+    between two words dies, tokens.pbs must stop, not go on to post `completed`."""
+    async with websockets.connect(f"{server.ws_url}/ws/jobs") as socket:
+        await socket.send(json.dumps({"template": "tokens",
+                                      "params": {"text": "one two three", "delay": 5}}))
+        events = []
+        async for frame in socket:
+            events.append(json.loads(frame))
+            if events[-1]["type"] == "progress":
+                group = int(events[1]["data"].split(".")[0])
+                sleeper = await wait_for_child(group, "sleep")
+                os.kill(sleeper, signal.SIGTERM)
+    assert events[-1]["type"] == "fatal"
+    assert events[-1]["data"]["exit_status"] == 143
+    assert "completed" not in [e["type"] for e in events]
+
+
+async def wait_for_child(group: int, name: str, timeout: float = 10) -> int:
+    """The pid of the process called ``name`` in process group ``group``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    command = (entry / "comm").read_text().strip()
+                except OSError:
+                    continue
+                if int(fields[2]) == group and command == name:
+                    return int(entry.name)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {name} in process group {group}")
