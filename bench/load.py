@@ -254,7 +254,7 @@ def toml(value: object) -> str:
 
 def have_broadcaster() -> bool:
     try:
-        import broadcaster  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        import broadcaster  # noqa: F401
     except ImportError:
         return False
     return True

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 import uvicorn
-from broadcaster import Broadcast  # type: ignore[import-not-found, unused-ignore]
+from broadcaster import Broadcast
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -70,9 +70,8 @@ def create_app(redis_url: str) -> Starlette:
             tasks.start_soon(receiver)
             async with broadcast.subscribe(channel=channel) as subscriber:
                 await websocket.send_text('{"ready": true}')
-                # broadcaster's own annotations of Subscriber.__aiter__ are loose.
-                async for event in subscriber:  # type: ignore[union-attr]
-                    await websocket.send_text(event.message)  # type: ignore[union-attr]
+                async for event in subscriber:
+                    await websocket.send_text(event.message)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
