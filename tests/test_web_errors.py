@@ -409,6 +409,8 @@ def test_429_past_the_sockets_per_job_and_413_past_the_lines_per_request(tmp_pat
                 with pytest.raises(InvalidStatus) as refused:
                     async with websockets.connect(url):
                         pass
+                sse = httpx.get(job.url, headers={"Accept": "text/event-stream"})
+                assert_error(sse, 429, "watchers already")
                 return refused.value.response.status_code
 
         assert asyncio.run(three_watchers()) == 429

@@ -26,6 +26,7 @@ from metis_stream.service import JobService
 from metis_stream.templates import param_text
 from metis_stream.web import auth
 from metis_stream.web.errors import HTTPError, JSONResponse, as_http_error
+from metis_stream.web.slots import SocketSlots, slots_of
 
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 JSON_TYPE = "application/json"
@@ -140,7 +141,10 @@ async def job_events(request: Request) -> Response:
     after = after_param(request)
     await service.backend.get_job(job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
-        return StreamingResponse(_sse(service, job_id, after), media_type="text/event-stream",
+        slots = slots_of(request)
+        slots.check(job_id)  # refuse with a status while one can still be sent
+        return StreamingResponse(_sse(service, slots, job_id, after),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
     events = await service.backend.read(job_id, after, READ_PAGE)
@@ -149,7 +153,8 @@ async def job_events(request: Request) -> Response:
                     media_type=JSON_TYPE)
 
 
-async def _sse(service: JobService, job_id: str, after: int) -> AsyncIterator[str]:
+async def _sse(service: JobService, slots: SocketSlots, job_id: str, after: int
+               ) -> AsyncIterator[str]:
     """Server-Sent Events: ``id: <seq>`` on every event, comments to keep proxies open,
     and the end of the response after the terminal event."""
     send, receive = anyio.create_memory_object_stream[str](64)
@@ -166,15 +171,16 @@ async def _sse(service: JobService, job_id: str, after: int) -> AsyncIterator[st
                 payload = orjson.dumps({"error": error.message}).decode()
                 await send.send(f"event: error\ndata: {payload}\n\n")
 
-    async with anyio.create_task_group() as tasks, receive:
-        tasks.start_soon(pump)
-        while True:
-            with anyio.move_on_after(SSE_KEEPALIVE) as waited:
-                try:
-                    frame = await receive.receive()
-                except anyio.EndOfStream:
-                    return
-            yield ": keep-alive\n\n" if waited.cancelled_caught else frame
+    with slots.take(job_id):
+        async with anyio.create_task_group() as tasks, receive:
+            tasks.start_soon(pump)
+            while True:
+                with anyio.move_on_after(SSE_KEEPALIVE) as waited:
+                    try:
+                        frame = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                yield ": keep-alive\n\n" if waited.cancelled_caught else frame
 
 
 async def list_templates(request: Request) -> Response:

@@ -23,6 +23,7 @@ from metis_stream.templates import InvalidParams
 from metis_stream.web import api, sockets
 from metis_stream.web.errors import HTTPError, handle_error, handle_not_found
 from metis_stream.web.logs import redact_access_log
+from metis_stream.web.slots import SocketSlots
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -80,6 +81,6 @@ def create_app(config: Config, *, backend: Backend | None = None,
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={**handlers, HTTPException: handle_not_found})
     app.state.service = service
-    app.state.socket_slots = sockets.SocketSlots(config.server.max_sockets_per_job,
-                                                 config.server.max_sockets)
+    app.state.socket_slots = SocketSlots(config.server.max_sockets_per_job,
+                                         config.server.max_sockets)
     return app

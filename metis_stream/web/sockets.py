@@ -9,7 +9,7 @@ and with 1013 (try again later) when the backend is unavailable.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -26,44 +26,11 @@ from metis_stream.web.errors import (
     as_http_error,
     error_response,
 )
+from metis_stream.web.slots import slots_of
 
 FIRST_FRAME_TIMEOUT = 30.0
 MAX_FIRST_FRAME = 64 * 1024
 DENIAL_EXTENSION = "websocket.http.response"
-
-
-class SocketSlots:
-    """Counts this process's websockets, per job and in all, against the configured limits."""
-
-    def __init__(self, per_job: int, total: int) -> None:
-        self._per_job = per_job
-        self._total = total
-        self._count = 0
-        self._by_job: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def take(self, job_id: str) -> Iterator[None]:
-        """One socket watching ``job_id`` (empty for a submit socket before its job exists)."""
-        if self._count >= self._total:
-            raise HTTPError(429, "this server has too many open sockets; retry later",
-                            {"Retry-After": "5"})
-        if job_id and self._by_job.get(job_id, 0) >= self._per_job:
-            raise HTTPError(429, f"job {job_id} has {self._per_job} watchers already",
-                            {"Retry-After": "5"})
-        self._count += 1
-        self._by_job[job_id] = self._by_job.get(job_id, 0) + 1
-        try:
-            yield
-        finally:
-            self._count -= 1
-            self._by_job[job_id] -= 1
-            if not self._by_job[job_id]:
-                del self._by_job[job_id]
-
-
-def slots_of(websocket: WebSocket) -> SocketSlots:
-    slots: SocketSlots = websocket.app.state.socket_slots
-    return slots
 
 
 def service_of(websocket: WebSocket) -> JobService:
