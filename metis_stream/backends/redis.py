@@ -177,7 +177,8 @@ if TERMINAL_STATES[state] then
   end
   for _, key in ipairs({job_key, log_key, ids_key}) do redis.call('PEXPIRE', key, retention) end
 end
-for _, wire in ipairs(wires) do redis.call('PUBLISH', channel, wire) end
+-- One message for the whole batch: each event's JSON on its own line.
+redis.call('PUBLISH', channel, table.concat(wires, '\\n'))
 return {seqs, fresh}
 """
 
@@ -414,9 +415,12 @@ class _Listener:
             return  # the PONG of a connection that has no subscription
         kind = response[0]
         if kind == b"message":
-            event = decode_event(response[2])
-            self._on_event(event)
-            self.hub.publish(event.job, event)
+            # One message per append: its events' JSON, a line each (encoded JSON never
+            # holds a raw newline).
+            for wire in response[2].split(b"\n"):
+                event = decode_event(wire)
+                self._on_event(event)
+                self.hub.publish(event.job, event)
         elif kind == b"subscribe":
             waiting = self._confirmations.get(response[1])
             if waiting:
@@ -603,19 +607,23 @@ class RedisBackend:
 
     async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
         start = f"(0-{after}" if after > 0 else "-"
+        # What this process had seen before asking: an event published after the read ran
+        # may be handled before its answer is, and must not make the log look short.
+        seen = self._seen.get(job_id)
+        seen_before = seen.seq if seen is not None else 0
         with _unavailable_on_errors():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hmget(self._key("job", job_id), ["epoch", "last_seq"])
                 pipe.xrange(self._key("log", job_id), start, "+", count=limit)
                 (epoch, last_seq), entries = await pipe.execute()
-        self._check_log(job_id, epoch, last_seq, after)
+        self._check_log(job_id, epoch, last_seq, after, seen_before)
         events = [decode_event(fields[b"e"]) for _, fields in entries]
         for event in events:
             self._saw(event)
         return events
 
     def _check_log(self, job_id: str, epoch: bytes | None, last_seq: bytes | None,
-                   after: int) -> None:
+                   after: int, seen_before: int) -> None:
         """Refuse to answer "nothing new" for a log that Redis lost: a watcher would
         wait forever, or silently skip the events that later take the lost seqs."""
         seen = self._seen.get(job_id)
@@ -628,7 +636,7 @@ class RedisBackend:
             self._remember(job_id, epoch)
         elif seen.epoch != epoch:
             raise LogLost(f"job {job_id} was created again in Redis: its old events are gone")
-        elif seen.seq >= after > int(last_seq):
+        elif seen_before >= after > int(last_seq):
             raise LogLost(f"Redis has {int(last_seq)} events of job {job_id}, but event {after} "
                           "was delivered before: Redis lost acknowledged events "
                           "(restored from an older copy?)")
