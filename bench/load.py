@@ -1042,13 +1042,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          if s in args.scenario_keys and m in args.mode_names]
                 if not cases:
                     continue
-                # The second server polls the cluster rarely: the local scheduler knows only
-                # its own children, and the first server holds the monitor lease.
                 servers = [
-                    metis_server("redis-a", workdir / "scale-a", secret, redis.redis_url,
-                                 args.poll_interval),
-                    metis_server("redis-b", workdir / "scale-b", secret, redis.redis_url,
-                                 3600.0),
+                    metis_server(name, workdir / f"scale-{name}", secret, redis.redis_url,
+                                 args.poll_interval)
+                    for name in ("redis-a", "redis-b")
                 ]
                 run_target(Target("redis x2", servers, redis, secret), cases)
     except KeyboardInterrupt:
@@ -1072,7 +1069,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Targets of issue 7:")
         print(text)
     print(f"\n(total {time.monotonic() - began:.0f}s; figures depend on the machine's load)")
-    return 0 if rows and all(r.lost == 0 and r.duplicates == 0 for r in rows) else 1
+    # The exit status judges metis-stream; the peer's losses are a finding, not a failure.
+    ours = [r for r in rows if r.target != "peer"]
+    return 0 if ours and all(r.lost == 0 and r.duplicates == 0 for r in ours) else 1
 
 
 if __name__ == "__main__":
