@@ -11,7 +11,8 @@ import pytest
 
 from metis_stream.schedulers import pbs, slurm
 from metis_stream.schedulers.base import SchedulerError, Submission, SubmitOutcomeUnknown
-from metis_stream.schedulers.batch import BatchScheduler, Dialect, UnsafeValue
+from metis_stream.schedulers.batch import BatchScheduler
+from metis_stream.schedulers.dialect import Dialect, UnsafeValue
 from metis_stream.shells.base import CommandResult, ShellError
 from metis_stream.templates import Template
 

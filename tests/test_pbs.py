@@ -10,7 +10,7 @@ import pytest
 
 from metis_stream.schedulers import pbs
 from metis_stream.schedulers.base import SchedulerError
-from metis_stream.schedulers.batch import JobRequest, UnsafeValue, split_env
+from metis_stream.schedulers.dialect import JobRequest, UnsafeValue, split_env
 from metis_stream.shells.base import CommandResult
 
 SAMPLES = Path(__file__).parent / "samples"

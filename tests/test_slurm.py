@@ -8,7 +8,7 @@ import pytest
 
 from metis_stream.schedulers import slurm
 from metis_stream.schedulers.base import SchedulerError
-from metis_stream.schedulers.batch import JobRequest, UnsafeValue
+from metis_stream.schedulers.dialect import JobRequest, UnsafeValue
 from metis_stream.shells.base import CommandResult
 
 SAMPLES = Path(__file__).parent / "samples" / "slurm"

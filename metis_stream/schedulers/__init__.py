@@ -1,6 +1,7 @@
 """Schedulers: how a job reaches a cluster's batch system and how its status is read back.
 
-``base`` is the contract the server uses; ``pbs`` and ``slurm`` are pure command
-building and output parsing; ``batch`` runs those commands through a shell;
+``base`` is the contract the server uses; ``dialect`` is the contract of a batch
+system's commands, and ``pbs`` and ``slurm`` fill it in: pure command building and
+output parsing; ``batch`` runs those commands through a shell;
 ``local`` runs the batch script as a child process (the embedded default).
 """

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from metis_stream.schedulers import slurm
 from metis_stream.schedulers.base import SchedulerError, SchedulerStatus
-from metis_stream.schedulers.batch import (
+from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
     GONE,
     JOB_NAME,

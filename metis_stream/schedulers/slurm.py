@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from metis_stream.schedulers.base import SchedulerError, SchedulerStatus
-from metis_stream.schedulers.batch import (
+from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
     GONE,
     JOB_NAME,

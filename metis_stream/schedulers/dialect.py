@@ -1,0 +1,154 @@
+"""The contract of a batch system's dialect: pure command building and output parsing.
+
+``pbs`` and ``slurm`` fill in a :class:`Dialect`; ``batch.BatchScheduler`` runs its
+commands through a shell. Everything here is pure: patterns that every value must
+match before it reaches a cluster's command line, and the shapes passed around.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from metis_stream.schedulers.base import SchedulerError, SchedulerStatus
+from metis_stream.shells.base import CommandResult
+
+# What survives `qsub -v` (Slurm's wrapper pastes it into a `sh -c` string, real PBS
+# splits on commas and eats quotes) and `sbatch --export` (splits on commas).
+SAFE_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+SAFE_ENV_VALUE = re.compile(r"[A-Za-z0-9_./:@%+=-]*\Z")
+# Paths that we put on a command line and in -v: absolute, no spaces, no shell syntax.
+SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+@-]*\Z")
+JOB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}\Z")
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+STAGED_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+WORKDIR = re.compile(r"(?!/)(?!.*(?:^|/)\.\.(?:/|\Z))[A-Za-z0-9_./-]{1,200}\Z")
+FILE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+COMMAND_NOT_FOUND = 127
+
+# Messages that mean "this id is not (or no longer) known" rather than "the command failed":
+# PBS Pro, Torque, and Slurm (directly or behind the PBS wrappers).
+GONE = re.compile(
+    r"unknown job id|job has finished|invalid job id|already completing or completed"
+    r"|job is in (a )?complet|request invalid for state of job",
+    re.IGNORECASE,
+)
+
+
+class UnsafeValue(SchedulerError, ValueError):
+    """A value that would reach the cluster's command line fails its pattern."""
+
+
+def check(pattern: re.Pattern[str], value: str, what: str) -> str:
+    """``value`` if it matches ``pattern`` in full; otherwise UnsafeValue naming ``what``."""
+    if not pattern.match(value):
+        raise UnsafeValue(f"{what} {value!r} is not allowed (must match {pattern.pattern})")
+    return value
+
+
+def split_env(env: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The variables that can travel on a scheduler's command line, and the names of the
+    ones that cannot (the job reads those from its spec)."""
+    safe: dict[str, str] = {}
+    left_out: list[str] = []
+    for name, value in env.items():
+        if SAFE_ENV_NAME.match(name) and SAFE_ENV_VALUE.match(value):
+            safe[name] = value
+        else:
+            left_out.append(name)
+    return safe, tuple(left_out)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """One submission, as a dialect turns it into a command line."""
+
+    name: str
+    script: str
+    """Absolute path of the batch script on the cluster."""
+    stdout: str
+    stderr: str
+    queue: str | None = None
+    account: str | None = None
+    resources: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Every variable the job should get; unsafe ones are left out of the command."""
+    join_output: bool = False
+    """Write stderr into ``stdout`` (``-j oe``); ``stderr`` is then ignored."""
+    depend: str | None = None
+    """A dependency list such as ``afterok:123.server`` (PBS ``-W depend=``, Slurm ``-d``)."""
+    array: str | None = None
+    """An array range such as ``1-10`` or ``1-10%2`` (PBS ``-J``, Slurm ``--array``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitCommand:
+    argv: list[str]
+    left_out: tuple[str, ...] = ()
+    """Names of ``env`` variables whose values could not travel on the command line."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOutcome:
+    """What one status command told us."""
+
+    statuses: Mapping[str, SchedulerStatus] = field(default_factory=dict)
+    follow_up: tuple[str, ...] = ()
+    """Ids to ask the next probe about (ended without an exit status, or missing where
+    they should not be); the statuses found here stand if no later probe knows better."""
+    supported: bool = True
+    """False: this cluster does not have the command (or the option); never ask again."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusProbe:
+    """One way to ask for the status of many jobs in one command."""
+
+    name: str
+    argv: Callable[[Sequence[str]], list[str]]
+    parse: Callable[[CommandResult, Sequence[str]], ProbeOutcome]
+
+
+@dataclass(frozen=True, slots=True)
+class LookupProbe:
+    """One way to find a job by its unique name (after an interrupted submission)."""
+
+    name: str
+    argv: Callable[[str], list[str]]
+    parse: Callable[[CommandResult], list[str] | None]
+    """The ids found; None when the command is not available on this cluster."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """A batch system's commands and output formats: pure functions only."""
+
+    name: str
+    submit: Callable[[JobRequest], SubmitCommand]
+    parse_submit: Callable[[CommandResult], str]
+    cancel: Callable[[str], list[str]]
+    check_cancel: Callable[[CommandResult], None]
+    """Raise SchedulerError unless the job is gone (cancelled now or ended before)."""
+    status_probes: Sequence[StatusProbe]
+    """Tried in order: the first for all ids, each later one for the previous one's
+    ``follow_up`` (or for all ids when the previous one is not supported here)."""
+    lookup_probes: Sequence[LookupProbe]
+    scheduler_id: re.Pattern[str]
+    """What a job id of this scheduler looks like; nothing else reaches the shell."""
+
+
+def command_output(result: CommandResult) -> str:
+    """The scheduler's own words: the PBS wrappers print errors on stdout, others on stderr."""
+    text = "\n".join(part.strip() for part in (result.stderr, result.stdout) if part.strip())
+    return text or f"exit status {result.exit_status}"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"
