@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator
 
 import pytest
+
+from tests.support import IN_CI
 
 pytest_plugins = [
     "tests.support.server",
     "tests.support.redis_server",
     "tests.support.cluster",
 ]
-
-IN_CI = os.environ.get("CI") == "true"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from metis_stream.tokens import hash_api_key
-from tests.support.redis_server import RedisServer, _find_or_install_redis, _unavailable
+from tests.support.redis_server import RedisServer
 from tests.support.server import ServerProcess, free_port
 
 CLI = [sys.executable, "-m", "metis_stream.cli"]
@@ -194,26 +194,11 @@ def test_tail_interrupted_with_sigint_exits_130_without_a_traceback(
     assert "KeyboardInterrupt" not in err
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own."""
-    executable = _find_or_install_redis()
-    if executable is None:
-        _unavailable("redis-server is not installed")
-    server = RedisServer(executable, tmp_path / "redis")
-    server.directory.mkdir()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.redis
 def test_tail_across_a_server_restart_prints_the_text_once_and_exits_0(
-        redis: RedisServer, tmp_path: Path):
+        private_redis: RedisServer, tmp_path: Path):
     server = ServerProcess(state_dir=tmp_path / "server",
-                           server_settings={"redis_url": redis.url})
+                           server_settings={"redis_url": private_redis.url})
     server.start()
     words = [f"r{n}" for n in range(24)]
     text = " ".join(words)

@@ -30,7 +30,7 @@ import websockets
 
 from metis_stream import tokens
 from metis_stream.client import Client
-from tests.support.redis_server import RedisServer, _find_or_install_redis, _unavailable
+from tests.support.redis_server import RedisServer, start_private_redis
 from tests.support.server import EXAMPLE_TEMPLATES, LOCAL_CLUSTER, ServerProcess, free_port
 
 pytestmark = pytest.mark.redis
@@ -53,11 +53,7 @@ IDLE = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1;
 
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    executable = _find_or_install_redis()
-    if executable is None:
-        _unavailable("redis-server is not installed")
-    server = RedisServer(executable, tmp_path_factory.mktemp("faults-redis"))
-    server.start()
+    server = start_private_redis(tmp_path_factory.mktemp("faults-redis"))
     try:
         yield server
     finally:

@@ -16,7 +16,7 @@ import websockets
 
 from metis_stream.client import Client
 from metis_stream.tokens import hash_api_key
-from tests.support.redis_server import RedisServer, _find_or_install_redis, _unavailable
+from tests.support.redis_server import RedisServer
 from tests.support.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.redis
@@ -25,35 +25,20 @@ SECRET = "shared-by-every-server-process"
 WORDS = [f"w{n}" for n in range(40)]
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, since the tests kill it."""
-    executable = _find_or_install_redis()
-    if executable is None:
-        _unavailable("redis-server is not installed")
-    server = RedisServer(executable, tmp_path / "redis")
-    server.directory.mkdir()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def server_on(redis: RedisServer, folder: Path, *, public_url: str | None = None,
+def server_on(private_redis: RedisServer, folder: Path, *, public_url: str | None = None,
               port: int = 0) -> ServerProcess:
-    settings: dict[str, object] = {"redis_url": redis.url, "secret": SECRET}
+    settings: dict[str, object] = {"redis_url": private_redis.url, "secret": SECRET}
     port = port or free_port()
     settings["public_url"] = public_url or f"http://127.0.0.1:{port}"
     return ServerProcess(state_dir=folder, server_settings=settings, port=port)
 
 
 @pytest.fixture
-def two_servers(redis: RedisServer, tmp_path: Path) -> Iterator[tuple[ServerProcess,
+def two_servers(private_redis: RedisServer, tmp_path: Path) -> Iterator[tuple[ServerProcess,
                                                                      ServerProcess]]:
     """A runs the jobs and serves the watchers; the jobs post their events to B."""
-    b = server_on(redis, tmp_path / "b")
-    a = server_on(redis, tmp_path / "a", public_url=b.url)
+    b = server_on(private_redis, tmp_path / "b")
+    a = server_on(private_redis, tmp_path / "a", public_url=b.url)
     b.start()
     a.start()
     try:
@@ -126,7 +111,7 @@ async def test_a_server_killed_mid_stream_comes_back_and_the_watcher_resumes(two
 
 
 async def test_redis_killed_and_restarted_mid_job_loses_no_acknowledged_event(
-        redis: RedisServer, two_servers):
+        private_redis: RedisServer, two_servers):
     a, b = two_servers
     job = httpx.post(f"{a.url}/api/jobs", json={
         "template": "tokens", "params": {"text": " ".join(WORDS), "delay": 0.05}}).json()
@@ -140,10 +125,10 @@ async def test_redis_killed_and_restarted_mid_job_loses_no_acknowledged_event(
     watcher = asyncio.create_task(watch())
     while len(received) < 10:
         await asyncio.sleep(0.02)
-    redis.kill()
+    private_redis.kill()
     outage = time.monotonic()
     await asyncio.sleep(1.0)
-    redis.start()
+    private_redis.start()
     await asyncio.wait_for(watcher, 90)
     assert time.monotonic() - outage > 1.0
     assert_exactly_once(received)
@@ -160,8 +145,8 @@ def test_several_processes_share_the_job_database(two_servers):
     assert {job["id"] for job in created} <= listed
 
 
-def test_api_key_hash_is_accepted_across_processes(redis: RedisServer, tmp_path: Path):
-    settings = {"redis_url": redis.url, "secret": SECRET, "api_keys": [hash_api_key("k")]}
+def test_api_key_hash_is_accepted_across_processes(private_redis: RedisServer, tmp_path: Path):
+    settings = {"redis_url": private_redis.url, "secret": SECRET, "api_keys": [hash_api_key("k")]}
     servers = [ServerProcess(state_dir=tmp_path / name, server_settings=settings)
                for name in ("one", "two")]
     for server in servers:
@@ -177,10 +162,10 @@ def test_api_key_hash_is_accepted_across_processes(redis: RedisServer, tmp_path:
             server.stop()
 
 
-async def test_serve_with_workers_runs_several_processes_on_redis(redis: RedisServer,
+async def test_serve_with_workers_runs_several_processes_on_redis(private_redis: RedisServer,
                                                                   tmp_path: Path):
     server = ServerProcess(state_dir=tmp_path / "workers", serve_args=("--workers", "2"),
-                           server_settings={"redis_url": redis.url})
+                           server_settings={"redis_url": private_redis.url})
     server.start()
     try:
         async def run_one() -> list[dict[str, Any]]:

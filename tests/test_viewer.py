@@ -17,12 +17,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import pytest
 
 from metis_stream.tokens import job_token
+from tests.support import service_unavailable
 from tests.support.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.browser
@@ -57,19 +58,13 @@ def _chromium_path() -> str | None:
     return None
 
 
-def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"browser tests cannot run in CI: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if PLAYWRIGHT_MISSING:
-        _unavailable(PLAYWRIGHT_MISSING)
+        service_unavailable(PLAYWRIGHT_MISSING)
     executable = _chromium_path()
     if executable is None:
-        _unavailable("no Chromium found (set METIS_CHROMIUM or put chromium on PATH)")
+        service_unavailable("no Chromium found (set METIS_CHROMIUM or put chromium on PATH)")
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:

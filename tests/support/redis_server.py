@@ -19,9 +19,10 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
+
+from tests.support import service_unavailable
 
 INSTALL_SCRIPT = Path(__file__).with_name("install-system-packages.sh")
 
@@ -121,22 +122,35 @@ def _find_or_install_redis() -> str | None:
     return found
 
 
-def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"redis-server is required in CI: {reason}")
-    pytest.skip(reason)
+def start_private_redis(directory: Path) -> RedisServer:
+    """A started redis-server of the caller's own, in ``directory``; a missing redis-server
+    fails in CI and skips elsewhere."""
+    executable = _find_or_install_redis()
+    if executable is None:
+        service_unavailable("redis-server is not installed (and we are not root to install it)")
+    directory.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(executable, directory)
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        service_unavailable(f"redis-server would not start: {exc}")
+    return server
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    executable = _find_or_install_redis()
-    if executable is None:
-        _unavailable("redis-server is not installed, and installing it needs root and apt")
-    server = RedisServer(executable, tmp_path_factory.mktemp("redis"))
+    """One redis-server for the whole session, for tests that leave it running."""
+    server = start_private_redis(tmp_path_factory.mktemp("redis"))
     try:
-        server.start()
-    except (OSError, RuntimeError) as exc:
-        _unavailable(f"redis-server would not start: {exc}")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that kill or restart it."""
+    server = start_private_redis(tmp_path / "redis")
     try:
         yield server
     finally:
