@@ -29,6 +29,7 @@ from metis_stream.config import Config
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, new_job_id
 from metis_stream.limits import RateLimiter
+from metis_stream.metrics import Metrics
 from metis_stream.monitor import Monitor
 from metis_stream.schedulers.base import Scheduler, SchedulerError, Submission
 from metis_stream.templates import (
@@ -64,6 +65,7 @@ class JobService:
         self.schedulers = schedulers
         self._tasks: TaskGroup | None = None
         self._submissions = RateLimiter(config.server.submissions_per_minute)
+        self.metrics = Metrics()
 
     async def run(self, task_group: TaskGroup) -> None:
         """Start the backend, the schedulers and their monitors in ``task_group``."""
@@ -113,7 +115,9 @@ class JobService:
         job = Job(id=new_job_id(now), template=template.name, cluster=template.cluster,
                   params=dict(values), inputs=urls, created=now, updated=now)
         await self.backend.create_job(job)
-        await self.backend.append(job.id, [NewEvent("starting", {"template": template.name})])
+        self.metrics.count("metis_jobs_created_total")
+        await self._append(job.id, [NewEvent("starting", {"template": template.name})],
+                           by="server")
         assert self._tasks is not None, "the service is not running"
         self._tasks.start_soon(self._submit, job, template)
         return await self.backend.get_job(job.id)
@@ -134,8 +138,11 @@ class JobService:
                 scheduler_id = await scheduler.submit(submission)
         except Exception as exc:  # any failure must end the job, never the server
             logger.warning("job %s: submission failed: %r", job.id, exc)
-            await self._append_quietly(job.id, NewEvent(
-                "fatal", {"error": f"submission failed: {exc or type(exc).__name__}"}))
+            self.metrics.count("metis_submissions_failed_total")
+            with contextlib.suppress(JobEnded):
+                await self._append(job.id, [NewEvent(
+                    "fatal", {"error": f"submission failed: {exc or type(exc).__name__}"})],
+                    by="server")
             return
         await self._record_submission(job.id, scheduler, scheduler_id)
 
@@ -146,7 +153,7 @@ class JobService:
         delay = 0.1
         while True:
             try:
-                await self.backend.append(job_id, [NewEvent("submitted", scheduler_id)])
+                await self._append(job_id, [NewEvent("submitted", scheduler_id)], by="server")
                 return
             except JobEnded:
                 # Cancelled while it was being submitted: the scheduler must forget it too,
@@ -166,8 +173,7 @@ class JobService:
         then wait for the ``submitted`` event, so that watchers always see it first.
         """
         result = await self._append_job_events(job_id, events)
-        if any(event.terminal for event in result.events):
-            await self._release(job_id)
+        await self._appended(job_id, result, by="job")
         return result
 
     async def _append_job_events(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
@@ -190,21 +196,29 @@ class JobService:
             raise JobEnded(job_id)
         if job.scheduler_id is not None:
             await self.schedulers[job.cluster].cancel(job.scheduler_id)
-        await self.backend.append(job_id, [NewEvent("cancelled", {"error": "cancelled"})])
-        await self._release(job_id)
+        await self._append(job_id, [NewEvent("cancelled", {"error": "cancelled"})],
+                           by="client")
         return await self.backend.get_job(job_id)
 
     def follow(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
         return follow(self.backend, job_id, after)
 
     async def _append_monitor(self, job_id: str, events: list[NewEvent]) -> None:
-        result = await self.backend.append(job_id, events)
-        if any(event.terminal for event in result.events):
-            await self._release(job_id)
+        await self._append(job_id, events, by="monitor")
 
-    async def _append_quietly(self, job_id: str, event: NewEvent) -> None:
-        with contextlib.suppress(JobEnded):
-            await self._append_monitor(job_id, [event])
+    async def _append(self, job_id: str, events: Sequence[NewEvent], *, by: str) -> None:
+        """Append events of the server's own (``by`` says which part of it)."""
+        await self._appended(job_id, await self.backend.append(job_id, events), by=by)
+
+    async def _appended(self, job_id: str, result: AppendResult, *, by: str) -> None:
+        """Count what was appended; once the job has ended, remove its token file."""
+        if not result.events:
+            return
+        self.metrics.count("metis_events_appended_total", len(result.events), by=by)
+        final = result.events[-1]
+        if final.terminal:
+            self.metrics.count("metis_jobs_ended_total", type=final.type)
+            await self._release(job_id)
 
     async def _release(self, job_id: str) -> None:
         job = await self.backend.get_job(job_id)

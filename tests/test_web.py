@@ -407,3 +407,21 @@ async def wait_for_child(group: int, name: str, timeout: float = 10) -> int:
                     return int(entry.name)
         await asyncio.sleep(0.05)
     raise AssertionError(f"no {name} in process group {group}")
+
+
+async def test_metrics_count_what_this_process_did(server: ServerProcess):
+    events, _ = await submit_and_collect(server, "tokens", {"text": "a b", "delay": 0})
+    assert httpx.get(f"{server.url}/api/jobs/j_01M87P14J6V8D2MYD25J6MJ0B2").status_code == 404
+    text = httpx.get(f"{server.url}/metrics").text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                   if line and not line.startswith("#"))
+    by_job = sum(1 for e in events if e["type"] not in ("starting", "submitted")
+                 and not (e["type"] == "running" and e["data"] == {"source": "scheduler"}))
+    assert float(samples['metis_events_appended_total{by="job"}']) == by_job
+    assert float(samples['metis_events_appended_total{by="server"}']) == 2
+    assert float(samples["metis_jobs_created_total"]) == 1
+    assert float(samples['metis_jobs_ended_total{type="completed"}']) == 1
+    assert float(samples["metis_events_delivered_total"]) == len(events)
+    assert float(samples['metis_http_errors_total{status="404"}']) == 1
+    assert float(samples["metis_open_streams"]) == 0
+    assert "# TYPE metis_events_appended_total counter" in text

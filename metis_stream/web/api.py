@@ -164,6 +164,7 @@ async def _sse(service: JobService, slots: SocketSlots, job_id: str, after: int
             try:
                 async for event in service.follow(job_id, after):
                     await send.send(f"id: {event.seq}\ndata: {event.wire}\n\n")
+                    service.metrics.count("metis_events_delivered_total")
             except Exception as exc:
                 error = as_http_error(exc)
                 if error is None:
@@ -192,6 +193,13 @@ async def list_templates(request: Request) -> Response:
 
 async def no_such_route(request: Request) -> Response:
     raise HTTPError(404, "no such route")
+
+
+async def metrics(request: Request) -> Response:
+    service = service_of(request)
+    auth.require_client(request, service.config.server)
+    return PlainTextResponse(service.metrics.render(),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def healthz(request: Request) -> Response:

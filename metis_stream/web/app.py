@@ -58,6 +58,7 @@ def create_app(config: Config, *, backend: Backend | None = None,
     job = "/api/jobs/{job_id}"
     routes = [
         Route("/healthz", api.healthz),
+        Route("/metrics", api.metrics),
         Route("/api/templates", api.list_templates),
         Route("/api/jobs", api.create_job, methods=["POST"]),
         Route("/api/jobs", api.list_jobs, methods=["GET"]),
@@ -81,6 +82,7 @@ def create_app(config: Config, *, backend: Backend | None = None,
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={**handlers, HTTPException: handle_not_found})
     app.state.service = service
-    app.state.socket_slots = SocketSlots(config.server.max_sockets_per_job,
-                                         config.server.max_sockets)
+    slots = app.state.socket_slots = SocketSlots(config.server.max_sockets_per_job,
+                                                 config.server.max_sockets)
+    service.metrics.gauge("metis_open_streams", lambda: slots.open)
     return app

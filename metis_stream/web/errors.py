@@ -76,6 +76,7 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     error = as_http_error(exc)
     if error is None:
         raise exc
+    request.app.state.service.metrics.count("metis_http_errors_total", status=str(error.status))
     return error_response(error)
 
 

@@ -22,6 +22,10 @@ class SocketSlots:
         self._count = 0
         self._by_job: dict[str, int] = {}
 
+    @property
+    def open(self) -> int:
+        return self._count
+
     def check(self, job_id: str) -> None:
         """Raise 429 if one more stream of ``job_id`` would be over a limit."""
         if self._count >= self._total:

@@ -112,6 +112,7 @@ async def _stream(websocket: WebSocket, service: JobService, job_id: str, after:
         try:
             async for event in service.follow(job_id, after):
                 await websocket.send_text(event.wire)
+                service.metrics.count("metis_events_delivered_total")
         except (WebSocketDisconnect, OSError):
             pass  # the client left; nothing to tell it
         except Exception as exc:

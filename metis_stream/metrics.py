@@ -1,0 +1,59 @@
+"""Counters for operators, rendered in the Prometheus text format. Pure code.
+
+Each server process counts what it did itself; Prometheus sums the processes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+Labels = tuple[tuple[str, str], ...]
+
+HELP = {
+    "metis_jobs_created_total": ("counter", "Jobs created by this process."),
+    "metis_jobs_ended_total": ("counter", "Jobs that reached a terminal event here, by type."),
+    "metis_submissions_failed_total": ("counter", "Submissions the scheduler refused."),
+    "metis_events_appended_total": ("counter", "Events appended, by who posted them."),
+    "metis_events_delivered_total": ("counter", "Event frames sent to watchers."),
+    "metis_http_errors_total": ("counter", "Error responses, by HTTP status."),
+    "metis_open_streams": ("gauge", "Websockets and Server-Sent Events streams open now."),
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, Labels]] = Counter()
+        self._gauges: dict[str, Callable[[], float]] = {}
+
+    def count(self, name: str, amount: int = 1, **labels: str) -> None:
+        self._counts[name, tuple(sorted(labels.items()))] += amount
+
+    def gauge(self, name: str, read: Callable[[], float]) -> None:
+        """A value read when the metrics are rendered."""
+        self._gauges[name] = read
+
+    def render(self) -> str:
+        values: dict[str, dict[Labels, float]] = {name: {} for name in HELP}
+        for (name, labels), amount in self._counts.items():
+            values.setdefault(name, {})[labels] = amount
+        for name, read in self._gauges.items():
+            values.setdefault(name, {})[()] = read()
+        lines = []
+        for name, samples in values.items():
+            kind, text = HELP.get(name, ("untyped", name))
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            for labels, value in sorted(samples.items()) or [((), 0.0)]:
+                lines.append(f"{name}{_labels(dict(labels))} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
