@@ -227,3 +227,29 @@ async def test_a_lease_has_one_holder(make_backend: MakeBackend) -> None:
     await asyncio.sleep(0.4)
     assert await second.hold_lease("monitor:metis", "process-2", 0.3)
     assert not await first.hold_lease("monitor:metis", "process-1", 0.3)
+
+
+async def test_concurrent_appends_share_round_trips_and_keep_every_job_gapless(
+        make_backend: MakeBackend) -> None:
+    backend = await make_backend()
+    jobs = [await new_job(backend) for _ in range(10)]
+    posts = [(job.id, NewEvent("token", n, id=f"k{n}")) for n in range(40) for job in jobs]
+    random.shuffle(posts)
+    results = await asyncio.gather(*(backend.append(job_id, [event]) for job_id, event in posts))
+    assert all(len(result.events) == 1 for result in results)
+    for job in jobs:
+        log = await backend.read(job.id)
+        assert [event.seq for event in log] == list(range(1, 43))
+        assert sorted(event.data for event in log[2:]) == list(range(40))
+    repeated = await asyncio.gather(*(backend.append(job_id, [event]) for job_id, event in posts))
+    assert all(result.duplicates == 1 for result in repeated)
+
+
+async def test_appends_survive_a_server_that_lost_its_scripts(make_backend: MakeBackend,
+                                                               redis: Redis) -> None:
+    backend = await make_backend()
+    job = await new_job(backend)
+    await redis.script_flush()
+    appended = await backend.append(job.id, [NewEvent("log", "after the flush")])
+    assert appended.seqs == [3]
+    assert [event.data for event in await backend.read(job.id, 2)] == ["after the flush"]

@@ -39,8 +39,9 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from metis_stream.backends.base import (
@@ -441,6 +442,68 @@ class _Listener:
             await conn.disconnect(nowait=True)
 
 
+class _Coalescer:
+    """Runs one Lua script for many callers: calls that arrive while a round trip is in
+    flight go together in the next one, pipelined on one connection.
+
+    Under load this turns N appends into one pool checkout, one write and one read
+    instead of N; alone, a call waits for no one. EVALSHA goes out directly (a redis-py
+    pipeline would ask SCRIPT EXISTS first, every time); a server that lost its scripts
+    (restarted) gets them loaded again once, and the calls are sent again: a script that
+    was not found did not run, so nothing is appended twice.
+    """
+
+    def __init__(self, client: Redis, script: AsyncScript) -> None:
+        self._client = client
+        self._script = script
+        self._waiting: list[tuple[Sequence[str], Sequence[str | int], asyncio.Future[Any]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+        """Held here: the event loop keeps only weak references to its tasks."""
+
+    async def call(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append((keys, args, future))
+        if self._drainer is None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                await self._run(batch)
+        finally:
+            self._drainer = None
+
+    async def _run(self, batch: list[tuple[Sequence[str], Sequence[str | int],
+                                           asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._send(batch)
+            if any(isinstance(r, NoScriptError) for r in results):
+                await self._client.script_load(self._script.script)
+                results = await self._send(batch)
+        except Exception as exc:  # the connection: every call of the batch fails alike
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller gave up; what ran stays (ids make retries safe)
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _send(self, batch: list[tuple[Sequence[str], Sequence[str | int],
+                                            asyncio.Future[Any]]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys, args, _ in batch:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+
 class RedisBackend:
     """Job database, event logs and cross-process delivery in Redis (see docs/redis.md).
 
@@ -469,6 +532,7 @@ class RedisBackend:
                                                **options)
         self._client = Redis.from_pool(pool)
         self._append_script = self._client.register_script(_APPEND_LUA)
+        self._appends = _Coalescer(self._client, self._append_script)
         self._create_script = self._client.register_script(_CREATE_LUA)
         self._lease_script = self._client.register_script(_LEASE_LUA)
         # Used only to make the one pub/sub connection with the same settings.
@@ -591,7 +655,7 @@ class RedisBackend:
         keys = [*self._job_keys(job_id), *map(self._state_index, _STATES)]
         try:
             with _unavailable_on_errors():
-                seqs, fresh = await self._append_script(keys=keys, args=args)
+                seqs, fresh = await self._appends.call(keys, args)
         except ResponseError as exc:
             make_error = _SCRIPT_ERRORS.get(str(exc).split(" ", 1)[0])
             if make_error is None:
