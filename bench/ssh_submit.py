@@ -1,7 +1,10 @@
-"""How long scheduler commands take over SSHShell: a kept connection against a new
-connection per command, and qsub/qstat themselves. Builds its own test cluster (root).
+"""Issue 7, scenario E: submissions over SSH to the real test cluster. How long
+scheduler commands take over SSHShell on a kept connection against a new connection
+per command, qsub and qstat themselves, and whole submissions through BatchScheduler
+(staging the token and spec, then qsub): sequential over the kept connection, with a
+new connection each, and 50 at once. Builds its own test cluster (root).
 
-    sudo .venv/bin/python -m bench.ssh_submit [--runs 10]
+    sudo .venv/bin/python -m bench.ssh_submit [--runs 10] [--concurrent 50]
 """
 
 from __future__ import annotations
@@ -13,8 +16,17 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from metis_stream.config import EMIT_SCRIPT, JOBSCRIPTS_DIR
+from metis_stream.jobs import new_job_id
+from metis_stream.schedulers import pbs
+from metis_stream.schedulers.base import Submission
+from metis_stream.schedulers.batch import BatchScheduler
 from metis_stream.shells.ssh import SSHShell
+from metis_stream.templates import Template
 from tests.support.cluster import TestCluster, build_cluster
+
+TEMPLATE = Template(name="tokens", cluster="bench", script=JOBSCRIPTS_DIR / "tokens.pbs",
+                    resources={"walltime": "00:01:00"})
 
 
 def new_shell(cluster: TestCluster) -> SSHShell:
@@ -44,7 +56,22 @@ def report(label: str, times: list[float]) -> None:
     )
 
 
-async def bench(cluster: TestCluster, runs: int) -> None:
+def submission() -> Submission:
+    job_id = new_job_id()
+    # An events URL where nothing listens, and no retries: the job's first post fails and
+    # it ends at once; what is timed is the submission.
+    return Submission(job_id=job_id, name=f"ms-{job_id[-12:]}", template=TEMPLATE,
+                      env={"METIS_JOB_ID": job_id, "METIS_EMIT_RETRIES": "0",
+                           "METIS_EVENTS_URL": "http://127.0.0.1:9/unused"},
+                      token="bench-token", spec={})
+
+
+def scheduler(shell: SSHShell) -> BatchScheduler:
+    return BatchScheduler("bench", pbs.DIALECT, shell, workdir="metis-stream-bench",
+                          poll_interval=60, emit_script=EMIT_SCRIPT)
+
+
+async def bench(cluster: TestCluster, runs: int, concurrent: int) -> None:
     kept = new_shell(cluster)
     await kept.run(["true"])  # opened once, before timing
 
@@ -74,16 +101,50 @@ async def bench(cluster: TestCluster, runs: int) -> None:
     )
     print(f"connections opened by the kept shell: {kept.connections_opened}")
     await kept.run(["sh", "-c", "rm -f bench.sh bench.sh.[oe]*"])
+
+    kept_scheduler = scheduler(kept)
+    await kept_scheduler.submit(submission())  # stages the script and helper once
+    submit_times = await timed(runs, lambda: kept_scheduler.submit(submission()))
+    report("whole submission, kept connection", submit_times)
+
+    async def fresh_submit() -> None:
+        shell = new_shell(cluster)
+        await scheduler(shell).submit(submission())
+        await shell.close()
+
+    report("whole submission, new connection each", await timed(runs, fresh_submit))
+    results: list[str | BaseException] = []
+
+    async def one() -> None:
+        try:
+            results.append(await kept_scheduler.submit(submission()))
+        except Exception as exc:
+            results.append(exc)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tasks:
+        for _ in range(concurrent):
+            tasks.start_soon(one)
+    elapsed = time.perf_counter() - started
+    failed = [r for r in results if isinstance(r, BaseException)]
+    print(f"{concurrent} submissions at once over the kept connection: "
+          f"{len(results) - len(failed)} succeeded, {len(failed)} failed, {elapsed:.2f} s"
+          + (f" (first error: {failed[0]!r})" if failed else ""))
+    print(f"connections opened by the kept shell in all: {kept.connections_opened}")
+    await kept.run(["sh", "-c", "qdel $(qselect 2>/dev/null) 2>/dev/null; "
+                                "scancel -u \"$(id -un)\" 2>/dev/null; "
+                                "rm -rf metis-stream-bench"])
     await kept.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--concurrent", type=int, default=50)
     args = parser.parse_args()
     cluster = build_cluster()
     try:
-        anyio.run(bench, cluster, args.runs)
+        anyio.run(bench, cluster, args.runs, args.concurrent)
     finally:
         cluster.stop()
 
