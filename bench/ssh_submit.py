@@ -137,16 +137,21 @@ async def bench(cluster: TestCluster, runs: int, concurrent: int) -> None:
     await kept.close()
 
 
+def run(runs: int = 10, concurrent: int = 50) -> None:
+    """Build the test cluster, measure, and take the cluster down again."""
+    cluster = build_cluster()
+    try:
+        anyio.run(bench, cluster, runs, concurrent)
+    finally:
+        cluster.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--concurrent", type=int, default=50)
     args = parser.parse_args()
-    cluster = build_cluster()
-    try:
-        anyio.run(bench, cluster, args.runs, args.concurrent)
-    finally:
-        cluster.stop()
+    run(args.runs, args.concurrent)
 
 
 if __name__ == "__main__":
