@@ -23,7 +23,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from metis_stream import tokens
 from metis_stream.config import load_config
-from tests.support.server import EXAMPLE_TEMPLATES, LOCAL_CLUSTER, ServerProcess
+from tests.support.server import (
+    EXAMPLE_TEMPLATES,
+    LOCAL_CLUSTER,
+    ServerProcess,
+    script_templates,
+)
 
 MAX_EVENT_BYTES = 2048
 MAX_REQUEST_BYTES = 16 * 1024
@@ -44,14 +49,8 @@ SCRIPTS = {
 
 
 def templates(folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    config = ""
-    for name, body in SCRIPTS.items():
-        script = folder / f"{name}.sh"
-        script.write_text("#!/bin/sh\n" + body)
-        config += f'\n[templates.{name}]\ncluster = "local"\nscript = "{script}"\n'
-    config += 'params.word = { type = "str", max_length = 500, required = true }\n'
-    return config
+    return script_templates(folder, SCRIPTS, {
+        "echo": 'params.word = { type = "str", max_length = 500, required = true }\n'})
 
 
 @pytest.fixture(scope="module")

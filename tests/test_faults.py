@@ -31,7 +31,13 @@ import websockets
 from metis_stream import tokens
 from metis_stream.client import Client
 from tests.support.redis_server import RedisServer, start_private_redis
-from tests.support.server import EXAMPLE_TEMPLATES, LOCAL_CLUSTER, ServerProcess, free_port
+from tests.support.server import (
+    EXAMPLE_TEMPLATES,
+    LOCAL_CLUSTER,
+    ServerProcess,
+    free_port,
+    script_templates,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -61,9 +67,6 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 
 def make_server(redis: RedisServer, folder: Path, **settings: object) -> ServerProcess:
-    folder.mkdir(parents=True, exist_ok=True)
-    idle = folder / "idle.sh"
-    idle.write_text("#!/bin/sh\n" + IDLE)
     port = free_port()
     return ServerProcess(
         state_dir=folder / "server", port=port,
@@ -71,7 +74,7 @@ def make_server(redis: RedisServer, folder: Path, **settings: object) -> ServerP
                          "public_url": f"http://127.0.0.1:{port}",
                          "submissions_per_minute": 10_000, **settings},
         extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES
-        + f'\n[templates.idle]\ncluster = "local"\nscript = "{idle}"\n')
+        + script_templates(folder / "scripts", {"idle": IDLE}))
 
 
 def raise_open_files(wanted: int) -> int:

@@ -23,7 +23,12 @@ import websockets
 
 from metis_stream import tokens
 from metis_stream.config import load_config
-from tests.support.server import EXAMPLE_TEMPLATES, LOCAL_CLUSTER, ServerProcess
+from tests.support.server import (
+    EXAMPLE_TEMPLATES,
+    LOCAL_CLUSTER,
+    ServerProcess,
+    script_templates,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 EMIT = REPO / "scripts" / "metis-emit"
@@ -38,15 +43,8 @@ SCRIPTS = {
 
 
 def custom_templates(folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    config = ""
-    for name, body in SCRIPTS.items():
-        script = folder / f"{name}.sh"
-        script.write_text("#!/bin/sh\n" + body)
-        config += f'\n[templates.{name}]\ncluster = "local"\nscript = "{script}"\n'
-        if name == "echo_param":
-            config += 'params.word = { type = "str", default = "plain" }\n'
-    return config
+    return script_templates(folder, SCRIPTS, {
+        "echo_param": 'params.word = { type = "str", default = "plain" }\n'})
 
 
 @pytest.fixture

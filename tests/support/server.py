@@ -39,6 +39,20 @@ poll_interval = 0.3
 """
 
 
+def script_templates(folder: Path, scripts: Mapping[str, str],
+                     params: Mapping[str, str] | None = None) -> str:
+    """Config for local templates whose batch scripts are the given ``sh`` bodies;
+    ``params`` gives a template its TOML parameter lines."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = ""
+    for name, body in scripts.items():
+        script = folder / f"{name}.sh"
+        script.write_text("#!/bin/sh\n" + body)
+        config += f'\n[templates.{name}]\ncluster = "local"\nscript = "{script}"\n'
+        config += (params or {}).get(name, "")
+    return config
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
