@@ -89,20 +89,28 @@ async def test_watchers_on_both_processes_see_the_same_stream(two_servers):
         assert stream == streams[0][after:]
 
 
-async def test_a_server_killed_mid_stream_comes_back_and_the_watcher_resumes(two_servers):
-    a, b = two_servers
-    job = httpx.post(f"{a.url}/api/jobs", json={
+async def watch_a_streaming_job(submit_to: ServerProcess, watch_on: ServerProcess
+                                ) -> tuple[asyncio.Task[None], list[dict[str, Any]]]:
+    """Submit a `tokens` job, and follow it with the resuming client until 10 events
+    have arrived; the task ends after the job's terminal event."""
+    job = httpx.post(f"{submit_to.url}/api/jobs", json={
         "template": "tokens", "params": {"text": " ".join(WORDS), "delay": 0.05}}).json()
     received: list[dict[str, Any]] = []
 
     async def watch() -> None:
-        async with Client(b.url, max_retry_delay=0.5) as client:
+        async with Client(watch_on.url, max_retry_delay=0.5) as client:
             async for event in client.watch(job["id"]):
                 received.append(event)
 
     watcher = asyncio.create_task(watch())
     while len(received) < 10:
         await asyncio.sleep(0.02)
+    return watcher, received
+
+
+async def test_a_server_killed_mid_stream_comes_back_and_the_watcher_resumes(two_servers):
+    a, b = two_servers
+    watcher, received = await watch_a_streaming_job(submit_to=a, watch_on=b)
     b.kill()  # the process the job posts to and the watcher listens on
     await asyncio.sleep(0.5)
     b.start()
@@ -113,18 +121,7 @@ async def test_a_server_killed_mid_stream_comes_back_and_the_watcher_resumes(two
 async def test_redis_killed_and_restarted_mid_job_loses_no_acknowledged_event(
         private_redis: RedisServer, two_servers):
     a, b = two_servers
-    job = httpx.post(f"{a.url}/api/jobs", json={
-        "template": "tokens", "params": {"text": " ".join(WORDS), "delay": 0.05}}).json()
-    received: list[dict[str, Any]] = []
-
-    async def watch() -> None:
-        async with Client(a.url, max_retry_delay=0.5) as client:
-            async for event in client.watch(job["id"]):
-                received.append(event)
-
-    watcher = asyncio.create_task(watch())
-    while len(received) < 10:
-        await asyncio.sleep(0.02)
+    watcher, received = await watch_a_streaming_job(submit_to=a, watch_on=a)
     private_redis.kill()
     outage = time.monotonic()
     await asyncio.sleep(1.0)
