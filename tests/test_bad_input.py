@@ -110,7 +110,7 @@ class Job:
 
     def end(self) -> None:
         if httpx.get(f"{self.server.url}/api/jobs/{self.id}").json()["state"] not in (
-                "completed", "fatal", "cancelled"):
+                "completed", "failed", "cancelled"):
             httpx.delete(f"{self.server.url}/api/jobs/{self.id}", timeout=30)
 
 

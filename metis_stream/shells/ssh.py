@@ -184,25 +184,19 @@ class SSHShell:
         async with self._sftp_lock:
             refusals = _Refusals(None)
             attempt = 1
-            while attempt <= 2:
+            while True:
                 client = await self._connected()
                 try:
                     if self._sftp is None:
                         self._sftp = await anyio.to_thread.run_sync(client.open_sftp)
                     return await anyio.to_thread.run_sync(operation, self._sftp)
-                except paramiko.ChannelException as exc:
-                    if _active(client) and self._sftp is None:
+                except (paramiko.ChannelException, *_CONNECTION_ERRORS) as exc:
+                    if (isinstance(exc, paramiko.ChannelException) and _active(client)
+                            and self._sftp is None):
                         # The SFTP channel was refused on a live connection: wait for a
                         # free one (see _SessionRefused).
                         await refusals.pause(f"SFTP on {self._where}", exc)
                         continue
-                    self._sftp = None
-                    if not _active(client):
-                        await self._drop(client)
-                    if attempt == 2:
-                        raise ShellError(f"SFTP on {self._where} failed: {exc}") from exc
-                    attempt += 1
-                except _CONNECTION_ERRORS as exc:
                     # The SFTP channel is gone either way; the connection may be too.
                     self._sftp = None
                     if not _active(client):
@@ -212,7 +206,6 @@ class SSHShell:
                     attempt += 1
                 except OSError as exc:
                     raise ShellError(f"SFTP on {self._where}: {exc}") from exc
-        raise AssertionError("unreachable: the second attempt returns or raises")
 
     # ------------------------------------------------------------------ connection
 
