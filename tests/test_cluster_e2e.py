@@ -58,7 +58,9 @@ BASE = f"e2e-{RUN_ID}"
 REMOTE_SCRIPTS = {
     "fatal.sh": '"$METIS_EMIT" step "Failing"\n'
                 '"$METIS_EMIT" fatal "disk full: /scratch"\nexit 1\n',
-    "sleepy.sh": '"$METIS_EMIT" step "Sleeping"\nsleep 300\n"$METIS_EMIT" completed\n',
+    # `|| exit`: qdel may kill the sleep before the shell; the script must stop there,
+    # not go on to report completed (the README's advice to script authors).
+    "sleepy.sh": '"$METIS_EMIT" step "Sleeping"\nsleep 300 || exit\n"$METIS_EMIT" completed\n',
     # `exec`: nothing may run after the kill. With `sleep; metis-emit completed`, Slurm's
     # SIGTERM can end sleep first and the shell start metis-emit before its own SIGTERM
     # arrives; that new process escapes until SIGKILL (KillWait) and reports completion.
