@@ -95,9 +95,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         raw = tomllib.loads(source.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    unknown = set(raw) - {"server", "clusters", "templates"}
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
+    _refuse_unknown(raw, {"server", "clusters", "templates"}, f"{source}", "section(s)")
     server = _server_config({**raw.get("server", {}), **_environment_overrides(environ)})
     clusters = {name: _cluster_config(name, table)
                 for name, table in raw.get("clusters", {}).items()}
@@ -126,6 +124,14 @@ def check_listen_address(config: Config) -> None:
         )
 
 
+def _refuse_unknown(table: Mapping[str, Any], known: set[str], where: str,
+                    what: str = "key(s)") -> None:
+    """A misspelt key would otherwise be ignored silently."""
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown {what} {sorted(unknown)}")
+
+
 def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in fields(ServerConfig):
@@ -137,9 +143,7 @@ def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def _server_config(table: Mapping[str, Any]) -> ServerConfig:
     known = {f.name: f for f in fields(ServerConfig)}
-    unknown = set(table) - set(known)
-    if unknown:
-        raise ConfigError(f"[server]: unknown key(s) {sorted(unknown)}")
+    _refuse_unknown(table, set(known), "[server]")
     values: dict[str, Any] = {}
     for name, value in table.items():
         default = getattr(ServerConfig(), name)
@@ -176,9 +180,7 @@ def _strict_bool(value: Any) -> bool:
 
 def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
     known = {f.name for f in fields(ClusterConfig)} - {"name"}
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"[clusters.{name}]: unknown key(s) {sorted(unknown)}")
+    _refuse_unknown(table, known, f"[clusters.{name}]")
     values: dict[str, Any] = {}
     for key, value in table.items():
         default = getattr(ClusterConfig(name=name), key)
@@ -201,9 +203,7 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
     where = f"[templates.{name}]"
     known = {"cluster", "script", "remote_script", "description", "queue", "account",
              "resources", "params", "accepts_inputs"}
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+    _refuse_unknown(table, known, where)
     cluster = table.get("cluster", "")
     if cluster not in clusters:
         raise ConfigError(f"{where}: cluster {cluster!r} is not configured")
