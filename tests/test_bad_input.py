@@ -22,10 +22,10 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from metis_stream import tokens
-from metis_stream.config import load_config
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
+    RunningJob,
     ServerProcess,
     script_templates,
 )
@@ -80,43 +80,9 @@ def wait_until(predicate: Any, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-class Job:
-    """A running `idle` job and the means to post its events."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        created = httpx.post(f"{server.url}/api/jobs",
-                             json={"template": "idle"})
-        assert created.status_code == 201, created.text
-        self.id: str = created.json()["id"]
-        self.secret = load_config(server.config_path).server.secret
-        self.token = tokens.job_token(self.secret, self.id)
-        self.url = f"{server.url}/api/jobs/{self.id}/events"
-        wait_until(lambda: any(e["type"] == "step" for e in self.events()))
-
-    def post(self, content: bytes | str, content_type: str = "application/json",
-             token: str | None = None) -> httpx.Response:
-        return httpx.post(self.url, content=content, timeout=30, headers={
-            "Content-Type": content_type, "Authorization": f"Bearer {token or self.token}"})
-
-    def post_event(self, event: Any, token: str | None = None) -> httpx.Response:
-        return self.post(json.dumps(event), token=token)
-
-    def events(self) -> list[dict[str, Any]]:
-        answer = httpx.get(self.url, timeout=30)
-        assert answer.status_code == 200, answer.text
-        events: list[dict[str, Any]] = answer.json()["events"]
-        return events
-
-    def end(self) -> None:
-        if httpx.get(f"{self.server.url}/api/jobs/{self.id}").json()["state"] not in (
-                "completed", "failed", "cancelled"):
-            httpx.delete(f"{self.server.url}/api/jobs/{self.id}", timeout=30)
-
-
 @pytest.fixture
-def job(server: ServerProcess) -> Iterator[Job]:
-    running = Job(server)
+def job(server: ServerProcess) -> Iterator[RunningJob]:
+    running = RunningJob(server, "idle")
     try:
         yield running
     finally:
@@ -137,12 +103,12 @@ def state_files(server: ServerProcess) -> frozenset[str]:
                      if p != server.log_path)
 
 
-def snapshot(server: ServerProcess, job: Job | None = None) -> Snapshot:
+def snapshot(server: ServerProcess, job: RunningJob | None = None) -> Snapshot:
     jobs = httpx.get(f"{server.url}/api/jobs", params={"limit": 1000}).json()["jobs"]
     return Snapshot(jobs, job.events() if job else None, state_files(server))
 
 
-def assert_nothing_changed(server: ServerProcess, before: Snapshot, job: Job | None = None
+def assert_nothing_changed(server: ServerProcess, before: Snapshot, job: RunningJob | None = None
                            ) -> None:
     after = snapshot(server, job)
     assert after.jobs == before.jobs, "the job database changed"
@@ -173,7 +139,7 @@ def event_of_size(size: int, event_type: str = "log") -> bytes:
     b'{"type": "log", "data": ', b"", b"{", b"nul\x00", b'{"type": "log"} trailing',
     b"NaN", b'{"type": "log", "data": NaN}',
 ])
-def test_malformed_json_event_is_400(server: ServerProcess, job: Job, body: bytes):
+def test_malformed_json_event_is_400(server: ServerProcess, job: RunningJob, body: bytes):
     before = snapshot(server, job)
     assert_error(job.post(body), 400)
     assert_nothing_changed(server, before, job)
@@ -181,14 +147,14 @@ def test_malformed_json_event_is_400(server: ServerProcess, job: Job, body: byte
 
 @pytest.mark.parametrize("body", [b'{"type": "log", "data": "\xff\xfe"}', b"\xc3\x28",
                                   b'{"type": "lo\xedg"}'])
-def test_invalid_utf8_in_a_json_event_is_400(server: ServerProcess, job: Job, body: bytes):
+def test_invalid_utf8_in_a_json_event_is_400(server: ServerProcess, job: RunningJob, body: bytes):
     before = snapshot(server, job)
     assert_error(job.post(body), 400, "not valid JSON")
     assert_nothing_changed(server, before, job)
 
 
 def test_invalid_utf8_in_the_middle_of_an_ndjson_batch_appends_nothing(server: ServerProcess,
-                                                                       job: Job):
+                                                                       job: RunningJob):
     before = snapshot(server, job)
     body = (b'{"type": "log", "data": 1}\n{"type": "log", "data": "\xff"}\n'
             b'{"type": "log", "data": 3}\n')
@@ -214,7 +180,7 @@ def test_invalid_utf8_in_a_submission_is_400(server: ServerProcess):
     ("log", "JSON object"),
     (None, "JSON object"),
 ])
-def test_wrong_types_in_an_event_are_422(server: ServerProcess, job: Job, event: Any,
+def test_wrong_types_in_an_event_are_422(server: ServerProcess, job: RunningJob, event: Any,
                                          words: str):
     before = snapshot(server, job)
     assert_error(job.post_event(event), 422, words)
@@ -222,7 +188,7 @@ def test_wrong_types_in_an_event_are_422(server: ServerProcess, job: Job, event:
 
 
 @pytest.mark.parametrize("data", [None, 0, -1.5, True, "", "text", [1, [2]], {"a": {"b": None}}])
-def test_data_may_be_any_json_value(job: Job, data: Any):
+def test_data_may_be_any_json_value(job: RunningJob, data: Any):
     response = job.post_event({"type": "log", "data": data})
     assert response.status_code == 200, response.text
     assert job.events()[-1]["data"] == data
@@ -249,7 +215,7 @@ def test_wrong_types_in_a_submission_are_422(server: ServerProcess, body: dict[s
 
 
 def test_an_event_of_exactly_max_event_bytes_is_taken_and_one_byte_more_is_413(
-        server: ServerProcess, job: Job):
+        server: ServerProcess, job: RunningJob):
     before = snapshot(server, job)
     assert_error(job.post(event_of_size(MAX_EVENT_BYTES + 1)), 413, "at most")
     assert_nothing_changed(server, before, job)
@@ -259,7 +225,7 @@ def test_an_event_of_exactly_max_event_bytes_is_taken_and_one_byte_more_is_413(
 
 
 def test_an_ndjson_line_over_max_event_bytes_is_413_and_appends_nothing(server: ServerProcess,
-                                                                        job: Job):
+                                                                        job: RunningJob):
     before = snapshot(server, job)
     body = event_of_size(100) + b"\n" + event_of_size(MAX_EVENT_BYTES + 1) + b"\n"
     assert_error(job.post(body, NDJSON), 413, "line 2")
@@ -277,7 +243,7 @@ def request_of_size(size: int, lines: int) -> bytes:
 
 
 def test_a_request_of_exactly_max_request_bytes_is_taken_and_one_byte_more_is_413(
-        server: ServerProcess, job: Job):
+        server: ServerProcess, job: RunningJob):
     before = snapshot(server, job)
     assert_error(job.post(request_of_size(MAX_REQUEST_BYTES + 1, 9), NDJSON), 413, "at most")
     assert_nothing_changed(server, before, job)
@@ -287,7 +253,7 @@ def test_a_request_of_exactly_max_request_bytes_is_taken_and_one_byte_more_is_41
 
 
 def test_max_lines_per_request_is_taken_and_one_line_more_is_413(server: ServerProcess,
-                                                                 job: Job):
+                                                                 job: RunningJob):
     lines = [json.dumps({"type": "log", "data": n}) + "\n" for n in range(MAX_LINES + 1)]
     before = snapshot(server, job)
     assert_error(job.post("".join(lines), NDJSON), 413, f"at most {MAX_LINES} events")
@@ -298,7 +264,7 @@ def test_max_lines_per_request_is_taken_and_one_line_more_is_413(server: ServerP
 
 
 def test_max_events_per_job_then_413_then_a_terminal_event_is_still_taken(
-        server: ServerProcess, job: Job):
+        server: ServerProcess, job: RunningJob):
     room = MAX_EVENTS_PER_JOB - len(job.events())
     while room:
         batch = min(room, MAX_LINES)
@@ -331,8 +297,8 @@ def test_a_submission_over_64_kib_is_413(server: ServerProcess):
     ('{"type": "NOPE"}', 422), ("{not json", 400), ('{"type": "starting"}', 422),
     ('{"type": "log", "id": 5}', 422), ("[1]", 422),
 ])
-def test_ndjson_with_a_bad_line_in_the_middle_appends_nothing(server: ServerProcess, job: Job,
-                                                              bad: str, status: int):
+def test_ndjson_with_a_bad_line_in_the_middle_appends_nothing(
+        server: ServerProcess, job: RunningJob, bad: str, status: int):
     lines = [json.dumps({"type": "log", "data": n}) for n in range(5)]
     lines[2] = bad
     before = snapshot(server, job)
@@ -341,7 +307,7 @@ def test_ndjson_with_a_bad_line_in_the_middle_appends_nothing(server: ServerProc
 
 
 def test_an_ndjson_batch_that_ends_the_job_and_goes_on_appends_nothing(server: ServerProcess,
-                                                                       job: Job):
+                                                                       job: RunningJob):
     body = '{"type": "log"}\n{"type": "completed"}\n{"type": "log"}\n'
     before = snapshot(server, job)
     assert_error(job.post(body, NDJSON), 409, "already ended")
@@ -351,7 +317,7 @@ def test_an_ndjson_batch_that_ends_the_job_and_goes_on_appends_nothing(server: S
 # Tokens and jobs
 
 
-def test_an_unknown_job_is_404_with_its_own_valid_token(server: ServerProcess, job: Job):
+def test_an_unknown_job_is_404_with_its_own_valid_token(server: ServerProcess, job: RunningJob):
     unknown = "j_01M87P14J6V8D2MYD25J6MJ0B2"
     token = tokens.job_token(job.secret, unknown)
     before = snapshot(server, job)
@@ -363,8 +329,8 @@ def test_an_unknown_job_is_404_with_its_own_valid_token(server: ServerProcess, j
     assert_nothing_changed(server, before, job)
 
 
-def test_another_jobs_token_is_401(server: ServerProcess, job: Job):
-    other = Job(server)
+def test_another_jobs_token_is_401(server: ServerProcess, job: RunningJob):
+    other = RunningJob(server, "idle")
     try:
         before = snapshot(server, job)
         assert_error(job.post_event({"type": "log"}, token=other.token), 401, "job token")
@@ -378,8 +344,8 @@ def test_another_jobs_token_is_401(server: ServerProcess, job: Job):
         other.end()
 
 
-def test_the_token_of_an_ended_job_is_refused(server: ServerProcess, job: Job):
-    ended = Job(server)
+def test_the_token_of_an_ended_job_is_refused(server: ServerProcess, job: RunningJob):
+    ended = RunningJob(server, "idle")
     assert ended.post_event({"type": "completed"}).status_code == 200
     before = snapshot(server, job)
     assert_error(ended.post_event({"type": "log"}), 409, "already ended")
@@ -392,7 +358,7 @@ def test_the_token_of_an_ended_job_is_refused(server: ServerProcess, job: Job):
 
 
 @pytest.mark.parametrize("late", [{"type": "log"}, {"type": "completed"}, {"type": "fatal"}])
-def test_an_event_after_the_terminal_event_is_409(server: ServerProcess, job: Job,
+def test_an_event_after_the_terminal_event_is_409(server: ServerProcess, job: RunningJob,
                                                   late: dict[str, Any]):
     assert job.post_event({"type": "fatal", "data": "gone"}).status_code == 200
     before = snapshot(server, job)
@@ -402,7 +368,7 @@ def test_an_event_after_the_terminal_event_is_409(server: ServerProcess, job: Jo
 
 
 def test_a_repeated_idempotency_key_returns_the_same_seq_and_the_first_write_wins(
-        server: ServerProcess, job: Job):
+        server: ServerProcess, job: RunningJob):
     first = job.post_event({"type": "log", "data": "first", "id": "key-1"})
     assert first.status_code == 200
     seq = first.json()["seqs"][0]
@@ -419,7 +385,7 @@ def test_a_repeated_idempotency_key_returns_the_same_seq_and_the_first_write_win
     assert next(e for e in job.events() if e["seq"] == seq)["data"] == "first"
 
 
-def test_a_key_repeated_inside_one_batch_is_appended_once(job: Job):
+def test_a_key_repeated_inside_one_batch_is_appended_once(job: RunningJob):
     body = ('{"type": "log", "data": "a", "id": "k-2"}\n'
             '{"type": "log", "data": "b", "id": "k-2"}\n')
     answer = job.post(body, NDJSON).json()
@@ -530,8 +496,8 @@ TRAVERSALS = ["..", "../..", "%2e%2e", "%2e%2e%2f%2e%2e", "..%2f..%2fsecret",
 
 
 @pytest.mark.parametrize("name", TRAVERSALS)
-def test_path_traversal_in_job_ids_is_4xx_and_touches_nothing(server: ServerProcess, job: Job,
-                                                              name: str):
+def test_path_traversal_in_job_ids_is_4xx_and_touches_nothing(
+        server: ServerProcess, job: RunningJob, name: str):
     before = snapshot(server, job)
     event = json.dumps({"type": "log", "data": "x"}).encode()
     for method, path, body in [
@@ -554,7 +520,8 @@ def test_path_traversal_in_job_ids_is_4xx_and_touches_nothing(server: ServerProc
 
 @pytest.mark.parametrize("name", ["..%2ftoken", "..%2f..%2fsecret", "%2e%2e", "token",
                                   "spec.json", "WORD", "..", "word%00"])
-def test_path_traversal_in_parameter_names_is_404(server: ServerProcess, job: Job, name: str):
+def test_path_traversal_in_parameter_names_is_404(
+        server: ServerProcess, job: RunningJob, name: str):
     before = snapshot(server, job)
     status, answer = raw_request(server, "GET", f"/api/jobs/{job.id}/spec/params/{name}",
                                  job.token)
@@ -584,13 +551,13 @@ async def test_path_traversal_in_websocket_job_ids_is_refused(server: ServerProc
 # Bugs found by this suite (see SECURITY.md, "Known issues")
 
 
-def test_a_superscript_digit_in_after_or_limit_is_400(server: ServerProcess, job: Job):
+def test_a_superscript_digit_in_after_or_limit_is_400(server: ServerProcess, job: RunningJob):
     assert_error(httpx.get(job.url, params={"after": "²"}), 400, "whole number")
     assert_error(httpx.get(f"{server.url}/api/jobs", params={"limit": "²"}), 400, "limit")
 
 
 async def test_a_superscript_digit_in_a_websocket_after_is_400(server: ServerProcess,
-                                                               job: Job):
+                                                               job: RunningJob):
     with pytest.raises(InvalidStatus) as refused:
         async with websockets.connect(f"{server.ws_url}/ws/jobs/{job.id}?after=%C2%B2"):
             pass
@@ -607,7 +574,7 @@ async def test_a_non_ascii_template_name_closes_the_socket_with_4422(server: Ser
 
 
 async def test_a_watch_token_is_not_written_to_the_server_log(server: ServerProcess,
-                                                              job: Job):
+                                                              job: RunningJob):
     watch = tokens.watch_token(job.secret, job.id)
     assert httpx.get(job.url, params={"token": watch}).status_code == 200
     async with websockets.connect(f"{server.ws_url}/ws/jobs/{job.id}?token={watch}"):

@@ -28,12 +28,12 @@ import httpx
 import pytest
 import websockets
 
-from metis_stream import tokens
 from metis_stream.client import Client
 from tests.support.redis_server import RedisServer, start_private_redis
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
+    RunningJob,
     ServerProcess,
     free_port,
     script_templates,
@@ -105,34 +105,6 @@ def server(redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 def assert_no_traceback(server: ServerProcess) -> None:
     log = server.log()
     assert "Traceback" not in log, log[log.find("Traceback") - 300:][:3000]
-
-
-class IdleJob:
-    """A job that only waits; the test posts its events with the job's token."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        created = httpx.post(f"{server.url}/api/jobs", json={"template": "idle"}, timeout=30)
-        assert created.status_code == 201, created.text
-        self.id: str = created.json()["id"]
-        self.url = f"{server.url}/api/jobs/{self.id}/events"
-        self.headers = {"Authorization": f"Bearer {tokens.job_token(SECRET, self.id)}"}
-        deadline = time.monotonic() + 30
-        while not any(e["type"] == "step" for e in self.history()):
-            assert time.monotonic() < deadline, "the idle job never started"
-            time.sleep(0.05)
-
-    def history(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        while True:
-            page = httpx.get(self.url, params={"after": len(events)}, timeout=30).json()[
-                "events"]
-            events += page
-            if len(page) < 1000:
-                return events
-
-    def watch_url(self) -> str:
-        return f"{self.server.ws_url}/ws/jobs/{self.id}"
 
 
 def rss_kib(pid: int) -> int:
@@ -213,7 +185,7 @@ def pending_bytes(sock: socket.socket) -> int:
 class Watchers:
     """Fast websocket watchers that note, per phase, how late each event arrives."""
 
-    def __init__(self, job: IdleJob, count: int) -> None:
+    def __init__(self, job: RunningJob, count: int) -> None:
         self.job = job
         self.count = count
         self.latencies: dict[str, list[float]] = {}
@@ -243,7 +215,7 @@ class Watchers:
                 await asyncio.sleep(0.01)
 
 
-async def post_phase(http: httpx.AsyncClient, job: IdleJob, phase: str, count: int,
+async def post_phase(http: httpx.AsyncClient, job: RunningJob, phase: str, count: int,
                      interval: float) -> int:
     """Post ``count`` events spaced by ``interval``, each with its send time; the last seq."""
     last = 0
@@ -256,7 +228,7 @@ async def post_phase(http: httpx.AsyncClient, job: IdleJob, phase: str, count: i
     return last
 
 
-async def post_filler(http: httpx.AsyncClient, job: IdleJob, count: int) -> int:
+async def post_filler(http: httpx.AsyncClient, job: RunningJob, count: int) -> int:
     """Many padded events at once, in NDJSON batches: enough to back the frozen client up."""
     last = 0
     for start in range(0, count, 100):
@@ -272,7 +244,7 @@ async def post_filler(http: httpx.AsyncClient, job: IdleJob, count: int) -> int:
 async def test_a_frozen_client_slows_no_fast_watcher_and_does_not_grow_memory(
         server: ServerProcess):
     assert server.process is not None
-    job = IdleJob(server)
+    job = RunningJob(server, "idle")
     watchers = Watchers(job, FAST_WATCHERS)
     await watchers.start()
     async with httpx.AsyncClient(timeout=30) as http:
@@ -326,8 +298,8 @@ async def test_a_frozen_client_slows_no_fast_watcher_and_does_not_grow_memory(
 
 
 async def test_a_burst_of_10000_events_reaches_every_watcher_in_order(server: ServerProcess):
-    job = IdleJob(server)
-    start = len(job.history())
+    job = RunningJob(server, "idle")
+    start = len(job.events())
     streams: list[list[dict[str, Any]]] = [[] for _ in range(6)]
 
     async def raw_watcher(into: list[dict[str, Any]], ready: asyncio.Event) -> None:
@@ -371,7 +343,7 @@ async def test_1000_sockets_on_one_process_all_receive_the_jobs_events(server: S
     limit = raise_open_files(4 * SOCKETS + 1024)
     if limit < 2 * SOCKETS + 200:
         pytest.fail(f"RLIMIT_NOFILE is {limit}: {SOCKETS} sockets need more")
-    job = IdleJob(server)
+    job = RunningJob(server, "idle")
     streams: list[list[int]] = [[] for _ in range(SOCKETS)]
     codes: list[int | None] = [None] * SOCKETS
     opened = asyncio.Semaphore(0)
@@ -398,7 +370,7 @@ async def test_1000_sockets_on_one_process_all_receive_the_jobs_events(server: S
         answer = await http.post(job.url, headers=job.headers, json={"type": "completed"})
         assert answer.status_code == 200
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
-    expected = [e["seq"] for e in job.history()]
+    expected = [e["seq"] for e in job.events()]
     assert expected[-1] == len(expected)
     assert all(stream == expected for stream in streams), "a socket missed an event"
     assert codes == [1000] * SOCKETS
@@ -411,7 +383,7 @@ async def test_1000_sockets_on_one_process_all_receive_the_jobs_events(server: S
 def test_a_redis_backed_server_stops_cleanly_on_sigterm(redis: RedisServer, tmp_path: Path):
     server = make_server(redis, tmp_path)
     server.start()
-    IdleJob(server)
+    RunningJob(server, "idle")
     assert server.process is not None
     process = server.process
     server.stop()

@@ -26,8 +26,14 @@ from metis_stream.backends.memory import MemoryBackend
 from metis_stream.config import load_config
 from metis_stream.events import NewEvent
 from metis_stream.web.app import create_app
-from tests.support.server import EXAMPLE_TEMPLATES, LOCAL_CLUSTER, ServerProcess, free_port
-from tests.test_web import custom_templates, wait_for_event
+from tests.support.server import (
+    EXAMPLE_TEMPLATES,
+    LOCAL_CLUSTER,
+    RunningJob,
+    ServerProcess,
+    free_port,
+)
+from tests.test_web import custom_templates
 
 UNKNOWN_JOB = "j_01M87P14J6V8D2MYD25J6MJ0B2"
 
@@ -46,35 +52,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         process.stop()
 
 
-class Job:
-    """A running job of the `sleepy` template, and how to post its events."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        record = httpx.post(f"{server.url}/api/jobs", json={"template": "sleepy"}).json()
-        self.id: str = record["id"]
-        self.secret = load_config(server.config_path).server.secret
-        self.token = tokens.job_token(self.secret, self.id)
-        self.url = f"{server.url}/api/jobs/{self.id}/events"
-        wait_for_event(server, self.id, "step")
-
-    def post(self, content: bytes | str, content_type: str = "application/json",
-             token: str | None = None) -> httpx.Response:
-        headers = {"Content-Type": content_type,
-                   "Authorization": f"Bearer {token or self.token}"}
-        return httpx.post(self.url, content=content, headers=headers)
-
-    def events(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = httpx.get(self.url).json()["events"]
-        return events
-
-    def end(self) -> None:
-        httpx.delete(f"{self.server.url}/api/jobs/{self.id}")
-
-
 @pytest.fixture
-def job(server: ServerProcess) -> Iterator[Job]:
-    running = Job(server)
+def job(server: ServerProcess) -> Iterator[RunningJob]:
+    running = RunningJob(server, "sleepy")
     try:
         yield running
     finally:
@@ -87,21 +67,21 @@ def assert_error(response: httpx.Response, status: int, words: str) -> None:
     assert words in response.json()["error"]
 
 
-def assert_unchanged(job: Job, before: Sequence[dict[str, Any]]) -> None:
+def assert_unchanged(job: RunningJob, before: Sequence[dict[str, Any]]) -> None:
     assert job.events() == list(before)
 
 
 # 400
 
 
-def test_400_malformed_json_event(job: Job):
+def test_400_malformed_json_event(job: RunningJob):
     before = job.events()
     assert_error(job.post(b'{"type": "log", "data": '), 400, "not valid JSON")
     assert_error(job.post(b"\xff\xfe not utf-8"), 400, "not valid JSON")
     assert_unchanged(job, before)
 
 
-def test_400_bad_after_and_bad_submit_body(server: ServerProcess, job: Job):
+def test_400_bad_after_and_bad_submit_body(server: ServerProcess, job: RunningJob):
     assert_error(httpx.get(job.url, params={"after": "-1"}), 400, "whole number")
     as_json = {"Content-Type": "application/json"}
     assert_error(httpx.post(f"{server.url}/api/jobs", content=b"[1,2", headers=as_json), 400,
@@ -112,7 +92,7 @@ def test_400_bad_after_and_bad_submit_body(server: ServerProcess, job: Job):
 # 401
 
 
-def test_401_missing_wrong_and_other_jobs_token(server: ServerProcess, job: Job):
+def test_401_missing_wrong_and_other_jobs_token(server: ServerProcess, job: RunningJob):
     before = job.events()
     event = json.dumps({"type": "log", "data": "x"})
     assert_error(httpx.post(job.url, content=event,
@@ -224,7 +204,7 @@ async def test_404_unknown_job_everywhere(server: ServerProcess):
 
 
 def test_409_after_the_terminal_event_for_its_own_token_only(server: ServerProcess):
-    job = Job(server)
+    job = RunningJob(server, "sleepy")
     assert job.post(json.dumps({"type": "completed", "id": "done-1"})).status_code == 200
     before = job.events()
     assert_error(job.post(json.dumps({"type": "log", "data": "late"})), 409, "already ended")
@@ -239,7 +219,7 @@ def test_409_after_the_terminal_event_for_its_own_token_only(server: ServerProce
 # 413
 
 
-def test_413_event_and_request_over_their_limits(job: Job):
+def test_413_event_and_request_over_their_limits(job: RunningJob):
     before = job.events()
     big = json.dumps({"type": "log", "data": "x" * (64 * 1024)})
     assert_error(job.post(big), 413, "at most")
@@ -248,7 +228,7 @@ def test_413_event_and_request_over_their_limits(job: Job):
     assert_unchanged(job, before)
 
 
-def test_413_for_one_line_too_long_in_a_streamed_body(job: Job):
+def test_413_for_one_line_too_long_in_a_streamed_body(job: RunningJob):
     before = job.events()
 
     def body() -> Iterator[bytes]:
@@ -263,7 +243,7 @@ def test_413_for_one_line_too_long_in_a_streamed_body(job: Job):
 # 415
 
 
-def test_415_unknown_content_type(job: Job):
+def test_415_unknown_content_type(job: RunningJob):
     assert_error(job.post("type=log", "application/x-www-form-urlencoded"), 415, "ndjson")
 
 
@@ -278,13 +258,13 @@ def test_415_unknown_content_type(job: Job):
     ({"type": "log", "id": "has space"}, "'id' must be"),
     ([1, 2], "JSON object"),
 ])
-def test_422_invalid_event(job: Job, event: Any, words: str):
+def test_422_invalid_event(job: RunningJob, event: Any, words: str):
     before = job.events()
     assert_error(job.post(json.dumps(event)), 422, words)
     assert_unchanged(job, before)
 
 
-def test_422_ndjson_with_a_bad_line_in_the_middle_appends_nothing(job: Job):
+def test_422_ndjson_with_a_bad_line_in_the_middle_appends_nothing(job: RunningJob):
     before = job.events()
     lines = [json.dumps({"type": "log", "data": n}) for n in range(5)]
     lines[2] = json.dumps({"type": "NOPE"})
@@ -401,7 +381,7 @@ def test_429_past_the_sockets_per_job_and_413_past_the_lines_per_request(tmp_pat
         extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES + custom_templates(tmp_path / "s"))
     process.start()
     try:
-        job = Job(process)
+        job = RunningJob(process, "sleepy")
 
         async def three_watchers() -> int:
             url = f"{process.ws_url}/ws/jobs/{job.id}"

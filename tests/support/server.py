@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,11 +12,14 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from metis_stream.config import JOBSCRIPTS_DIR
+from metis_stream import tokens
+from metis_stream.backends.base import READ_PAGE
+from metis_stream.config import JOBSCRIPTS_DIR, load_config
 
 EXAMPLE_TEMPLATES = f"""
 [templates.tokens]
@@ -134,6 +138,54 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+class RunningJob:
+    """A job of ``template`` whose script has posted its first ``step`` and then waits; the
+    test posts further events with the job's own token, as the batch script would."""
+
+    def __init__(self, server: ServerProcess, template: str, timeout: float = 30) -> None:
+        self.server = server
+        created = httpx.post(f"{server.url}/api/jobs", json={"template": template},
+                             timeout=30)
+        assert created.status_code == 201, created.text
+        self.id: str = created.json()["id"]
+        self.secret = load_config(server.config_path).server.secret
+        self.token = tokens.job_token(self.secret, self.id)
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+        self.url = f"{server.url}/api/jobs/{self.id}/events"
+        deadline = time.monotonic() + timeout
+        while not any(e["type"] == "step" for e in self.events()):
+            assert time.monotonic() < deadline, f"job {self.id} never posted its step"
+            time.sleep(0.05)
+
+    def post(self, content: bytes | str, content_type: str = "application/json",
+             token: str | None = None) -> httpx.Response:
+        return httpx.post(self.url, content=content, timeout=30, headers={
+            "Content-Type": content_type, "Authorization": f"Bearer {token or self.token}"})
+
+    def post_event(self, event: Any, token: str | None = None) -> httpx.Response:
+        return self.post(json.dumps(event), token=token)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The whole log, page by page."""
+        events: list[dict[str, Any]] = []
+        while True:
+            answer = httpx.get(self.url, params={"after": len(events)}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            page = answer.json()["events"]
+            events += page
+            if len(page) < READ_PAGE:
+                return events
+
+    def watch_url(self) -> str:
+        return f"{self.server.ws_url}/ws/jobs/{self.id}"
+
+    def end(self) -> None:
+        """Cancel the job unless it has ended already."""
+        if httpx.get(f"{self.server.url}/api/jobs/{self.id}", timeout=30).json()["state"] not in (
+                "completed", "failed", "cancelled"):
+            httpx.delete(f"{self.server.url}/api/jobs/{self.id}", timeout=30)
 
 
 def _toml(value: object) -> str:
