@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from metis_stream.schedulers import pbs
 from metis_stream.schedulers.base import SchedulerError
 from metis_stream.schedulers.dialect import JobRequest, UnsafeValue, split_env
-from metis_stream.shells.base import CommandResult
-
-SAMPLES = Path(__file__).parent / "samples"
-
-
-def sample(name: str) -> str:
-    """A sample without its leading ``# source:`` comment lines."""
-    lines = (SAMPLES / name).read_text().splitlines(keepends=True)
-    while lines and lines[0].startswith("# "):
-        lines.pop(0)
-    return "".join(lines)
-
-
-def ok(stdout: str = "", stderr: str = "", exit_status: int = 0) -> CommandResult:
-    return CommandResult(exit_status, stdout, stderr)
+from tests.support.samples import ok, sample
 
 
 def request(**changes: object) -> JobRequest:

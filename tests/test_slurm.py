@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from metis_stream.schedulers import slurm
 from metis_stream.schedulers.base import SchedulerError
 from metis_stream.schedulers.dialect import JobRequest, UnsafeValue
-from metis_stream.shells.base import CommandResult
-
-SAMPLES = Path(__file__).parent / "samples" / "slurm"
-
-
-def sample(name: str) -> str:
-    lines = (SAMPLES / name).read_text().splitlines(keepends=True)
-    while lines and lines[0].startswith("# "):
-        lines.pop(0)
-    return "".join(lines)
-
-
-def ok(stdout: str = "", stderr: str = "", exit_status: int = 0) -> CommandResult:
-    return CommandResult(exit_status, stdout, stderr)
+from tests.support.samples import ok, sample
 
 
 def request(**changes: object) -> JobRequest:
@@ -157,7 +142,8 @@ def test_status_commands_batch_all_ids() -> None:
 
 
 def test_squeue() -> None:
-    outcome = slurm.parse_squeue_result(ok(sample("squeue.txt")), ["101", "102", "103", "104", "9"])
+    outcome = slurm.parse_squeue_result(ok(sample("slurm/squeue.txt")),
+                                        ["101", "102", "103", "104", "9"])
     s = outcome.statuses
     assert s["101"].state == "running"
     assert (s["102"].state, s["102"].detail) == ("queued", "queued (PENDING, Priority)")
@@ -176,7 +162,7 @@ def test_squeue_unknown_single_id() -> None:
 
 def test_sacct() -> None:
     ids = ["103", "105", "106", "107", "108", "109", "110"]
-    s = slurm.parse_sacct_result(ok(sample("sacct.txt")), ids).statuses
+    s = slurm.parse_sacct_result(ok(sample("slurm/sacct.txt")), ids).statuses
     assert s["103"].detail == "killed: walltime exceeded (TIMEOUT, ExitCode=0:0)"
     assert s["103"].exit_status is None
     assert (s["105"].exit_status, s["105"].detail) == (
@@ -192,18 +178,19 @@ def test_sacct() -> None:
 
 
 def test_sacct_without_accounting_storage() -> None:
-    result = ok("", sample("sacct-disabled.txt"), 1)
+    result = ok("", sample("slurm/sacct-disabled.txt"), 1)
     assert not slurm.parse_sacct_result(result, ["1"]).supported
 
 
 def test_scontrol_show_job() -> None:
-    status = slurm.parse_scontrol_result(ok(sample("scontrol-show-job.txt")), ["15"]).statuses["15"]
+    status = slurm.parse_scontrol_result(ok(sample("slurm/scontrol-show-job.txt")),
+                                         ["15"]).statuses["15"]
     assert (status.state, status.exit_status) == ("ended", 137)
     assert status.detail == "killed: walltime exceeded (TIMEOUT, TimeLimit, ExitCode=0:9)"
 
 
 def test_scontrol_one_line_records() -> None:
-    s = slurm.parse_scontrol_result(ok(sample("scontrol-o-show-job.txt")), ["16", "17", "99"])
+    s = slurm.parse_scontrol_result(ok(sample("slurm/scontrol-o-show-job.txt")), ["16", "17", "99"])
     assert s.statuses["16"].exit_status == 0
     assert s.statuses["17"].exit_status == 3
     assert set(s.statuses) == {"16", "17"}
