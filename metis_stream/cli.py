@@ -22,13 +22,12 @@ import orjson
 import uvicorn
 
 from metis_stream import tokens
-from metis_stream.client import Client, ClientError, post_event
-from metis_stream.config import Config, ConfigError, check_listen_address, load_config
+from metis_stream.client import Client, post_event
+from metis_stream.config import Config, check_listen_address, load_config
+from metis_stream.errors import EXIT_FAILED, ClientError, ConfigError, MetisError, outcome_of
 from metis_stream.web.app import create_app
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -36,13 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         code: int = args.run(args)
-    except ConfigError as exc:
-        print(f"metis-stream: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ClientError as exc:
-        where = f" ({exc.status})" if exc.status else ""
-        print(f"metis-stream: {exc.message}{where}", file=sys.stderr)
-        return EXIT_FAILED
+    except MetisError as exc:
+        status = f" ({exc.status})" if isinstance(exc, ClientError) and exc.status else ""
+        print(f"metis-stream: {exc.message}{status}", file=sys.stderr)
+        return outcome_of(exc).exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return code

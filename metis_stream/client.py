@@ -25,20 +25,12 @@ import orjson
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from metis_stream.errors import ClientError
 from metis_stream.events import TERMINAL_TYPES
 
 ENDED_STATES = frozenset({"completed", "failed", "cancelled"})
 RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
 """Closes that mean "the server went away or is busy": reconnect and resume."""
-
-
-class ClientError(Exception):
-    """The server refused a request, or could not be reached; ``status`` is 0 for the latter."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class Client:

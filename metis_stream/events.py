@@ -8,11 +8,12 @@ receive. The server assigns ``seq`` and ``time``; a job only says ``type``,
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from metis_stream.errors import EventTooLarge, InvalidEvent, MalformedEvent
 
 JsonValue = Any
 """Any value that JSON can carry (``orjson`` decides what encodes)."""
@@ -26,18 +27,6 @@ SERVER_ONLY_TYPES = frozenset({"starting", "submitted", "cancelled"})
 
 MAX_EVENT_BYTES = 64 * 1024
 MAX_REQUEST_BYTES = 1024 * 1024
-
-
-class InvalidEvent(ValueError):
-    """A posted event is malformed; the message says why, for the client."""
-
-
-class MalformedEvent(InvalidEvent):
-    """A posted event is not even JSON (HTTP 400; a well-formed but invalid event is 422)."""
-
-
-class EventTooLarge(InvalidEvent):
-    """An event or a request is over its size limit (HTTP 413)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,38 +115,3 @@ def parse_event_json(body: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> NewEve
     except orjson.JSONDecodeError as exc:
         raise MalformedEvent(f"not valid JSON: {exc}") from None
     return parse_new_event(raw)
-
-
-def parse_ndjson(body: bytes, *, max_event_bytes: int = MAX_EVENT_BYTES) -> list[NewEvent]:
-    """Parse a whole NDJSON body: every line must be a valid event, or none is taken."""
-    events = []
-    for number, line in enumerate(body.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            events.append(parse_event_json(line, max_bytes=max_event_bytes))
-        except InvalidEvent as exc:
-            raise type(exc)(f"line {number}: {exc}") from None
-    return events
-
-
-class LineSplitter:
-    """Cut a streamed body into lines as its chunks arrive, with a bound on line length."""
-
-    def __init__(self, max_line_bytes: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = bytearray()
-        self.max_line_bytes = max_line_bytes
-
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        self._buffer += chunk
-        while (end := self._buffer.find(b"\n")) >= 0:
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            yield line
-        if len(self._buffer) > self.max_line_bytes:
-            raise EventTooLarge(f"an event may be at most {self.max_line_bytes} bytes")
-
-    def close(self) -> Iterator[bytes]:
-        if self._buffer.strip():
-            yield bytes(self._buffer)
-        self._buffer.clear()

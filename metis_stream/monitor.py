@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from metis_stream.backends.base import Backend, BackendError
+from metis_stream.backends.base import Backend
+from metis_stream.errors import MetisError
 from metis_stream.events import NewEvent
 from metis_stream.jobs import ACTIVE_STATES, Job, JobState
 from metis_stream.schedulers.base import Scheduler, SchedulerStatus
@@ -92,6 +93,6 @@ class Monitor:
             if events:
                 try:
                     await self._append(job.id, events)
-                except BackendError as exc:
+                except MetisError as exc:
                     logger.info("monitor: job %s: %s", job.id, exc)
         self._misses = misses

@@ -10,30 +10,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from metis_stream import tokens
-from metis_stream.backends.base import (
-    AppendResult,
-    Backend,
+from metis_stream.backends.base import AppendResult, Backend, follow
+from metis_stream.config import Config
+from metis_stream.errors import (
     BackendUnavailable,
+    BadInput,
     JobEnded,
     JobNotSubmitted,
-    follow,
+    SchedulerError,
+    TooManySubmissions,
+    UnknownTemplate,
 )
-from metis_stream.config import Config
 from metis_stream.events import Event, NewEvent
-from metis_stream.jobs import Job, new_job_id
+from metis_stream.jobs import Job, JobState, new_job_id
 from metis_stream.limits import RateLimiter
 from metis_stream.metrics import Metrics
 from metis_stream.monitor import Monitor
-from metis_stream.schedulers.base import Scheduler, SchedulerError, Submission
+from metis_stream.ndjson import NdjsonReader
+from metis_stream.schedulers.base import Scheduler, Submission
 from metis_stream.templates import (
-    InvalidParams,
     Template,
     param_text,
     validate_inputs,
@@ -44,17 +46,6 @@ logger = logging.getLogger(__name__)
 
 SUBMISSION_WAIT = 30.0
 """How long a job's first event waits for the server to record the submission."""
-
-
-class UnknownTemplate(InvalidParams):
-    def __init__(self, name: str) -> None:
-        super().__init__({"template": f"no template named {name[:64]!r}"})
-
-
-class TooManySubmissions(Exception):
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(f"too many submissions: retry in {retry_after:.0f}s")
-        self.retry_after = retry_after
 
 
 class JobService:
@@ -172,6 +163,8 @@ class JobService:
         A job can start before its scheduler's submit command has returned; its events
         then wait for the ``submitted`` event, so that watchers always see it first.
         """
+        if not events:
+            raise BadInput("no events in the request")
         result = await self._append_job_events(job_id, events)
         await self._appended(job_id, result, by="job")
         return result
@@ -199,6 +192,56 @@ class JobService:
         await self._append(job_id, [NewEvent("cancelled", {"error": "cancelled"})],
                            by="client")
         return await self.backend.get_job(job_id)
+
+    async def ingest_ndjson(self, job_id: str, chunks: AsyncIterable[bytes], *,
+                            whole: bool) -> AppendResult:
+        """Append the events of an NDJSON body that a job posted.
+
+        A ``whole`` body (one whose length was announced) is all or nothing. A streamed
+        one is appended as its chunks arrive, so that watchers see a piped program's
+        output live; a bad line ends it, what came before stays appended (watchers may
+        have seen it), and the error's ``seqs`` say what that was.
+        """
+        server = self.config.server
+        reader = NdjsonReader(max_event_bytes=server.max_event_bytes,
+                              max_lines=server.max_lines_per_request)
+        appended: list[Event] = []
+        seqs: list[int] = []
+
+        async def take() -> None:
+            events = reader.events_received()
+            if events and not (whole and reader.error):
+                result = await self.ingest(job_id, events)
+                appended.extend(result.events)
+                seqs.extend(result.seqs)
+            if reader.error is not None:
+                if not whole:
+                    reader.error.details["seqs"] = seqs
+                raise reader.error
+
+        async for chunk in chunks:
+            reader.feed(chunk)
+            if not whole:
+                await take()
+        reader.feed_eof()
+        await take()
+        if not seqs:
+            raise BadInput("no events in the request")
+        return AppendResult(events=appended, seqs=seqs)
+
+    # Reading
+
+    async def get(self, job_id: str) -> Job:
+        return await self.backend.get_job(job_id)
+
+    async def jobs(self, *, states: Collection[JobState] | None = None,
+                   limit: int = 100) -> list[Job]:
+        """Jobs, newest first."""
+        return await self.backend.list_jobs(states=states, limit=limit)
+
+    async def history(self, job_id: str, after: int = 0) -> list[Event]:
+        """One page of a job's events with seq > ``after``."""
+        return await self.backend.read(job_id, after)
 
     def follow(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
         return follow(self.backend, job_id, after)

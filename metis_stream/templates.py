@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from metis_stream.errors import InvalidParams, TemplateError
+
 ParamType = Literal["str", "int", "float", "bool", "url", "choice"]
 PARAM_TYPES: tuple[str, ...] = ("str", "int", "float", "bool", "url", "choice")
 ParamValue = str | int | float | bool
@@ -29,18 +31,6 @@ RESERVED_ENV_PREFIXES = ("METIS_", "PBS_", "SLURM_")
 DEFAULT_STR_MAX_LENGTH = 1000
 MAX_URL_LENGTH = 2048
 MAX_INPUTS = 20
-
-
-class InvalidParams(ValueError):
-    """Client input that a template refuses; ``problems`` maps each field to what is wrong."""
-
-    def __init__(self, problems: Mapping[str, str]) -> None:
-        self.problems = dict(problems)
-        super().__init__("; ".join(f"{k}: {v}" for k, v in self.problems.items()))
-
-
-class TemplateError(ValueError):
-    """A template in the configuration is malformed (an operator's mistake)."""
 
 
 @dataclass(frozen=True, slots=True)

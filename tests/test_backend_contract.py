@@ -14,17 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metis_stream.backends.base import (
-    DEFAULT_SUBSCRIPTION_BUFFER,
-    Backend,
-    EventLimitReached,
-    JobEnded,
-    JobNotFound,
-    JobNotSubmitted,
-    follow,
-)
+from metis_stream.backends.base import DEFAULT_SUBSCRIPTION_BUFFER, Backend, follow
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.backends.redis import RedisBackend
+from metis_stream.errors import EventLimitReached, JobEnded, JobNotFound, JobNotSubmitted
 from metis_stream.events import Event, NewEvent, encode_event
 from metis_stream.jobs import Job, JobState, apply_event, new_job_id
 

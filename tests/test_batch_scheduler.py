@@ -9,11 +9,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from metis_stream.errors import SchedulerError, ShellError, SubmitOutcomeUnknown, UnsafeValue
 from metis_stream.schedulers import pbs, slurm
-from metis_stream.schedulers.base import SchedulerError, Submission, SubmitOutcomeUnknown
+from metis_stream.schedulers.base import Submission
 from metis_stream.schedulers.batch import BatchScheduler
-from metis_stream.schedulers.dialect import Dialect, UnsafeValue
-from metis_stream.shells.base import CommandResult, ShellError
+from metis_stream.schedulers.dialect import Dialect
+from metis_stream.shells.base import CommandResult
 from metis_stream.templates import Template
 
 HOME = "/home/alice"

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from metis_stream.cli import EventPrinter, _parse_bool, _parse_params
-from metis_stream.client import ClientError
+from metis_stream.errors import ClientError
 
 TEMPLATE = {"name": "t", "params": [
     {"name": "text", "type": "str"}, {"name": "delay", "type": "float"},

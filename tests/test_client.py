@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from metis_stream.client import Client, ClientError
+from metis_stream.client import Client
+from metis_stream.errors import ClientError
 from metis_stream.events import TERMINAL_TYPES
 from metis_stream.tokens import hash_api_key
 from tests.support.redis_server import RedisServer

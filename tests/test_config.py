@@ -12,11 +12,11 @@ from metis_stream.config import (
     EXAMPLES_FILE,
     ClusterConfig,
     Config,
-    ConfigError,
     ServerConfig,
     check_listen_address,
     load_config,
 )
+from metis_stream.errors import ConfigError
 from metis_stream.templates import Param
 
 FULL = """

@@ -1,4 +1,4 @@
-"""Unit tests of metis_stream.events: validation, size limits, NDJSON, line splitting, wire."""
+"""Unit tests of metis_stream.events: validation, size limits, wire."""
 
 from __future__ import annotations
 
@@ -10,20 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metis_stream.errors import EventTooLarge, InvalidEvent, MalformedEvent
 from metis_stream.events import (
     MAX_EVENT_BYTES,
     SERVER_ONLY_TYPES,
     TERMINAL_TYPES,
     Event,
-    EventTooLarge,
-    InvalidEvent,
-    LineSplitter,
-    MalformedEvent,
     NewEvent,
     decode_event,
     encode_event,
     parse_event_json,
-    parse_ndjson,
     parse_new_event,
     validate_type,
 )
@@ -193,12 +189,6 @@ def test_valid_json_but_invalid_event_is_not_malformed():
     assert not isinstance(caught.value, EventTooLarge)
 
 
-def test_error_classes_are_invalid_events_and_value_errors():
-    assert issubclass(MalformedEvent, InvalidEvent)
-    assert issubclass(EventTooLarge, InvalidEvent)
-    assert issubclass(InvalidEvent, ValueError)
-
-
 def _body_of_size(size: int) -> bytes:
     prefix = b'{"type":"log","data":"'
     suffix = b'"}'
@@ -236,152 +226,6 @@ def test_size_is_checked_before_parsing():
 def test_parse_event_json_refuses_server_only_types():
     with pytest.raises(InvalidEvent, match="only the server"):
         parse_event_json(body(type="submitted", data="123.pbs"))
-
-
-# parse_ndjson
-
-
-def test_ndjson_parses_every_line_in_order():
-    raw = b"\n".join(body(type="token", data=w) for w in ["a", "b", "c"]) + b"\n"
-    assert [e.data for e in parse_ndjson(raw)] == ["a", "b", "c"]
-
-
-def test_ndjson_skips_blank_lines_and_accepts_crlf():
-    raw = b'\n{"type":"step"}\r\n   \n\t\n{"type":"log","data":1}\r\n'
-    assert parse_ndjson(raw) == [NewEvent("step"), NewEvent("log", 1)]
-
-
-def test_ndjson_empty_body_is_no_events():
-    assert parse_ndjson(b"") == []
-    assert parse_ndjson(b"\n\n  \n") == []
-
-
-def test_ndjson_without_a_final_newline():
-    assert parse_ndjson(b'{"type":"a"}\n{"type":"b"}') == [NewEvent("a"), NewEvent("b")]
-
-
-@pytest.mark.parametrize(("bad_line", "error"), [
-    (b"nope", MalformedEvent),
-    (b'{"type":"Bad"}', InvalidEvent),
-    (b'{"type":"starting"}', InvalidEvent),
-    (b'{"type":"ok","extra":1}', InvalidEvent),
-])
-def test_ndjson_is_all_or_nothing_and_names_the_line(bad_line, error):
-    # line 1 good, line 2 blank (still counted), line 3 good, line 4 bad, line 5 good
-    raw = b'{"type":"a"}\n\n{"type":"b"}\n' + bad_line + b'\n{"type":"c"}\n'
-    with pytest.raises(error) as caught:
-        parse_ndjson(raw)
-    assert type(caught.value) is error
-    assert str(caught.value).startswith("line 4: ")
-
-
-def test_ndjson_line_too_large_keeps_its_class_and_line_number():
-    raw = b'{"type":"a"}\n' + _body_of_size(200) + b"\n"
-    with pytest.raises(EventTooLarge) as caught:
-        parse_ndjson(raw, max_event_bytes=100)
-    assert str(caught.value).startswith("line 2: ")
-
-
-def test_ndjson_limit_is_per_line_not_per_body():
-    lines = [_body_of_size(90) for _ in range(5)]
-    assert len(parse_ndjson(b"\n".join(lines), max_event_bytes=100)) == 5
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["token", "step", "log", "x.y-z"]), json_values),
-                max_size=8))
-def test_ndjson_round_trip(items):
-    raw = b"".join(orjson.dumps({"type": t, "data": d}) + b"\n" for t, d in items)
-    assert parse_ndjson(raw) == [NewEvent(t, d) for t, d in items]
-
-
-# LineSplitter
-
-
-def _split_all(splitter: LineSplitter, chunks: list[bytes]) -> list[bytes]:
-    lines: list[bytes] = []
-    for chunk in chunks:
-        lines.extend(splitter.feed(chunk))
-    lines.extend(splitter.close())
-    return lines
-
-
-def _expected_lines(data: bytes) -> list[bytes]:
-    lines = data.split(b"\n")
-    last = lines.pop()
-    if last.strip():
-        lines.append(last)
-    return lines
-
-
-def test_line_splitter_basic():
-    splitter = LineSplitter()
-    assert list(splitter.feed(b'{"a":1}\n{"b"')) == [b'{"a":1}']
-    assert list(splitter.feed(b":2}\n")) == [b'{"b":2}']
-    assert list(splitter.close()) == []
-
-
-def test_line_splitter_yields_the_unterminated_tail_on_close():
-    splitter = LineSplitter()
-    assert list(splitter.feed(b"one\ntwo")) == [b"one"]
-    assert list(splitter.close()) == [b"two"]
-    # closing cleared the buffer
-    assert list(splitter.close()) == []
-
-
-def test_line_splitter_drops_a_blank_tail():
-    splitter = LineSplitter()
-    assert list(splitter.feed(b"one\n  \t")) == [b"one"]
-    assert list(splitter.close()) == []
-
-
-def test_line_splitter_bounds_an_unterminated_line():
-    splitter = LineSplitter(max_line_bytes=10)
-    assert list(splitter.feed(b"x" * 10)) == []  # exactly the bound: still fine
-    with pytest.raises(EventTooLarge):
-        list(splitter.feed(b"x"))
-
-
-def test_line_splitter_bound_applies_to_the_pending_line_only():
-    splitter = LineSplitter(max_line_bytes=10)
-    lines = list(splitter.feed(b"123456789\n123456789\n12345"))
-    assert lines == [b"123456789", b"123456789"]
-    assert list(splitter.close()) == [b"12345"]
-
-
-def test_line_splitter_many_small_lines_in_one_chunk_exceed_no_bound():
-    splitter = LineSplitter(max_line_bytes=8)
-    chunk = b"abcdefg\n" * 100
-    assert list(splitter.feed(chunk)) == [b"abcdefg"] * 100
-
-
-@st.composite
-def body_and_cuts(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
-    lines = draw(st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")),
-                          max_size=10))
-    data = b"\n".join(lines) + draw(st.sampled_from([b"", b"\n", b"\n\n", b"  "]))
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
-    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-    return data, chunks
-
-
-@settings(max_examples=300, deadline=None)
-@given(body_and_cuts())
-def test_line_splitter_is_independent_of_chunk_boundaries(case):
-    data, chunks = case
-    assert b"".join(chunks) == data
-    assert _split_all(LineSplitter(), chunks) == _expected_lines(data)
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["token", "chunk"]), text_no_surrogates), max_size=6),
-       st.integers(1, 7))
-def test_line_splitter_then_parse_gives_the_same_events_as_parse_ndjson(items, size):
-    raw = b"".join(orjson.dumps({"type": t, "data": d}) + b"\n" for t, d in items)
-    chunks = [raw[i:i + size] for i in range(0, len(raw), size)]
-    lines = _split_all(LineSplitter(), chunks)
-    streamed = [parse_event_json(line) for line in lines if line.strip()]
-    assert streamed == parse_ndjson(raw) == [NewEvent(t, d) for t, d in items]
 
 
 # Event, wire encoding, decode_event

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from metis_stream.backends.base import Hub, LogLost, Subscription, follow
+from metis_stream.backends.base import Hub, Subscription, follow
 from metis_stream.backends.memory import MemoryBackend
+from metis_stream.errors import LogLost
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from metis_stream.shells.base import CommandTimeout, Shell
+from metis_stream.errors import CommandTimeout, UnsafeArgument
+from metis_stream.shells.base import Shell
 from metis_stream.shells.local import LocalShell
 
 
@@ -40,7 +41,7 @@ async def test_arguments_are_not_interpreted(shell: LocalShell, tmp_path: Path) 
 
 
 async def test_nul_is_refused(shell: LocalShell) -> None:
-    with pytest.raises(ValueError, match="NUL"):
+    with pytest.raises(UnsafeArgument, match="NUL"):
         await shell.run(["echo", "a\0b"])
 
 

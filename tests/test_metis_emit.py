@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from metis_stream.events import EventTooLarge, InvalidEvent, parse_event_json
+from metis_stream.errors import EventTooLarge, InvalidEvent
+from metis_stream.events import parse_event_json
 
 JOBSCRIPTS = Path(__file__).resolve().parents[1] / "metis_stream" / "jobscripts"
 SCRIPT = JOBSCRIPTS / "metis-emit"

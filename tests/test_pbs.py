@@ -7,9 +7,9 @@ import re
 
 import pytest
 
+from metis_stream.errors import SchedulerError, UnsafeValue
 from metis_stream.schedulers import pbs
-from metis_stream.schedulers.base import SchedulerError
-from metis_stream.schedulers.dialect import JobRequest, UnsafeValue, split_env
+from metis_stream.schedulers.dialect import JobRequest, split_env
 from tests.support.samples import ok, sample
 
 

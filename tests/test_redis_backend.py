@@ -17,13 +17,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from metis_stream.backends.base import (
-    BackendUnavailable,
-    JobNotFound,
-    LogLost,
-    follow,
-)
+from metis_stream.backends.base import follow
 from metis_stream.backends.redis import RedisBackend
+from metis_stream.errors import BackendUnavailable, JobNotFound, LogLost
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, new_job_id
 from tests.support.redis_server import RedisServer

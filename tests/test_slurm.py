@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from metis_stream.errors import SchedulerError, UnsafeValue
 from metis_stream.schedulers import slurm
-from metis_stream.schedulers.base import SchedulerError
-from metis_stream.schedulers.dialect import JobRequest, UnsafeValue
+from metis_stream.schedulers.dialect import JobRequest
 from tests.support.samples import ok, sample
 
 

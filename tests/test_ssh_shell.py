@@ -12,8 +12,8 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from metis_stream.shells.base import CommandTimeout, ShellError
-from metis_stream.shells.ssh import ConnectionLost, SSHShell, command_line
+from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError, UnsafeArgument
+from metis_stream.shells.ssh import SSHShell, command_line
 from tests.support.cluster import TestCluster
 
 pytestmark = pytest.mark.cluster
@@ -70,7 +70,7 @@ async def test_arguments_arrive_literally(shell: SSHShell) -> None:
 
 
 async def test_nul_in_an_argument_is_refused(shell: SSHShell) -> None:
-    with pytest.raises(ValueError, match="NUL"):
+    with pytest.raises(UnsafeArgument, match="NUL"):
         await shell.run(["echo", "a\0b"])
     assert command_line(["qstat", "-f", "1 2"]) == "qstat -f '1 2'"
 

@@ -10,15 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metis_stream.errors import BadInput, InvalidParams, TemplateError
 from metis_stream.templates import (
     DEFAULT_STR_MAX_LENGTH,
     MAX_INPUTS,
     MAX_URL_LENGTH,
     RESERVED_ENV_NAMES,
-    InvalidParams,
     Param,
     Template,
-    TemplateError,
     check_url,
     coerce_param,
     param_from_config,
@@ -326,7 +325,7 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(InvalidParams) as caught:
         validate_params(tmpl, {"n": 4})
     assert "n: must be at most 3" in str(caught.value)
-    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, BadInput)
 
 
 @pytest.mark.parametrize("raw", [[], "text=hi", 3, ["text", "hi"]])

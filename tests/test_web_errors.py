@@ -21,9 +21,10 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.typing import Origin
 
 from metis_stream import tokens
-from metis_stream.backends.base import AppendResult, BackendUnavailable
+from metis_stream.backends.base import AppendResult
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.config import load_config
+from metis_stream.errors import BackendUnavailable
 from metis_stream.events import NewEvent
 from metis_stream.web.app import create_app
 from tests.support.server import (

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from metis_stream.errors import SchedulerError
 from metis_stream.schedulers import pbs, slurm
-from metis_stream.schedulers.base import SchedulerError
 from metis_stream.shells.base import CommandResult
 
 WRAPPERS = Path(__file__).parent / "samples" / "wrappers"

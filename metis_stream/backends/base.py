@@ -14,40 +14,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from metis_stream.errors import LogLost
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState
 
 DEFAULT_MAX_EVENTS_PER_JOB = 10_000
 DEFAULT_SUBSCRIPTION_BUFFER = 1_000
 READ_PAGE = 1_000
-
-
-class BackendError(RuntimeError):
-    """Base of the errors a backend raises on purpose."""
-
-
-class JobNotFound(BackendError):
-    pass
-
-
-class JobEnded(BackendError):
-    """The job has a terminal event: it takes no more."""
-
-
-class JobNotSubmitted(BackendError):
-    """A job posted an event before the server recorded its submission."""
-
-
-class EventLimitReached(BackendError):
-    """The job's log is full; only a terminal event is still taken."""
-
-
-class BackendUnavailable(BackendError):
-    """The store cannot be reached; the caller may retry."""
-
-
-class LogLost(BackendError):
-    """The events a watcher asked for are no longer in the log (the store was wiped)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,13 +16,10 @@ from metis_stream.backends.base import (
     DEFAULT_MAX_EVENTS_PER_JOB,
     READ_PAGE,
     AppendResult,
-    EventLimitReached,
     Hub,
-    JobEnded,
-    JobNotFound,
-    JobNotSubmitted,
     Subscription,
 )
+from metis_stream.errors import EventLimitReached, JobEnded, JobNotFound, JobNotSubmitted
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState, apply_event
 

@@ -48,15 +48,17 @@ from metis_stream.backends.base import (
     DEFAULT_MAX_EVENTS_PER_JOB,
     READ_PAGE,
     AppendResult,
-    BackendError,
+    Hub,
+    Subscription,
+)
+from metis_stream.errors import (
     BackendUnavailable,
     EventLimitReached,
-    Hub,
     JobEnded,
     JobNotFound,
     JobNotSubmitted,
     LogLost,
-    Subscription,
+    MetisError,
 )
 from metis_stream.events import TERMINAL_TYPES, Event, NewEvent, decode_event
 from metis_stream.jobs import (
@@ -204,7 +206,7 @@ end
 return 0
 """
 
-_SCRIPT_ERRORS: dict[str, Callable[[str, int], BackendError]] = {
+_SCRIPT_ERRORS: dict[str, Callable[[str, int], MetisError]] = {
     "METIS_NOT_FOUND": lambda job_id, limit: JobNotFound(job_id),
     "METIS_NOT_SUBMITTED": lambda job_id, limit: JobNotSubmitted(job_id),
     "METIS_ENDED": lambda job_id, limit: JobEnded(job_id),

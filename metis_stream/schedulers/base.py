@@ -11,14 +11,6 @@ from metis_stream.templates import Template
 SchedulerState = Literal["queued", "running", "ended"]
 
 
-class SchedulerError(RuntimeError):
-    """A scheduler command failed; the message is the scheduler's own words."""
-
-
-class SubmitOutcomeUnknown(SchedulerError):
-    """The connection broke while submitting: the job may or may not exist."""
-
-
 @dataclass(frozen=True, slots=True)
 class Submission:
     """Everything a scheduler needs to start one job."""

@@ -15,12 +15,8 @@ from pathlib import Path
 import anyio
 import orjson
 
-from metis_stream.schedulers.base import (
-    SchedulerError,
-    SchedulerStatus,
-    Submission,
-    SubmitOutcomeUnknown,
-)
+from metis_stream.errors import SchedulerError, ShellError, SubmitOutcomeUnknown, UnsafeValue
+from metis_stream.schedulers.base import SchedulerStatus, Submission
 from metis_stream.schedulers.dialect import (
     COMMAND_NOT_FOUND,
     FILE_NAME_UNSAFE,
@@ -31,10 +27,9 @@ from metis_stream.schedulers.dialect import (
     JobRequest,
     ProbeOutcome,
     StatusProbe,
-    UnsafeValue,
     check,
 )
-from metis_stream.shells.base import Shell, ShellError
+from metis_stream.shells.base import Shell
 
 
 class BatchScheduler:

@@ -12,7 +12,8 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from metis_stream.schedulers.base import SchedulerError, SchedulerStatus
+from metis_stream.errors import UnsafeValue
+from metis_stream.schedulers.base import SchedulerStatus
 from metis_stream.shells.base import CommandResult
 
 # What survives `qsub -v` (Slurm's wrapper pastes it into a `sh -c` string, real PBS
@@ -37,10 +38,6 @@ GONE = re.compile(
     r"|job is in (a )?complet|request invalid for state of job",
     re.IGNORECASE,
 )
-
-
-class UnsafeValue(SchedulerError, ValueError):
-    """A value that would reach the cluster's command line fails its pattern."""
 
 
 def check(pattern: re.Pattern[str], value: str, what: str) -> str:

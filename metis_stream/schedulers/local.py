@@ -22,7 +22,8 @@ from pathlib import Path
 import anyio
 import orjson
 
-from metis_stream.schedulers.base import SchedulerError, SchedulerStatus, Submission
+from metis_stream.errors import SchedulerError
+from metis_stream.schedulers.base import SchedulerStatus, Submission
 
 BASE_ENV_NAMES = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "LOGNAME")
 KILL_GRACE = 5.0

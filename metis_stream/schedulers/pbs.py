@@ -14,8 +14,9 @@ import re
 import signal
 from collections.abc import Iterator, Mapping, Sequence
 
+from metis_stream.errors import SchedulerError
 from metis_stream.schedulers import slurm
-from metis_stream.schedulers.base import SchedulerError, SchedulerStatus
+from metis_stream.schedulers.base import SchedulerStatus
 from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
     GONE,

@@ -12,7 +12,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-from metis_stream.schedulers.base import SchedulerError, SchedulerStatus
+from metis_stream.errors import SchedulerError
+from metis_stream.schedulers.base import SchedulerStatus
 from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
     GONE,

@@ -7,14 +7,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-class ShellError(RuntimeError):
-    """The shell could not run a command (connection lost, timeout, refused host key)."""
-
-
-class CommandTimeout(ShellError):
-    """A command ran past its timeout; its outcome is unknown."""
-
-
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     exit_status: int

@@ -11,7 +11,8 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from metis_stream.shells.base import CommandResult, CommandTimeout
+from metis_stream.errors import CommandTimeout, UnsafeArgument
+from metis_stream.shells.base import CommandResult
 
 
 class LocalShell:
@@ -27,9 +28,9 @@ class LocalShell:
         does not exist exits 127, as it would through a remote shell. Nothing is ever
         retried here, so ``idempotent`` changes nothing."""
         if not argv:
-            raise ValueError("empty command")
+            raise UnsafeArgument("empty command")
         if any("\0" in arg for arg in argv):
-            raise ValueError(f"NUL character in command {list(argv)!r}")
+            raise UnsafeArgument(f"NUL character in command {list(argv)!r}")
         try:
             with anyio.fail_after(timeout):
                 done = await anyio.run_process(

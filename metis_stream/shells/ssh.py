@@ -23,7 +23,8 @@ import anyio
 import anyio.to_thread
 import paramiko
 
-from metis_stream.shells.base import CommandResult, CommandTimeout, ShellError
+from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError, UnsafeArgument
+from metis_stream.shells.base import CommandResult
 
 T = TypeVar("T")
 
@@ -36,10 +37,7 @@ _READ_SIZE = 65536
 _SESSION_WAIT = 10.0
 
 
-class ConnectionLost(ShellError):
-    """The connection broke after a command was sent and before it reported its exit
-    status: the command may or may not have run (a ``qsub`` may have queued a job).
-    Raised only for commands run with ``idempotent=False``; others are retried once."""
+# The two below never leave this module: they steer the retries of SSHShell.run.
 
 
 class _NotSent(ShellError):
@@ -341,11 +339,11 @@ class _RefuseUnknownHost(paramiko.RejectPolicy):
 def command_line(argv: Sequence[str]) -> str:
     """``argv`` as one command line for the remote shell, every element quoted."""
     if not argv:
-        raise ValueError("empty command")
+        raise UnsafeArgument("empty command")
     for arg in argv:
         # NUL cannot travel in an argument: the remote side would cut the argument there.
         if "\0" in arg:
-            raise ValueError(f"NUL character in command argument {arg!r}")
+            raise UnsafeArgument(f"NUL character in command argument {arg!r}")
     return shlex.join(argv)
 
 

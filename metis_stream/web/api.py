@@ -11,21 +11,21 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
-from metis_stream.backends.base import READ_PAGE
-from metis_stream.events import (
-    EventTooLarge,
-    InvalidEvent,
-    LineSplitter,
-    MalformedEvent,
-    NewEvent,
-    parse_event_json,
-    parse_ndjson,
+from metis_stream.errors import (
+    BadInput,
+    JobEnded,
+    MetisError,
+    NoSuchRoute,
+    NotFound,
+    TooLarge,
+    UnsupportedMediaType,
 )
+from metis_stream.events import parse_event_json
 from metis_stream.jobs import Job, JobState
 from metis_stream.service import JobService
 from metis_stream.templates import param_text
 from metis_stream.web import auth
-from metis_stream.web.errors import HTTPError, JSONResponse, as_http_error
+from metis_stream.web.errors import JSONResponse, error_body
 from metis_stream.web.slots import SocketSlots, slots_of
 
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
@@ -49,25 +49,34 @@ def job_view(service: JobService, job: Job, *, with_watch_token: bool) -> dict[s
     return view
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def body_chunks(request: Request, limit: int | None) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive, refused once it passes ``limit`` bytes."""
+    if limit is None:
+        async for chunk in request.stream():
+            yield chunk
+        return
     length = request.headers.get("content-length")
     if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
-        raise HTTPError(413, f"the request body may be at most {limit} bytes")
-    body = bytearray()
+        raise TooLarge(f"the request body may be at most {limit} bytes")
+    size = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPError(413, f"the request body may be at most {limit} bytes")
-    return bytes(body)
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the request body may be at most {limit} bytes")
+        yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in body_chunks(request, limit)])
 
 
 async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     try:
         body = orjson.loads(await read_body(request, limit))
     except orjson.JSONDecodeError as exc:
-        raise HTTPError(400, f"not valid JSON: {exc}") from None
+        raise BadInput(f"not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise HTTPError(400, "the request body must be a JSON object")
+        raise BadInput("the request body must be a JSON object")
     return body
 
 
@@ -75,7 +84,7 @@ def whole_number(raw: str, name: str) -> int:
     """A query parameter that must be a whole number: ASCII digits only (``"²".isdigit()``
     is true, and ``int("²")`` raises)."""
     if not WHOLE_NUMBER.fullmatch(raw):
-        raise HTTPError(400, f"'{name}' must be a whole number")
+        raise BadInput(f"'{name}' must be a whole number")
     return int(raw)
 
 
@@ -95,7 +104,7 @@ async def create_job(request: Request) -> Response:
     auth.require_client(request, service.config.server)
     if _content_type(request) != JSON_TYPE:
         # Also what keeps a web page from submitting cross-site as a "simple" request.
-        raise HTTPError(415, "send the job as application/json")
+        raise UnsupportedMediaType("send the job as application/json")
     body = await read_json_object(request, MAX_SUBMIT_BYTES)
     job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
                                client=auth.client_identity(request, service.config.server))
@@ -107,12 +116,11 @@ async def list_jobs(request: Request) -> Response:
     auth.require_client(request, service.config.server)
     state = request.query_params.get("state")
     if state is not None and state not in JobState.__members__.values():
-        raise HTTPError(400, f"'state' must be one of {', '.join(JobState)}")
+        raise BadInput(f"'state' must be one of {', '.join(JobState)}")
     limit = whole_number(request.query_params.get("limit", "100"), "limit")
     if not 1 <= limit <= 1000:
-        raise HTTPError(400, "'limit' must be a whole number from 1 to 1000")
-    jobs = await service.backend.list_jobs(
-        states=None if state is None else {JobState(state)}, limit=limit)
+        raise BadInput("'limit' must be a whole number from 1 to 1000")
+    jobs = await service.jobs(states=None if state is None else {JobState(state)}, limit=limit)
     return JSONResponse({"jobs": [job_view(service, job, with_watch_token=True)
                                   for job in jobs]})
 
@@ -121,7 +129,7 @@ async def get_job(request: Request) -> Response:
     service = service_of(request)
     job_id = request.path_params["job_id"]
     auth.require_watcher(request, service.config.server, job_id)
-    job = await service.backend.get_job(job_id)
+    job = await service.get(job_id)
     with_token = auth.is_client(request, service.config.server)
     return JSONResponse(job_view(service, job, with_watch_token=with_token))
 
@@ -139,7 +147,7 @@ async def job_events(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     auth.require_watcher(request, service.config.server, job_id)
     after = after_param(request)
-    await service.backend.get_job(job_id)
+    await service.get(job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         slots = slots_of(request)
         slots.check(job_id)  # refuse with a status while one can still be sent
@@ -147,7 +155,7 @@ async def job_events(request: Request) -> Response:
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
-    events = await service.backend.read(job_id, after, READ_PAGE)
+    events = await service.history(job_id, after)
     return Response(b'{"job":' + orjson.dumps(job_id) + b',"events":['
                     + ",".join(event.wire for event in events).encode() + b"]}",
                     media_type=JSON_TYPE)
@@ -165,11 +173,8 @@ async def _sse(service: JobService, slots: SocketSlots, job_id: str, after: int
                 async for event in service.follow(job_id, after):
                     await send.send(f"id: {event.seq}\ndata: {event.wire}\n\n")
                     service.metrics.count("metis_events_delivered_total")
-            except Exception as exc:
-                error = as_http_error(exc)
-                if error is None:
-                    raise
-                payload = orjson.dumps({"error": error.message}).decode()
+            except MetisError as exc:
+                payload = orjson.dumps(error_body(exc)).decode()
                 await send.send(f"event: error\ndata: {payload}\n\n")
 
     with slots.take(job_id):
@@ -192,7 +197,7 @@ async def list_templates(request: Request) -> Response:
 
 
 async def no_such_route(request: Request) -> Response:
-    raise HTTPError(404, "no such route")
+    raise NoSuchRoute()
 
 
 async def metrics(request: Request) -> Response:
@@ -216,87 +221,23 @@ async def post_events(request: Request) -> Response:
     auth.require_job_token(request, server, job_id)
     content_type = _content_type(request)
     if content_type in NDJSON_TYPES:
-        if "content-length" in request.headers:
-            body = await read_body(request, server.max_request_bytes)
-            events = parse_ndjson(body, max_event_bytes=server.max_event_bytes)
-            _check_line_count(len(events), server.max_lines_per_request)
-            seqs, duplicates = await _ingest(service, job_id, events)
-        else:
-            seqs, duplicates = await _ingest_stream(service, request, job_id)
+        # A body of announced length is read whole (and is all or nothing); one sent in
+        # chunks is a stream, appended as it arrives.
+        whole = "content-length" in request.headers
+        result = await service.ingest_ndjson(
+            job_id, body_chunks(request, server.max_request_bytes if whole else None),
+            whole=whole)
     elif content_type == JSON_TYPE:
         body = await read_body(request, server.max_event_bytes)
-        seqs, duplicates = await _ingest(service, job_id, [parse_event_json(body)])
+        result = await service.ingest(job_id, [parse_event_json(body)])
     else:
-        raise HTTPError(415, "send one event as application/json or several as "
-                             "application/x-ndjson")
-    return JSONResponse({"seqs": seqs, "duplicates": duplicates})
+        raise UnsupportedMediaType("send one event as application/json or several as "
+                                   "application/x-ndjson")
+    return JSONResponse({"seqs": result.seqs, "duplicates": result.duplicates})
 
 
 def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-def _check_line_count(count: int, limit: int) -> None:
-    if count > limit:
-        raise HTTPError(413, f"a request may carry at most {limit} events")
-
-
-async def _ingest(service: JobService, job_id: str, events: list[NewEvent]
-                  ) -> tuple[list[int], int]:
-    if not events:
-        raise HTTPError(400, "no events in the request")
-    result = await service.ingest(job_id, events)
-    return result.seqs, result.duplicates
-
-
-async def _ingest_stream(service: JobService, request: Request, job_id: str
-                         ) -> tuple[list[int], int]:
-    """A streamed NDJSON body: each chunk's complete lines are appended as they arrive, so
-    watchers see a piped program's output live. A bad line ends the request; the lines
-    before it stay appended (they were delivered already), and the error says so."""
-    splitter = LineSplitter(service.config.server.max_event_bytes)
-    seqs: list[int] = []
-    duplicates = 0
-    line_number = 0
-
-    async def take(lines: list[bytes]) -> None:
-        nonlocal line_number
-        events: list[NewEvent] = []
-        for line in lines:
-            line_number += 1
-            try:
-                _check_line_count(line_number, service.config.server.max_lines_per_request)
-            except HTTPError as error:
-                await flush(events)
-                error.details["seqs"] = seqs
-                raise
-            if not line.strip():
-                continue
-            try:
-                events.append(parse_event_json(line, max_bytes=splitter.max_line_bytes))
-            except InvalidEvent as exc:
-                await flush(events)
-                status = 413 if isinstance(exc, EventTooLarge) else (
-                    400 if isinstance(exc, MalformedEvent) else 422)
-                raise HTTPError(status, f"line {line_number}: {exc}", seqs=seqs) from None
-        await flush(events)
-
-    async def flush(events: list[NewEvent]) -> None:
-        nonlocal duplicates
-        if events:
-            result = await service.ingest(job_id, events)
-            seqs.extend(result.seqs)
-            duplicates += result.duplicates
-
-    try:
-        async for chunk in request.stream():
-            await take(list(splitter.feed(chunk)))
-        await take(list(splitter.close()))
-    except EventTooLarge as exc:
-        raise HTTPError(413, f"line {line_number + 1}: {exc}", seqs=seqs) from None
-    if not seqs:
-        raise HTTPError(400, "no events in the request")
-    return seqs, duplicates
 
 
 async def job_spec(request: Request) -> Response:
@@ -308,7 +249,7 @@ async def job_spec_param(request: Request) -> Response:
     job = await _job_for_its_token(request)
     name = request.path_params["name"]
     if name not in job.params:
-        raise HTTPError(404, f"the job has no parameter {name[:64]!r}")
+        raise NotFound(f"the job has no parameter {name[:64]!r}")
     return PlainTextResponse(param_text(job.params[name]))
 
 
@@ -321,7 +262,7 @@ async def _job_for_its_token(request: Request) -> Job:
     service = service_of(request)
     job_id = request.path_params["job_id"]
     auth.require_job_token(request, service.config.server, job_id)
-    job = await service.backend.get_job(job_id)
+    job = await service.get(job_id)
     if job.state.terminal:
-        raise HTTPError(409, "the job has already ended")
+        raise JobEnded(job_id)
     return job

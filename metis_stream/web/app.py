@@ -13,15 +13,14 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from metis_stream.backends.base import Backend, BackendError
+from metis_stream.backends.base import Backend
 from metis_stream.config import Config, load_config
-from metis_stream.events import InvalidEvent
+from metis_stream.errors import MetisError
 from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.schedulers.base import Scheduler
-from metis_stream.service import JobService, TooManySubmissions
-from metis_stream.templates import InvalidParams
+from metis_stream.service import JobService
 from metis_stream.web import api, sockets
-from metis_stream.web.errors import HTTPError, handle_error, handle_not_found
+from metis_stream.web.errors import handle_error, handle_starlette_error
 from metis_stream.web.logs import redact_access_log
 from metis_stream.web.slots import SocketSlots
 
@@ -77,10 +76,9 @@ def create_app(config: Config, *, backend: Backend | None = None,
         WebSocketRoute("/ws/{rest:path}", sockets.no_such_route),
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer"),
     ]
-    handlers = {exc: handle_error for exc in (HTTPError, BackendError, InvalidEvent,
-                                              InvalidParams, TooManySubmissions)}
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={**handlers, HTTPException: handle_not_found})
+                    exception_handlers={MetisError: handle_error,
+                                        HTTPException: handle_starlette_error})
     app.state.service = service
     slots = app.state.socket_slots = SocketSlots(config.server.max_sockets_per_job,
                                                  config.server.max_sockets)

@@ -10,7 +10,7 @@ from starlette.requests import HTTPConnection
 
 from metis_stream import tokens
 from metis_stream.config import ServerConfig
-from metis_stream.web.errors import HTTPError
+from metis_stream.errors import NotAllowed, NotAuthenticated
 
 
 def bearer(conn: HTTPConnection) -> str | None:
@@ -38,7 +38,7 @@ def client_identity(conn: HTTPConnection, server: ServerConfig) -> str:
 
 def require_client(conn: HTTPConnection, server: ServerConfig) -> None:
     if not is_client(conn, server):
-        raise HTTPError(401, "a valid API key is required (Authorization: Bearer <key>)")
+        raise NotAuthenticated("a valid API key is required (Authorization: Bearer <key>)")
 
 
 def require_watcher(conn: HTTPConnection, server: ServerConfig, job_id: str) -> None:
@@ -47,13 +47,13 @@ def require_watcher(conn: HTTPConnection, server: ServerConfig, job_id: str) -> 
         return
     given = bearer(conn) or conn.query_params.get("token") or ""
     if not tokens.same_secret(tokens.watch_token(server.secret, job_id), given):
-        raise HTTPError(401, "a valid API key or this job's watch token is required")
+        raise NotAuthenticated("a valid API key or this job's watch token is required")
 
 
 def require_job_token(conn: HTTPConnection, server: ServerConfig, job_id: str) -> None:
     given = bearer(conn) or ""
     if not tokens.same_secret(tokens.job_token(server.secret, job_id), given):
-        raise HTTPError(401, "a valid job token is required (Authorization: Bearer <token>)")
+        raise NotAuthenticated("a valid job token is required (Authorization: Bearer <token>)")
 
 
 def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:
@@ -68,7 +68,7 @@ def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:
         return
     if server.allowed_origins:
         if origin not in server.allowed_origins:
-            raise HTTPError(403, f"origin {origin[:100]} is not allowed")
+            raise NotAllowed(f"origin {origin[:100]} is not allowed")
     elif not server.api_keys and urlsplit(origin).netloc != conn.headers.get("host"):
-        raise HTTPError(403, f"origin {origin[:100]} is not this server's; list it in "
-                             "allowed_origins")
+        raise NotAllowed(f"origin {origin[:100]} is not this server's; list it in "
+                         "allowed_origins")

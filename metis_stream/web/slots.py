@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 from starlette.requests import HTTPConnection
 
-from metis_stream.web.errors import HTTPError
+from metis_stream.errors import TooManyStreams
 
-RETRY_AFTER = {"Retry-After": "5"}
+RETRY_AFTER = 5.0
 
 
 class SocketSlots:
@@ -29,11 +29,11 @@ class SocketSlots:
     def check(self, job_id: str) -> None:
         """Raise 429 if one more stream of ``job_id`` would be over a limit."""
         if self._count >= self._total:
-            raise HTTPError(429, "this server has too many open streams; retry later",
-                            RETRY_AFTER)
+            raise TooManyStreams("this server has too many open streams; retry later",
+                                 RETRY_AFTER)
         if job_id and self._by_job.get(job_id, 0) >= self._per_job:
-            raise HTTPError(429, f"job {job_id} has {self._per_job} watchers already",
-                            RETRY_AFTER)
+            raise TooManyStreams(f"job {job_id} has {self._per_job} watchers already",
+                                 RETRY_AFTER)
 
     @contextlib.contextmanager
     def take(self, job_id: str) -> Iterator[None]:
@@ -48,8 +48,6 @@ class SocketSlots:
             self._by_job[job_id] -= 1
             if not self._by_job[job_id]:
                 del self._by_job[job_id]
-
-
 
 
 def slots_of(conn: HTTPConnection) -> SocketSlots:

@@ -16,16 +16,18 @@ import anyio
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from metis_stream.errors import (
+    BadInput,
+    MetisError,
+    NoSuchRoute,
+    RequestTimeout,
+    TooLarge,
+    outcome_of,
+)
 from metis_stream.service import JobService
 from metis_stream.web import auth
 from metis_stream.web.api import whole_number
-from metis_stream.web.errors import (
-    WEBSOCKET_CLOSE_OFFSET,
-    WS_TRY_AGAIN,
-    HTTPError,
-    as_http_error,
-    error_response,
-)
+from metis_stream.web.errors import error_response
 from metis_stream.web.slots import slots_of
 
 FIRST_FRAME_TIMEOUT = 30.0
@@ -46,7 +48,7 @@ async def submit_socket(websocket: WebSocket) -> None:
             auth.check_origin(websocket, service.config.server)
             auth.require_client(websocket, service.config.server)
             slot.enter_context(slots_of(websocket).take(""))
-        except HTTPError as error:
+        except MetisError as error:
             await _deny(websocket, error)
             return
         await _submit_and_stream(websocket, service)
@@ -62,12 +64,12 @@ async def _submit_and_stream(websocket: WebSocket, service: JobService) -> None:
             request.get("template"), request.get("params"), request.get("inputs"),
             client=auth.client_identity(websocket, service.config.server))
     except TimeoutError:
-        await _close_with_error(websocket, HTTPError(408, "no submit request received"))
+        await _close_with_error(websocket, RequestTimeout("no submit request received"))
         return
     except WebSocketDisconnect:
         return
-    except Exception as exc:
-        await _close_with_error(websocket, _client_error(exc))
+    except MetisError as exc:
+        await _close_with_error(websocket, exc)
         return
     await _stream(websocket, service, job.id, after=0)
 
@@ -81,10 +83,10 @@ async def watch_socket(websocket: WebSocket) -> None:
             auth.check_origin(websocket, service.config.server)
             auth.require_watcher(websocket, service.config.server, job_id)
             after = whole_number(websocket.query_params.get("after", "0"), "after")
-            await service.backend.get_job(job_id)
+            await service.get(job_id)
             slot.enter_context(slots_of(websocket).take(job_id))
-        except Exception as exc:
-            await _deny(websocket, _client_error(exc))
+        except MetisError as exc:
+            await _deny(websocket, exc)
             return
         await websocket.accept()
         await _stream(websocket, service, job_id, after=after)
@@ -96,13 +98,13 @@ def _submit_request(message: Mapping[str, Any]) -> dict[str, Any]:
     raw = message.get("text") or message.get("bytes") or b""
     assert isinstance(raw, str | bytes)
     if len(raw) > MAX_FIRST_FRAME:
-        raise HTTPError(413, f"a submit request may be at most {MAX_FIRST_FRAME} bytes")
+        raise TooLarge(f"a submit request may be at most {MAX_FIRST_FRAME} bytes")
     try:
         request = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise HTTPError(400, f"the first frame must be JSON: {exc}") from None
+        raise BadInput(f"the first frame must be JSON: {exc}") from None
     if not isinstance(request, dict):
-        raise HTTPError(400, 'the first frame must be {"template": ..., "params": {...}}')
+        raise BadInput('the first frame must be {"template": ..., "params": {...}}')
     return request
 
 
@@ -115,8 +117,8 @@ async def _stream(websocket: WebSocket, service: JobService, job_id: str, after:
                 service.metrics.count("metis_events_delivered_total")
         except (WebSocketDisconnect, OSError):
             pass  # the client left; nothing to tell it
-        except Exception as exc:
-            await _close_with_error(websocket, _client_error(exc))
+        except MetisError as exc:
+            await _close_with_error(websocket, exc)
         else:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await websocket.close(1000)  # the client may have left after the last event
@@ -131,32 +133,24 @@ async def _cancel_on_disconnect(websocket: WebSocket, scope: anyio.CancelScope) 
     scope.cancel()
 
 
-def _client_error(exc: Exception) -> HTTPError:
-    error = as_http_error(exc)
-    if error is None:
-        raise exc
-    return error
-
-
-async def _deny(websocket: WebSocket, error: HTTPError) -> None:
+async def _deny(websocket: WebSocket, error: MetisError) -> None:
     """Refuse a handshake with the real HTTP status where the server supports it."""
     if DENIAL_EXTENSION in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(error_response(error))
     else:
-        await websocket.close(WEBSOCKET_CLOSE_OFFSET + error.status, _close_reason(error))
+        await websocket.close(outcome_of(error).close_code, _close_reason(error))
 
 
-async def _close_with_error(websocket: WebSocket, error: HTTPError) -> None:
-    code = WS_TRY_AGAIN if error.status == 503 else WEBSOCKET_CLOSE_OFFSET + error.status
+async def _close_with_error(websocket: WebSocket, error: MetisError) -> None:
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         await websocket.send_text(orjson.dumps({"error": error.message}).decode())
-        await websocket.close(code, _close_reason(error))
+        await websocket.close(outcome_of(error).close_code, _close_reason(error))
 
 
-def _close_reason(error: HTTPError) -> str:
+def _close_reason(error: MetisError) -> str:
     """A close frame's reason may hold at most 123 bytes of UTF-8."""
     return error.message.encode()[:123].decode(errors="ignore")
 
 
 async def no_such_route(websocket: WebSocket) -> None:
-    await _deny(websocket, HTTPError(404, "no such route"))
+    await _deny(websocket, NoSuchRoute())
