@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from metis_stream.events import Event, JsonValue
+from metis_stream.events import TERMINAL_TYPES, Event, JsonValue
 
 
 class JobState(StrEnum):
@@ -57,14 +57,15 @@ STATE_AFTER_EVENT: Mapping[str, JobState] = {
     "fatal": JobState.FAILED,
     "cancelled": JobState.CANCELLED,
 }
-"""The state each event type leads to; any other type means the job is running."""
+"""The state each event type leads to; any other type leads to ``STATE_OTHERWISE``."""
+STATE_OTHERWISE = JobState.RUNNING
 
 
 def state_after(state: JobState, event_type: str) -> JobState:
     """The state a job is in after an event of ``event_type``: forward only, terminal final."""
     if state.terminal:
         return state
-    target = STATE_AFTER_EVENT.get(event_type, JobState.RUNNING)
+    target = STATE_AFTER_EVENT.get(event_type, STATE_OTHERWISE)
     return target if target.rank > state.rank else state
 
 
@@ -119,20 +120,42 @@ class Job:
         return cls(**values)
 
 
+def fields_set_by(event_type: str, data: JsonValue) -> dict[str, JsonValue]:
+    """The job fields that an event sets, besides the ones every event moves (``state``,
+    ``last_seq``, ``updated``, ``ended``): the one definition both backends use, the
+    memory one on a Job and the Redis one as HSET pairs inside its append script."""
+    if event_type == "submitted" and isinstance(data, str):
+        return {"scheduler_id": data}
+    if event_type == "result" or (event_type == "completed" and data is not None):
+        return {"result": data}
+    if event_type in ("fatal", "cancelled"):
+        error, exit_status = _error_of(event_type, data)
+        return {"error": error, "exit_status": exit_status}
+    return {}
+
+
 def apply_event(job: Job, event: Event) -> None:
     """Update ``job`` in place for an event just appended to its log."""
     job.last_seq = event.seq
     job.updated = event.time
     job.state = state_after(job.state, event.type)
-    data = event.data
-    if event.type == "submitted" and isinstance(data, str):
-        job.scheduler_id = data
-    elif event.type == "result" or (event.type == "completed" and data is not None):
-        job.result = data
-    elif event.type in ("fatal", "cancelled"):
-        job.error, job.exit_status = _error_of(event.type, data)
+    for name, value in fields_set_by(event.type, event.data).items():
+        setattr(job, name, value)
     if job.state.terminal and job.ended is None:
         job.ended = event.time
+
+
+def state_machine() -> dict[str, JsonValue]:
+    """The state machine as data, for clients that must not keep a copy of it (the viewer,
+    the Python client): ``GET /api/meta`` serves it."""
+    return {
+        "states": [state.value for state in JobState],
+        "terminal_states": [state.value for state in JobState if state.terminal],
+        "terminal_types": sorted(TERMINAL_TYPES),
+        "state_after_event": {name: state.value for name, state in STATE_AFTER_EVENT.items()},
+        "state_otherwise": STATE_OTHERWISE.value,
+        "rank": {state.value: state.rank for state in JobState},
+    }
 
 
 def _error_of(event_type: str, data: JsonValue) -> tuple[str, int | None]:

@@ -19,9 +19,11 @@ from metis_stream.jobs import (
     Job,
     JobState,
     apply_event,
+    fields_set_by,
     is_job_id,
     new_job_id,
     state_after,
+    state_machine,
 )
 
 S = JobState
@@ -314,3 +316,57 @@ def test_from_dict_refuses_an_unknown_state():
 def test_record_round_trip_property(state, last_seq, exit_status, error):
     job = make_job(state=state, last_seq=last_seq, exit_status=exit_status, error=error)
     assert Job.from_dict(job.as_dict()) == job
+
+
+# What each event sets, and the state machine as clients receive it
+
+
+@pytest.mark.parametrize(("event_type", "data", "fields"), [
+    ("submitted", "123.pbs", {"scheduler_id": "123.pbs"}),
+    ("submitted", {"not": "an id"}, {}),
+    ("result", {"answer": 42}, {"result": {"answer": 42}}),
+    ("completed", {"answer": 42}, {"result": {"answer": 42}}),
+    ("completed", None, {}),
+    ("fatal", "out of memory", {"error": "out of memory", "exit_status": None}),
+    ("fatal", {"error": "killed", "exit_status": 271}, {"error": "killed", "exit_status": 271}),
+    ("cancelled", None, {"error": "cancelled", "exit_status": None}),
+    ("token", "text", {}),
+    ("step", "Downloading", {}),
+])
+def test_fields_set_by_each_event(event_type, data, fields):
+    assert fields_set_by(event_type, data) == fields
+
+
+def test_apply_event_sets_exactly_the_fields_set_by_the_event():
+    job = Job(id="j_1", template="t", cluster="c", state=S.RUNNING)
+    apply_event(job, Event("j_1", 5, "fatal", {"error": "boom", "exit_status": 3}, 9.0))
+    assert (job.error, job.exit_status, job.state, job.ended, job.last_seq) == (
+        "boom", 3, S.FAILED, 9.0, 5)
+
+
+def test_the_state_machine_as_data_is_the_one_state_after_uses():
+    machine = state_machine()
+    assert machine == {
+        "states": ["created", "submitting", "queued", "running", "completed", "failed",
+                   "cancelled"],
+        "terminal_states": ["completed", "failed", "cancelled"],
+        "terminal_types": ["cancelled", "completed", "fatal"],
+        "state_after_event": {"starting": "submitting", "submitted": "queued",
+                              "queued": "queued", "completed": "completed",
+                              "fatal": "failed", "cancelled": "cancelled"},
+        "state_otherwise": "running",
+        "rank": {"created": 0, "submitting": 1, "queued": 2, "running": 3, "completed": 4,
+                 "failed": 4, "cancelled": 4},
+    }
+    assert orjson.loads(orjson.dumps(machine)) == machine  # what /api/meta sends
+
+    def from_data(state: str, event_type: str) -> str:
+        """state_after, computed from the data alone, as a client does."""
+        if state in machine["terminal_states"]:
+            return state
+        target = machine["state_after_event"].get(event_type, machine["state_otherwise"])
+        return target if machine["rank"][target] > machine["rank"][state] else state
+
+    for state in S:
+        for event_type in [*STATE_AFTER_EVENT, "token", "x.custom"]:
+            assert from_data(state.value, event_type) == state_after(state, event_type).value

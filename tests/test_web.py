@@ -23,6 +23,7 @@ import websockets
 
 from metis_stream import tokens
 from metis_stream.config import load_config
+from metis_stream.jobs import state_machine
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
@@ -423,3 +424,16 @@ async def test_metrics_count_what_this_process_did(server: ServerProcess):
     assert float(samples['metis_http_errors_total{status="404"}']) == 1
     assert float(samples["metis_open_streams"]) == 0
     assert "# TYPE metis_events_appended_total counter" in text
+
+
+def test_meta_serves_the_state_machine_even_without_a_key(tmp_path: Path):
+    keyed = ServerProcess(state_dir=tmp_path / "keyed",
+                          server_settings={"api_keys": [tokens.hash_api_key("a-key")]})
+    keyed.start()
+    try:
+        assert httpx.get(f"{keyed.url}/api/templates").status_code == 401
+        response = httpx.get(f"{keyed.url}/api/meta")
+        assert response.status_code == 200
+        assert response.json() == state_machine()
+    finally:
+        keyed.stop()

@@ -63,10 +63,11 @@ from metis_stream.errors import (
 from metis_stream.events import TERMINAL_TYPES, Event, NewEvent, decode_event
 from metis_stream.jobs import (
     STATE_AFTER_EVENT,
+    STATE_OTHERWISE,
     TERMINAL_STATES,
     Job,
     JobState,
-    apply_event,
+    fields_set_by,
 )
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,6 @@ _TEXT_FIELDS = frozenset({"id", "template", "cluster", "state"})
 """Job fields stored as plain text; every other field is stored as JSON."""
 _NOT_SUBMITTED = (JobState.CREATED, JobState.SUBMITTING)
 _STATES = tuple(JobState)
-_PATCHED_FIELDS = ("scheduler_id", "result", "error", "exit_status")
-"""The Job fields an event may set besides state, last_seq, updated and ended."""
-_UNSET: Any = object()
 _SEEN_CAP = 100_000
 _RECONNECT_BASE = 0.05
 _RECONNECT_CAP = 2.0
@@ -97,8 +95,7 @@ def _lua_constants() -> str:
     }
     lines = [f"local {name} = cjson.decode([==[{orjson.dumps(value).decode()}]==])"
              for name, value in tables.items()]
-    # jobs.state_after: an event type without an entry in STATE_AFTER_EVENT means running.
-    lines.append(f"local OTHERWISE = '{JobState.RUNNING.value}'")
+    lines.append(f"local OTHERWISE = '{STATE_OTHERWISE.value}'")
     return "\n".join(lines) + "\n"
 
 
@@ -255,20 +252,10 @@ def _wire_tail(new: NewEvent, now: float) -> str:
     return "," + _json({"type": new.type, "data": new.data, "time": now})[1:]
 
 
-def _patch(job_id: str, new: NewEvent, now: float) -> list[str]:
-    """The job fields this event sets, as HSET pairs, found by apply_event itself so that
-    jobs.py stays the one definition of what an event does to a job."""
-    scratch = Job(id=job_id, template="", cluster="", scheduler_id=_UNSET, result=_UNSET,
-                  error=_UNSET, exit_status=_UNSET)
-    # A placeholder wire: the scratch event is never sent, so it need not be encoded.
-    apply_event(scratch, Event(job=job_id, seq=0, type=new.type, data=new.data, time=now,
-                               wire="{}"))
-    pairs: list[str] = []
-    for name in _PATCHED_FIELDS:
-        value = getattr(scratch, name)
-        if value is not _UNSET:
-            pairs += [name, _json(value)]
-    return pairs
+def _patch(new: NewEvent) -> list[str]:
+    """The job fields this event sets (jobs.py says which), as HSET pairs."""
+    return [item for name, value in fields_set_by(new.type, new.data).items()
+            for item in (name, _json(value))]
 
 
 def _backoff(attempt: int) -> float:
@@ -652,7 +639,7 @@ class RedisBackend:
             self._max_events, self._max_events + 1, self._retention_ms, head, len(events),
         ]
         for new, tail in zip(events, tails, strict=True):
-            patch = _patch(job_id, new, now)
+            patch = _patch(new)
             args += [new.type, new.id or "", tail, len(patch) // 2, *patch]
         keys = [*self._job_keys(job_id), *map(self._state_index, _STATES)]
         try:

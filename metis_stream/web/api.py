@@ -21,7 +21,7 @@ from metis_stream.errors import (
     UnsupportedMediaType,
 )
 from metis_stream.events import parse_event_json
-from metis_stream.jobs import Job, JobState
+from metis_stream.jobs import Job, JobState, state_machine
 from metis_stream.service import JobService
 from metis_stream.templates import param_text
 from metis_stream.web import auth
@@ -205,6 +205,12 @@ async def metrics(request: Request) -> Response:
     auth.require_client(request, service.config.server)
     return PlainTextResponse(service.metrics.render(),
                              media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def meta(request: Request) -> Response:
+    """Facts that clients must not keep copies of (the job state machine); nothing secret,
+    so no key is needed."""
+    return JSONResponse(state_machine())
 
 
 async def healthz(request: Request) -> Response:

@@ -58,6 +58,7 @@ def create_app(config: Config, *, backend: Backend | None = None,
     routes = [
         Route("/healthz", api.healthz),
         Route("/metrics", api.metrics),
+        Route("/api/meta", api.meta),
         Route("/api/templates", api.list_templates),
         Route("/api/jobs", api.create_job, methods=["POST"]),
         Route("/api/jobs", api.list_jobs, methods=["GET"]),
