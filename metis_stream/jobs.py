@@ -7,7 +7,6 @@ running -> one of completed, failed, cancelled. A terminal state is final.
 from __future__ import annotations
 
 import dataclasses
-import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -70,7 +69,6 @@ def state_after(state: JobState, event_type: str) -> JobState:
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-JOB_ID_PATTERN = re.compile(r"j_[0-9A-HJKMNP-TV-Z]{26}\Z")
 
 
 def new_job_id(now: float | None = None) -> str:
@@ -82,10 +80,6 @@ def new_job_id(now: float | None = None) -> str:
         chars.append(_CROCKFORD[value & 31])
         value >>= 5
     return "j_" + "".join(reversed(chars))
-
-
-def is_job_id(text: str) -> bool:
-    return bool(JOB_ID_PATTERN.match(text))
 
 
 @dataclass(slots=True)

@@ -121,8 +121,16 @@ async def test_publish_reaches_every_subscriber_of_that_job_only():
     assert not hub.job_ids
 
 
-def test_publish_without_subscribers_is_harmless():
-    Hub().publish(JOB, event(1))
+async def test_publish_without_subscribers_is_kept_nowhere():
+    hub = Hub()
+    hub.publish(JOB, event(1))
+    assert list(hub.job_ids) == []
+    assert hub.watcher_count() == 0
+    async with hub.subscribe(JOB) as subscription:
+        hub.publish(JOB, event(2))
+        received = await subscription.next()
+    assert received is not None
+    assert received.seq == 2  # event 1 was not kept for a later watcher
 
 
 async def test_hooks_run_once_per_job():

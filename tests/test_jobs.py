@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -13,14 +14,12 @@ from hypothesis import strategies as st
 from metis_stream.events import Event
 from metis_stream.jobs import (
     ACTIVE_STATES,
-    JOB_ID_PATTERN,
     STATE_AFTER_EVENT,
     TERMINAL_STATES,
     Job,
     JobState,
     apply_event,
     fields_set_by,
-    is_job_id,
     new_job_id,
     state_after,
     state_machine,
@@ -235,8 +234,7 @@ def _millis_of(job_id: str) -> int:
 
 def test_new_job_id_format():
     job_id = new_job_id()
-    assert JOB_ID_PATTERN.match(job_id)
-    assert is_job_id(job_id)
+    assert re.fullmatch(r"j_[0-9A-HJKMNP-TV-Z]{26}", job_id)
     assert len(job_id) == 28
     assert job_id.startswith("j_")
     assert set(job_id[2:]) <= set(CROCKFORD)
@@ -261,18 +259,6 @@ def test_new_job_ids_are_unique_even_in_the_same_millisecond():
     assert len(ids) == 5000
     # the random part really varies: 80 bits in the last 16 characters
     assert len({i[12:] for i in ids}) == 5000
-
-
-@pytest.mark.parametrize("text", ["", "j_", "j_01HX", "J_01HX3ZJ5K1ABCDEFGHJKMNPQRS",
-                                  "j_01HX3ZJ5K1ABCDEFGHJKMNPQRI", "j_01HX3ZJ5K1ABCDEFGHJKMNPQRL",
-                                  "j_01HX3ZJ5K1ABCDEFGHJKMNPQRSX", "j_01hx3zj5k1abcdefghjkmnpqrs",
-                                  "j_01HX3ZJ5K1ABCDEFGHJKMNPQRS\n", "../etc/passwd"])
-def test_is_job_id_refuses_other_text(text):
-    assert not is_job_id(text)
-
-
-def test_is_job_id_accepts_a_well_formed_id():
-    assert is_job_id("j_01HX3ZJ5K1ABCDEFGHJKMNPQRS")
 
 
 # records

@@ -44,15 +44,8 @@ def test_qsub_argv_has_everything_on_the_command_line() -> None:
     assert command.left_out == ()
 
 
-def test_qsub_join_output_array_and_dependency() -> None:
-    argv = pbs.submit_command(request(
-        join_output=True, array="1-10:2%3", depend="afterok:15.pbs01:16[].pbs01",
-        resources={"nodes": "1:ppn=4"},
-    )).argv
-    assert argv[argv.index("-j"):argv.index("-j") + 2] == ["-j", "oe"]
-    assert "-e" not in argv
-    assert argv[argv.index("-J") + 1] == "1-10:2%3"
-    assert argv[argv.index("-W") + 1] == "depend=afterok:15.pbs01:16[].pbs01"
+def test_qsub_torque_resources_and_no_empty_env() -> None:
+    argv = pbs.submit_command(request(resources={"nodes": "1:ppn=4"})).argv
     assert argv[argv.index("-l") + 1] == "nodes=1:ppn=4"
     assert "-v" not in argv  # no env at all: no empty -v
 
@@ -94,8 +87,7 @@ def test_safe_values_travel_intact() -> None:
     [
         ("name", "j 1"), ("name", "j;1"), ("name", "1job"), ("queue", "q;rm"),
         ("account", "a b"), ("script", "relative.pbs"), ("script", "/a b/run.pbs"),
-        ("stdout", "/x/$(id)"), ("stderr", "/x,y"), ("array", "1-10;id"),
-        ("depend", "afterok:15;id"), ("depend", "sometimes:15"),
+        ("stdout", "/x/$(id)"), ("stderr", "/x,y"),
     ],
 )
 def test_bad_fields_are_refused(field: str, value: str) -> None:

@@ -41,14 +41,6 @@ def test_sbatch_argv() -> None:
     assert command.left_out == ("TEXT",)
 
 
-def test_sbatch_join_array_dependency() -> None:
-    argv = slurm.submit_command(request(join_output=True, array="1-4%2", depend="afterok:12:13"))
-    assert "--output=/home/u/metis-stream/jobs/j_1/stdout" in argv.argv
-    assert not any(a.startswith("--error") for a in argv.argv)
-    assert "--array=1-4%2" in argv.argv
-    assert "--dependency=afterok:12:13" in argv.argv
-
-
 @pytest.mark.parametrize(
     "value", ["a,b", "x;echo hi", "$(id)", "`id`", "'q'", '"q"', "a b", "a\nb", "a\x00b", "a&b"])
 def test_unsafe_values_never_reach_export(value: str) -> None:
@@ -93,11 +85,6 @@ def test_bad_resources_are_refused(key: str, value: str) -> None:
     with pytest.raises(SchedulerError):
         slurm.submit_command(request(resources={key: value}))
 
-
-@pytest.mark.parametrize("depend", ["afterok:12;id", "later:12", "afterok"])
-def test_bad_dependency_is_refused(depend: str) -> None:
-    with pytest.raises(UnsafeValue):
-        slurm.submit_command(request(depend=depend))
 
 
 @pytest.mark.parametrize(("stdout", "job"), [("12345\n", "12345"), ("12345;cluster1\n", "12345")])

@@ -74,12 +74,6 @@ class JobRequest:
     resources: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     """Every variable the job should get; unsafe ones are left out of the command."""
-    join_output: bool = False
-    """Write stderr into ``stdout`` (``-j oe``); ``stderr`` is then ignored."""
-    depend: str | None = None
-    """A dependency list such as ``afterok:123.server`` (PBS ``-W depend=``, Slurm ``-d``)."""
-    array: str | None = None
-    """An array range such as ``1-10`` or ``1-10%2`` (PBS ``-J``, Slurm ``--array``)."""
 
 
 @dataclass(frozen=True, slots=True)

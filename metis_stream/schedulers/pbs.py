@@ -64,11 +64,6 @@ RESOURCES: Mapping[str, re.Pattern[str]] = {
 }
 """The ``-l`` resources a template may ask for, each with the form of its value."""
 
-ARRAY = re.compile(r"[0-9]{1,7}-[0-9]{1,7}(:[0-9]{1,7})?(%[0-9]{1,5})?\Z")
-_DEPEND_IDS = r"(:[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_.-]+)?)+"
-_DEPEND_TYPE = r"(after|afterok|afternotok|afterany|before|beforeok|beforenotok|beforeany)"
-_DEPEND_ONE = _DEPEND_TYPE + _DEPEND_IDS
-DEPEND = re.compile(rf"{_DEPEND_ONE}(,{_DEPEND_ONE})*\Z")
 
 QUEUED_STATES: Mapping[str, str] = {
     "Q": "queued", "H": "held", "W": "waiting for its start time", "T": "in transit",
@@ -130,15 +125,8 @@ def submit_command(request: JobRequest) -> SubmitCommand:
         # One -l with a comma list: Slurm's qsub wrapper keeps only the last -l it is given.
         argv += ["-l", ",".join(f"{key}={_check_resource(key, value)}"
                                 for key, value in request.resources.items())]
-    argv += ["-o", check(SAFE_PATH, request.stdout, "output path")]
-    if request.join_output:
-        argv += ["-j", "oe"]
-    else:
-        argv += ["-e", check(SAFE_PATH, request.stderr, "error path")]
-    if request.depend:
-        argv += ["-W", "depend=" + check(DEPEND, request.depend, "dependency")]
-    if request.array:
-        argv += ["-J", check(ARRAY, request.array, "array range")]
+    argv += ["-o", check(SAFE_PATH, request.stdout, "output path"),
+             "-e", check(SAFE_PATH, request.stderr, "error path")]
     safe, left_out = split_env(request.env)
     if safe:
         argv += ["-v", ",".join(f"{name}={value}" for name, value in safe.items())]

@@ -44,9 +44,6 @@ _COUNT = re.compile(r"[0-9]{1,6}\Z")
 _NODES = re.compile(r"[0-9]{1,6}(-[0-9]{1,6})?\Z")
 _QOS = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _CHUNK = re.compile(r"(?:([0-9]{1,6}):?)?((?:[a-z]+=[A-Za-z0-9]+:?)*)\Z")
-ARRAY = re.compile(r"[0-9]{1,7}-[0-9]{1,7}(:[0-9]{1,7})?(%[0-9]{1,5})?\Z")
-_DEPEND_ONE = r"(after|afterany|afterok|afternotok|aftercorr)(:[0-9]+(_[0-9]+)?)+|singleton"
-DEPEND = re.compile(rf"({_DEPEND_ONE})([,?]({_DEPEND_ONE}))*\Z")
 
 QUEUED_STATES = frozenset({
     "PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
@@ -82,13 +79,8 @@ def submit_command(request: JobRequest) -> SubmitCommand:
         argv.append("--account=" + check(ACCOUNT_NAME, request.account, "account"))
     for key, value in request.resources.items():
         argv += resource_options(key, value)
-    argv.append("--output=" + check(SAFE_PATH, request.stdout, "output path"))
-    if not request.join_output:
-        argv.append("--error=" + check(SAFE_PATH, request.stderr, "error path"))
-    if request.depend:
-        argv.append("--dependency=" + check(DEPEND, request.depend, "dependency"))
-    if request.array:
-        argv.append("--array=" + check(ARRAY, request.array, "array range"))
+    argv += ["--output=" + check(SAFE_PATH, request.stdout, "output path"),
+             "--error=" + check(SAFE_PATH, request.stderr, "error path")]
     # --export splits on commas like qsub -v: only safe values go; ALL keeps the login
     # environment (PATH, HOME) that a PBS job would also have.
     safe, left_out = split_env(request.env)
