@@ -1,0 +1,17 @@
+// What each event type does to the job page (a JobView). Unknown types only
+// appear in the "All events" list, so a new type never breaks the viewer.
+
+import { $ } from "./dom.js";
+
+export const EVENT_HANDLERS = {
+  submitted: (view, e) => { $("job-scheduler-id").textContent = String(e.data ?? "—"); },
+  step: (view, e) => view.addStep(typeof e.data === "string" ? e.data : JSON.stringify(e.data), e.time),
+  progress: (view, e) => view.setProgress(e.data),
+  token: (view, e) => view.appendToken(typeof e.data === "string" ? e.data : String(e.data ?? "")),
+  chunk: (view, e) => view.addChunk(e.data),
+  log: (view, e) => view.addLog(e.data),
+  result: (view, e) => view.showResult(e.data),
+  completed: (view, e) => { if (e.data !== null && e.data !== undefined) view.showResult(e.data); },
+  fatal: (view, e) => view.showError(e.data),
+  cancelled: (view, e) => view.showError(e.data ?? "cancelled"),
+};
