@@ -9,23 +9,17 @@ import { rememberWatchToken, watchToken } from "./auth.js";
 import { $, announce, el, formatSeconds, linkify, showNotice } from "./dom.js";
 import { EVENT_HANDLERS } from "./event-handlers.js";
 import { api, apiUrl } from "./http.js";
+import { initialState, isTerminalState, isTerminalType, stateAfter } from "./meta.js";
 
 const BACKOFF_FIRST = 250; // ms: first retry after a dropped connection
 const BACKOFF_MAX = 5000; // ms: the retry delay doubles up to this
-const TERMINAL = new Set(["completed", "fatal", "cancelled"]);
-const STATE_AFTER = {
-  starting: "submitting", submitted: "queued", queued: "queued",
-  completed: "completed", fatal: "failed", cancelled: "cancelled",
-};
-const STATE_RANK = { created: 0, submitting: 1, queued: 2, running: 3,
-                     completed: 4, failed: 4, cancelled: 4 };
 
 export class JobView {
   constructor(jobId, token) {
     this.jobId = jobId;
     this.token = token || watchToken(jobId);
     this.lastSeq = 0; // the highest seq applied; a reconnect asks for after=lastSeq
-    this.state = "created";
+    this.state = initialState();
     this.ended = false; // a terminal event was applied
     this.stopped = false; // the user left the page: never reconnect
     this.socket = null;
@@ -54,7 +48,7 @@ export class JobView {
     // re-render, so selection, scrolling and screen readers stay put.
     this.text = document.createTextNode("");
     $("output").replaceChildren(this.text);
-    this.setBadge("created");
+    this.setBadge(this.state);
     $("cancel-job").onclick = () => this.cancel();
   }
 
@@ -68,7 +62,7 @@ export class JobView {
     if (state === this.state) return;
     this.state = state;
     this.setBadge(state);
-    $("cancel-job").hidden = STATE_RANK[state] >= 4 || this.connection === "lost";
+    $("cancel-job").hidden = isTerminalState(state) || this.connection === "lost";
     if (!quiet) announce(`Job ${state}.`);
   }
 
@@ -245,13 +239,13 @@ export class JobView {
 
   // -- events -----------------------------------------------------------------
 
+  // The state follows the server's state machine (meta.js): forward only.
   apply(event) {
-    const next = STATE_AFTER[event.type] || "running";
-    if (STATE_RANK[next] > STATE_RANK[this.state]) this.setState(next);
+    this.setState(stateAfter(this.state, event.type));
     this.listEvent(event);
     const handler = EVENT_HANDLERS[event.type];
     if (handler) handler(this, event);
-    if (TERMINAL.has(event.type)) this.finish(event);
+    if (isTerminalType(event.type)) this.finish(event);
   }
 
   listEvent(event) {
@@ -351,8 +345,8 @@ export class JobView {
     clearInterval(this.tickTimer);
     this.setConnection("ended");
     $("cancel-job").hidden = true;
-    const ended = STATE_AFTER[event.type];
-    this.setState(ended, { quiet: true });
-    announce(ended === "completed" ? "Job completed." : `Job ${ended}: ${$("job-error-text").textContent}`);
+    // apply() has moved the state already; the announcement adds the error, if any.
+    const ended = this.state;
+    announce($("job-error").hidden ? `Job ${ended}.` : `Job ${ended}: ${$("job-error-text").textContent}`);
   }
 }

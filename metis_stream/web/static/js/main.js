@@ -10,6 +10,7 @@
 //   jobs-list.js       the jobs list on the home page
 //   job-view.js        the job page: its websocket, seq bookkeeping, rendering
 //   event-handlers.js  what each event type does to the job page
+//   meta.js            the job state machine, loaded from GET /api/meta
 //
 // Rules these modules keep (see docs/viewer.md):
 // - Job data never goes through innerHTML: every value becomes a Text node or
@@ -22,9 +23,10 @@
 //   server for `after=<that seq>`; anything at or below it is ignored.
 
 import { setupKeyForm } from "./auth.js";
-import { $ } from "./dom.js";
+import { $, showNotice } from "./dom.js";
 import { setupSubmitForm } from "./form.js";
 import { setupJobsList } from "./jobs-list.js";
+import { loadMeta, metaLoaded } from "./meta.js";
 import { currentView, route } from "./router.js";
 
 // The hook the browser tests use to drop a socket mid-stream; harmless in use.
@@ -38,15 +40,34 @@ window.__metisViewer = {
   },
 };
 
+// Show the page the URL names. The first time, load the job state machine
+// from the server: no page is shown without it. A failed load says so and is
+// tried again on the next navigation or saved key (or a reload).
+async function show() {
+  if (!metaLoaded()) {
+    try {
+      await loadMeta();
+    } catch (error) {
+      // A 401 has raised the "needs an API key" notice already: keep that one.
+      if (error.status !== 401) {
+        showNotice(`Could not load the job states from the server (api/meta): ${error.message}. `
+          + "The viewer cannot work without them; reload the page to try again.");
+      }
+      return;
+    }
+  }
+  route();
+}
+
 function init() {
-  setupKeyForm(route); // a saved key retries whatever the page was showing
+  setupKeyForm(show); // a saved key retries whatever the page was showing
   setupSubmitForm();
   setupJobsList();
   window.addEventListener("hashchange", () => {
-    route();
+    show();
     $("main").focus({ preventScroll: true }); // move keyboard focus to the new page
   });
-  route();
+  show();
 }
 
 init();
