@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from metis_stream.tokens import job_token
+from metis_stream.web.app import STATIC_DIR
 from tests.support import service_unavailable
 from tests.support.server import ServerProcess, free_port
 
@@ -323,6 +324,93 @@ def test_server_restart_with_memory_backend_marks_the_job_lost(viewer: Viewer) -
     # What arrived before the restart stays on the page.
     assert viewer.output().startswith(partial)
     viewer.screenshot("memory-restart-lost-job")
+
+
+def test_every_module_loads(viewer: Viewer) -> None:
+    """index.html loads js/main.js, which imports the rest: every module on disk is fetched
+    once, as JavaScript (a module with another Content-Type does not run), and no request
+    of the page fails."""
+    page = viewer.page
+    failed: list[str] = []
+    modules: dict[str, str] = {}
+
+    def on_response(response: Any) -> None:
+        if response.status >= 400:
+            failed.append(f"{response.status} {response.url}")
+        if response.url.endswith(".js"):
+            modules[response.url.rsplit("/", 1)[1]] = response.headers.get("content-type", "")
+
+    page.on("response", on_response)
+    page.on("requestfailed", lambda request: failed.append(f"failed {request.url}"))
+    viewer.open()
+    _expect(page.locator("#submit-form")).to_be_visible()
+    page.wait_for_load_state("networkidle")
+
+    assert failed == [], failed
+    on_disk = sorted(path.name for path in (STATIC_DIR / "js").glob("*.js"))
+    assert sorted(modules) == on_disk, (sorted(modules), on_disk)
+    for name, content_type in modules.items():
+        assert content_type.split(";")[0] in ("text/javascript", "application/javascript"), (
+            name, content_type)
+    assert page.evaluate("typeof window.__metisViewer.state") == "function"
+
+
+def test_job_state_follows_the_servers_state_machine(viewer: Viewer) -> None:
+    """The viewer has no state machine of its own: served a changed GET /api/meta, it
+    follows the change. A viewer with a built-in copy would show "running" and stay live."""
+    page = viewer.page
+    served: list[dict[str, Any]] = []
+
+    def changed_meta(route: Any) -> None:
+        meta = route.fetch().json()  # the server's own table, then two changes:
+        meta["rank"]["running"] = meta["rank"]["queued"]  # running is no step up from queued
+        meta["terminal_types"].append("halfway")  # a new type ends the job, cancelled
+        meta["state_after_event"]["halfway"] = "cancelled"
+        served.append(meta)
+        route.fulfill(json=meta)
+
+    page.route("**/api/meta", changed_meta)
+    job = submit_with_api(viewer.server, "tokens", text=TWELVE_WORDS, delay=2)
+    viewer.open(f"#/jobs/{job['id']}")
+    wait_for_words(viewer, 1)
+    assert len(served) == 1  # loaded once, at start-up
+    # Tokens would make the job "running"; with that rank they leave it "queued".
+    viewer.expect_state("queued")
+    _expect(page.locator("#connection")).to_have_attribute("data-conn", "live")
+    _expect(page.locator("#cancel-job")).to_be_visible()
+
+    post_as_the_job(viewer.server, job["id"], {"type": "halfway", "data": None})
+    viewer.expect_state("cancelled")
+    _expect(page.locator("#connection")).to_have_attribute("data-conn", "ended")
+    _expect(page.locator("#cancel-job")).to_be_hidden()
+    _expect(page.locator("#announcer")).to_have_text("Job cancelled.")
+    # The server's own record is unchanged: for it, the job is still running.
+    record = httpx.get(f"{viewer.server.url}/api/jobs/{job['id']}", timeout=10).json()
+    assert record["state"] == "running", record
+    viewer.screenshot("state-machine-from-meta")
+    httpx.delete(f"{viewer.server.url}/api/jobs/{job['id']}", timeout=10)
+
+
+def test_failed_meta_request_shows_a_notice_then_recovers(viewer: Viewer) -> None:
+    """Without GET /api/meta the viewer cannot work: it says so and shows no page; the next
+    navigation tries again."""
+    page = viewer.page
+    page.route("**/api/meta", lambda route: route.fulfill(
+        status=503, json={"error": "the backend is not available"}))
+    viewer.open("#/jobs/01NOSUCHJOB")
+    notice = page.locator("#notice")
+    _expect(notice).to_be_visible()
+    _expect(notice).to_contain_text("Could not load the job states")
+    _expect(notice).to_contain_text("the backend is not available")
+    _expect(page.locator("#job-view")).to_be_hidden()
+    _expect(page.locator("#home-view")).to_be_hidden()
+    assert viewer.socket_urls == []
+    viewer.screenshot("meta-failed")
+
+    page.unroute("**/api/meta")
+    page.evaluate("location.hash = '#/'")
+    _expect(page.locator("#submit-form")).to_be_visible()
+    _expect(notice).to_be_hidden()
 
 
 def test_phone_width_has_no_horizontal_scroll(browser: Browser,
