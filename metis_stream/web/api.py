@@ -70,14 +70,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join([chunk async for chunk in body_chunks(request, limit)])
 
 
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+def parse_submit_request(raw: str | bytes) -> dict[str, Any]:
+    """A submit request (a POST body, or a submit socket's first frame): a JSON object."""
+    if len(raw) > MAX_SUBMIT_BYTES:
+        raise TooLarge(f"a submit request may be at most {MAX_SUBMIT_BYTES} bytes")
     try:
-        body = orjson.loads(await read_body(request, limit))
+        request = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadInput(f"not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadInput("the request body must be a JSON object")
-    return body
+    if not isinstance(request, dict):
+        raise BadInput('a submit request must be a JSON object: {"template": ..., '
+                       '"params": {...}}')
+    return request
 
 
 def whole_number(raw: str, name: str) -> int:
@@ -105,7 +109,7 @@ async def create_job(request: Request) -> Response:
     if _content_type(request) != JSON_TYPE:
         # Also what keeps a web page from submitting cross-site as a "simple" request.
         raise UnsupportedMediaType("send the job as application/json")
-    body = await read_json_object(request, MAX_SUBMIT_BYTES)
+    body = parse_submit_request(await read_body(request, MAX_SUBMIT_BYTES))
     job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
                                client=auth.client_identity(request, service.config.server))
     return JSONResponse(job_view(service, job, with_watch_token=True), status_code=201)

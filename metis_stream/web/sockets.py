@@ -17,21 +17,18 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from metis_stream.errors import (
-    BadInput,
     MetisError,
     NoSuchRoute,
     RequestTimeout,
-    TooLarge,
     outcome_of,
 )
 from metis_stream.service import JobService
 from metis_stream.web import auth
-from metis_stream.web.api import whole_number
+from metis_stream.web.api import parse_submit_request, whole_number
 from metis_stream.web.errors import error_response
 from metis_stream.web.slots import slots_of
 
 FIRST_FRAME_TIMEOUT = 30.0
-MAX_FIRST_FRAME = 64 * 1024
 DENIAL_EXTENSION = "websocket.http.response"
 
 
@@ -97,15 +94,7 @@ def _submit_request(message: Mapping[str, Any]) -> dict[str, Any]:
         raise WebSocketDisconnect()
     raw = message.get("text") or message.get("bytes") or b""
     assert isinstance(raw, str | bytes)
-    if len(raw) > MAX_FIRST_FRAME:
-        raise TooLarge(f"a submit request may be at most {MAX_FIRST_FRAME} bytes")
-    try:
-        request = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadInput(f"the first frame must be JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise BadInput('the first frame must be {"template": ..., "params": {...}}')
-    return request
+    return parse_submit_request(raw)
 
 
 async def _stream(websocket: WebSocket, service: JobService, job_id: str, after: int) -> None:
