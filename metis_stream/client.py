@@ -2,7 +2,8 @@
 
 ``watch`` is an async iterator over a job's events that resumes by itself
 after a dropped connection or a server restart, from the last seq it saw, so
-nothing is lost or doubled.
+nothing is lost or doubled. A server that cannot be reached at all is an
+error at once, for a watch as for every other call.
 
     async with Client("http://127.0.0.1:8000", key=...) as client:
         job = await client.submit("tokens", {"text": "Hello"})
@@ -13,7 +14,9 @@ nothing is lost or doubled.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -23,7 +26,8 @@ from typing import Any
 import httpx
 import orjson
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from metis_stream.errors import ClientError
 from metis_stream.events import TERMINAL_TYPES
@@ -35,11 +39,17 @@ RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
 
 class Client:
     def __init__(self, url: str, *, key: str | None = None, timeout: float = 30.0,
-                 max_retry_delay: float = 5.0, give_up_after: float = 120.0) -> None:
+                 connect_timeout: float = 5.0, max_retry_delay: float = 5.0,
+                 give_up_after: float = 120.0) -> None:
+        """``connect_timeout`` bounds opening a connection (and a websocket's handshake), so
+        a wrong or blackholed address fails in seconds; ``timeout`` bounds the rest."""
         self.url = url.rstrip("/")
         self.key = key
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=timeout)
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
+                                       timeout=httpx.Timeout(timeout, connect=connect_timeout))
         self._max_retry_delay = max_retry_delay
         self._give_up_after = give_up_after
 
@@ -83,28 +93,49 @@ class Client:
         return events
 
     async def watch(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
-        """The job's events with seq > ``after`` until its terminal event, resuming by itself."""
+        """The job's events with seq > ``after`` until its terminal event.
+
+        Once connected, the watch resumes by itself after a dropped connection or a server
+        restart, for up to ``give_up_after`` seconds. If its first connection cannot reach the
+        server, it raises ClientError (status 0) at once: that is a wrong address or a server
+        that is not running, and waiting would only hide it."""
         last = after
         delay = 0.25
         loop = asyncio.get_running_loop()
         failing_since: float | None = None
+        connected = False
         while True:
             try:
-                async for event in self._watch_once(job_id, last):
-                    failing_since = None
-                    delay = 0.25
-                    if event["seq"] <= last:
-                        continue
-                    last = event["seq"]
-                    yield event
-                    if event["type"] in TERMINAL_TYPES:
-                        return
+                async with websockets.connect(
+                        f"{_ws_url(self.url)}/ws/jobs/{job_id}?after={last}",
+                        additional_headers=self._headers, open_timeout=self._connect_timeout,
+                        max_size=2**22) as connection:
+                    connected = True
+                    async for event in _events(connection):
+                        failing_since = None
+                        delay = 0.25
+                        if event["seq"] <= last:
+                            continue
+                        last = event["seq"]
+                        yield event
+                        if event["type"] in TERMINAL_TYPES:
+                            return
                 # A clean close before a terminal event: the job may have ended at or
                 # before ``last`` (a watch that started after its end), or the server left.
                 job = await self.get(job_id)
                 if job["state"] in ENDED_STATES and job["last_seq"] <= last:
                     return
-            except (ConnectionClosed, OSError, TimeoutError) as exc:
+            except InvalidStatus as exc:
+                # The server answered: a 5xx (busy, or a proxy whose server is restarting) is
+                # worth another try, a 4xx is its final word.
+                status = exc.response.status_code
+                if status < 500:
+                    raise ClientError(status, _error_text(bytes(exc.response.body or b""))
+                                      ) from None
+            except (ConnectionClosed, OSError, TimeoutError, InvalidHandshake) as exc:
+                # Before ``connected``, every one of these comes from opening the connection.
+                if not connected:
+                    raise self._unreachable(exc) from None
                 code = exc.rcvd.code if isinstance(exc, ConnectionClosed) and exc.rcvd else 1006
                 if code not in RETRY_CLOSE_CODES:
                     raise ClientError(code, f"connection closed ({code})") from None
@@ -118,33 +149,51 @@ class Client:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self._max_retry_delay)
 
-    async def _watch_once(self, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
-        url = f"{_ws_url(self.url)}/ws/jobs/{job_id}?after={after}"
-        try:
-            async with websockets.connect(url, additional_headers=self._headers,
-                                          open_timeout=10, max_size=2**22) as socket:
-                async for frame in socket:
-                    message = orjson.loads(frame)
-                    if "error" in message and "seq" not in message:
-                        code = socket.close_code or 0
-                        raise ClientError(code - 4000 if code >= 4000 else code,
-                                          message["error"])
-                    yield message
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status >= 500:
-                raise OSError(f"server answered {status}") from None
-            raise ClientError(status, _error_text(bytes(exc.response.body or b""))) from None
-
     async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ClientError(0, f"cannot reach {self.url}: {exc}") from None
+            raise self._unreachable(exc) from None
         if response.status_code >= 400:
             raise ClientError(response.status_code, _error_text(response.content))
         body: dict[str, Any] = response.json()
         return body
+
+    def _unreachable(self, exc: Exception) -> ClientError:
+        """Status 0, naming the URL and the reason in words rather than the exception's."""
+        if isinstance(exc, TimeoutError | httpx.ConnectTimeout):
+            reason = f"no answer within {self._connect_timeout:g} s"
+        elif isinstance(exc, httpx.TimeoutException):
+            reason = f"no answer within {self._timeout:g} s"
+        else:
+            reason = _connect_failure(exc)
+        return ClientError(0, f"cannot reach {self.url}: {reason}")
+
+
+async def _events(connection: ClientConnection) -> AsyncIterator[dict[str, Any]]:
+    """The messages of one watch connection; an error message from the server raises."""
+    async for frame in connection:
+        message = orjson.loads(frame)
+        if "error" in message and "seq" not in message:
+            code = connection.close_code or 0
+            raise ClientError(code - 4000 if code >= 4000 else code, message["error"])
+        yield message
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """The innermost OSError's reason: httpx wraps it twice ("All connection attempts
+    failed"), and asyncio's message for it ("Connect call failed") hides the errno's."""
+    root: OSError | None = None
+    inner: BaseException | None = exc
+    while inner is not None:
+        if isinstance(inner, OSError):
+            root = inner
+        inner = inner.__cause__ or inner.__context__
+    if isinstance(root, socket.gaierror):
+        return f"unknown host ({root.strerror})"
+    if root is not None and root.errno:
+        return os.strerror(root.errno).lower()
+    return str(exc) or type(exc).__name__
 
 
 def _ws_url(url: str) -> str:

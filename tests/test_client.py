@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+import socket
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,22 +166,91 @@ async def test_a_wrong_key_is_401_and_the_right_one_works(keyed_server: ServerPr
             assert watched.value.status == 401, key
 
 
-async def test_an_unreachable_server_is_status_0():
+def every_call(client: Client) -> list[Awaitable[Any]]:
+    """One of each call that talks to the server, ``watch`` up to its first event."""
+    return [client.templates(), client.submit("tokens"), client.get(UNKNOWN_JOB),
+            client.jobs(), client.cancel(UNKNOWN_JOB), client.history(UNKNOWN_JOB),
+            anext(client.watch(UNKNOWN_JOB))]
+
+
+async def assert_fails_at_once(call: Awaitable[Any], within: float) -> str:
+    """The call raises a status-0 ClientError within ``within`` seconds; its message."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ClientError) as caught:
+        async with asyncio.timeout(within):
+            await call
+    assert loop.time() - started < within
+    assert caught.value.status == 0
+    return caught.value.message
+
+
+async def test_a_closed_port_fails_every_call_at_once_naming_the_url():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    async with Client(url, timeout=2, give_up_after=1.0, max_retry_delay=0.2) as client:
-        for call in (client.get(UNKNOWN_JOB), client.jobs(), client.submit("tokens")):
-            with pytest.raises(ClientError) as caught:
-                await call
-            assert caught.value.status == 0
-            assert "cannot reach" in caught.value.message
+    # The default give_up_after (120 s): a watch that retried would time out here.
+    async with Client(url) as client:
+        for call in every_call(client):
+            message = await assert_fails_at_once(call, within=5)
+            assert message == f"cannot reach {url}: connection refused"
+
+
+async def test_an_unknown_host_fails_every_call_at_once():
+    url = "http://no-such-host.invalid:8000"  # .invalid never resolves (RFC 6761)
+    async with Client(url) as client:
+        for call in every_call(client):
+            message = await assert_fails_at_once(call, within=5)
+            assert message.startswith(f"cannot reach {url}: unknown host ("), message
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A URL whose port drops connection attempts, as a firewall would: a listening socket
+    whose accept queue (of one) is already full, so the kernel ignores further SYNs."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_a_blackholed_address_fails_after_the_connect_timeout(blackhole: str):
+    async with Client(blackhole, connect_timeout=0.5) as client:
+        # One call over HTTP and the watch's websocket: every HTTP call shares the one timeout.
+        for call in (client.jobs(), anext(client.watch(UNKNOWN_JOB))):
+            message = await assert_fails_at_once(call, within=3)
+            assert message == f"cannot reach {blackhole}: no answer within 0.5 s"
+
+
+async def test_a_port_where_something_else_answers_fails_at_once():
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    other = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{other.sockets[0].getsockname()[1]}"
+    async with other, Client(url) as client:
+        for call in every_call(client):
+            message = await assert_fails_at_once(call, within=5)
+            assert message.startswith(f"cannot reach {url}: "), message
+
+
+async def test_a_watch_that_was_connected_waits_for_the_server_to_come_back(
+        live_server: ServerProcess):
+    """Patience is for a connection that worked: after a drop, refused reconnects are
+    retried until ``give_up_after``, not reported at once."""
+    async with Client(live_server.url, give_up_after=1.5, max_retry_delay=0.2) as client:
+        job = await client.submit("tokens", {"text": "a b c d e f g h", "delay": 1})
+        events = client.watch(job["id"])
+        assert (await anext(events))["type"] == "starting"
+        live_server.stop()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        with pytest.raises(ClientError) as watched:
-            async with asyncio.timeout(20):
-                async for _ in client.watch(UNKNOWN_JOB):
+        with pytest.raises(ClientError) as caught:
+            async with asyncio.timeout(10):
+                async for _ in events:
                     pass
-        assert watched.value.status == 0
-        assert loop.time() - started >= 1.0, "watch retries until give_up_after"
+        assert loop.time() - started >= 1.5
+        assert caught.value.status == 0
+        assert caught.value.message == f"cannot reach {live_server.url} to watch job {job['id']}"
 
 
 @pytest.mark.redis
