@@ -368,6 +368,12 @@ def _run(coroutine: Any) -> int:
         code: int = asyncio.run(coroutine)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except ClientError as exc:
+        if exc.status == 0:
+            # The client names the URL; only here is it known where the URL came from.
+            raise ClientError(0, f"{exc.message}; is the server running, and is --url "
+                                 "(or METIS_URL) right?") from None
+        raise
     return code
 
 

@@ -1,6 +1,6 @@
 """The ``metis-stream`` CLI as a subprocess (``python -m metis_stream.cli``) against a real
 server: tail (live, fatal, cancelled, across a restart on Redis, Ctrl-C), jobs, token, emit,
-and where the URL and key come from."""
+and where the URL and key come from (and a URL where nothing listens)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from tests.support.server import ServerProcess, free_port
 CLI = [sys.executable, "-m", "metis_stream.cli"]
 WORDS = [f"t{n}" for n in range(10)]
 TEXT = " ".join(WORDS)
+UNKNOWN_JOB = "j_01M87P14J6V8D2MYD25J6MJ0B2"
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -229,6 +230,19 @@ def test_tail_across_a_server_restart_prints_the_text_once_and_exits_0(
 
 
 # Where the URL and key come from
+
+
+@pytest.mark.parametrize("command", [["tail", UNKNOWN_JOB], ["jobs"], ["cancel", UNKNOWN_JOB],
+                                     ["submit", "tokens"]])
+def test_a_closed_port_is_an_error_within_5_seconds_naming_the_url(command: list[str]):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    done = cli(*command, "--url", url, timeout=5)
+    assert time.monotonic() - started < 5
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (f"metis-stream: cannot reach {url}: connection refused; is the "
+                           "server running, and is --url (or METIS_URL) right?\n")
+    assert done.stdout == ""
 
 
 @pytest.fixture
