@@ -30,9 +30,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from metis_stream.errors import ClientError
-from metis_stream.events import TERMINAL_TYPES
 
-ENDED_STATES = frozenset({"completed", "failed", "cancelled"})
 RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
 """Closes that mean "the server went away or is busy": reconnect and resume."""
 
@@ -48,6 +46,7 @@ class Client:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._timeout = timeout
         self._connect_timeout = connect_timeout
+        self._meta: dict[str, Any] | None = None
         self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
                                        timeout=httpx.Timeout(timeout, connect=connect_timeout))
         self._max_retry_delay = max_retry_delay
@@ -92,6 +91,13 @@ class Client:
             "GET", f"/api/jobs/{job_id}/events", params={"after": after}))["events"]
         return events
 
+    async def meta(self) -> dict[str, Any]:
+        """The server's job state machine (``GET /api/meta``), asked once: the client keeps
+        no copy of its own, so it stays right for the server it talks to."""
+        if self._meta is None:
+            self._meta = await self._request("GET", "/api/meta")
+        return self._meta
+
     async def watch(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
         """The job's events with seq > ``after`` until its terminal event.
 
@@ -99,6 +105,9 @@ class Client:
         restart, for up to ``give_up_after`` seconds. If its first connection cannot reach the
         server, it raises ClientError (status 0) at once: that is a wrong address or a server
         that is not running, and waiting would only hide it."""
+        machine = await self.meta()
+        terminal_types = frozenset(machine["terminal_types"])
+        terminal_states = frozenset(machine["terminal_states"])
         last = after
         delay = 0.25
         loop = asyncio.get_running_loop()
@@ -118,12 +127,12 @@ class Client:
                             continue
                         last = event["seq"]
                         yield event
-                        if event["type"] in TERMINAL_TYPES:
+                        if event["type"] in terminal_types:
                             return
                 # A clean close before a terminal event: the job may have ended at or
                 # before ``last`` (a watch that started after its end), or the server left.
                 job = await self.get(job_id)
-                if job["state"] in ENDED_STATES and job["last_seq"] <= last:
+                if job["state"] in terminal_states and job["last_seq"] <= last:
                     return
             except InvalidStatus as exc:
                 # The server answered: a 5xx (busy, or a proxy whose server is restarting) is

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 from collections.abc import Awaitable, Iterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 
 from metis_stream.client import Client
 from metis_stream.errors import ClientError
 from metis_stream.events import TERMINAL_TYPES
+from metis_stream.jobs import state_machine
 from metis_stream.tokens import hash_api_key
 from tests.support.redis_server import RedisServer
 from tests.support.server import ServerProcess, free_port
@@ -286,3 +290,29 @@ async def test_watch_resumes_across_a_server_restart_with_redis(redis_server: Re
         assert len(resumed) >= 2 and int(resumed[-1]) >= seen_at_restart, resumed
     finally:
         server.stop()
+
+
+async def test_watch_ends_where_the_servers_state_machine_says():
+    """The client keeps no copy of the terminal types: a server whose /api/meta names
+    another terminal type ends the watch there (here a stand-in server made with
+    websockets, which answers plain HTTP from process_request)."""
+    machine = state_machine()
+    machine["terminal_types"] = [*machine["terminal_types"], "halfway"]
+    events = [{"job": UNKNOWN_JOB, "seq": seq, "type": kind, "data": None, "time": 1.0}
+              for seq, kind in enumerate(["starting", "token", "halfway", "token"], start=1)]
+
+    def answer(connection: Any, request: Any) -> Any:
+        if request.path == "/api/meta":
+            return connection.respond(HTTPStatus.OK, json.dumps(machine))
+        return None
+
+    async def stream(connection: Any) -> None:
+        for event in events:
+            await connection.send(json.dumps(event))
+        await connection.wait_closed()
+
+    async with websockets.serve(stream, "127.0.0.1", 0, process_request=answer) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with Client(f"http://127.0.0.1:{port}") as client:
+            seen = [event["type"] async for event in client.watch(UNKNOWN_JOB)]
+    assert seen == ["starting", "token", "halfway"]
