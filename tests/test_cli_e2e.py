@@ -79,12 +79,21 @@ class Background:
         code = self.process.wait(timeout)
         self._reader.join(5)
         assert self.process.stderr is not None
-        return code, self.stdout, self.process.stderr.read().decode()
+        stderr = self.process.stderr.read().decode()
+        self._close_pipes()
+        return code, self.stdout, stderr
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._reader.join(5)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def submit(server: ServerProcess, template: str = "tokens", key: str | None = None,

@@ -619,21 +619,22 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[bytes, b
 
 def test_pipe_streams_lines_live_over_one_request(stub: Stub, env: dict[str, str]) -> None:
     lines = ["Hello", " world", "", '  "quoted" \\ and\ttab', "é€ 中文 🎉", "last, no newline"]
-    proc = subprocess.Popen(["dash", str(SCRIPT), "pipe", "token"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write((lines[0] + "\n").encode())
-        proc.stdin.flush()
-        # The server has the first line while stdin is still open.
-        assert stub.wait_for(lambda: len(stub.events) == 1), "first line not seen live"
-        proc.stdin.write((lines[1] + "\n").encode())
-        proc.stdin.flush()
-        assert stub.wait_for(lambda: len(stub.events) == 2), "second line not seen live"
-        proc.stdin.write("".join(x + "\n" for x in lines[2:-1]).encode() + lines[-1].encode())
-        out, err = finish(proc)
-    finally:
-        proc.kill()
+    with subprocess.Popen(["dash", str(SCRIPT), "pipe", "token"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write((lines[0] + "\n").encode())
+            proc.stdin.flush()
+            # The server has the first line while stdin is still open.
+            assert stub.wait_for(lambda: len(stub.events) == 1), "first line not seen live"
+            proc.stdin.write((lines[1] + "\n").encode())
+            proc.stdin.flush()
+            assert stub.wait_for(lambda: len(stub.events) == 2), "second line not seen live"
+            proc.stdin.write("".join(x + "\n" for x in lines[2:-1]).encode()
+                             + lines[-1].encode())
+            out, err = finish(proc)
+        finally:
+            proc.kill()
     assert proc.returncode == 0, err
     assert out == b""
     posts = stub.posts()
@@ -675,17 +676,17 @@ def test_pipe_of_nothing_and_of_many_lines(stub: Stub, env: dict[str, str]) -> N
 def test_pipe_recovers_from_a_dropped_stream(stub: Stub, env: dict[str, str]) -> None:
     stub.drop_stream_after = 2
     lines = [f"word {i}" for i in range(6)]
-    proc = subprocess.Popen(["dash", str(SCRIPT), "pipe", "token"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert proc.stdin is not None
-    try:
-        for line in lines:
-            proc.stdin.write((line + "\n").encode())
-            proc.stdin.flush()
-            time.sleep(0.2)
-        _, err = finish(proc)
-    finally:
-        proc.kill()
+    with subprocess.Popen(["dash", str(SCRIPT), "pipe", "token"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        assert proc.stdin is not None
+        try:
+            for line in lines:
+                proc.stdin.write((line + "\n").encode())
+                proc.stdin.flush()
+                time.sleep(0.2)
+            _, err = finish(proc)
+        finally:
+            proc.kill()
     assert proc.returncode == 0, err
     # Every line exactly once, in order, although some were sent twice.
     assert [e["data"] for e in stub.events] == lines
