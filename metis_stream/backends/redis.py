@@ -44,13 +44,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from metis_stream.backends.base import (
-    DEFAULT_MAX_EVENTS_PER_JOB,
-    READ_PAGE,
-    AppendResult,
-    Hub,
-    Subscription,
-)
+from metis_stream.backends.contract import DEFAULT_MAX_EVENTS_PER_JOB, READ_PAGE, AppendResult
+from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.errors import (
     BackendUnavailable,
     EventLimitReached,
