@@ -34,7 +34,6 @@ from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, cast
 
-import orjson
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -46,6 +45,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from metis_stream.backends.contract import DEFAULT_MAX_EVENTS_PER_JOB, READ_PAGE, AppendResult
 from metis_stream.backends.hub import Hub, Subscription
+from metis_stream.backends.redis.codec import (
+    job_from_hash,
+    job_patch,
+    job_to_hash,
+    to_json,
+    wire_head,
+    wire_tail,
+)
 from metis_stream.backends.redis.scripts import (
     APPEND_LUA,
     CREATE_LUA,
@@ -62,15 +69,12 @@ from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import (
     Job,
     JobState,
-    fields_set_by,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION = 7 * 24 * 3600.0
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-_TEXT_FIELDS = frozenset({"id", "template", "cluster", "state"})
-"""Job fields stored as plain text; every other field is stored as JSON."""
 _SEEN_CAP = 100_000
 _RECONNECT_BASE = 0.05
 _RECONNECT_CAP = 2.0
@@ -83,43 +87,6 @@ def _unavailable_on_errors() -> Iterator[None]:
         yield
     except _CONNECTION_ERRORS as exc:
         raise BackendUnavailable(f"Redis is unreachable: {exc}") from exc
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-def _job_to_hash(job: Job) -> dict[str, str]:
-    return {name: value if name in _TEXT_FIELDS else _json(value)
-            for name, value in job.as_dict().items()}
-
-
-def _job_from_hash(raw: dict[bytes, bytes]) -> Job:
-    names = {field.name for field in dataclasses.fields(Job)}
-    record: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = key.decode()
-        if name in _TEXT_FIELDS:
-            record[name] = value.decode()
-        elif name in names:
-            record[name] = orjson.loads(value)
-    return Job.from_dict(record)
-
-
-def _wire_head(job_id: str) -> str:
-    """The wire JSON up to the seq, which only the Lua script knows: ``{"job":"..","seq":``."""
-    return _json({"job": job_id})[:-1] + ',"seq":'
-
-
-def _wire_tail(new: NewEvent, now: float) -> str:
-    """The wire JSON after the seq; head + seq + tail is exactly what ``encode_event`` gives."""
-    return "," + _json({"type": new.type, "data": new.data, "time": now})[1:]
-
-
-def _patch(new: NewEvent) -> list[str]:
-    """The job fields this event sets (jobs.py says which), as HSET pairs."""
-    return [item for name, value in fields_set_by(new.type, new.data).items()
-            for item in (name, _json(value))]
 
 
 def _backoff(attempt: int) -> float:
@@ -426,7 +393,7 @@ class RedisBackend:
 
     async def create_job(self, job: Job) -> None:
         epoch = secrets.token_hex(8)
-        record = _job_to_hash(job) | {"epoch": epoch}
+        record = job_to_hash(job) | {"epoch": epoch}
         keys = [*self._job_keys(job.id), self._key("jobs", "order"),
                 self._cluster_index(job.cluster), *map(self._state_index, STATES)]
         args: list[str | int] = [job.id, STATES.index(job.state) + 1,
@@ -441,7 +408,7 @@ class RedisBackend:
         if not raw:
             raise JobNotFound(job_id)
         self._remember(job_id, raw[b"epoch"])
-        return _job_from_hash(raw)
+        return job_from_hash(raw)
 
     async def list_jobs(self, *, states: Collection[JobState] | None = None,
                         cluster: str | None = None, limit: int = 100) -> list[Job]:
@@ -489,21 +456,21 @@ class RedisBackend:
                 for source in sources:
                     pipe.zrem(source, *gone)
                 await pipe.execute()
-        return [_job_from_hash(raw) for raw in records if raw]
+        return [job_from_hash(raw) for raw in records if raw]
 
     # Event log
 
     async def append(self, job_id: str, events: Sequence[NewEvent], *,
                      from_job: bool = False) -> AppendResult:
         now = time.time()
-        head = _wire_head(job_id)
-        tails = [_wire_tail(new, now) for new in events]
+        head = wire_head(job_id)
+        tails = [wire_tail(new, now) for new in events]
         args: list[str | int] = [
-            job_id, self._listener.channel(job_id).decode(), _json(now), int(from_job),
+            job_id, self._listener.channel(job_id).decode(), to_json(now), int(from_job),
             self._max_events, self._max_events + 1, self._retention_ms, head, len(events),
         ]
         for new, tail in zip(events, tails, strict=True):
-            patch = _patch(new)
+            patch = job_patch(new)
             args += [new.type, new.id or "", tail, len(patch) // 2, *patch]
         keys = [*self._job_keys(job_id), *map(self._state_index, STATES)]
         try:
