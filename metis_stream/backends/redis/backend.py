@@ -30,16 +30,13 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -52,6 +49,12 @@ from metis_stream.backends.redis.codec import (
     to_json,
     wire_head,
     wire_tail,
+)
+from metis_stream.backends.redis.connection import (
+    CONNECTION_ERRORS,
+    command_client,
+    pubsub_factory,
+    unavailable_on_errors,
 )
 from metis_stream.backends.redis.scripts import (
     APPEND_LUA,
@@ -74,19 +77,9 @@ from metis_stream.jobs import (
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION = 7 * 24 * 3600.0
-_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _SEEN_CAP = 100_000
 _RECONNECT_BASE = 0.05
 _RECONNECT_CAP = 2.0
-
-
-@contextmanager
-def _unavailable_on_errors() -> Iterator[None]:
-    """Turn a lost or refused connection into BackendUnavailable: the caller may retry."""
-    try:
-        yield
-    except _CONNECTION_ERRORS as exc:
-        raise BackendUnavailable(f"Redis is unreachable: {exc}") from exc
 
 
 def _backoff(attempt: int) -> float:
@@ -127,7 +120,7 @@ class _Listener:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             await self._connect()
         self._task = asyncio.create_task(self._run(), name="metis-stream redis pub/sub")
 
@@ -154,7 +147,7 @@ class _Listener:
             await conn.send_command("SUBSCRIBE", channel, check_health=False)
             async with asyncio.timeout(self._timeout):
                 await confirmed
-        except (*_CONNECTION_ERRORS, TimeoutError) as exc:
+        except (*CONNECTION_ERRORS, TimeoutError) as exc:
             raise BackendUnavailable(f"Redis did not confirm SUBSCRIBE: {exc!r}") from exc
 
     async def _unsubscribe(self, job_id: str) -> None:
@@ -163,7 +156,7 @@ class _Listener:
             return  # the next connection subscribes only the jobs the hub still has
         try:
             await conn.send_command("UNSUBSCRIBE", self.channel(job_id), check_health=False)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             return  # the reader notices the broken connection and reconnects
 
     def _expect(self, channel: bytes) -> asyncio.Future[None]:
@@ -186,7 +179,7 @@ class _Listener:
                 # fresh connection and a backfill from the log lose nothing; a dead reader would
                 # leave every watcher of this process waiting forever.
                 log.warning("Redis pub/sub reader failed (%r); reconnecting", exc,
-                            exc_info=not isinstance(exc, _CONNECTION_ERRORS))
+                            exc_info=not isinstance(exc, CONNECTION_ERRORS))
                 await self._drop()
                 await asyncio.sleep(_backoff(attempt))
                 attempt += 1
@@ -340,32 +333,22 @@ class RedisBackend:
         name = f"metis-stream:{secrets.token_hex(4)}"
         self.client_name = name
         """CLIENT SETNAME of this instance's connections (its pub/sub one gets ``:pubsub``)."""
-        options: dict[str, Any] = {
-            "socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
-            "socket_keepalive": True, "protocol": 2,
-            # No automatic retry: a retried EVALSHA whose reply was lost would append twice.
-            # The caller gets BackendUnavailable and retries with idempotency ids instead.
-            "retry": Retry(NoBackoff(), 0),
-        }
-        pool = BlockingConnectionPool.from_url(url, max_connections=max_connections,
-                                               timeout=socket_timeout, client_name=name,
-                                               **options)
-        self._client = Redis.from_pool(pool)
+        self._client = command_client(url, name=name, socket_timeout=socket_timeout,
+                                      max_connections=max_connections)
         self._append_script = self._client.register_script(APPEND_LUA)
         self._appends = _Coalescer(self._client, self._append_script)
         self._create_script = self._client.register_script(CREATE_LUA)
         self._lease_script = self._client.register_script(LEASE_LUA)
-        # Used only to make the one pub/sub connection with the same settings.
-        pubsub_factory = ConnectionPool.from_url(url, client_name=f"{name}:pubsub", **options)
-        self._listener = _Listener(pubsub_factory, f"{key_prefix}ch:",
-                                   interval=health_check_interval, timeout=socket_timeout,
-                                   store_was_wiped=self._store_was_wiped, on_event=self._saw)
+        pubsub = pubsub_factory(url, name=name, socket_timeout=socket_timeout)
+        self._listener = _Listener(pubsub, f"{key_prefix}ch:", interval=health_check_interval,
+                                   timeout=socket_timeout, store_was_wiped=self._store_was_wiped,
+                                   on_event=self._saw)
         self.hub = self._listener.hub
         self._seen: dict[str, _Seen] = {}
         self._store_token: bytes | None = None
 
     async def start(self) -> None:
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             for script in (self._append_script, self._create_script, self._lease_script):
                 await self._client.script_load(script.script)
             await self._store_was_wiped()
@@ -398,12 +381,12 @@ class RedisBackend:
                 self._cluster_index(job.cluster), *map(self._state_index, STATES)]
         args: list[str | int] = [job.id, STATES.index(job.state) + 1,
                 *(item for pair in record.items() for item in pair)]
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             await self._create_script(keys=keys, args=args)
         self._remember(job.id, epoch.encode())
 
     async def get_job(self, job_id: str) -> Job:
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             raw = cast(dict[bytes, bytes], await self._client.hgetall(self._key("job", job_id)))
         if not raw:
             raise JobNotFound(job_id)
@@ -421,7 +404,7 @@ class RedisBackend:
         page = min(max(limit, 50), 1000)
         jobs: list[Job] = []
         below = "+inf"
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             while len(jobs) < limit:
                 ids = await self._newest(sources, below, page)
                 for job in await self._load(sources, [job_id for job_id, _ in ids]):
@@ -474,7 +457,7 @@ class RedisBackend:
             args += [new.type, new.id or "", tail, len(patch) // 2, *patch]
         keys = [*self._job_keys(job_id), *map(self._state_index, STATES)]
         try:
-            with _unavailable_on_errors():
+            with unavailable_on_errors():
                 seqs, fresh = await self._appends.call(keys, args)
         except ResponseError as exc:
             make_error = SCRIPT_ERRORS.get(str(exc).split(" ", 1)[0])
@@ -495,7 +478,7 @@ class RedisBackend:
         # may be handled before its answer is, and must not make the log look short.
         seen = self._seen.get(job_id)
         seen_before = seen.seq if seen is not None else 0
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hmget(self._key("job", job_id), ["epoch", "last_seq"])
                 pipe.xrange(self._key("log", job_id), start, "+", count=limit)
@@ -553,7 +536,7 @@ class RedisBackend:
         return self.hub.subscribe(job_id)
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             held = await self._lease_script(keys=[self._key("lease", name)],
                                             args=[owner, max(1, int(ttl * 1000))])
         return bool(held)
