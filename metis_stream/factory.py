@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metis_stream.backends.base import Backend
+from metis_stream.backends.contract import Backend
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.backends.redis import RedisBackend
 from metis_stream.config import EMIT_SCRIPT, ClusterConfig, Config

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from metis_stream.backends.base import Backend
+from metis_stream.backends.contract import Backend
 from metis_stream.errors import MetisError
 from metis_stream.events import NewEvent
 from metis_stream.jobs import ACTIVE_STATES, Job, JobState

@@ -17,7 +17,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from metis_stream import tokens
-from metis_stream.backends.base import AppendResult, Backend, follow
+from metis_stream.backends.contract import AppendResult, Backend
+from metis_stream.backends.follow import follow
 from metis_stream.config import Config
 from metis_stream.errors import (
     BackendUnavailable,

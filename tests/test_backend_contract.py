@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metis_stream.backends.base import DEFAULT_SUBSCRIPTION_BUFFER, Backend, follow
+from metis_stream.backends.contract import Backend
+from metis_stream.backends.follow import follow
+from metis_stream.backends.hub import DEFAULT_SUBSCRIPTION_BUFFER
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.backends.redis import RedisBackend
 from metis_stream.errors import EventLimitReached, JobEnded, JobNotFound, JobNotSubmitted

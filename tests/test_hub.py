@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from metis_stream.backends.base import Hub, Subscription, follow
+from metis_stream.backends.follow import follow
+from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.errors import LogLost
 from metis_stream.events import Event, NewEvent

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from metis_stream.backends.base import follow
+from metis_stream.backends.follow import follow
 from metis_stream.backends.redis import RedisBackend
 from metis_stream.errors import BackendUnavailable, JobNotFound, LogLost
 from metis_stream.events import Event, NewEvent

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.typing import Origin
 
 from metis_stream import tokens
-from metis_stream.backends.base import AppendResult
+from metis_stream.backends.contract import AppendResult
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.config import load_config
 from metis_stream.errors import BackendUnavailable

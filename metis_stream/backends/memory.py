@@ -12,13 +12,8 @@ from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 
-from metis_stream.backends.base import (
-    DEFAULT_MAX_EVENTS_PER_JOB,
-    READ_PAGE,
-    AppendResult,
-    Hub,
-    Subscription,
-)
+from metis_stream.backends.contract import DEFAULT_MAX_EVENTS_PER_JOB, READ_PAGE, AppendResult
+from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.errors import EventLimitReached, JobEnded, JobNotFound, JobNotSubmitted
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState, apply_event

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from metis_stream.backends.base import Backend
+from metis_stream.backends.contract import Backend
 from metis_stream.config import Config, load_config
 from metis_stream.errors import MetisError
 from metis_stream.factory import build_backend, build_schedulers

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from metis_stream import tokens
-from metis_stream.backends.base import READ_PAGE
+from metis_stream.backends.contract import READ_PAGE
 from metis_stream.config import JOBSCRIPTS_DIR, load_config
 
 EXAMPLE_TEMPLATES = f"""

@@ -1,0 +1,77 @@
+"""The contract of a backend: the job database, each job's event log, and live delivery.
+
+A backend stores job records and each job's event log, and delivers appended
+events to the watchers of this process through its :class:`~metis_stream.backends.hub.Hub`.
+``memory`` and ``redis`` implement it; :func:`~metis_stream.backends.follow.follow`
+reads any of them. Pure: a Protocol, its result record and the limits shared by all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from metis_stream.backends.hub import Hub, Subscription
+from metis_stream.events import Event, NewEvent
+from metis_stream.jobs import Job, JobState
+
+DEFAULT_MAX_EVENTS_PER_JOB = 10_000
+READ_PAGE = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    events: list[Event]
+    """The events newly appended, in order."""
+    seqs: list[int]
+    """For each event asked for, its seq: the original one for a repeated idempotency id."""
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.seqs) - len(self.events)
+
+
+class Backend(Protocol):
+    hub: Hub
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create_job(self, job: Job) -> None: ...
+
+    async def get_job(self, job_id: str) -> Job:
+        """The job's record; raises JobNotFound."""
+        ...
+
+    async def list_jobs(self, *, states: Collection[JobState] | None = None,
+                        cluster: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first."""
+        ...
+
+    async def append(self, job_id: str, events: Sequence[NewEvent], *,
+                     from_job: bool = False) -> AppendResult:
+        """Append all events atomically, or none: the next seqs, idempotency ids, the job's
+        state, and delivery to every watcher on every process.
+
+        Raises JobNotFound, JobEnded (the job already has a terminal event, or one in
+        ``events`` is followed by more), EventLimitReached, and, when ``from_job`` is true
+        and the server has not yet recorded the submission, JobNotSubmitted.
+        """
+        ...
+
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
+        """Events with seq > ``after``, oldest first, at most ``limit``."""
+        ...
+
+    def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
+        """Live events of a job, from the moment this returns."""
+        ...
+
+    async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew a lease that expires after ``ttl`` seconds unless renewed; False
+        while another owner holds it. Several server processes use it so that only one
+        polls each cluster."""
+        ...

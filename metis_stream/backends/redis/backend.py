@@ -1,0 +1,297 @@
+"""The production backend: Redis holds the job database and the event logs, and carries
+live events between server processes.
+
+Per job (``P`` is the key prefix, ``metis:`` by default):
+
+- ``P job:<id>``: HASH, the :class:`~metis_stream.jobs.Job` fields (text for id,
+  template, cluster and state; JSON for the rest), plus ``epoch`` (a random token
+  written at creation) and ``order`` (the job's rank in creation order).
+- ``P log:<id>``: STREAM, one entry per event with id ``0-<seq>`` and one field
+  ``e``: the event's exact wire JSON. Capped at ``max_events_per_job + 1`` (the one
+  terminal event still taken at the limit), so the cap never trims an accepted event.
+- ``P ids:<id>``: HASH, idempotency id -> seq.
+- ``P ch:<id>``: the pub/sub channel that carries each new event's wire JSON.
+
+Indexes: ``P jobs:state:<state>`` and ``P jobs:cluster:<cluster>``, sorted sets of
+job ids scored by ``order``. Ids of expired jobs are dropped when a listing meets them.
+
+One Lua script appends a whole batch (checks, seqs, log, job hash, index, expiry,
+PUBLISH) in one round trip: Redis runs it atomically, so every process sees the
+same seqs, and an event is published only if it is in the log. docs/redis.md has
+the operator's view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import cast
+
+from redis.exceptions import ResponseError
+
+from metis_stream.backends.contract import DEFAULT_MAX_EVENTS_PER_JOB, READ_PAGE, AppendResult
+from metis_stream.backends.hub import Subscription
+from metis_stream.backends.redis.coalescer import Coalescer
+from metis_stream.backends.redis.codec import (
+    job_from_hash,
+    job_patch,
+    job_to_hash,
+    to_json,
+    wire_head,
+    wire_tail,
+)
+from metis_stream.backends.redis.connection import (
+    command_client,
+    pubsub_factory,
+    unavailable_on_errors,
+)
+from metis_stream.backends.redis.listener import Listener
+from metis_stream.backends.redis.scripts import (
+    APPEND_LUA,
+    CREATE_LUA,
+    LEASE_LUA,
+    SCRIPT_ERRORS,
+    STATES,
+)
+from metis_stream.errors import JobNotFound, LogLost
+from metis_stream.events import Event, NewEvent, decode_event
+from metis_stream.jobs import Job, JobState
+
+DEFAULT_RETENTION = 7 * 24 * 3600.0
+_SEEN_CAP = 100_000
+
+
+@dataclasses.dataclass(slots=True)
+class _Seen:
+    """What this process has seen of a job's log: to tell a wiped log from an empty one."""
+
+    epoch: bytes
+    seq: int = 0
+
+
+class RedisBackend:
+    """Job database, event logs and cross-process delivery in Redis (see docs/redis.md).
+
+    Call :meth:`start` before use and :meth:`close` at shutdown.
+    """
+
+    def __init__(self, url: str, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB,
+                 retention: float = DEFAULT_RETENTION, key_prefix: str = "metis:",
+                 socket_timeout: float = 5.0, health_check_interval: float = 5.0,
+                 max_connections: int = 32) -> None:
+        self._max_events = max_events_per_job
+        self._retention_ms = max(1, int(retention * 1000))
+        self._prefix = key_prefix
+        name = f"metis-stream:{secrets.token_hex(4)}"
+        self.client_name = name
+        """CLIENT SETNAME of this instance's connections (its pub/sub one gets ``:pubsub``)."""
+        self._client = command_client(url, name=name, socket_timeout=socket_timeout,
+                                      max_connections=max_connections)
+        self._append_script = self._client.register_script(APPEND_LUA)
+        self._appends = Coalescer(self._client, self._append_script)
+        self._create_script = self._client.register_script(CREATE_LUA)
+        self._lease_script = self._client.register_script(LEASE_LUA)
+        pubsub = pubsub_factory(url, name=name, socket_timeout=socket_timeout)
+        self._listener = Listener(pubsub, f"{key_prefix}ch:", interval=health_check_interval,
+                                  timeout=socket_timeout, store_was_wiped=self._store_was_wiped,
+                                  on_event=self._saw)
+        self.hub = self._listener.hub
+        self._seen: dict[str, _Seen] = {}
+        self._store_token: bytes | None = None
+
+    async def start(self) -> None:
+        with unavailable_on_errors():
+            for script in (self._append_script, self._create_script, self._lease_script):
+                await self._client.script_load(script.script)
+            await self._store_was_wiped()
+        await self._listener.start()
+
+    async def close(self) -> None:
+        await self._listener.close()
+        await self._client.aclose()
+
+    # Keys
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}{kind}:{name}"
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        return [self._key("job", job_id), self._key("log", job_id), self._key("ids", job_id)]
+
+    def _state_index(self, state: JobState) -> str:
+        return self._key("jobs:state", state.value)
+
+    def _cluster_index(self, cluster: str) -> str:
+        return self._key("jobs:cluster", cluster)
+
+    # Job database
+
+    async def create_job(self, job: Job) -> None:
+        epoch = secrets.token_hex(8)
+        record = job_to_hash(job) | {"epoch": epoch}
+        keys = [*self._job_keys(job.id), self._key("jobs", "order"),
+                self._cluster_index(job.cluster), *map(self._state_index, STATES)]
+        args: list[str | int] = [job.id, STATES.index(job.state) + 1,
+                *(item for pair in record.items() for item in pair)]
+        with unavailable_on_errors():
+            await self._create_script(keys=keys, args=args)
+        self._remember(job.id, epoch.encode())
+
+    async def get_job(self, job_id: str) -> Job:
+        with unavailable_on_errors():
+            raw = cast(dict[bytes, bytes], await self._client.hgetall(self._key("job", job_id)))
+        if not raw:
+            raise JobNotFound(job_id)
+        self._remember(job_id, raw[b"epoch"])
+        return job_from_hash(raw)
+
+    async def list_jobs(self, *, states: Collection[JobState] | None = None,
+                        cluster: str | None = None, limit: int = 100) -> list[Job]:
+        if states is not None:
+            sources = [self._state_index(JobState(state)) for state in set(states)]
+        elif cluster is not None:
+            sources = [self._cluster_index(cluster)]
+        else:
+            sources = [self._state_index(state) for state in STATES]
+        page = min(max(limit, 50), 1000)
+        jobs: list[Job] = []
+        below = "+inf"
+        with unavailable_on_errors():
+            while len(jobs) < limit:
+                ids = await self._newest(sources, below, page)
+                for job in await self._load(sources, [job_id for job_id, _ in ids]):
+                    if (states is None or job.state in states) and cluster in (None, job.cluster):
+                        jobs.append(job)
+                if len(ids) < page:
+                    break
+                below = f"({ids[-1][1]!r}"
+        return jobs[:limit]
+
+    async def _newest(self, sources: list[str], below: str, page: int
+                      ) -> list[tuple[str, float]]:
+        """The ``page`` newest ids under score ``below`` across all ``sources``, newest first:
+        each source's ``page`` newest are enough to find the overall ``page`` newest."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.zrevrangebyscore(source, below, "-inf", start=0, num=page, withscores=True)
+            replies: list[list[tuple[bytes, float]]] = await pipe.execute()
+        merged = sorted((entry for reply in replies for entry in reply),
+                        key=lambda entry: entry[1], reverse=True)
+        return [(job_id.decode(), score) for job_id, score in merged[:page]]
+
+    async def _load(self, sources: list[str], job_ids: list[str]) -> list[Job]:
+        """The records of ``job_ids`` in order; ids whose record expired leave the indexes."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self._key("job", job_id))
+            records: list[dict[bytes, bytes]] = await pipe.execute()
+        gone = [job_id for job_id, raw in zip(job_ids, records, strict=True) if not raw]
+        if gone:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for source in sources:
+                    pipe.zrem(source, *gone)
+                await pipe.execute()
+        return [job_from_hash(raw) for raw in records if raw]
+
+    # Event log
+
+    async def append(self, job_id: str, events: Sequence[NewEvent], *,
+                     from_job: bool = False) -> AppendResult:
+        now = time.time()
+        head = wire_head(job_id)
+        tails = [wire_tail(new, now) for new in events]
+        args: list[str | int] = [
+            job_id, self._listener.channel(job_id).decode(), to_json(now), int(from_job),
+            self._max_events, self._max_events + 1, self._retention_ms, head, len(events),
+        ]
+        for new, tail in zip(events, tails, strict=True):
+            patch = job_patch(new)
+            args += [new.type, new.id or "", tail, len(patch) // 2, *patch]
+        keys = [*self._job_keys(job_id), *map(self._state_index, STATES)]
+        try:
+            with unavailable_on_errors():
+                seqs, fresh = await self._appends.call(keys, args)
+        except ResponseError as exc:
+            make_error = SCRIPT_ERRORS.get(str(exc).split(" ", 1)[0])
+            if make_error is None:
+                raise
+            raise make_error(job_id, self._max_events) from None
+        appended = [Event(job=job_id, seq=seqs[i - 1], type=events[i - 1].type,
+                          data=events[i - 1].data, time=now,
+                          wire=head + str(seqs[i - 1]) + tails[i - 1])
+                    for i in fresh]
+        for event in appended:
+            self._saw(event)
+        return AppendResult(events=appended, seqs=[int(seq) for seq in seqs])
+
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
+        start = f"(0-{after}" if after > 0 else "-"
+        # What this process had seen before asking: an event published after the read ran
+        # may be handled before its answer is, and must not make the log look short.
+        seen = self._seen.get(job_id)
+        seen_before = seen.seq if seen is not None else 0
+        with unavailable_on_errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hmget(self._key("job", job_id), ["epoch", "last_seq"])
+                pipe.xrange(self._key("log", job_id), start, "+", count=limit)
+                (epoch, last_seq), entries = await pipe.execute()
+        self._check_log(job_id, epoch, last_seq, after, seen_before)
+        events = [decode_event(fields[b"e"]) for _, fields in entries]
+        for event in events:
+            self._saw(event)
+        return events
+
+    def _check_log(self, job_id: str, epoch: bytes | None, last_seq: bytes | None,
+                   after: int, seen_before: int) -> None:
+        """Refuse to answer "nothing new" for a log that Redis lost: a watcher would
+        wait forever, or silently skip the events that later take the lost seqs."""
+        seen = self._seen.get(job_id)
+        if epoch is None or last_seq is None:
+            if seen is not None:
+                raise LogLost(f"job {job_id} and its events are gone from Redis "
+                              "(flushed, expired, or replaced by an empty server)")
+            raise JobNotFound(job_id)
+        if seen is None:
+            self._remember(job_id, epoch)
+        elif seen.epoch != epoch:
+            raise LogLost(f"job {job_id} was created again in Redis: its old events are gone")
+        elif seen_before >= after > int(last_seq):
+            raise LogLost(f"Redis has {int(last_seq)} events of job {job_id}, but event {after} "
+                          "was delivered before: Redis lost acknowledged events "
+                          "(restored from an older copy?)")
+
+    def _remember(self, job_id: str, epoch: bytes) -> None:
+        seen = self._seen.get(job_id)
+        if seen is None or seen.epoch != epoch:
+            if len(self._seen) >= _SEEN_CAP:
+                del self._seen[next(iter(self._seen))]  # the oldest; a dict keeps insertion order
+            self._seen[job_id] = _Seen(epoch)
+
+    def _saw(self, event: Event) -> None:
+        seen = self._seen.get(event.job)
+        if seen is not None and event.seq > seen.seq:
+            seen.seq = event.seq
+
+    async def _store_was_wiped(self) -> bool:
+        """True when the store's marker changed since the last look: whichever process looks
+        first after a wipe writes a new random marker, and every other process sees it differ."""
+        marker = self._key("store", "marker")
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(marker, secrets.token_hex(8), nx=True)
+            pipe.get(marker)
+            _, token = await pipe.execute()
+        wiped = self._store_token is not None and token != self._store_token
+        self._store_token = token
+        return wiped
+
+    def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
+        return self.hub.subscribe(job_id)
+
+    async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
+        with unavailable_on_errors():
+            held = await self._lease_script(keys=[self._key("lease", name)],
+                                            args=[owner, max(1, int(ttl * 1000))])
+        return bool(held)

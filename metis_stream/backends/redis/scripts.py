@@ -1,0 +1,157 @@
+"""The Lua scripts of the Redis backend, and the error replies they give.
+
+Pure: text built at import. The state machine's tables at the top of the append
+script are generated from jobs.py and events.py, so the script and the memory
+backend cannot disagree about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+
+from metis_stream.errors import (
+    EventLimitReached,
+    JobEnded,
+    JobNotFound,
+    JobNotSubmitted,
+    MetisError,
+)
+from metis_stream.events import TERMINAL_TYPES
+from metis_stream.jobs import STATE_AFTER_EVENT, STATE_OTHERWISE, TERMINAL_STATES, JobState
+
+_NOT_SUBMITTED = (JobState.CREATED, JobState.SUBMITTING)
+STATES = tuple(JobState)
+"""The order of the state index keys that the append and create scripts are given."""
+
+
+def _lua_constants() -> str:
+    """Lua tables generated from jobs.py and events.py: the state machine has one source."""
+    tables = {
+        "STATE_AFTER": {name: state.value for name, state in STATE_AFTER_EVENT.items()},
+        "RANK": {state.value: state.rank for state in JobState},
+        "TERMINAL_STATES": {state.value: True for state in TERMINAL_STATES},
+        "TERMINAL_TYPES": dict.fromkeys(TERMINAL_TYPES, True),
+        "NOT_SUBMITTED": {state.value: True for state in _NOT_SUBMITTED},
+        "STATES": [state.value for state in STATES],
+    }
+    lines = [f"local {name} = cjson.decode([==[{orjson.dumps(value).decode()}]==])"
+             for name, value in tables.items()]
+    lines.append(f"local OTHERWISE = '{STATE_OTHERWISE.value}'")
+    return "\n".join(lines) + "\n"
+
+
+APPEND_LUA = _lua_constants() + """
+-- KEYS: job hash, log stream, ids hash, then one state index per entry of STATES.
+-- ARGV: job id, channel, now (JSON), from_job (1/0), max events, stream cap, retention (ms),
+--       wire head, event count, then per event: type, idempotency id or '', wire tail,
+--       patch pair count, field, value, ...
+local job_key, log_key, ids_key = KEYS[1], KEYS[2], KEYS[3]
+local job_id, channel, now = ARGV[1], ARGV[2], ARGV[3]
+local max_events, cap, retention = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+
+local state = redis.call('HGET', job_key, 'state')
+if not state then return redis.error_reply('METIS_NOT_FOUND') end
+if ARGV[4] == '1' and NOT_SUBMITTED[state] then return redis.error_reply('METIS_NOT_SUBMITTED') end
+
+local events, cursor = {}, 10
+for i = 1, tonumber(ARGV[9]) do
+  local pairs_count = tonumber(ARGV[cursor + 3])
+  local patch = {}
+  for j = 1, 2 * pairs_count do patch[j] = ARGV[cursor + 3 + j] end
+  events[i] = {type = ARGV[cursor], id = ARGV[cursor + 1], tail = ARGV[cursor + 2], patch = patch}
+  cursor = cursor + 4 + 2 * pairs_count
+end
+
+-- Plan the whole batch before changing anything: all or nothing.
+local count = redis.call('XLEN', log_key)
+local last_seq = tonumber(redis.call('HGET', job_key, 'last_seq'))
+local ended = TERMINAL_STATES[state] or false
+local seqs, fresh, new_ids = {}, {}, {}
+for i, event in ipairs(events) do
+  local known = false
+  if event.id ~= '' then known = new_ids[event.id] or redis.call('HGET', ids_key, event.id) end
+  if known then
+    seqs[i] = tonumber(known)
+  else
+    if ended then return redis.error_reply('METIS_ENDED') end
+    if not TERMINAL_TYPES[event.type] and count + #fresh >= max_events then
+      return redis.error_reply('METIS_LIMIT')
+    end
+    local seq = last_seq + #fresh + 1
+    if event.id ~= '' then new_ids[event.id] = seq end
+    seqs[i] = seq
+    fresh[#fresh + 1] = i
+    ended = TERMINAL_TYPES[event.type] or false
+  end
+end
+if #fresh == 0 then return {seqs, fresh} end
+
+local function state_after(current, event_type)
+  if TERMINAL_STATES[current] then return current end
+  local target = STATE_AFTER[event_type] or OTHERWISE
+  if RANK[target] > RANK[current] then return target end
+  return current
+end
+
+local old_state, wires = state, {}
+for _, i in ipairs(fresh) do
+  local event, seq = events[i], string.format('%d', seqs[i])
+  local wire = ARGV[8] .. seq .. event.tail
+  redis.call('XADD', log_key, 'MAXLEN', '~', cap, '0-' .. seq, 'e', wire)
+  if #event.patch > 0 then redis.call('HSET', job_key, unpack(event.patch)) end
+  state = state_after(state, event.type)
+  wires[#wires + 1] = wire
+end
+redis.call('HSET', job_key, 'state', state, 'updated', now,
+           'last_seq', string.format('%d', seqs[fresh[#fresh]]))
+for key, seq in pairs(new_ids) do redis.call('HSET', ids_key, key, string.format('%d', seq)) end
+if state ~= old_state then
+  local order = redis.call('HGET', job_key, 'order')
+  for i, name in ipairs(STATES) do
+    if name == old_state then redis.call('ZREM', KEYS[3 + i], job_id) end
+    if name == state then redis.call('ZADD', KEYS[3 + i], order, job_id) end
+  end
+end
+if TERMINAL_STATES[state] then
+  if redis.call('HGET', job_key, 'ended') == 'null' then
+    redis.call('HSET', job_key, 'ended', now)
+  end
+  for _, key in ipairs({job_key, log_key, ids_key}) do redis.call('PEXPIRE', key, retention) end
+end
+-- One message for the whole batch: each event's JSON on its own line.
+redis.call('PUBLISH', channel, table.concat(wires, '\\n'))
+return {seqs, fresh}
+"""
+
+CREATE_LUA = """
+-- KEYS: job hash, log stream, ids hash, order counter, cluster index, then every state index.
+-- ARGV: job id, state index position (1-based, among the state indexes), field, value, ...
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+local order = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'order', order, unpack(ARGV, 3))
+for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('ZADD', KEYS[5 + tonumber(ARGV[2])], order, ARGV[1])
+redis.call('ZADD', KEYS[5], order, ARGV[1])
+"""
+
+LEASE_LUA = """
+-- Take the lease if free, or renew it if this owner holds it.
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+SCRIPT_ERRORS: dict[str, Callable[[str, int], MetisError]] = {
+    "METIS_NOT_FOUND": lambda job_id, limit: JobNotFound(job_id),
+    "METIS_NOT_SUBMITTED": lambda job_id, limit: JobNotSubmitted(job_id),
+    "METIS_ENDED": lambda job_id, limit: JobEnded(job_id),
+    "METIS_LIMIT": lambda job_id, limit: EventLimitReached(
+        f"job {job_id} has reached {limit} events"),
+}
+"""What each error reply of the append script (its first word) stands for, given the job
+and the event limit."""
