@@ -311,7 +311,7 @@ async def test_websocket_submit_errors_close_with_4000_plus_status(server: Serve
     error, code = await first_frame_answer(server, json.dumps({"template": "no-such"}))
     assert (code, "no template named" in error) == (4422, True)
     error, code = await first_frame_answer(server, "not json")
-    assert (code, "must be JSON" in error) == (4400, True)
+    assert (code, "not valid JSON" in error) == (4400, True)
 
 
 # 429
