@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import socket
 import time
 import uuid
@@ -29,6 +28,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from metis_stream.backoff import Backoff
 from metis_stream.errors import ClientError
 
 RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
@@ -109,7 +109,7 @@ class Client:
         terminal_types = frozenset(machine["terminal_types"])
         terminal_states = frozenset(machine["terminal_states"])
         last = after
-        delay = 0.25
+        backoff = Backoff(base=0.25, cap=self._max_retry_delay)
         loop = asyncio.get_running_loop()
         failing_since: float | None = None
         connected = False
@@ -122,7 +122,7 @@ class Client:
                     connected = True
                     async for event in _events(connection):
                         failing_since = None
-                        delay = 0.25
+                        backoff.reset()
                         if event["seq"] <= last:
                             continue
                         last = event["seq"]
@@ -155,8 +155,7 @@ class Client:
             failing_since = failing_since or now
             if now - failing_since > self._give_up_after:
                 raise ClientError(0, f"cannot reach {self.url} to watch job {job_id}")
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self._max_retry_delay)
+            await asyncio.sleep(backoff.next_delay())
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
@@ -222,8 +221,7 @@ def post_event(events_url: str, token: str, event_type: str, data: Any = None, *
     same across attempts, so the server never appends it twice."""
     body = {"type": event_type, "data": data, "id": uuid.uuid4().hex}
     headers = {"Authorization": f"Bearer {token}"}
-    delay = 0.5
-    attempts = 0
+    backoff = Backoff(base=0.5, cap=10.0)
     while True:
         try:
             response = httpx.post(events_url, json=body, headers=headers, timeout=30)
@@ -236,8 +234,6 @@ def post_event(events_url: str, token: str, event_type: str, data: Any = None, *
             failure = ClientError(response.status_code, _error_text(response.content))
             if response.status_code < 500 and response.status_code != 429:
                 raise failure
-        attempts += 1
-        if attempts > retries:
+        if backoff.attempt >= retries:
             raise failure
-        time.sleep(delay)
-        delay = min(delay * 2, 10.0)
+        time.sleep(backoff.next_delay())

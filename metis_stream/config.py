@@ -17,6 +17,7 @@ from typing import Any
 from metis_stream import tokens
 from metis_stream.errors import ConfigError, TemplateError
 from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
+from metis_stream.files import write_private
 from metis_stream.templates import Template, param_from_config
 
 PACKAGE_DIR = Path(__file__).parent
@@ -230,15 +231,6 @@ def _kept_secret(state_dir: Path) -> str:
     process on this machine agrees on them."""
     path = state_dir / "secret"
     if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        draft = state_dir / f".secret.{os.getpid()}"
-        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(tokens.new_secret())
-        try:
-            os.link(draft, path)  # atomic, and fails if another process got there first
-        except FileExistsError:
-            pass
-        finally:
-            draft.unlink()
+        # Two processes starting at once must end up with the same secret.
+        write_private(path, tokens.new_secret().encode(), replace=False)
     return path.read_text().strip()

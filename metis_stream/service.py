@@ -19,6 +19,7 @@ from anyio.abc import TaskGroup
 from metis_stream import tokens
 from metis_stream.backends.contract import AppendResult, Backend
 from metis_stream.backends.follow import follow
+from metis_stream.backoff import Backoff
 from metis_stream.config import Config
 from metis_stream.errors import (
     BackendUnavailable,
@@ -142,7 +143,7 @@ class JobService:
                                  scheduler_id: str) -> None:
         """Append ``submitted``, riding out a short backend outage: the job now exists on
         the cluster, and without its scheduler id the monitor could never find it."""
-        delay = 0.1
+        backoff = Backoff(base=0.1, cap=5.0)
         while True:
             try:
                 await self._append(job_id, [NewEvent("submitted", scheduler_id)], by="server")
@@ -154,9 +155,9 @@ class JobService:
                 await self._release(job_id)
                 return
             except BackendUnavailable:
+                delay = backoff.next_delay()
                 logger.warning("job %s: backend unavailable, retrying in %.1fs", job_id, delay)
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def ingest(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
         """Append events that the job itself posted.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,19 +18,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from metis_stream.backends.hub import Hub
 from metis_stream.backends.redis.connection import CONNECTION_ERRORS, unavailable_on_errors
+from metis_stream.backoff import Backoff
 from metis_stream.errors import BackendUnavailable
 from metis_stream.events import Event, decode_event
 
 log = logging.getLogger(__name__)
-
-_RECONNECT_BASE = 0.05
-_RECONNECT_CAP = 2.0
-
-
-def _backoff(attempt: int) -> float:
-    """Capped exponential backoff with jitter, so that many processes do not reconnect in step."""
-    return min(_RECONNECT_CAP, _RECONNECT_BASE * 2.0 ** attempt) * random.uniform(0.5, 1.0)
-
 
 class Listener:
     """This process's one pub/sub connection and the one task that reads it.
@@ -105,12 +96,12 @@ class Listener:
         return future
 
     async def _run(self) -> None:
-        attempt = 0
+        backoff = Backoff(base=0.05, cap=2.0)
         while True:
             try:
                 if self._conn is None:
                     await self._connect()
-                    attempt = 0
+                    backoff.reset()
                 await self._read()
             except Exception as exc:
                 # Whatever broke (the connection, or a message that would not decode), a
@@ -119,8 +110,7 @@ class Listener:
                 log.warning("Redis pub/sub reader failed (%r); reconnecting", exc,
                             exc_info=not isinstance(exc, CONNECTION_ERRORS))
                 await self._drop()
-                await asyncio.sleep(_backoff(attempt))
-                attempt += 1
+                await asyncio.sleep(backoff.next_delay())
 
     async def _connect(self) -> None:
         """A new connection, subscribed to every job the hub has, then every watcher
