@@ -18,13 +18,13 @@ from metis_stream import tokens
 from metis_stream.errors import ConfigError, TemplateError
 from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from metis_stream.files import write_private
+from metis_stream.schedulers.dialects import SCHEDULERS
 from metis_stream.templates import Template, param_from_config
 
 PACKAGE_DIR = Path(__file__).parent
 JOBSCRIPTS_DIR = PACKAGE_DIR / "jobscripts"
 EXAMPLES_FILE = JOBSCRIPTS_DIR / "examples.toml"
 EMIT_SCRIPT = JOBSCRIPTS_DIR / "metis-emit"
-SCHEDULERS = ("local", "pbs", "slurm")
 
 
 @dataclass(frozen=True, slots=True)

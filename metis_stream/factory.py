@@ -8,15 +8,13 @@ from metis_stream.backends.contract import Backend
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.backends.redis import RedisBackend
 from metis_stream.config import EMIT_SCRIPT, ClusterConfig, Config
-from metis_stream.schedulers import pbs, slurm
 from metis_stream.schedulers.base import Scheduler
 from metis_stream.schedulers.batch import BatchScheduler
+from metis_stream.schedulers.dialects import DIALECTS
 from metis_stream.schedulers.local import LocalScheduler
 from metis_stream.shells.base import Shell
 from metis_stream.shells.local import LocalShell
 from metis_stream.shells.ssh import SSHShell
-
-DIALECTS = {"pbs": pbs.DIALECT, "slurm": slurm.DIALECT}
 
 
 def build_backend(config: Config) -> Backend:

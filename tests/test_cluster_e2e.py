@@ -39,6 +39,7 @@ from metis_stream.config import EMIT_SCRIPT, JOBSCRIPTS_DIR, load_config
 from metis_stream.schedulers import pbs
 from metis_stream.schedulers.base import Submission
 from metis_stream.schedulers.batch import BatchScheduler
+from metis_stream.schedulers.dialects import DIALECTS
 from metis_stream.shells.ssh import SSHShell
 from metis_stream.templates import Template
 from tests.support.cluster import TestCluster, test_cluster  # noqa: F401
@@ -48,7 +49,7 @@ pytestmark = pytest.mark.cluster
 
 API_KEY = "test-key"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-SCHEDULERS = ("pbs", "slurm")
+SCHEDULERS = tuple(DIALECTS)
 TERMINAL = {"completed", "fatal", "cancelled"}
 CANCEL_COMMAND = {"pbs": "qdel", "slurm": "scancel"}
 RUN_ID = secrets.token_hex(3)
