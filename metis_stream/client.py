@@ -31,6 +31,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from metis_stream.backoff import Backoff
 from metis_stream.errors import ClientError
 
+__all__ = [
+    "Client",
+    "post_event",
+]
+
 RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
 """Closes that mean "the server went away or is busy": reconnect and resume."""
 

@@ -21,6 +21,14 @@ from metis_stream.files import write_private
 from metis_stream.schedulers.dialects import SCHEDULERS
 from metis_stream.templates import Template, param_from_config
 
+__all__ = [
+    "ClusterConfig",
+    "Config",
+    "ServerConfig",
+    "check_listen_address",
+    "load_config",
+]
+
 PACKAGE_DIR = Path(__file__).parent
 JOBSCRIPTS_DIR = PACKAGE_DIR / "jobscripts"
 EXAMPLES_FILE = JOBSCRIPTS_DIR / "examples.toml"

@@ -42,6 +42,50 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "OUTCOMES",
+    "BackendUnavailable",
+    "BadInput",
+    "ClientError",
+    "CommandTimeout",
+    "ConfigError",
+    "Conflict",
+    "ConnectionLost",
+    "EventLimitReached",
+    "EventTooLarge",
+    "Gone",
+    "InvalidEvent",
+    "InvalidParams",
+    "JobEnded",
+    "JobNotFound",
+    "JobNotSubmitted",
+    "LimitExceeded",
+    "LogLost",
+    "MalformedEvent",
+    "MetisError",
+    "NoSuchRoute",
+    "NotAllowed",
+    "NotAuthenticated",
+    "NotFound",
+    "Outcome",
+    "RequestTimeout",
+    "SchedulerError",
+    "ShellError",
+    "SubmitOutcomeUnknown",
+    "TemplateError",
+    "TooLarge",
+    "TooMany",
+    "TooManyStreams",
+    "TooManySubmissions",
+    "UnknownTemplate",
+    "UnsafeArgument",
+    "UnsafeValue",
+    "UnsupportedMediaType",
+    "outcome_of",
+]
+
 
 class MetisError(Exception):
     """The root. ``details`` are extra JSON fields of the error response."""

@@ -44,6 +44,10 @@ from metis_stream.templates import (
     validate_params,
 )
 
+__all__ = [
+    "JobService",
+]
+
 logger = logging.getLogger(__name__)
 
 SUBMISSION_WAIT = 30.0

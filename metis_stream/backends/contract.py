@@ -17,6 +17,11 @@ from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState
 
+__all__ = [
+    "AppendResult",
+    "Backend",
+]
+
 DEFAULT_MAX_EVENTS_PER_JOB = 10_000
 READ_PAGE = 1_000
 

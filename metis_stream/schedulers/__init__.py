@@ -5,3 +5,21 @@ system's commands, and ``pbs`` and ``slurm`` fill it in: pure command building a
 output parsing; ``batch`` runs those commands through a shell;
 ``local`` runs the batch script as a child process (the embedded default).
 """
+
+from metis_stream.schedulers.base import Scheduler, SchedulerState, SchedulerStatus, Submission
+from metis_stream.schedulers.batch import BatchScheduler
+from metis_stream.schedulers.dialect import Dialect
+from metis_stream.schedulers.dialects import DIALECTS, SCHEDULERS
+from metis_stream.schedulers.local import LocalScheduler
+
+__all__ = [
+    "DIALECTS",
+    "SCHEDULERS",
+    "BatchScheduler",
+    "Dialect",
+    "LocalScheduler",
+    "Scheduler",
+    "SchedulerState",
+    "SchedulerStatus",
+    "Submission",
+]

@@ -8,6 +8,13 @@ from typing import Literal, Protocol
 
 from metis_stream.templates import Template
 
+__all__ = [
+    "Scheduler",
+    "SchedulerState",
+    "SchedulerStatus",
+    "Submission",
+]
+
 SchedulerState = Literal["queued", "running", "ended"]
 
 

@@ -1,2 +1,13 @@
 """Shells: where scheduler commands run. ``ssh`` (paramiko) for a cluster's login node,
 ``local`` for a scheduler on this machine."""
+
+from metis_stream.shells.base import CommandResult, Shell
+from metis_stream.shells.local import LocalShell
+from metis_stream.shells.ssh import SSHShell
+
+__all__ = [
+    "CommandResult",
+    "LocalShell",
+    "SSHShell",
+    "Shell",
+]

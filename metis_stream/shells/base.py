@@ -6,6 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+__all__ = [
+    "CommandResult",
+    "Shell",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class CommandResult:

@@ -24,6 +24,11 @@ from metis_stream.web.errors import handle_error, handle_starlette_error
 from metis_stream.web.logs import redact_access_log
 from metis_stream.web.slots import SocketSlots
 
+__all__ = [
+    "create_app",
+    "from_environment",
+]
+
 STATIC_DIR = Path(__file__).parent / "static"
 
 
