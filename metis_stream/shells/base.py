@@ -6,9 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from metis_stream.errors import UnsafeArgument
+
 __all__ = [
     "CommandResult",
     "Shell",
+    "check_argv",
 ]
 
 
@@ -46,3 +49,17 @@ class Shell(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Refuse an argv that cannot reach a command intact, with UnsafeArgument."""
+    if not argv:
+        raise UnsafeArgument("empty command")
+    if argv[0].startswith("-"):
+        # A remote login shell runs `$SHELL -c COMMAND`: it would read this as its own
+        # option (and no command names start with "-").
+        raise UnsafeArgument(f"a command name cannot start with '-': {argv[0]!r}")
+    for arg in argv:
+        # A C string ends at NUL: the command would get a shortened argument.
+        if "\0" in arg:
+            raise UnsafeArgument(f"NUL character in command argument {arg!r}")

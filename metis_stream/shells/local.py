@@ -11,8 +11,8 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from metis_stream.errors import CommandTimeout, UnsafeArgument
-from metis_stream.shells.base import CommandResult
+from metis_stream.errors import CommandTimeout
+from metis_stream.shells.base import CommandResult, check_argv
 
 
 class LocalShell:
@@ -27,10 +27,7 @@ class LocalShell:
         """Run one command; a non-zero exit is a result, not an error. A command that
         does not exist exits 127, as it would through a remote shell. Nothing is ever
         retried here, so ``idempotent`` changes nothing."""
-        if not argv:
-            raise UnsafeArgument("empty command")
-        if any("\0" in arg for arg in argv):
-            raise UnsafeArgument(f"NUL character in command {list(argv)!r}")
+        check_argv(argv)
         try:
             with anyio.fail_after(timeout):
                 done = await anyio.run_process(

@@ -23,8 +23,8 @@ import anyio
 import anyio.to_thread
 import paramiko
 
-from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError, UnsafeArgument
-from metis_stream.shells.base import CommandResult
+from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError
+from metis_stream.shells.base import CommandResult, check_argv
 
 T = TypeVar("T")
 
@@ -338,12 +338,7 @@ class _RefuseUnknownHost(paramiko.RejectPolicy):
 
 def command_line(argv: Sequence[str]) -> str:
     """``argv`` as one command line for the remote shell, every element quoted."""
-    if not argv:
-        raise UnsafeArgument("empty command")
-    for arg in argv:
-        # NUL cannot travel in an argument: the remote side would cut the argument there.
-        if "\0" in arg:
-            raise UnsafeArgument(f"NUL character in command argument {arg!r}")
+    check_argv(argv)
     return shlex.join(argv)
 
 
