@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
+from anyio.abc import ByteReceiveStream, Process
 
 from metis_stream.errors import CommandTimeout
 from metis_stream.shells.base import CommandResult, check_argv
@@ -25,23 +28,37 @@ class LocalShell:
     async def run(self, argv: Sequence[str], *, timeout: float | None = None,
                   idempotent: bool = True) -> CommandResult:
         """Run one command; a non-zero exit is a result, not an error. A command that
-        does not exist exits 127, as it would through a remote shell. Nothing is ever
-        retried here, so ``idempotent`` changes nothing."""
+        does not exist exits 127, as it would through a remote shell. A timeout, or
+        cancelling the caller, kills the command and everything it started. Nothing is
+        ever retried here, so ``idempotent`` changes nothing."""
         check_argv(argv)
         try:
-            with anyio.fail_after(timeout):
-                done = await anyio.run_process(
-                    list(argv), stdin=subprocess.DEVNULL, check=False, cwd=self.home
-                )
-        except TimeoutError:
-            # run_process killed it when the deadline cancelled the wait.
-            raise CommandTimeout(f"{argv[0]} ran past its timeout of {timeout} s") from None
+            # A session of its own, as sshd gives every command: its process group is
+            # everything it starts, and is killed as a whole.
+            process = await anyio.open_process(
+                list(argv), stdin=subprocess.DEVNULL, cwd=self.home, start_new_session=True
+            )
         except FileNotFoundError as exc:
             return CommandResult(127, "", f"{argv[0]}: {exc.strerror}\n")
+        async with process:
+            try:
+                with anyio.fail_after(timeout):
+                    stdout, stderr = await _outputs(process)
+            except BaseException as exc:
+                # Timed out or cancelled: killing only the process would leave behind what
+                # it started (a pipeline, a child in the background).
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                if isinstance(exc, TimeoutError):
+                    raise CommandTimeout(
+                        f"{argv[0]} ran past its timeout of {timeout} s and was killed"
+                    ) from None
+                raise
+        assert process.returncode is not None  # _outputs waited for it
         return CommandResult(
-            done.returncode,
-            done.stdout.decode(errors="replace"),
-            done.stderr.decode(errors="replace"),
+            process.returncode,
+            stdout.decode(errors="replace"),
+            stderr.decode(errors="replace"),
         )
 
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
@@ -55,6 +72,22 @@ class LocalShell:
 
     async def close(self) -> None:
         """Nothing to release: every command is its own process."""
+
+
+async def _outputs(process: Process) -> tuple[bytes, bytes]:
+    """stdout and stderr of ``process`` once it has exited. Both are read side by side: a
+    pipe nobody reads fills up and stalls the command."""
+    outputs = [b"", b""]
+
+    async def read(stream: ByteReceiveStream | None, index: int) -> None:
+        assert stream is not None  # opened with pipes
+        outputs[index] = b"".join([chunk async for chunk in stream])
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(read, process.stdout, 0)
+        tasks.start_soon(read, process.stderr, 1)
+        await process.wait()
+    return outputs[0], outputs[1]
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:

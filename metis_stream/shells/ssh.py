@@ -22,6 +22,7 @@ from typing import NoReturn, TypeVar
 import anyio
 import anyio.to_thread
 import paramiko
+from paramiko.common import cMSG_CHANNEL_REQUEST
 
 from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError
 from metis_stream.shells.base import CommandResult, check_argv
@@ -138,6 +139,7 @@ class SSHShell:
         and ConnectionLost is raised, since it may have run. A command that never reached
         the server is retried once either way.
 
+        A command still running after ``timeout`` is killed with everything it started.
         Cancelling the caller waits for the command to end (its thread cannot be
         interrupted): pass a ``timeout`` for anything that may hang.
         """
@@ -366,6 +368,9 @@ def _execute(client: paramiko.SSHClient, command: str, timeout: float | None) ->
             # No input: a command that reads stdin sees EOF instead of hanging.
             channel.shutdown_write()
             stdout, stderr = _collect(channel, deadline)
+        except CommandTimeout:
+            _kill(channel)
+            raise
         except _CONNECTION_ERRORS as exc:
             raise ConnectionLost(f"connection lost: {exc or type(exc).__name__}") from exc
         if channel.exit_status == -1 and not transport.is_active():
@@ -378,6 +383,22 @@ def _execute(client: paramiko.SSHClient, command: str, timeout: float | None) ->
         )
 
 
+def _kill(channel: paramiko.Channel) -> None:
+    """Have sshd kill the channel's command with everything it started. Closing the
+    channel would not: sshd lets a command without a terminal run on. OpenSSH (7.9 and
+    later) answers RFC 4254's "signal" request with a kill of the command's process group;
+    paramiko has no method for it (paramiko/paramiko#203), so the request is built here."""
+    message = paramiko.Message()
+    message.add_byte(cMSG_CHANNEL_REQUEST)
+    message.add_int(channel.remote_chanid)
+    message.add_string("signal")
+    message.add_boolean(False)  # no reply wanted
+    message.add_string("KILL")
+    with contextlib.suppress(*_CONNECTION_ERRORS):
+        # A broken connection leaves no one to ask; the timeout is reported all the same.
+        channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
+
+
 def _collect(channel: paramiko.Channel, deadline: float | None) -> tuple[bytes, bytes]:
     """Read stdout and stderr until both end. Both are read as they come: an unread
     stream would fill the channel's window and stall the other."""
@@ -385,7 +406,7 @@ def _collect(channel: paramiko.Channel, deadline: float | None) -> tuple[bytes, 
     while True:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            raise CommandTimeout("still running after its timeout; its outcome is unknown")
+            raise CommandTimeout("still running after its timeout (killed); its outcome is unknown")
         # The channel's file descriptor is readable when either stream has data or ends.
         select([channel], [], [], remaining)
         while channel.recv_ready():
