@@ -7,15 +7,18 @@ import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 from anyio.abc import ByteReceiveStream, Process
 
-from metis_stream.errors import CommandTimeout
+from metis_stream.errors import CommandTimeout, ShellError
 from metis_stream.shells.base import CommandResult, check_argv
+
+T = TypeVar("T")
 
 
 class LocalShell:
@@ -24,22 +27,28 @@ class LocalShell:
 
     def __init__(self, home: Path | None = None) -> None:
         self.home = home if home is not None else Path.home()
+        self._closed = False
 
     async def run(self, argv: Sequence[str], *, timeout: float | None = None,
                   idempotent: bool = True) -> CommandResult:
         """Run one command; a non-zero exit is a result, not an error. A command that
-        does not exist exits 127, as it would through a remote shell. A timeout, or
-        cancelling the caller, kills the command and everything it started. Nothing is
-        ever retried here, so ``idempotent`` changes nothing."""
+        does not exist exits 127 and one that cannot be executed 126, as through a remote
+        shell. A timeout, or cancelling the caller, kills the command and everything it
+        started. Nothing is ever retried here, so ``idempotent`` changes nothing."""
         check_argv(argv)
+        self._check_open()
         try:
             # A session of its own, as sshd gives every command: its process group is
             # everything it starts, and is killed as a whole.
             process = await anyio.open_process(
                 list(argv), stdin=subprocess.DEVNULL, cwd=self.home, start_new_session=True
             )
-        except FileNotFoundError as exc:
-            return CommandResult(127, "", f"{argv[0]}: {exc.strerror}\n")
+        except OSError as exc:
+            if exc.filename != argv[0]:  # not the command: the home folder, a pipe, fork
+                raise ShellError(f"cannot run {argv[0]}: {exc}") from exc
+            # As a POSIX shell says it: 127 not found, 126 found but not executable.
+            status = 127 if isinstance(exc, FileNotFoundError) else 126
+            return CommandResult(status, "", f"{argv[0]}: {exc.strerror}\n")
         async with process:
             try:
                 with anyio.fail_after(timeout):
@@ -62,16 +71,29 @@ class LocalShell:
         )
 
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
-        await anyio.to_thread.run_sync(_write_file, self.home / path, data, mode)
+        await self._in_thread(lambda: _write_file(self.home / path, data, mode))
 
     async def remove_file(self, path: str) -> None:
-        await anyio.to_thread.run_sync(lambda: (self.home / path).unlink(missing_ok=True))
+        await self._in_thread(lambda: (self.home / path).unlink(missing_ok=True))
 
     async def realpath(self, path: str) -> str:
-        return await anyio.to_thread.run_sync(os.path.realpath, self.home / path)
+        return await self._in_thread(lambda: os.path.realpath(self.home / path))
 
     async def close(self) -> None:
-        """Nothing to release: every command is its own process."""
+        """Refuse what comes next; nothing to release, every command is its own process."""
+        self._closed = True
+
+    async def _in_thread(self, operation: Callable[[], T]) -> T:
+        """A file operation, off the event loop; its failure is a ShellError, as over SSH."""
+        self._check_open()
+        try:
+            return await anyio.to_thread.run_sync(operation)
+        except OSError as exc:
+            raise ShellError(f"local shell: {exc}") from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShellError("the local shell is closed")
 
 
 async def _outputs(process: Process) -> tuple[bytes, bytes]:
