@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
@@ -14,53 +13,13 @@ from metis_stream.schedulers import pbs, slurm
 from metis_stream.schedulers.base import Submission
 from metis_stream.schedulers.batch import BatchScheduler
 from metis_stream.schedulers.dialect import Dialect
-from metis_stream.shells.base import CommandResult
 from metis_stream.templates import Template
-
-HOME = "/home/alice"
-Responder = Callable[[list[str]], CommandResult]
-
-
-class FakeShell:
-    """Records every command and file; answers commands from a list of responders
-    (each takes the argv and returns a result, or raises ShellError)."""
-
-    def __init__(self, *responders: Responder) -> None:
-        self.responders = list(responders)
-        self.commands: list[list[str]] = []
-        self.files: dict[str, tuple[bytes, int]] = {}
-        self.writes: list[str] = []
-        self.removed: list[str] = []
-        self.closed = False
-
-    async def run(self, argv: Sequence[str], *, timeout: float | None = None,
-                  idempotent: bool = True) -> CommandResult:
-        self.commands.append(list(argv))
-        if not self.responders:
-            raise AssertionError(f"unexpected command {argv}")
-        return self.responders.pop(0)(list(argv))
-
-    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
-        self.files[path] = (data, mode)
-        self.writes.append(path)
-
-    async def remove_file(self, path: str) -> None:
-        self.removed.append(path)
-        self.files.pop(path, None)
-
-    async def realpath(self, path: str) -> str:
-        return f"{HOME}/{path}"
-
-    async def close(self) -> None:
-        self.closed = True
+from tests.support.samples import ok
+from tests.support.shells import HOME, FakeShell
 
 
-def answer(stdout: str = "", stderr: str = "", exit_status: int = 0) -> Responder:
-    return lambda argv: CommandResult(exit_status, stdout, stderr)
-
-
-def broken(argv: list[str]) -> CommandResult:
-    raise ShellError("connection reset by peer")
+def broken() -> ShellError:
+    return ShellError("connection reset by peer")
 
 
 @pytest.fixture
@@ -94,7 +53,7 @@ def digest(path: Path) -> str:
 
 async def test_submit_stages_files_and_passes_only_paths(files: tuple[Path, Path]) -> None:
     script, emit = files
-    shell = FakeShell(answer("42.pbs01\n"))
+    shell = FakeShell(ok("42.pbs01\n"))
     scheduler = make(shell, emit)
     job = await scheduler.submit(submission(script, TEXT="hi, there", DELAY="0.5"))
     assert job == "42.pbs01"
@@ -125,7 +84,7 @@ async def test_submit_stages_files_and_passes_only_paths(files: tuple[Path, Path
 
 async def test_unchanged_files_are_uploaded_once(files: tuple[Path, Path]) -> None:
     script, emit = files
-    shell = FakeShell(answer("1\n"), answer("2\n"), answer("3\n"))
+    shell = FakeShell(ok("1\n"), ok("2\n"), ok("3\n"))
     scheduler = make(shell, emit)
     await scheduler.submit(submission(script, "j_1"))
     await scheduler.submit(submission(script, "j_2"))
@@ -140,7 +99,7 @@ async def test_unchanged_files_are_uploaded_once(files: tuple[Path, Path]) -> No
 
 async def test_remote_script_is_used_as_is(files: tuple[Path, Path]) -> None:
     _, emit = files
-    shell = FakeShell(answer("7\n"))
+    shell = FakeShell(ok("7\n"))
     scheduler = make(shell, emit)
     template = Template(name="t", cluster="metis", remote_script="/opt/jobs/run.pbs")
     sub = Submission(job_id="j_9", name="j_9", template=template, env={}, token="t")
@@ -151,14 +110,14 @@ async def test_remote_script_is_used_as_is(files: tuple[Path, Path]) -> None:
 
 async def test_qsub_failure_raises_the_schedulers_words(files: tuple[Path, Path]) -> None:
     script, emit = files
-    shell = FakeShell(answer("qsub: Unknown queue\n", exit_status=1))
+    shell = FakeShell(ok("qsub: Unknown queue\n", exit_status=1))
     with pytest.raises(SchedulerError, match="Unknown queue"):
         await make(shell, emit).submit(submission(script))
 
 
 async def test_interrupted_submit_finds_the_job_by_name(files: tuple[Path, Path]) -> None:
     script, emit = files
-    shell = FakeShell(broken, answer("42.pbs01\n"))
+    shell = FakeShell(broken(), ok("42.pbs01\n"))
     job = await make(shell, emit).submit(submission(script))
     assert job == "42.pbs01"
     assert shell.commands[1] == ["qselect", "-N", "j_1-x"]
@@ -169,19 +128,19 @@ async def test_interrupted_submit_on_the_wrappers_falls_back_to_squeue(
     files: tuple[Path, Path],
 ) -> None:
     script, emit = files
-    shell = FakeShell(broken, answer("", "bash: qselect: command not found", 127), answer("15\n"))
+    shell = FakeShell(broken(), ok("", "bash: qselect: command not found", 127), ok("15\n"))
     scheduler = make(shell, emit)
     assert await scheduler.submit(submission(script)) == "15"
     assert shell.commands[2] == ["squeue", "-h", "-t", "all", "-n", "j_1-x", "-o", "%i"]
     # qselect is not asked again
-    shell.responders = [answer("16\n")]
+    shell.answers = [ok("16\n")]
     assert await scheduler.lookup("j_2-x") == ["16"]
     assert shell.commands[-1][0] == "squeue"
 
 
 async def test_interrupted_submit_without_a_job_is_an_error(files: tuple[Path, Path]) -> None:
     script, emit = files
-    shell = FakeShell(broken, answer(""))
+    shell = FakeShell(broken(), ok(""))
     with pytest.raises(SchedulerError, match="no such job") as info:
         await make(shell, emit).submit(submission(script))
     assert not isinstance(info.value, SubmitOutcomeUnknown)
@@ -189,7 +148,7 @@ async def test_interrupted_submit_without_a_job_is_an_error(files: tuple[Path, P
 
 async def test_interrupted_submit_and_lookup_means_unknown(files: tuple[Path, Path]) -> None:
     script, emit = files
-    shell = FakeShell(broken, broken)
+    shell = FakeShell(broken(), broken())
     with pytest.raises(SubmitOutcomeUnknown):
         await make(shell, emit).submit(submission(script))
 
@@ -223,7 +182,7 @@ async def test_poll_falls_back_to_text_once_and_follows_up_with_scontrol(
     _, emit = files
     text = "Job Id:\t15\n\tjob_state = R\n\nJob Id:\t16\n\tjob_state = C\n"
     show = "JobId=16 JobName=x JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"
-    shell = FakeShell(answer("", "Unknown option: F\n", 2), answer(text), answer(show))
+    shell = FakeShell(ok("", "Unknown option: F\n", 2), ok(text), ok(show))
     scheduler = make(shell, emit)
     statuses = await scheduler.poll(["15", "16", "17"])
     assert statuses["15"].state == "running"
@@ -235,7 +194,7 @@ async def test_poll_falls_back_to_text_once_and_follows_up_with_scontrol(
         ["qstat", "-f", "15", "16", "17"],
         ["scontrol", "-o", "show", "job", "16"],
     ]
-    shell.responders = [answer("Job Id:\t15\n\tjob_state = R\n")]
+    shell.answers = [ok("Job Id:\t15\n\tjob_state = R\n")]
     await scheduler.poll(["15"])
     assert shell.commands[-1] == ["qstat", "-f", "15"]  # JSON is not tried again
 
@@ -244,7 +203,7 @@ async def test_poll_pbs_pro_json_is_one_command(files: tuple[Path, Path]) -> Non
     _, emit = files
     json_out = ('{"Jobs": {"1.s": {"job_state": "F", "Exit_status": -29},'
                 ' "2.s": {"job_state": "Q"}}}')
-    shell = FakeShell(answer(json_out))
+    shell = FakeShell(ok(json_out))
     statuses = await make(shell, emit).poll(["1.s", "2.s", "2.s"])
     assert len(shell.commands) == 1
     assert statuses["1.s"].detail == "killed: walltime exceeded (Exit_status=-29)"
@@ -253,18 +212,18 @@ async def test_poll_pbs_pro_json_is_one_command(files: tuple[Path, Path]) -> Non
 
 async def test_poll_keeps_what_it_knows_when_a_follow_up_fails(files: tuple[Path, Path]) -> None:
     _, emit = files
-    shell = FakeShell(answer("", "x", 2), answer("Job Id:\t16\n\tjob_state = C\n"), broken)
+    shell = FakeShell(ok("", "x", 2), ok("Job Id:\t16\n\tjob_state = C\n"), broken())
     statuses = await make(shell, emit).poll(["16"])
     assert (statuses["16"].state, statuses["16"].exit_status) == ("ended", None)
 
 
 async def test_poll_never_drops_jobs_because_a_command_failed(files: tuple[Path, Path]) -> None:
     _, emit = files
-    shell = FakeShell(answer("", "qstat: cannot connect to server\n", 1))
+    shell = FakeShell(ok("", "qstat: cannot connect to server\n", 1))
     with pytest.raises(SchedulerError, match="cannot connect"):
         await make(shell, emit).poll(["1.s"])
     with pytest.raises(SchedulerError):
-        await make(FakeShell(broken), emit).poll(["1.s"])
+        await make(FakeShell(broken()), emit).poll(["1.s"])
 
 
 async def test_poll_ignores_ids_that_are_not_job_ids(files: tuple[Path, Path]) -> None:
@@ -277,11 +236,11 @@ async def test_poll_ignores_ids_that_are_not_job_ids(files: tuple[Path, Path]) -
 async def test_slurm_poll_without_accounting_storage(files: tuple[Path, Path]) -> None:
     _, emit = files
     shell = FakeShell(
-        answer("101|RUNNING|None\n102|TIMEOUT|TimeLimit\n"),
-        answer("", "Slurm accounting storage is disabled\n", 1),
-        answer("JobId=102 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"),
-        answer("101|RUNNING|None\n102|TIMEOUT|TimeLimit\n"),
-        answer("JobId=102 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"),
+        ok("101|RUNNING|None\n102|TIMEOUT|TimeLimit\n"),
+        ok("", "Slurm accounting storage is disabled\n", 1),
+        ok("JobId=102 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"),
+        ok("101|RUNNING|None\n102|TIMEOUT|TimeLimit\n"),
+        ok("JobId=102 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"),
     )
     scheduler = make(shell, emit, slurm.DIALECT)
     first = await scheduler.poll(["101", "102"])
@@ -294,7 +253,7 @@ async def test_slurm_poll_without_accounting_storage(files: tuple[Path, Path]) -
 
 async def test_slurm_submit(files: tuple[Path, Path]) -> None:
     script, emit = files
-    shell = FakeShell(answer("77;cluster\n"))
+    shell = FakeShell(ok("77;cluster\n"))
     assert await make(shell, emit, slurm.DIALECT).submit(submission(script)) == "77"
     argv = shell.commands[0]
     assert argv[:3] == ["sbatch", "--parsable", "--job-name=j_1-x"]
@@ -304,8 +263,8 @@ async def test_slurm_submit(files: tuple[Path, Path]) -> None:
 
 async def test_cancel(files: tuple[Path, Path]) -> None:
     _, emit = files
-    shell = FakeShell(answer(), answer("", "", 1),
-                      answer("", "qdel: Unauthorized Request 5.s\n", 159), broken)
+    shell = FakeShell(ok(), ok("", "", 1),
+                      ok("", "qdel: Unauthorized Request 5.s\n", 159), broken())
     scheduler = make(shell, emit)
     await scheduler.cancel("5.s")
     await scheduler.cancel("5.s")  # the wrappers: an ended job, silently

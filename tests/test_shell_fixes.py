@@ -3,7 +3,6 @@ the SSH shell and the batch scheduler."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -13,9 +12,10 @@ from metis_stream.schedulers import pbs
 from metis_stream.schedulers.base import Submission
 from metis_stream.schedulers.batch import BatchScheduler
 from metis_stream.shells.base import CommandResult
-from metis_stream.shells.ssh import SSHShell
 from metis_stream.templates import Template
 from tests.support.cluster import TestCluster
+from tests.support.samples import ok
+from tests.support.shells import FakeShell, ssh_shell
 
 
 @pytest.mark.cluster
@@ -24,9 +24,7 @@ async def test_a_refused_session_waits_for_a_free_one(test_cluster: TestCluster)
     max_sessions=10, the 10th command is refused at first; it must wait for a channel to
     close on the server's side and run, not fail (20 jobs submitted at once hit this:
     sshd frees a session a moment after the client has closed it)."""
-    shell = SSHShell(test_cluster.host, port=test_cluster.port, user=test_cluster.user,
-                     known_hosts=test_cluster.known_hosts, key_file=test_cluster.key_file,
-                     use_agent=False, max_sessions=10)
+    shell = ssh_shell(test_cluster, max_sessions=10)
     try:
         assert (await shell.realpath(".")).startswith("/")  # the SFTP channel is open
         results: dict[int, CommandResult] = {}
@@ -43,40 +41,16 @@ async def test_a_refused_session_waits_for_a_free_one(test_cluster: TestCluster)
         await shell.close()
 
 
-class RecordingShell:
-    """A shell that answers ``qsub`` with an id and records how each command was run."""
-
-    def __init__(self) -> None:
-        self.runs: list[tuple[list[str], bool]] = []
-
-    async def run(self, argv: Sequence[str], *, timeout: float | None = None,
-                  idempotent: bool = True) -> CommandResult:
-        self.runs.append((list(argv), idempotent))
-        return CommandResult(0, "42\n", "")
-
-    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
-        pass
-
-    async def remove_file(self, path: str) -> None:
-        pass
-
-    async def realpath(self, path: str) -> str:
-        return f"/home/alice/{path}"
-
-    async def close(self) -> None:
-        pass
-
-
 async def test_the_submit_command_is_never_retried(tmp_path: Path) -> None:
     """SSHShell.run retries a command whose connection broke after it was sent unless it
     is told ``idempotent=False``; BatchScheduler.submit did not say so, so a qsub that lost
     its connection could be run twice: two jobs with one id and one token."""
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/sh\n")
-    shell = RecordingShell()
+    shell = FakeShell(ok("42\n"))
     scheduler = BatchScheduler("c", pbs.DIALECT, shell, workdir="ms", poll_interval=1,
                                emit_script=script)
     template = Template(name="t", cluster="c", script=script)
     submission = Submission(job_id="j_1", name="ms-1", template=template, env={}, token="s")
     assert await scheduler.submit(submission) == "42"
-    assert [idempotent for argv, idempotent in shell.runs if argv[0] == "qsub"] == [False]
+    assert [run.idempotent for run in shell.runs if run.argv[0] == "qsub"] == [False]

@@ -15,25 +15,14 @@ import pytest
 from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError, UnsafeArgument
 from metis_stream.shells.ssh import SSHShell, command_line
 from tests.support.cluster import TestCluster
+from tests.support.shells import ssh_shell
 
 pytestmark = pytest.mark.cluster
 
 
-def make_shell(cluster: TestCluster, **kwargs: object) -> SSHShell:
-    options: dict[str, object] = {
-        "port": cluster.port,
-        "user": cluster.user,
-        "known_hosts": cluster.known_hosts,
-        "key_file": cluster.key_file,
-        "use_agent": False,
-    }
-    options.update(kwargs)
-    return SSHShell(cluster.host, **options)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 async def shell(test_cluster: TestCluster) -> AsyncIterator[SSHShell]:
-    shell = make_shell(test_cluster)
+    shell = ssh_shell(test_cluster)
     yield shell
     await shell.close()
 
@@ -105,7 +94,7 @@ async def test_files(shell: SSHShell, test_cluster: TestCluster) -> None:
 
 
 async def test_concurrent_commands_share_one_connection(test_cluster: TestCluster) -> None:
-    shell = make_shell(test_cluster, max_sessions=8)
+    shell = ssh_shell(test_cluster, max_sessions=8)
     results: dict[int, str] = {}
 
     async def one(n: int) -> None:
@@ -153,7 +142,7 @@ async def test_connection_lost_during_a_command(shell: SSHShell, test_cluster: T
 async def test_unknown_host_key_is_refused(test_cluster: TestCluster, tmp_path: Path) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    shell = make_shell(test_cluster, known_hosts=empty)
+    shell = ssh_shell(test_cluster, known_hosts=empty)
     with pytest.raises(ShellError, match=r"is not in .*refusing to connect") as info:
         await shell.run(["true"])
     assert test_cluster.host in str(info.value)
@@ -164,7 +153,7 @@ async def test_unknown_host_key_is_refused(test_cluster: TestCluster, tmp_path: 
 
 async def test_changed_host_key_is_refused(test_cluster: TestCluster, tmp_path: Path) -> None:
     forged = test_cluster.forge_known_hosts(tmp_path / "known_hosts")
-    shell = make_shell(test_cluster, known_hosts=forged)
+    shell = ssh_shell(test_cluster, known_hosts=forged)
     with pytest.raises(ShellError, match="CHANGED") as info:
         await shell.run(["true"])
     assert test_cluster.host in str(info.value)
@@ -176,7 +165,7 @@ async def test_missing_known_hosts_file_is_refused(
     test_cluster: TestCluster, tmp_path: Path
 ) -> None:
     missing = tmp_path / "nope"
-    shell = make_shell(test_cluster, known_hosts=missing)
+    shell = ssh_shell(test_cluster, known_hosts=missing)
     with pytest.raises(ShellError, match="known_hosts file") as info:
         await shell.run(["true"])
     assert str(missing) in str(info.value)
@@ -187,7 +176,7 @@ async def test_wrong_key_is_refused_then_backs_off(
 ) -> None:
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    shell = make_shell(test_cluster, key_file=other)
+    shell = ssh_shell(test_cluster, key_file=other)
     with pytest.raises(ShellError, match="authentication"):
         await shell.run(["true"])
     # Right after a failure, callers are told at once instead of queueing on the host.
@@ -197,7 +186,7 @@ async def test_wrong_key_is_refused_then_backs_off(
 
 async def test_kept_connection_is_faster_than_new_ones(test_cluster: TestCluster) -> None:
     runs = 10
-    shell = make_shell(test_cluster)
+    shell = ssh_shell(test_cluster)
     await shell.run(["true"])  # the connection's own first use is not the point
     started = time.perf_counter()
     for _ in range(runs):
@@ -207,7 +196,7 @@ async def test_kept_connection_is_faster_than_new_ones(test_cluster: TestCluster
 
     started = time.perf_counter()
     for _ in range(runs):
-        fresh_shell = make_shell(test_cluster)
+        fresh_shell = ssh_shell(test_cluster)
         await fresh_shell.run(["true"])
         await fresh_shell.close()
     fresh = (time.perf_counter() - started) / runs
