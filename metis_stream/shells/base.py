@@ -1,4 +1,7 @@
-"""The contract for running scheduler commands and placing files on a cluster."""
+"""The contract for running scheduler commands and placing files on a cluster.
+
+Every shell passes the same contract test (tests/test_shell_contract.py).
+"""
 
 from __future__ import annotations
 
@@ -23,21 +26,32 @@ class CommandResult:
 
 
 class Shell(Protocol):
-    """Runs argv lists (every element quoted for the remote shell) and moves files.
+    """Runs argv lists (every element arrives as one argument, byte for byte) and moves
+    files.
 
-    Relative paths are relative to the login user's home directory.
+    Relative paths, and the folder commands run in, are relative to the login user's
+    home directory. Failures raise ShellError (or its subclasses); once closed, a shell
+    refuses every call with ShellError.
     """
 
     async def run(self, argv: Sequence[str], *, timeout: float | None = None,
                   idempotent: bool = True) -> CommandResult:
-        """Run one command; a non-zero exit is a result, not an error.
+        """Run one command with empty input; a non-zero exit is a result, not an error.
+
+        A command that does not exist exits 127 and one that cannot be executed 126, as
+        through a POSIX shell; one killed by a signal has a negative exit status. Output
+        that is not UTF-8 is decoded with replacement characters. An argv that
+        :func:`check_argv` refuses raises UnsafeArgument before anything runs. A command
+        still running after ``timeout`` seconds is killed, with everything it started in
+        its process group, and CommandTimeout is raised.
 
         ``idempotent=False`` (a submission) forbids running the command again after a
         failure that left its outcome unknown: the shell reports the failure instead."""
         ...
 
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
-        """Write a whole file atomically with ``mode``, creating parent folders."""
+        """Write a whole file atomically with ``mode``, replacing any file there; missing
+        parent folders are created private to the user (0700)."""
         ...
 
     async def remove_file(self, path: str) -> None:
@@ -45,10 +59,12 @@ class Shell(Protocol):
         ...
 
     async def realpath(self, path: str) -> str:
-        """The absolute form of ``path`` on the cluster."""
+        """The absolute form of an existing ``path`` on the cluster."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the shell; closing it again does nothing."""
+        ...
 
 
 def check_argv(argv: Sequence[str]) -> None:

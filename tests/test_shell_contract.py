@@ -1,0 +1,355 @@
+"""The shell contract (metis_stream.shells.base.Shell), run against every shell: LocalShell,
+SSHShell on the test cluster's sshd, and, for the part that needs no real command, the
+FakeShell that the scheduler tests use. A new shell joins ``REAL_SHELLS`` (and ``opened``)
+and must pass all of it.
+
+Commands run as the login user, in its home folder; what a test leaves there goes with
+the test (``folder``). Files are checked through the shell's own commands (``cat``,
+``stat``, ``ls``), as a job on the cluster would see them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from metis_stream.errors import CommandTimeout, ShellError, UnsafeArgument
+from metis_stream.shells.base import CommandResult, Shell
+from metis_stream.shells.local import LocalShell
+from tests.support.cluster import TestCluster
+from tests.support.shells import FakeShell, ssh_shell
+
+REAL_SHELLS = ["local", pytest.param("ssh", marks=pytest.mark.cluster)]
+
+UNSAFE_ARGVS = {
+    "empty": [],
+    "NUL in an argument": ["touch", "a\0b"],
+    "NUL in the command": ["touch\0", "x"],
+    "an option as the command": ["-x", "touch"],
+}
+
+# Each must reach the command as one argument, byte for byte. Those that a shell would
+# interpret try to create {folder}/pwned.
+HOSTILE_ARGUMENTS = [
+    "$(touch {folder}/pwned)", "`touch {folder}/pwned`", "; touch {folder}/pwned",
+    "&& touch {folder}/pwned", "| touch {folder}/pwned", "> {folder}/pwned",
+    "'", '"', "\\", "'\"'\"'", "a\nb", "\n", "\r\n", "*", "?", "[a-z]*", "~", "~root",
+    "-n", "--help", "-", "a b", " ", "\t", "$HOME", "${HOME}", "$$", "!!", "#", "%s%n",
+    "héllo wörld ☃", "\u202e", "\x01\x7f", "\\0", "",
+]
+
+
+@pytest.fixture
+def folder() -> str:
+    """A fresh folder name (not created) under the shell's home, for one test's files."""
+    return f"contract-{secrets.token_hex(4)}"
+
+
+@contextlib.asynccontextmanager
+async def opened(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+                 folder: str) -> AsyncIterator[Shell]:
+    # Typed as Shell: mypy checks that each implementation follows the protocol.
+    shell: Shell
+    cluster: TestCluster | None = None
+    if kind == "local":
+        shell = LocalShell(home=tmp_path)  # pytest removes tmp_path
+    elif kind == "ssh":
+        cluster = request.getfixturevalue("test_cluster")
+        shell = ssh_shell(cluster)
+    else:
+        shell = FakeShell()
+    try:
+        yield shell
+    finally:
+        await shell.close()
+        if cluster is not None:
+            cluster.run_as_user(["rm", "-rf", "--", folder], check=True)
+
+
+@pytest.fixture(params=REAL_SHELLS)
+async def shell(request: pytest.FixtureRequest, tmp_path: Path,
+                folder: str) -> AsyncIterator[Shell]:
+    async with opened(request.param, request, tmp_path, folder) as made:
+        yield made
+
+
+@pytest.fixture(params=[*REAL_SHELLS, "fake"])
+async def any_shell(request: pytest.FixtureRequest, tmp_path: Path,
+                    folder: str) -> AsyncIterator[Shell]:
+    """Every shell, the FakeShell too: for the checks that need no real command."""
+    async with opened(request.param, request, tmp_path, folder) as made:
+        yield made
+
+
+async def cat(shell: Shell, path: str) -> str:
+    result = await shell.run(["cat", path])
+    assert (result.exit_status, result.stderr) == (0, "")
+    return result.stdout
+
+
+async def modes(shell: Shell, *paths: str) -> list[str]:
+    result = await shell.run(["stat", "-c", "%a", *paths])
+    assert result.exit_status == 0, result.stderr
+    return result.stdout.split()
+
+
+async def listing(shell: Shell, folder: str) -> list[str]:
+    """Every name in ``folder``, hidden ones too (where a temporary file would hide)."""
+    result = await shell.run(["ls", "-A", folder])
+    assert result.exit_status == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+# Commands
+
+
+async def test_a_command_runs_in_the_home_folder(shell: Shell) -> None:
+    home = await shell.realpath(".")
+    assert home.startswith("/")
+    assert await shell.run(["pwd"]) == CommandResult(0, f"{home}\n", "")
+
+
+async def test_the_exit_status_is_the_commands(shell: Shell) -> None:
+    for status in (0, 1, 42, 255):
+        assert await shell.run(["sh", "-c", f"exit {status}"]) == CommandResult(status, "", "")
+
+
+async def test_a_missing_command_exits_127(shell: Shell) -> None:
+    result = await shell.run(["no-such-command-metis", "arg"])
+    assert (result.exit_status, result.stdout) == (127, "")
+    assert "no-such-command-metis" in result.stderr
+
+
+async def test_a_file_that_cannot_be_executed_exits_126(shell: Shell, folder: str) -> None:
+    await shell.write_file(f"{folder}/script", b"#!/bin/sh\necho ran\n", mode=0o600)
+    result = await shell.run([f"./{folder}/script"])
+    assert (result.exit_status, result.stdout) == (126, "")
+    assert f"{folder}/script" in result.stderr
+
+
+async def test_a_command_killed_by_a_signal_has_a_negative_exit_status(shell: Shell) -> None:
+    result = await shell.run(["sh", "-c", "kill -9 $$"])
+    assert result.exit_status < 0
+
+
+async def test_stdout_and_stderr_are_kept_apart_and_exact(shell: Shell) -> None:
+    script = (
+        r'printf "out\n\n"; printf "  err\n\n\n" >&2; '
+        # héllo in UTF-8, then a byte that is not UTF-8
+        r'printf "h\303\251llo \377\n"; printf "\376" >&2'
+    )
+    result = await shell.run(["sh", "-c", script])
+    assert result == CommandResult(0, "out\n\nhéllo \ufffd\n", "  err\n\n\n\ufffd")
+
+
+async def test_input_is_empty(shell: Shell) -> None:
+    assert await shell.run(["cat"], timeout=10) == CommandResult(0, "", "")
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param("sleep 60 & echo $! >> {pids}; wait", id="child in the background"),
+    pytest.param("while :; do echo out; echo err >&2; sleep 0.01; done", id="output keeps flowing"),
+])
+async def test_a_command_past_its_timeout_is_killed_with_what_it_started(
+    shell: Shell, folder: str, body: str
+) -> None:
+    pids = f"{folder}/pids"
+    script = f"mkdir {folder}; echo $$ > {pids}; {body.format(pids=pids)}"
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout, match=r"^sh\b"):
+        await shell.run(["sh", "-c", script], timeout=0.5)
+    assert time.monotonic() - started < 3
+    started_pids = (await cat(shell, pids)).split()
+    assert started_pids
+    deadline = time.monotonic() + 5
+    while running := [pid for pid in started_pids if await is_running(shell, pid)]:
+        assert time.monotonic() < deadline, f"still running after the timeout: {running}"
+        await anyio.sleep(0.1)
+    assert await shell.run(["echo", "next"]) == CommandResult(0, "next\n", "")
+
+
+async def is_running(shell: Shell, pid: str) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (dead, not yet reaped)."""
+    result = await shell.run(["cat", f"/proc/{pid}/stat"])
+    # The state follows the command name, which is in parentheses.
+    return result.exit_status == 0 and result.stdout.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_megabytes_on_stdout_and_stderr_at_once(shell: Shell) -> None:
+    # More than any pipe or channel window on each stream, written at the same time:
+    # a shell that reads one stream to its end before the other stalls.
+    size = 4 << 20
+    script = (f'head -c {size} /dev/zero | tr "\\0" o & '
+              f'head -c {size} /dev/zero | tr "\\0" e >&2; wait')
+    result = await shell.run(["sh", "-c", script], timeout=60)
+    assert result.exit_status == 0
+    assert (len(result.stdout), result.stdout.strip("o")) == (size, "")
+    assert (len(result.stderr), result.stderr.strip("e")) == (size, "")
+
+
+async def test_unsafe_argv_is_refused(any_shell: Shell) -> None:
+    for name, argv in UNSAFE_ARGVS.items():
+        with pytest.raises(UnsafeArgument):
+            await any_shell.run(argv)
+            pytest.fail(f"{name}: {argv!r} was run")
+
+
+async def test_a_refused_argv_runs_nothing(shell: Shell, folder: str) -> None:
+    assert (await shell.run(["mkdir", folder])).exit_status == 0
+    with pytest.raises(UnsafeArgument):
+        await shell.run(["sh", "-c", f"touch {folder}/ran", "a\0b"])
+    assert await listing(shell, folder) == []
+
+
+async def test_hostile_arguments_arrive_intact(shell: Shell, folder: str) -> None:
+    # The command's own name needs quoting too.
+    printer = f"{folder}/it's an \"argv\" printer"
+    await shell.write_file(printer, b'#!/bin/sh\nprintf \'%s\\0\' "$@"\n', mode=0o700)
+    arguments = [argument.replace("{folder}", folder) for argument in HOSTILE_ARGUMENTS]
+    result = await shell.run([f"./{printer}", *arguments])
+    assert result == CommandResult(0, "".join(f"{arg}\0" for arg in arguments), "")
+    assert await listing(shell, folder) == [printer.split("/")[1]]  # nothing was run
+
+
+async def test_many_commands_at_once_each_get_their_own_output(shell: Shell) -> None:
+    count, pause = 20, 0.3
+    results: dict[int, CommandResult] = {}
+
+    async def one(n: int) -> None:
+        script = f'sleep {pause}; echo "out $1"; echo "err $1" >&2'
+        results[n] = await shell.run(["sh", "-c", script, "sh", str(n)], timeout=30)
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tasks:
+        for n in range(count):
+            tasks.start_soon(one, n)
+    assert results == {n: CommandResult(0, f"out {n}\n", f"err {n}\n") for n in range(count)}
+    # Side by side (a shell may bound how many at once), not one after the other.
+    assert time.monotonic() - started < count * pause / 2
+
+
+# Files
+
+
+async def test_write_file_creates_private_parent_folders(shell: Shell, folder: str) -> None:
+    await shell.write_file(f"{folder}/a/b/token", b"s3cret")
+    assert await cat(shell, f"{folder}/a/b/token") == "s3cret"
+    paths = [folder, f"{folder}/a", f"{folder}/a/b", f"{folder}/a/b/token"]
+    assert await modes(shell, *paths) == ["700", "700", "700", "600"]
+
+
+async def test_write_file_gives_the_mode_asked_for(shell: Shell, folder: str) -> None:
+    for mode in (0o600, 0o640, 0o700, 0o755):
+        await shell.write_file(f"{folder}/{mode:o}", b"#!/bin/sh\n", mode=mode)
+    assert await modes(shell, *(f"{folder}/{mode}" for mode in ("600", "640", "700", "755"))
+                       ) == ["600", "640", "700", "755"]
+
+
+async def test_write_file_replaces_a_file_whole(shell: Shell, folder: str) -> None:
+    path = f"{folder}/file"
+    await shell.write_file(path, b"a longer first version\n", mode=0o755)
+    await shell.write_file(path, b"second\n")
+    assert await cat(shell, path) == "second\n"
+    assert await modes(shell, path) == ["600"]
+    assert await listing(shell, folder) == ["file"]  # no temporary file left behind
+
+
+async def test_a_reader_never_sees_half_a_file(shell: Shell, folder: str) -> None:
+    path, size = f"{folder}/file", 256 << 10
+    versions = [b"a" * size, b"b" * size]
+    await shell.write_file(path, versions[0])
+    seen: set[tuple[int, frozenset[str]]] = set()
+
+    async def write() -> None:
+        for n in range(1, 7):
+            await shell.write_file(path, versions[n % 2])
+
+    async def read() -> None:
+        for _ in range(10):
+            text = await cat(shell, path)
+            seen.add((len(text), frozenset(text)))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(write)
+        tasks.start_soon(read)
+    assert seen <= {(size, frozenset("a")), (size, frozenset("b"))}
+    assert await listing(shell, folder) == ["file"]
+
+
+async def test_a_written_file_reads_back_byte_for_byte(shell: Shell, folder: str) -> None:
+    data = secrets.token_bytes(1 << 20) + bytes(range(256))
+    await shell.write_file(f"{folder}/data", data)
+    # run() decodes output as text: a checksum is how bytes come back through it.
+    result = await shell.run(["sha256sum", f"{folder}/data"])
+    assert result.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    await shell.write_file(f"{folder}/text", "héllo\nwörld\n\n".encode())
+    assert await cat(shell, f"{folder}/text") == "héllo\nwörld\n\n"
+    await shell.write_file(f"{folder}/empty", b"")
+    assert await cat(shell, f"{folder}/empty") == ""
+
+
+async def test_remove_file(shell: Shell, folder: str) -> None:
+    await shell.write_file(f"{folder}/file", b"x")
+    await shell.write_file(f"{folder}/other", b"y")
+    await shell.remove_file(f"{folder}/file")
+    assert await listing(shell, folder) == ["other"]
+
+
+async def test_removing_a_missing_file_is_not_an_error(any_shell: Shell, folder: str) -> None:
+    await any_shell.write_file(f"{folder}/file", b"x")
+    await any_shell.remove_file(f"{folder}/file")
+    await any_shell.remove_file(f"{folder}/file")
+    await any_shell.remove_file(f"{folder}/no/such/folder/file")
+
+
+async def test_paths_may_be_absolute(shell: Shell, folder: str) -> None:
+    await shell.write_file(f"{folder}/relative", b"")
+    absolute = f"{await shell.realpath(folder)}/absolute"
+    await shell.write_file(absolute, b"x")
+    assert await cat(shell, f"{folder}/absolute") == "x"
+    await shell.remove_file(absolute)
+    assert await listing(shell, folder) == ["relative"]
+
+
+async def test_realpath_is_absolute_and_relative_paths_start_at_home(
+    any_shell: Shell, folder: str
+) -> None:
+    home = await any_shell.realpath(".")
+    assert home.startswith("/")
+    await any_shell.write_file(f"{folder}/file", b"x")
+    assert await any_shell.realpath(f"{folder}/file") == f"{home}/{folder}/file"
+    assert await any_shell.realpath(f"{home}/{folder}") == f"{home}/{folder}"
+
+
+async def test_file_failures_are_shell_errors(shell: Shell, folder: str) -> None:
+    await shell.write_file(f"{folder}/file", b"x")
+    with pytest.raises(ShellError):
+        await shell.write_file(f"{folder}/file/inner", b"y")  # a file where a folder must be
+    with pytest.raises(ShellError):
+        await shell.remove_file(folder)  # a folder
+    assert await listing(shell, folder) == ["file"]
+
+
+# Closing
+
+
+async def test_a_closed_shell_refuses_every_call(any_shell: Shell, folder: str) -> None:
+    await any_shell.realpath(".")  # in use
+    await any_shell.close()
+    await any_shell.close()  # closing again does nothing
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: any_shell.run(["true"]),
+        lambda: any_shell.write_file(f"{folder}/file", b"x"),
+        lambda: any_shell.remove_file(f"{folder}/file"),
+        lambda: any_shell.realpath("."),
+    ]
+    for call in calls:
+        with pytest.raises(ShellError, match="closed"):
+            await call()
