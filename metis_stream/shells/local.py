@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ import anyio.to_thread
 from anyio.abc import ByteReceiveStream, Process
 
 from metis_stream.errors import CommandTimeout, ShellError
+from metis_stream.files import write_private
 from metis_stream.shells.base import CommandResult, check_argv
 
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class LocalShell:
         )
 
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
-        await self._in_thread(lambda: _write_file(self.home / path, data, mode))
+        await self._in_thread(lambda: write_private(self.home / path, data, mode=mode))
 
     async def remove_file(self, path: str) -> None:
         await self._in_thread(lambda: (self.home / path).unlink(missing_ok=True))
@@ -110,24 +110,3 @@ async def _outputs(process: Process) -> tuple[bytes, bytes]:
         tasks.start_soon(read, process.stderr, 1)
         await process.wait()
     return outputs[0], outputs[1]
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a file."""
-    # Private folders: they hold job tokens. (mkdir(parents=True) would give the
-    # parents the default mode.)
-    missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-    for folder in reversed(missing):
-        folder.mkdir(mode=0o700, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # Created with the final mode, so the content is never readable by others; fchmod
-    # because the umask may have narrowed it further than asked.
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), mode)
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

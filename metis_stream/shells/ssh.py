@@ -24,6 +24,7 @@ import anyio.to_thread
 import paramiko
 from paramiko.common import cMSG_CHANNEL_REQUEST
 
+from metis_stream.backoff import Backoff
 from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError
 from metis_stream.shells.base import CommandResult, check_argv
 
@@ -31,7 +32,7 @@ T = TypeVar("T")
 
 # Failures that mean the connection (not the command) broke.
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, ConnectionError, socket.timeout)
-# Reconnect attempts after a failed one wait 0.5 s, 1 s, 2 s, ... up to this.
+# Reconnect attempts after a failed one wait about 0.5 s, 1 s, 2 s, ... (with jitter) up to this.
 _MAX_BACKOFF = 30.0
 _READ_SIZE = 65536
 # How long a command waits for the server to accept a new channel (see _SessionRefused).
@@ -53,13 +54,13 @@ class _SessionRefused(ShellError):
 
 
 class _Refusals:
-    """Waits between attempts to open a channel that the server refused: 50 ms, doubling
-    up to 1 s, for at most ``_SESSION_WAIT`` seconds (or the command's timeout)."""
+    """Waits between attempts to open a channel that the server refused: from 50 ms,
+    doubling up to 1 s, for at most ``_SESSION_WAIT`` seconds (or the command's timeout)."""
 
     def __init__(self, timeout: float | None) -> None:
         self._limit = _SESSION_WAIT if timeout is None else min(timeout, _SESSION_WAIT)
         self._started: float | None = None
-        self._delay = 0.05
+        self._backoff = Backoff(base=0.05, cap=1.0)
 
     async def pause(self, what: str, exc: Exception) -> None:
         now = time.monotonic()
@@ -68,8 +69,7 @@ class _Refusals:
         if now - self._started >= self._limit:
             raise ShellError(f"{what}: the server still refuses a new session after "
                              f"{self._limit:.0f} s: {exc}") from exc
-        await anyio.sleep(self._delay)
-        self._delay = min(self._delay * 2, 1.0)
+        await anyio.sleep(self._backoff.next_delay())
 
 
 class SSHShell:
@@ -80,8 +80,9 @@ class SSHShell:
     Host keys are always checked against ``known_hosts`` and never added.
 
     A dropped connection is replaced by the next command. When opening one fails, the
-    next attempt is allowed after 0.5 s, then 1 s, 2 s, ... (at most 30 s); a command
-    in between fails at once with the last error rather than queueing on a dead host.
+    next attempt is allowed after about 0.5 s, then 1 s, 2 s, ... (at most 30 s, with
+    jitter); a command in between fails at once with the last error rather than
+    queueing on a dead host.
     """
 
     connections_opened: int
@@ -118,7 +119,7 @@ class SSHShell:
         self._connect_lock = anyio.Lock()
         self._sftp_lock = anyio.Lock()
         self._sessions = anyio.Semaphore(max_sessions)
-        self._failures = 0
+        self._reconnects = Backoff(base=0.5, cap=_MAX_BACKOFF)
         self._retry_at = 0.0
         self._last_error = ""
         self._closed = False
@@ -223,7 +224,7 @@ class SSHShell:
                 await self._drop(self._client)
             # Fail fast during the backoff instead of queueing callers behind a dead
             # host: the scheduler's poller and the web requests will come back.
-            if self._failures and time.monotonic() < self._retry_at:
+            if self._reconnects.attempt and time.monotonic() < self._retry_at:
                 raise ShellError(
                     f"cannot connect to {self._where} (retrying in "
                     f"{self._retry_at - time.monotonic():.1f} s): {self._last_error}"
@@ -231,13 +232,10 @@ class SSHShell:
             try:
                 client = await anyio.to_thread.run_sync(self._connect)
             except ShellError as exc:
-                self._failures += 1
                 self._last_error = str(exc)
-                self._retry_at = time.monotonic() + min(
-                    0.5 * 2 ** (self._failures - 1), _MAX_BACKOFF
-                )
+                self._retry_at = time.monotonic() + self._reconnects.next_delay()
                 raise
-            self._failures = 0
+            self._reconnects.reset()
             self._client = client
             self.connections_opened += 1
             return client
