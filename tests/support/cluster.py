@@ -42,6 +42,7 @@ from typing import Literal
 import pytest
 
 from tests.support import service_unavailable
+from tests.support.processes import descendants
 
 PACKAGES = (
     "openssh-server",
@@ -148,9 +149,9 @@ class TestCluster:
         """Cut every open SSH connection (as a network failure would); sshd keeps
         accepting new ones."""
         # Each connection has its own sshd processes, forked from the listener.
-        for pid in _descendants(self._procs["sshd"].pid):
+        for process in descendants(self._procs["sshd"].pid):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(process.pid, signal.SIGKILL)
 
     def _stop_sshd(self) -> None:
         # A connection's processes outlive the listener: end them too.
@@ -521,22 +522,6 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str, cluster: Tes
             raise ClusterError(f"{', '.join(dead)} exited while waiting for {what}")
         time.sleep(0.1)
     raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _descendants(pid: int) -> list[int]:
-    """The PIDs of all processes below ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # The command name (field 2) may contain spaces: parse after its ")".
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
 
 
 def _port_open(host: str, port: int) -> bool:
