@@ -42,6 +42,7 @@ from typing import Literal
 import pytest
 
 from tests.support import service_unavailable
+from tests.support.leaks import watch_folder
 from tests.support.processes import descendants
 
 PACKAGES = (
@@ -554,7 +555,7 @@ def _run(argv: Sequence[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def test_cluster() -> Iterator[TestCluster]:
+def test_cluster(pytestconfig: pytest.Config) -> Iterator[TestCluster]:
     """The session's test cluster. In CI (CI=true) a cluster that cannot be built fails
     the test; elsewhere the test is skipped only when not running as root."""
     if os.geteuid() != 0:
@@ -564,6 +565,8 @@ def test_cluster() -> Iterator[TestCluster]:
         cluster = build_cluster()
     except ClusterError as exc:
         pytest.fail(f"could not build the test cluster: {exc}", pytrace=False)
+    # Its jobs run under slurmstepd, outside this process's tree; each has SLURM_CONF.
+    watch_folder(pytestconfig, cluster.state_dir)
     try:
         yield cluster
     finally:
