@@ -23,7 +23,7 @@ import websockets
 
 from metis_stream import tokens
 from metis_stream.config import load_config
-from tests.support.processes import find, processes
+from tests.support.processes import find, process_group
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
@@ -395,8 +395,8 @@ async def wait_for_child(group: int, name: str, timeout: float = 10) -> int:
     """The pid of the process called ``name`` in process group ``group``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for process in processes().values():
-            if process.pgid == group and process.name == name:
+        for process in process_group(group):
+            if process.name == name:
                 return process.pid
         await asyncio.sleep(0.05)
     raise AssertionError(f"no {name} in process group {group}")

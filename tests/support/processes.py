@@ -69,6 +69,12 @@ def descendants(pid: int, table: Mapping[int, Process] | None = None) -> list[Pr
     return found
 
 
+def process_group(pgid: int) -> list[Process]:
+    """The running processes of process group ``pgid``."""
+    return [process for process in processes().values()
+            if process.pgid == pgid and process.running]
+
+
 def command_line(pid: int) -> str:
     """The process's arguments, or its bracketed name when it has none to show (a
     zombie's, a kernel thread's) or is gone."""
