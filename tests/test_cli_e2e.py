@@ -4,7 +4,6 @@ and where the URL and key come from."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -21,9 +20,9 @@ import httpx
 import pytest
 
 from metis_stream.tokens import hash_api_key
-from tests.support.processes import command_line, process_group
+from tests.support.processes import Process, command_line, end_group, process_group
 from tests.support.redis_server import RedisServer
-from tests.support.server import ServerProcess, free_port
+from tests.support.server import ServerProcess, free_port, local_job_script
 
 CLI = [sys.executable, "-m", "metis_stream.cli"]
 WORDS = [f"t{n}" for n in range(10)]
@@ -358,9 +357,8 @@ def test_jobs_state_running_lists_only_the_running_job(live_server: ServerProces
 # demo and serve: who stops the jobs
 
 
-def start_slow_job(url: str, timeout: float = 20) -> int:
-    """Submit a ``tokens`` job that takes minutes; once it streams, its process group
-    (the local scheduler's job id is its script's pid, which leads the group)."""
+def start_slow_job(url: str, timeout: float = 20) -> Process:
+    """Submit a ``tokens`` job that takes minutes; once it streams, its script."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -376,10 +374,7 @@ def start_slow_job(url: str, timeout: float = 20) -> int:
                   for event in httpx.get(f"{job_url}/events", timeout=10).json()["events"]):
         assert time.monotonic() < deadline, "the job never streamed a token"
         time.sleep(0.05)
-    scheduler_id: str = httpx.get(job_url, timeout=10).json()["scheduler_id"]
-    group = int(scheduler_id.removesuffix(".local"))
-    assert process_group(group), "the job's processes"
-    return group
+    return local_job_script(url, created.json()["id"])
 
 
 def wait_for_group_to_end(group: int, timeout: float) -> list[str]:
@@ -394,19 +389,18 @@ def test_stopping_the_demo_stops_the_jobs_it_started(tmp_path: Path):
     port = free_port()
     demo = Background("demo", "--no-browser", "--port", str(port),
                       env={"METIS_STATE_DIR": str(tmp_path / "state")})
-    group = None
+    script = None
     try:
         demo.wait_for_output("Ctrl-C stops the demo and its jobs")
-        group = start_slow_job(f"http://127.0.0.1:{port}")
+        script = start_slow_job(f"http://127.0.0.1:{port}")
         demo.process.send_signal(signal.SIGINT)
         code, _, err = demo.wait(30)
         assert code == 0, err
-        assert wait_for_group_to_end(group, 5) == []
+        assert wait_for_group_to_end(script.pid, 5) == []
     finally:
         demo.stop()
-        if group is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
+        if script is not None:
+            end_group(script)
 
 
 def test_a_stopped_server_leaves_its_local_jobs_running(tmp_path: Path):
@@ -414,10 +408,10 @@ def test_a_stopped_server_leaves_its_local_jobs_running(tmp_path: Path):
     server = ServerProcess(state_dir=tmp_path / "server")
     server.start()
     try:
-        group = start_slow_job(server.url)
+        script = start_slow_job(server.url)
     finally:
         server.stop()
     try:
-        assert process_group(group), "the job was stopped with its server"
+        assert process_group(script.pid), "the job was stopped with its server"
     finally:
-        os.killpg(group, signal.SIGKILL)
+        end_group(script)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,28 @@ def process_group(pgid: int) -> list[Process]:
     """The running processes of process group ``pgid``."""
     return [process for process in processes().values()
             if process.pgid == pgid and process.running]
+
+
+def end_group(leader: Process, grace: float = 5.0) -> None:
+    """End the process group that ``leader`` leads (SIGTERM, and SIGKILL to what is
+    left after ``grace``), whether or not the leader itself still runs."""
+
+    def still_there() -> bool:
+        # A group outlives its leader while it has members, and its id cannot be reused
+        # until it has none: a different leader with the id is a new group, not this one.
+        now = find(leader.pid)
+        return now.started == leader.started if now else bool(process_group(leader.pid))
+
+    if not still_there():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while process_group(leader.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if still_there():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
 
 
 def command_line(pid: int) -> str:
