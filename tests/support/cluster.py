@@ -565,8 +565,9 @@ def test_cluster(pytestconfig: pytest.Config) -> Iterator[TestCluster]:
         cluster = build_cluster()
     except ClusterError as exc:
         pytest.fail(f"could not build the test cluster: {exc}", pytrace=False)
-    # Its jobs run under slurmstepd, outside this process's tree; each has SLURM_CONF.
-    watch_folder(pytestconfig, cluster.state_dir)
+    # Its daemons and jobs (under slurmstepd, outside this process's tree, each with
+    # SLURM_CONF) may run until the session ends: then stop() ends them.
+    watch_folder(pytestconfig, cluster.state_dir, session_wide=True)
     try:
         yield cluster
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import Iterable, Mapping
@@ -112,20 +113,21 @@ def command_line(pid: int) -> str:
     return f"[{process.name if process else '?'}]"
 
 
-def uses_folder(pid: int, folders: Iterable[Path]) -> bool:
-    """The process works in one of ``folders`` (or below), or names one in an environment
-    variable (a path, or a ``:``-separated list of paths). False when /proc does not
-    let this process read it (another user's, without root)."""
-    prefixes = [str(folder) for folder in folders]
-    paths: list[str] = []
+def folders_used(pid: int, folders: Iterable[Path]) -> set[Path]:
+    """Those of ``folders`` that the process works in, or names in an argument or an
+    environment variable (``--file=PATH``, ``NAME=PATH:PATH``), themselves or a path
+    below them. Empty when /proc does not let this process read the process's details
+    (another user's, without root)."""
+    texts: list[str] = []
     with contextlib.suppress(OSError):
-        paths.append(os.readlink(PROC / str(pid) / "cwd"))
-    with contextlib.suppress(OSError):
-        for variable in (PROC / str(pid) / "environ").read_bytes().split(b"\0"):
-            value = variable.partition(b"=")[2].decode(errors="replace")
-            paths += value.split(":")
-    return any(path == prefix or path.startswith(prefix + "/")
-               for path in paths for prefix in prefixes)
+        texts.append(os.readlink(PROC / str(pid) / "cwd"))
+    for name in ("cmdline", "environ"):
+        with contextlib.suppress(OSError):
+            texts += (PROC / str(pid) / name).read_bytes().decode(errors="replace").split("\0")
+    # A process may rewrite its arguments as one line with spaces (sshd does).
+    paths = {piece for text in texts for piece in re.split(r"[\s=:]", text)}
+    return {folder for folder in folders
+            if any(path == str(folder) or path.startswith(f"{folder}/") for path in paths)}
 
 
 def _read_stat(pid: int) -> Process:
