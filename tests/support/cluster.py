@@ -45,6 +45,9 @@ from tests.support import service_unavailable
 from tests.support.leaks import watch_folder
 from tests.support.processes import descendants
 
+# Its fixture declares the processes that may run until the session ends.
+pytest_plugins = ["tests.support.leaks"]
+
 PACKAGES = (
     "openssh-server",
     "munge",

@@ -25,6 +25,9 @@ import pytest
 from tests.support import service_unavailable
 from tests.support.leaks import watch_folder
 
+# Its fixture declares the processes that may run until the session ends.
+pytest_plugins = ["tests.support.leaks"]
+
 INSTALL_SCRIPT = Path(__file__).with_name("install-system-packages.sh")
 
 
