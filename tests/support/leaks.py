@@ -84,6 +84,11 @@ class LeakCheck:
                 self.started[process.key] = item
             if any(self.folders[folder] for folder in used):
                 self.session_wide.add(process.key)
+        # What a session-wide process starts may run as long as it does, wherever it works
+        # (slurmctld's slurmscriptd, the sessions of the cluster's sshd).
+        for process in table.values():
+            if process.key in self.session_wide:
+                self.session_wide.update(below.key for below in descendants(process.pid, table))
 
     def check(self, session: pytest.Session, which: Callable[[Key, pytest.Item], bool],
               when: str) -> None:
