@@ -139,8 +139,13 @@ def _run_workers(config: Config, args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     config = _with_listen_options(load_config(None), args)
+    # The demo's jobs are its own (its clusters are local): they stop with it, where a
+    # server's jobs would run on.
+    config = replace(config, clusters={name: replace(cluster, stop_jobs_on_exit=True)
+                                       for name, cluster in config.clusters.items()})
     url = f"http://{config.server.host}:{config.server.port}/"
-    print(f"metis-stream demo: open {url} and submit the 'tokens' template", flush=True)
+    print(f"metis-stream demo: open {url} and submit the 'tokens' template "
+          "(Ctrl-C stops the demo and its jobs)", flush=True)
     if not args.no_browser:
         webbrowser.open(url)
     return _run_server(config)

@@ -80,6 +80,9 @@ class ClusterConfig:
     poll_interval: float = 10.0
     max_sessions: int = 8
     command_timeout: float = 60.0
+    stop_jobs_on_exit: bool = False
+    """Local scheduler only: a server that stops stops its running jobs too (the demo).
+    A cluster's jobs belong to its scheduler, and outlive the server."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,9 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
         raise ConfigError(f"[clusters.{name}]: a cluster reached over SSH needs a user")
     if cluster.scheduler == "local" and cluster.host:
         raise ConfigError(f"[clusters.{name}]: the local scheduler runs jobs here; remove host")
+    if cluster.scheduler != "local" and cluster.stop_jobs_on_exit:
+        raise ConfigError(f"[clusters.{name}]: stop_jobs_on_exit is for the local scheduler; "
+                          "a cluster's jobs outlive the server (cancel them to stop them)")
     return cluster
 
 

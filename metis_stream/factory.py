@@ -32,7 +32,8 @@ def build_schedulers(config: Config) -> dict[str, Scheduler]:
 def _scheduler(config: Config, cluster: ClusterConfig) -> Scheduler:
     if cluster.scheduler == "local":
         return LocalScheduler(cluster.name, jobs_dir=config.state_dir / "jobs" / cluster.name,
-                              emit_script=EMIT_SCRIPT, poll_interval=cluster.poll_interval)
+                              emit_script=EMIT_SCRIPT, poll_interval=cluster.poll_interval,
+                              stop_jobs_on_close=cluster.stop_jobs_on_exit)
     return BatchScheduler(cluster.name, DIALECTS[cluster.scheduler], _shell(cluster),
                           workdir=cluster.workdir, poll_interval=cluster.poll_interval,
                           emit_script=EMIT_SCRIPT, command_timeout=cluster.command_timeout)

@@ -9,6 +9,8 @@ import pytest
 from tests.support import IN_CI
 
 pytest_plugins = [
+    "pytester",
+    "tests.support.leaks",
     "tests.support.server",
     "tests.support.redis_server",
     "tests.support.cluster",

@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from metis_stream.tokens import hash_api_key
+from tests.support.processes import Process, command_line, end_group, process_group
 from tests.support.redis_server import RedisServer
-from tests.support.server import ServerProcess, free_port
+from tests.support.server import ServerProcess, free_port, local_job_script
 
 CLI = [sys.executable, "-m", "metis_stream.cli"]
 WORDS = [f"t{n}" for n in range(10)]
@@ -374,3 +375,66 @@ def test_jobs_state_running_lists_only_the_running_job(live_server: ServerProces
     finally:
         httpx.delete(f"{live_server.url}/api/jobs/{running_id}", timeout=10)
 
+
+
+# demo and serve: who stops the jobs
+
+
+def start_slow_job(url: str, timeout: float = 20) -> Process:
+    """Submit a ``tokens`` job that takes minutes; once it streams, its script."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            created = httpx.post(f"{url}/api/jobs", timeout=10, json={
+                "template": "tokens", "params": {"text": TEXT, "delay": 5}})
+            break
+        except httpx.TransportError:  # not listening yet
+            assert time.monotonic() < deadline, f"nothing answers at {url}"
+            time.sleep(0.05)
+    assert created.status_code == 201, created.text
+    job_url = f"{url}/api/jobs/{created.json()['id']}"
+    while not any(event["type"] == "token"
+                  for event in httpx.get(f"{job_url}/events", timeout=10).json()["events"]):
+        assert time.monotonic() < deadline, "the job never streamed a token"
+        time.sleep(0.05)
+    return local_job_script(url, created.json()["id"])
+
+
+def wait_for_group_to_end(group: int, timeout: float) -> list[str]:
+    """The command lines of the group's processes still running after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := process_group(group)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [command_line(process.pid) for process in left]
+
+
+def test_stopping_the_demo_stops_the_jobs_it_started(tmp_path: Path):
+    port = free_port()
+    demo = Background("demo", "--no-browser", "--port", str(port),
+                      env={"METIS_STATE_DIR": str(tmp_path / "state")})
+    script = None
+    try:
+        demo.wait_for_output("Ctrl-C stops the demo and its jobs")
+        script = start_slow_job(f"http://127.0.0.1:{port}")
+        demo.process.send_signal(signal.SIGINT)
+        code, _, err = demo.wait(30)
+        assert code == 0, err
+        assert wait_for_group_to_end(script.pid, 5) == []
+    finally:
+        demo.stop()
+        if script is not None:
+            end_group(script)
+
+
+def test_a_stopped_server_leaves_its_local_jobs_running(tmp_path: Path):
+    """As a cluster's scheduler would: a server's restart must not end its jobs."""
+    server = ServerProcess(state_dir=tmp_path / "server")
+    server.start()
+    try:
+        script = start_slow_job(server.url)
+    finally:
+        server.stop()
+    try:
+        assert process_group(script.pid), "the job was stopped with its server"
+    finally:
+        end_group(script)

@@ -269,6 +269,7 @@ def test_unreadable_or_invalid_toml_names_the_file(tmp_path, env):
     ('scheduler = "pbs"\nhost = "h"', "a cluster reached over SSH needs a user"),
     ('scheduler = "slurm"\nhost = "h"', "needs a user"),
     ('scheduler = "local"\nhost = "h"\nuser = "u"', "the local scheduler runs jobs here"),
+    ('scheduler = "slurm"\nstop_jobs_on_exit = true', "stop_jobs_on_exit is for the local"),
 ])
 def test_cluster_validation(tmp_path, env, cluster, message):
     path = write(tmp_path, f"[clusters.hpc]\n{cluster}\n")

@@ -383,10 +383,11 @@ async def test_1000_sockets_on_one_process_all_receive_the_jobs_events(server: S
 def test_a_redis_backed_server_stops_cleanly_on_sigterm(redis: RedisServer, tmp_path: Path):
     server = make_server(redis, tmp_path)
     server.start()
-    RunningJob(server, "idle")
+    job = RunningJob(server, "idle")
     assert server.process is not None
     process = server.process
     server.stop()
+    job.end()  # it outlives its server, polling for its token file
     # uvicorn re-raises the signal once it has shut down, as supervisors expect.
     assert process.returncode in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in server.log()

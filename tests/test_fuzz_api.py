@@ -64,6 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     try:
         yield process
     finally:
+        process.cancel_jobs()  # the idle jobs that the fuzzer left running
         process.stop()
         assert "Traceback" not in process.log(), process.log()[-4000:]
 

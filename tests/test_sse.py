@@ -12,9 +12,7 @@ One test waits ~16 s for a keep-alive comment (the server sends one every
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import time
@@ -27,8 +25,15 @@ import httpx
 import pytest
 
 from metis_stream.events import TERMINAL_TYPES
+from tests.support.processes import end_group
 from tests.support.redis_server import RedisServer
-from tests.support.server import EXAMPLE_TEMPLATES, LOCAL_CLUSTER, ServerProcess, free_port
+from tests.support.server import (
+    EXAMPLE_TEMPLATES,
+    LOCAL_CLUSTER,
+    ServerProcess,
+    free_port,
+    local_job_script,
+)
 
 SSE = {"Accept": "text/event-stream"}
 WORDS = [f"w{n}" for n in range(12)]
@@ -258,6 +263,7 @@ def test_unknown_job_and_bad_last_event_id_are_refused_before_the_stream(
                     headers={**SSE, "Last-Event-ID": "seven"}, timeout=10)
     assert bad.status_code == 400
     assert "error" in bad.json()
+    wait_for_end(live_server, job_id)  # before its server stops: it would retry for minutes
 
 
 def test_an_open_sse_stream_does_not_hold_up_a_server_shutdown(tmp_path: Path):
@@ -265,7 +271,7 @@ def test_an_open_sse_stream_does_not_hold_up_a_server_shutdown(tmp_path: Path):
     server.start()
     job_id = submit(server, text="a b c d e f", delay=5)
     wait_for_seq(server, job_id, 3)
-    job_pid = int(history(server, job_id)[1]["data"].split(".")[0])  # submitted: "<pid>.local"
+    script = local_job_script(server.url, job_id)
     try:
         with httpx.stream("GET", f"{server.url}/api/jobs/{job_id}/events", headers=SSE,
                           timeout=30) as response:
@@ -276,8 +282,7 @@ def test_an_open_sse_stream_does_not_hold_up_a_server_shutdown(tmp_path: Path):
             server.process.wait(6)  # the websockets are closed with 1012 at once
     finally:
         server.stop()  # SIGKILL after 10 s
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job_pid, signal.SIGTERM)  # the job outlives its server: end it here
+        end_group(script)  # the job outlives its server: end it here
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import websockets
 from metis_stream import tokens
 from metis_stream.config import load_config
 from metis_stream.jobs import state_machine
+from tests.support.processes import find, process_group
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
@@ -261,9 +262,9 @@ async def test_cancel_kills_the_job_and_sends_cancelled(server: ServerProcess):
     assert not (job_dir / "token").exists()
     pid = int(seen[1]["data"].split(".")[0])
     deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+    while (job := find(pid)) is not None and job.running and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert job is None or not job.running
 
 
 def test_the_job_spec_routes_answer_with_the_job_token(server: ServerProcess):
@@ -395,15 +396,9 @@ async def wait_for_child(group: int, name: str, timeout: float = 10) -> int:
     """The pid of the process called ``name`` in process group ``group``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                    command = (entry / "comm").read_text().strip()
-                except OSError:
-                    continue
-                if int(fields[2]) == group and command == name:
-                    return int(entry.name)
+        for process in process_group(group):
+            if process.name == name:
+                return process.pid
         await asyncio.sleep(0.05)
     raise AssertionError(f"no {name} in process group {group}")
 

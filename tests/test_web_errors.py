@@ -204,8 +204,8 @@ async def test_404_unknown_job_everywhere(server: ServerProcess):
 # 409
 
 
-def test_409_after_the_terminal_event_for_its_own_token_only(server: ServerProcess):
-    job = RunningJob(server, "sleepy")
+def test_409_after_the_terminal_event_for_its_own_token_only(server: ServerProcess,
+                                                            job: RunningJob):
     assert job.post(json.dumps({"type": "completed", "id": "done-1"})).status_code == 200
     before = job.events()
     assert_error(job.post(json.dumps({"type": "log", "data": "late"})), 409, "already ended")
@@ -330,6 +330,7 @@ def test_429_with_retry_after_past_the_submission_rate(tmp_path: Path):
         assert "too many submissions" in answers[2].json()["error"]
         assert len(httpx.get(f"{process.url}/api/jobs").json()["jobs"]) == 2
     finally:
+        process.cancel_jobs()
         process.stop()
 
 

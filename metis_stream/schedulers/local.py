@@ -8,11 +8,14 @@ process group, so cancelling kills everything it started.
 Its jobs are children of one server process: with several server processes on
 one Redis, each watches only its own children, and a job whose server process
 restarted runs on but is no longer watched for a silent death. Use a cluster
-scheduler for anything that must survive a restart.
+scheduler for anything that must survive a restart. A server that stops leaves its
+jobs running, as a cluster's scheduler would, unless the cluster says
+``stop_jobs_on_exit`` (the demo does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,18 +36,25 @@ class LocalScheduler:
     shared = False
 
     def __init__(self, name: str, *, jobs_dir: Path, emit_script: Path,
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5, stop_jobs_on_close: bool = False) -> None:
         self.name = name
         self.poll_interval = poll_interval
         self._jobs_dir = jobs_dir
         self._emit_script = emit_script
+        self._stop_jobs_on_close = stop_jobs_on_close
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
 
     async def start(self) -> None:
         self._jobs_dir.mkdir(parents=True, exist_ok=True)
 
     async def close(self) -> None:
-        """Leave running jobs alone: like jobs on a cluster, they outlive the server."""
+        """Leave running jobs alone, as a cluster's scheduler would: they outlive the
+        server. Unless told to stop them (the demo): a job of a server that is gone
+        would retry each of its events against it for minutes."""
+        if self._stop_jobs_on_close:
+            async with anyio.create_task_group() as tasks:
+                for process in self._processes.values():
+                    tasks.start_soon(_stop, process)
         self._processes.clear()
 
     async def submit(self, submission: Submission) -> str:
@@ -94,19 +104,26 @@ class LocalScheduler:
 
     async def cancel(self, scheduler_id: str) -> None:
         process = self._processes.get(scheduler_id)
-        if process is None or process.poll() is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            await anyio.to_thread.run_sync(process.wait, KILL_GRACE)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process is not None:
+            await _stop(process)
 
     async def release(self, job_id: str) -> None:
         (self._jobs_dir / job_id / "token").unlink(missing_ok=True)
+
+
+async def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the job's process group, SIGKILL if the script outlives KILL_GRACE."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        await anyio.to_thread.run_sync(process.wait, KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):  # it ended in the meantime
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _ended(returncode: int) -> SchedulerStatus:

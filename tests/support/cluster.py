@@ -42,6 +42,11 @@ from typing import Literal
 import pytest
 
 from tests.support import service_unavailable
+from tests.support.leaks import watch_folder
+from tests.support.processes import descendants
+
+# Its fixture declares the processes that may run until the session ends.
+pytest_plugins = ["tests.support.leaks"]
 
 PACKAGES = (
     "openssh-server",
@@ -148,9 +153,9 @@ class TestCluster:
         """Cut every open SSH connection (as a network failure would); sshd keeps
         accepting new ones."""
         # Each connection has its own sshd processes, forked from the listener.
-        for pid in _descendants(self._procs["sshd"].pid):
+        for process in descendants(self._procs["sshd"].pid):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(process.pid, signal.SIGKILL)
 
     def _stop_sshd(self) -> None:
         # A connection's processes outlive the listener: end them too.
@@ -523,22 +528,6 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str, cluster: Tes
     raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _descendants(pid: int) -> list[int]:
-    """The PIDs of all processes below ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # The command name (field 2) may contain spaces: parse after its ")".
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
-
-
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -569,7 +558,7 @@ def _run(argv: Sequence[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def test_cluster() -> Iterator[TestCluster]:
+def test_cluster(pytestconfig: pytest.Config) -> Iterator[TestCluster]:
     """The session's test cluster. In CI (CI=true) a cluster that cannot be built fails
     the test; elsewhere the test is skipped only when not running as root."""
     if os.geteuid() != 0:
@@ -579,6 +568,9 @@ def test_cluster() -> Iterator[TestCluster]:
         cluster = build_cluster()
     except ClusterError as exc:
         pytest.fail(f"could not build the test cluster: {exc}", pytrace=False)
+    # Its daemons and jobs (under slurmstepd, outside this process's tree, each with
+    # SLURM_CONF) may run until the session ends: then stop() ends them.
+    watch_folder(pytestconfig, cluster.state_dir, session_wide=True)
     try:
         yield cluster
     finally:

@@ -23,6 +23,10 @@ from pathlib import Path
 import pytest
 
 from tests.support import service_unavailable
+from tests.support.leaks import watch_folder
+
+# Its fixture declares the processes that may run until the session ends.
+pytest_plugins = ["tests.support.leaks"]
 
 INSTALL_SCRIPT = Path(__file__).with_name("install-system-packages.sh")
 
@@ -138,9 +142,13 @@ def start_private_redis(directory: Path) -> RedisServer:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def redis_server(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[RedisServer]:
     """One redis-server for the whole session, for tests that leave it running."""
-    server = start_private_redis(tmp_path_factory.mktemp("redis"))
+    directory = tmp_path_factory.mktemp("redis")
+    # redis-server works in its directory: whichever test restarted it, it runs on.
+    watch_folder(pytestconfig, directory, session_wide=True)
+    server = start_private_redis(directory)
     try:
         yield server
     finally:

@@ -20,6 +20,8 @@ import pytest
 from metis_stream import tokens
 from metis_stream.backends.contract import READ_PAGE
 from metis_stream.config import JOBSCRIPTS_DIR, load_config
+from metis_stream.jobs import JobState
+from tests.support.processes import Process, end_group, find
 
 EXAMPLE_TEMPLATES = f"""
 [templates.tokens]
@@ -139,10 +141,19 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def cancel_jobs(self) -> None:
+        """Cancel, as a client would, every job that has not ended: a server's jobs
+        outlive it."""
+        listed = httpx.get(f"{self.url}/api/jobs", params={"limit": 1000}, timeout=30)
+        for job in listed.json()["jobs"]:
+            if not JobState(job["state"]).terminal:
+                httpx.delete(f"{self.url}/api/jobs/{job['id']}", timeout=30)
+
 
 class RunningJob:
-    """A job of ``template`` whose script has posted its first ``step`` and then waits; the
-    test posts further events with the job's own token, as the batch script would."""
+    """A local job of ``template`` whose script has posted its first ``step`` and then
+    waits; the test posts further events with the job's own token, as the batch script
+    would. :meth:`end` ends it."""
 
     def __init__(self, server: ServerProcess, template: str, timeout: float = 30) -> None:
         self.server = server
@@ -158,6 +169,7 @@ class RunningJob:
         while not any(e["type"] == "step" for e in self.events()):
             assert time.monotonic() < deadline, f"job {self.id} never posted its step"
             time.sleep(0.05)
+        self.script = local_job_script(server.url, self.id)
 
     def post(self, content: bytes | str, content_type: str = "application/json",
              token: str | None = None) -> httpx.Response:
@@ -182,10 +194,23 @@ class RunningJob:
         return f"{self.server.ws_url}/ws/jobs/{self.id}"
 
     def end(self) -> None:
-        """Cancel the job unless it has ended already."""
-        if httpx.get(f"{self.server.url}/api/jobs/{self.id}", timeout=30).json()["state"] not in (
-                "completed", "failed", "cancelled"):
-            httpx.delete(f"{self.server.url}/api/jobs/{self.id}", timeout=30)
+        """Cancel the job unless it has ended already, then make sure that its script has
+        stopped: a test that posted the terminal event in the script's stead, or stopped
+        the server, left it running."""
+        if self.server.process is not None:
+            state = httpx.get(f"{self.server.url}/api/jobs/{self.id}", timeout=30).json()["state"]
+            if not JobState(state).terminal:
+                httpx.delete(f"{self.server.url}/api/jobs/{self.id}", timeout=30)
+        end_group(self.script)
+
+
+def local_job_script(url: str, job_id: str) -> Process:
+    """The script of a local job that the server at ``url`` has submitted. It leads the
+    job's process group: the local scheduler's job id is its pid."""
+    record = httpx.get(f"{url}/api/jobs/{job_id}", timeout=30).json()
+    script = find(int(record["scheduler_id"].removesuffix(".local")))
+    assert script is not None, f"the script of job {job_id} has ended"
+    return script
 
 
 def _toml(value: object) -> str:
