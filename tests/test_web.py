@@ -124,6 +124,7 @@ def file_server(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
         yield f"http://127.0.0.1:{httpd.server_address[1]}/data.bin", payload
     finally:
         httpd.shutdown()
+        httpd.server_close()
 
 
 async def test_download_reports_size_and_sha256(server: ServerProcess, file_server):

@@ -26,6 +26,7 @@ import anyio
 import orjson
 
 from metis_stream.errors import SchedulerError
+from metis_stream.files import make_private_dirs, write_private
 from metis_stream.schedulers.base import SchedulerStatus, Submission
 
 BASE_ENV_NAMES = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "LOGNAME")
@@ -45,7 +46,7 @@ class LocalScheduler:
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
 
     async def start(self) -> None:
-        self._jobs_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self._jobs_dir)
 
     async def close(self) -> None:
         """Leave running jobs alone, as a cluster's scheduler would: they outlive the
@@ -63,9 +64,10 @@ class LocalScheduler:
             raise SchedulerError(f"template {template.name!r}: the local scheduler needs a "
                                  "local script, not remote_script")
         job_dir = self._jobs_dir / submission.job_id
-        job_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        token_file = _write_private(job_dir / "token", submission.token.encode())
-        spec_file = _write_private(job_dir / "spec.json", orjson.dumps(submission.spec))
+        token_file = job_dir / "token"
+        spec_file = job_dir / "spec.json"
+        write_private(token_file, submission.token.encode())
+        write_private(spec_file, orjson.dumps(submission.spec))
         env = {name: os.environ[name] for name in BASE_ENV_NAMES if name in os.environ}
         env.update(submission.env)
         env.update({
@@ -133,9 +135,3 @@ def _ended(returncode: int) -> SchedulerStatus:
         return SchedulerStatus("ended", 128 + signum, f"killed: {reason}")
     return SchedulerStatus("ended", returncode, f"exited with status {returncode}")
 
-
-def _write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    return path
