@@ -19,8 +19,9 @@ from metis_stream.errors import ClientError
 from metis_stream.events import TERMINAL_TYPES
 from metis_stream.jobs import state_machine
 from metis_stream.tokens import hash_api_key
+from tests.support.processes import end_group
 from tests.support.redis_server import RedisServer
-from tests.support.server import ServerProcess, free_port
+from tests.support.server import ServerProcess, free_port, local_job_script
 
 UNKNOWN_JOB = "j_01M87P14J6V8D2MYD25J6MJ0B2"
 WORDS = [f"c{n}" for n in range(15)]
@@ -245,13 +246,19 @@ async def test_a_watch_that_was_connected_waits_for_the_server_to_come_back(
         job = await client.submit("tokens", {"text": "a b c d e f g h", "delay": 1})
         events = client.watch(job["id"])
         assert (await anext(events))["type"] == "starting"
+        assert (await anext(events))["type"] == "submitted"
+        # Its job runs on without the server, which can no longer cancel it.
+        script = local_job_script(live_server.url, job["id"])
         live_server.stop()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        with pytest.raises(ClientError) as caught:
-            async with asyncio.timeout(10):
-                async for _ in events:
-                    pass
+        try:
+            with pytest.raises(ClientError) as caught:
+                async with asyncio.timeout(10):
+                    async for _ in events:
+                        pass
+        finally:
+            end_group(script)
         assert loop.time() - started >= 1.5
         assert caught.value.status == 0
         assert caught.value.message == f"cannot reach {live_server.url} to watch job {job['id']}"
