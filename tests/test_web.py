@@ -8,7 +8,10 @@ import hashlib
 import http.server
 import json
 import os
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -28,6 +31,7 @@ from tests.support.processes import find, process_group
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
+    RunningJob,
     ServerProcess,
     script_templates,
 )
@@ -433,3 +437,43 @@ def test_meta_serves_the_state_machine_even_without_a_key(tmp_path: Path):
         assert response.json() == state_machine()
     finally:
         keyed.stop()
+
+
+# The README's plain-curl example, as written
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_curl_example() -> str:
+    text = README.read_text()
+    start = text.index("With nothing but `curl`:")
+    return re.search(r"```sh\n(.*?)```", text[start:], re.S).group(1)  # type: ignore[union-attr]
+
+
+def test_the_plain_curl_example_posts_its_event_without_the_token_on_a_command_line(
+        server: ServerProcess, tmp_path: Path):
+    job = RunningJob(server, "sleepy")
+    try:
+        token_file = tmp_path / "token"
+        token_file.write_text(job.token)
+        token_file.chmod(0o600)
+        # A curl that records its command line, then runs the real one.
+        spy = tmp_path / "bin"
+        spy.mkdir()
+        argv_log = tmp_path / "curl-argv"
+        real_curl = shutil.which("curl")
+        assert real_curl is not None
+        (spy / "curl").write_text(
+            f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_log}\nexec {real_curl} "$@"\n')
+        (spy / "curl").chmod(stat.S_IRWXU)
+        env = {"PATH": f"{spy}:{os.environ['PATH']}", "METIS_EVENTS_URL": job.url,
+               "METIS_TOKEN_FILE": str(token_file)}
+        done = subprocess.run(["sh", "-c", readme_curl_example()], env=env,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        posted = [e for e in job.events() if e["type"] == "step"]
+        assert posted[-1]["data"] == "Downloading input"
+        assert argv_log.read_text(), "the example did not run curl"
+        assert job.token not in argv_log.read_text()
+    finally:
+        job.end()
