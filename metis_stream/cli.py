@@ -30,6 +30,15 @@ from metis_stream.web.app import create_app
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_INTERRUPTED = 130
 
+# A job's text is the job's to choose: printed raw, its control characters would act on the
+# terminal (OSC 0 sets the title, OSC 52 writes the clipboard, CSI 2J clears the screen).
+# Human output shows every C0 and C1 control but newline and tab, and DEL, as \xNN.
+_SHOWN_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f, *range(0x80, 0xa0))
+                   if chr(code) not in "\n\t"}
+# JSON escapes only U+0000..U+001F and leaves DEL and the C1 controls raw (U+009B is a CSI);
+# escaping them as well keeps the value exact. They can only occur inside JSON strings.
+_JSON_CONTROLS = {code: f"\\u{code:04x}" for code in (0x7f, *range(0x80, 0xa0))}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -263,22 +272,23 @@ class EventPrinter:
 
     def show(self, event: dict[str, Any]) -> None:
         if self._json:
-            self._out.write(orjson.dumps(event).decode() + "\n")
+            self._out.write(_json_line(event) + "\n")
         elif event["type"] == "token":
             self._clear_bar()
-            self._out.write(str(event["data"]))
+            self._out.write(_shown(str(event["data"])))
             self._mid_line = True
         elif event["type"] == "progress":
             # Only a terminal can redraw a bar in place, and only on a line of its own:
             # progress lines must never cut streamed text (--json keeps every event).
             if self._tty and not self._mid_line:
-                self._out.write("\r" + _progress_bar(event["data"]))
+                self._out.write("\r" + _shown(_progress_bar(event["data"])))
                 self._bar = True
         else:
             self._clear_bar()
             self._end_line()
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-            self._out.write(f"{stamp} {event['type']:<10} {_describe(event['data'])}\n")
+            self._out.write(_shown(f"{stamp} {event['type']:<10} {_describe(event['data'])}")
+                            + "\n")
         self._out.flush()
 
     def finish(self) -> None:
@@ -308,6 +318,16 @@ def _progress_bar(data: Any, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {current}/{total} {label}".rstrip()
 
 
+def _shown(text: str) -> str:
+    """``text`` for a terminal: each control character shown as ``\\xNN``, none obeyed."""
+    return text.translate(_SHOWN_CONTROLS)
+
+
+def _json_line(value: Any) -> str:
+    """``value`` as one line of JSON that a terminal cannot act on."""
+    return orjson.dumps(value).decode().translate(_JSON_CONTROLS)
+
+
 def _describe(data: Any) -> str:
     if data is None:
         return ""
@@ -321,11 +341,12 @@ def _jobs(args: argparse.Namespace) -> int:
         async with _client(args) as client:
             for job in await client.jobs(args.state):
                 if args.json:
-                    print(orjson.dumps(job).decode())
+                    print(_json_line(job))
                 else:
                     created = time.strftime("%Y-%m-%d %H:%M:%S",
                                             time.localtime(job["created"]))
-                    print(f"{job['id']}  {job['state']:<10} {job['template']:<12} {created}")
+                    print(_shown(f"{job['id']}  {job['state']:<10} {job['template']:<12} "
+                                 f"{created}"))
         return 0
 
     return _run(run())

@@ -28,11 +28,15 @@ pick the right parent to be translated everywhere.
     │   └── TooMany                   429   (TooManySubmissions, TooManyStreams)
     ├── BackendUnavailable            503   the store cannot be reached: retry
     ├── SchedulerError                502   the batch system failed (SubmitOutcomeUnknown)
-    ├── ShellError                    502   commands could not run (CommandTimeout 504)
+    ├── ShellError                    502   commands could not run (CommandTimeout 504,
+    │                                       HostKeyRefused)
     └── ClientError                         a client's view of a refused or unreachable server
 
 Anything else that escapes is a bug: a 500, a 1011 close, exit 1, and a traceback in
 the server log.
+
+A second table names the cause of a failure in plain words for those who must not
+read its message (a job's watchers): :func:`plain_cause`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "EXIT_FAILED",
@@ -56,6 +62,7 @@ __all__ = [
     "EventLimitReached",
     "EventTooLarge",
     "Gone",
+    "HostKeyRefused",
     "InvalidEvent",
     "InvalidParams",
     "JobEnded",
@@ -84,6 +91,7 @@ __all__ = [
     "UnsafeValue",
     "UnsupportedMediaType",
     "outcome_of",
+    "plain_cause",
 ]
 
 
@@ -289,6 +297,11 @@ class ShellError(MetisError):
     """The shell could not run a command (connection lost, timeout, refused host key)."""
 
 
+class HostKeyRefused(ShellError):
+    """The SSH server's host key is not in known_hosts, or differs from it: the connection
+    was refused before logging in."""
+
+
 class CommandTimeout(ShellError):
     """A command ran past its timeout; its outcome is unknown."""
 
@@ -362,8 +375,45 @@ OUTCOMES: Mapping[type[MetisError], Outcome] = {
 
 def outcome_of(error: MetisError) -> Outcome:
     """The outcome of the nearest class in ``error``'s hierarchy that the table names."""
+    return _nearest(OUTCOMES, error) or OUTCOMES[MetisError]
+
+
+# The plain causes
+
+_PLAIN_CAUSES: Mapping[type[BaseException], str] = {
+    ShellError: "the server could not connect to the cluster",
+    HostKeyRefused: "the cluster's host key is not trusted",
+    ConnectionLost: "the connection to the cluster broke",
+    CommandTimeout: "the cluster did not answer in time",
+    TimeoutError: "the cluster did not answer in time",
+    SchedulerError: "the scheduler did not take the job",
+    UnsafeValue: "a value of the job cannot be passed to the scheduler safely",
+    UnsafeArgument: "a value of the job cannot be passed to the cluster safely",
+}
+"""What each family is called where its message must not go: messages name SSH users,
+hosts, ports, key and known_hosts paths and host key fingerprints, and a job's events are
+read by anyone with its watch token."""
+
+
+def plain_cause(error: BaseException) -> str:
+    """``error``'s cause in plain words: the entry of the innermost exception in its
+    ``__cause__`` chain that the table names (a SchedulerError raised from a refused host
+    key is the host key's fault), looked up along that exception's class hierarchy."""
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and all(link is not seen for seen in chain):
+        chain.append(link)
+        link = link.__cause__
+    for link in reversed(chain):
+        cause = _nearest(_PLAIN_CAUSES, link)
+        if cause is not None:
+            return cause
+    return "an unexpected error"
+
+
+def _nearest(table: Mapping[Any, T], error: BaseException) -> T | None:
+    """The entry of the nearest class in ``error``'s hierarchy that ``table`` names."""
     for cls in type(error).__mro__:
-        outcome = OUTCOMES.get(cls)
-        if outcome is not None:
-            return outcome
-    return OUTCOMES[MetisError]
+        if cls in table:
+            return table[cls]
+    return None

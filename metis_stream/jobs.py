@@ -99,6 +99,9 @@ class Job:
     last_seq: int = 0
     result: JsonValue = None
     error: str | None = None
+    error_detail: str | None = None
+    """The full story of a failed submission (the SSH user, host, paths, the scheduler's
+    own words), for API key holders only: never in an event, which watchers read."""
     exit_status: int | None = None
 
     def as_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from metis_stream.errors import (
     SchedulerError,
     TooManySubmissions,
     UnknownTemplate,
+    plain_cause,
 )
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState, new_job_id
@@ -134,14 +136,25 @@ class JobService:
             with anyio.fail_after(self.config.server.submit_timeout):
                 scheduler_id = await scheduler.submit(submission)
         except Exception as exc:  # any failure must end the job, never the server
-            logger.warning("job %s: submission failed: %r", job.id, exc)
-            self.metrics.count("metis_submissions_failed_total")
-            with contextlib.suppress(JobEnded):
-                await self._append(job.id, [NewEvent(
-                    "fatal", {"error": f"submission failed: {exc or type(exc).__name__}"})],
-                    by="server")
+            await self._submission_failed(job.id, exc)
             return
         await self._record_submission(job.id, scheduler, scheduler_id)
+
+    async def _submission_failed(self, job_id: str, exc: Exception) -> None:
+        """End the job with its failure: the message names SSH users, hosts, ports, paths
+        and host key fingerprints, so it goes to the log and to the job's record for API
+        key holders; the ``fatal`` event, which watchers read, says the plain cause and a
+        reference to the log line."""
+        reference = secrets.token_hex(4)
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        logger.warning("job %s: submission failed (reference %s): %s", job_id, reference,
+                       detail)
+        self.metrics.count("metis_submissions_failed_total")
+        await self.backend.set_error_detail(job_id, detail)
+        error = f"submission failed: {plain_cause(exc)} (reference {reference})"
+        with contextlib.suppress(JobEnded):
+            await self._append(job_id, [NewEvent(
+                "fatal", {"error": error, "reference": reference})], by="server")
 
     async def _record_submission(self, job_id: str, scheduler: Scheduler,
                                  scheduler_id: str) -> None:

@@ -98,6 +98,22 @@ async def test_unknown_job(backend: Backend) -> None:
         await backend.append(new_job_id(), events("step"))
     with pytest.raises(JobNotFound):
         await backend.read(new_job_id())
+    with pytest.raises(JobNotFound):
+        await backend.set_error_detail(new_job_id(), "details")
+
+
+async def test_error_detail_is_kept_on_the_record_and_in_no_event(backend: Backend) -> None:
+    job = await new_job(backend, submitted=False)
+    assert (await backend.get_job(job.id)).error_detail is None
+    await backend.append(job.id, [NewEvent("starting")])
+    await backend.set_error_detail(job.id, "ShellError: cannot connect to [héllo]:22")
+    await backend.append(job.id, [NewEvent("fatal", {"error": "submission failed"})])
+    record = await backend.get_job(job.id)
+    assert (record.state, record.error, record.error_detail) == (
+        JobState.FAILED, "submission failed", "ShellError: cannot connect to [héllo]:22")
+    assert [job.id for job in await backend.list_jobs()] == [job.id]
+    assert (await backend.list_jobs())[0] == record
+    assert all("héllo]" not in event.wire for event in await backend.read(job.id))
 
 
 # Appending and reading

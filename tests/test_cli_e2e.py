@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +22,18 @@ import httpx
 import pytest
 
 from metis_stream.tokens import hash_api_key
+from tests.support import service_unavailable
 from tests.support.processes import Process, command_line, end_group, process_group
 from tests.support.redis_server import RedisServer
-from tests.support.server import ServerProcess, free_port, local_job_script
+from tests.support.server import (
+    EXAMPLE_TEMPLATES,
+    LOCAL_CLUSTER,
+    RunningJob,
+    ServerProcess,
+    free_port,
+    local_job_script,
+    script_templates,
+)
 
 CLI = [sys.executable, "-m", "metis_stream.cli"]
 WORDS = [f"t{n}" for n in range(10)]
@@ -237,6 +248,103 @@ def test_tail_across_a_server_restart_prints_the_text_once_and_exits_0(
     assert log.count("Started server process") == 2
     resumed = re.findall(rf"WebSocket /ws/jobs/{job_id}\?after=(\d+)", log)
     assert len(resumed) >= 2 and int(resumed[-1]) > 0, "tail must have resumed after N"
+
+
+# A job's text that reaches a terminal
+
+# A job that waits until its token file is removed, so that the test posts its events.
+IDLE = {"idle": '"$METIS_EMIT" step "idle"\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'}
+HOSTILE_TOKENS = [
+    "before ",
+    "\x1b]52;c;cHduZWQtY2xpcGJvYXJk\x07",  # OSC 52: write "pwned-clipboard" to the clipboard
+    "\x1b]0;pwned-title\x07",  # OSC 0: set the window and pane title
+    "\x1b[2J\x1b[H",  # CSI 2J: clear the screen
+    "\x9b2J",  # the same as one C1 character, U+009B (CSI)
+    "\x07 after",
+]
+SHOWN_TEXT = (r"before \x1b]52;c;cHduZWQtY2xpcGJvYXJk\x07\x1b]0;pwned-title\x07\x1b[2J\x1b[H"
+              r"\x9b2J\x07 after")
+HOSTILE_LOG = "log \x1b]0;pwned-log\x07\x9b2J\r\x7f"
+
+
+@pytest.fixture
+def hostile_job(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
+    """A finished job whose text holds terminal escape sequences."""
+    server = ServerProcess(state_dir=tmp_path / "server", extra_config=LOCAL_CLUSTER
+                           + EXAMPLE_TEMPLATES + script_templates(tmp_path / "scripts", IDLE))
+    server.start()
+    try:
+        job = RunningJob(server, "idle")
+        events = ([{"type": "token", "data": text} for text in HOSTILE_TOKENS]
+                  + [{"type": "log", "data": HOSTILE_LOG},
+                     {"type": "progress", "data": {"current": 1, "total": 2,
+                                                   "label": HOSTILE_TOKENS[2]}},
+                     {"type": "completed", "data": {"text": HOSTILE_TOKENS[1]}}])
+        for event in events:
+            assert job.post_event(event).status_code == 200
+        yield server, job.id
+    finally:
+        server.stop()
+
+
+def assert_no_terminal_controls(output: str) -> None:
+    """Nothing a terminal would act on but line ends and tabs."""
+    assert not [char for char in output if char not in "\n\t" and (
+        char < " " or "\x7f" <= char < "\xa0")], repr(output)
+
+
+def test_tail_shows_escape_sequences_in_job_text_instead_of_sending_them(
+        hostile_job: tuple[ServerProcess, str]):
+    server, job_id = hostile_job
+    done = cli("tail", job_id, "--url", server.url)
+    assert done.returncode == 0, done.stderr
+    assert_no_terminal_controls(done.stdout)
+    assert SHOWN_TEXT in done.stdout.splitlines()
+    assert r" log        log \x1b]0;pwned-log\x07\x9b2J\x0d\x7f" + "\n" in done.stdout
+    # --json keeps every event exact, and escapes what JSON leaves raw (DEL, C1).
+    as_json = cli("tail", job_id, "--json", "--url", server.url)
+    assert as_json.returncode == 0, as_json.stderr
+    assert_no_terminal_controls(as_json.stdout)
+    assert [json.loads(line) for line in as_json.stdout.splitlines()] == history(
+        server, job_id)
+
+
+def test_tail_in_a_real_terminal_changes_no_title_clipboard_or_screen(
+        hostile_job: tuple[ServerProcess, str], tmp_path: Path):
+    if shutil.which("tmux") is None:
+        service_unavailable("tmux is not installed (./dev test installs it)")
+    server, job_id = hostile_job
+    socket = str(tmp_path / "tmux.sock")
+    config = tmp_path / "tmux.conf"
+    config.write_text("set -g set-clipboard on\n")  # OSC 52 may fill a tmux buffer
+    status_file = tmp_path / "status"
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(["tmux", "-S", socket, "-f", str(config), *args],
+                              capture_output=True, text=True, timeout=10, check=True,
+                              env=clean_env()).stdout
+
+    # The pane outlives tail (with remain-on-exit, tmux's own notice would scroll it).
+    tail = shlex.join([*CLI, "tail", job_id, "--url", server.url])
+    tmux("new-session", "-d", "-x", "200", "-y", "50",
+         f"{tail}; echo $? > {shlex.quote(str(status_file))}; exec sleep 600")
+    try:
+        deadline = time.monotonic() + 30
+        while not status_file.exists() or not status_file.read_text():
+            assert time.monotonic() < deadline, tmux("capture-pane", "-p")
+            time.sleep(0.1)
+        screen = tmux("capture-pane", "-p")
+        title = tmux("display-message", "-p", "#{pane_title}").strip()
+        buffers = tmux("list-buffers", "-F", "#{buffer_sample}")
+    finally:
+        subprocess.run(["tmux", "-S", socket, "kill-server"], capture_output=True, timeout=10)
+    assert status_file.read_text() == "0\n", screen
+    assert "pwned" not in title
+    assert buffers == "", "nothing may reach the clipboard"
+    lines = [line for line in screen.splitlines() if line]
+    assert is_event_line(lines[0], "starting"), f"the screen was cleared: {screen}"
+    assert SHOWN_TEXT in lines
+    assert is_event_line(lines[-1], "completed")
 
 
 # Where the URL and key come from

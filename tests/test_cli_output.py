@@ -243,3 +243,52 @@ def test_progress_bar_with_odd_data_never_fails(data, expected):
     out = TTY()
     EventPrinter(out, as_json=False).show(ev("progress", data))
     assert out.getvalue() == expected
+
+
+# Control characters in a job's text: shown, never obeyed by the terminal
+
+# OSC 52 (write the clipboard), OSC 0 (set the title), CSI 2J (clear), a CSI as the one
+# C1 character U+009B, and other C0 controls, DEL among them.
+HOSTILE = "\x1b]52;c;cHduZWQ=\x07\x1b]0;pwned\x07\x1b[2J\x9b2J\r\b\x7f\x00"
+SHOWN = r"\x1b]52;c;cHduZWQ=\x07\x1b]0;pwned\x07\x1b[2J\x9b2J\x0d\x08\x7f\x00"
+
+
+def test_control_characters_in_token_text_are_shown_not_obeyed():
+    out = io.StringIO()
+    printer = EventPrinter(out, as_json=False)
+    printer.show(ev("token", f"a{HOSTILE}\tb\n"))
+    printer.show(ev("token", "c"))
+    printer.finish()
+    assert out.getvalue() == f"a{SHOWN}\tb\nc\n"
+
+
+def test_control_characters_in_event_lines_are_shown_not_obeyed():
+    out = io.StringIO()
+    printer = EventPrinter(out, as_json=False)
+    printer.show(ev("log", HOSTILE))
+    printer.show(ev("completed", {"text": HOSTILE}))
+    # JSON escapes C0 itself; it leaves DEL and U+009B raw, and they are shown here.
+    in_json = r"\u001b]52;c;cHduZWQ=\u0007\u001b]0;pwned\u0007\u001b[2J\x9b2J\r\b\x7f\u0000"
+    assert out.getvalue() == (f"{stamp()} log        {SHOWN}\n"
+                              f'{stamp()} completed  {{"text":"{in_json}"}}\n')
+
+
+def test_a_progress_label_cannot_act_but_the_bar_still_redraws():
+    out = TTY()
+    printer = EventPrinter(out, as_json=False)
+    printer.show(ev("progress", {"current": 1, "total": 2, "label": HOSTILE}))
+    printer.show(ev("step", "next"))
+    bar = "\r[" + "#" * 15 + "." * 15 + "] 1/2 " + SHOWN
+    assert out.getvalue() == bar + "\r\x1b[K" + f"{stamp()} step       next\n"
+
+
+def test_json_mode_escapes_del_and_c1_controls_and_keeps_the_value():
+    # JSON itself escapes only U+0000..U+001F: DEL and the C1 controls (U+009B is a
+    # CSI) would otherwise reach the terminal raw.
+    out = io.StringIO()
+    event = ev("token", HOSTILE, seq=1)
+    EventPrinter(out, as_json=True).show(event)
+    line = out.getvalue()
+    assert orjson.loads(line) == event
+    assert line.isascii() and all(" " <= char < "\x7f" for char in line[:-1]), line
+    assert r"\u009b2J" in line and r"\u007f" in line

@@ -18,6 +18,7 @@ from metis_stream.errors import (
     ConfigError,
     EventLimitReached,
     EventTooLarge,
+    HostKeyRefused,
     InvalidParams,
     JobEnded,
     JobNotFound,
@@ -34,6 +35,7 @@ from metis_stream.errors import (
     UnknownTemplate,
     UnsafeValue,
     outcome_of,
+    plain_cause,
 )
 
 # The table as DESIGN.md and the docs promise it; a change to errors.py must change this too.
@@ -72,6 +74,7 @@ EXPECTED = [
     (ShellError("x"), 502, 1011, 1),
     (errors.ConnectionLost("x"), 502, 1011, 1),
     (CommandTimeout("x"), 504, 1011, 1),
+    (HostKeyRefused("x"), 502, 1011, 1),
     (ClientError(404, "x"), 500, 1011, 1),
     (MetisError("x"), 500, 1011, 1),
 ]
@@ -133,3 +136,43 @@ def test_messages_and_details():
     assert BackendUnavailable("Redis is down").message == (
         "backend unavailable, retry: Redis is down")
     assert MetisError().message == "MetisError"
+
+
+# The plain causes: what a job's watchers are told
+
+
+def raised_from(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(("error", "cause"), [
+    (ShellError("cannot connect to bob@10.0.0.1:22"), "the server could not connect to the "
+                                                      "cluster"),
+    (HostKeyRefused("host key of login (SHA256:abc) is not in /etc/kh"),
+     "the cluster's host key is not trusted"),
+    (CommandTimeout("qsub on bob@login:22"), "the cluster did not answer in time"),
+    (TimeoutError(), "the cluster did not answer in time"),
+    (SchedulerError("qsub: Unknown queue"), "the scheduler did not take the job"),
+    (UnsafeValue("queue 'a b' is not allowed"),
+     "a value of the job cannot be passed to the scheduler safely"),
+    (errors.UnsafeArgument("NUL"), "a value of the job cannot be passed to the cluster safely"),
+    # A scheduler's error raised from the shell's is the shell's fault: the innermost wins.
+    (raised_from(SchedulerError("could not stage the job on hpc: ..."),
+                 raised_from(HostKeyRefused("host key ..."), OSError("not named"))),
+     "the cluster's host key is not trusted"),
+    (raised_from(errors.SubmitOutcomeUnknown("connection lost while submitting"),
+                 errors.ConnectionLost("bob@login:22")), "the connection to the cluster broke"),
+    (raised_from(SchedulerError("cannot read /srv/job.sh"), OSError("ENOENT")),
+     "the scheduler did not take the job"),
+    (KeyError("a bug"), "an unexpected error"),
+], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None)
+def test_plain_cause_by_family_of_the_innermost_cause(error, cause):
+    assert plain_cause(error) == cause
+
+
+def test_plain_cause_survives_a_cycle_of_causes():
+    first, second = ShellError("a"), SchedulerError("b")
+    raised_from(first, second)
+    raised_from(second, first)
+    assert plain_cause(first) == "the scheduler did not take the job"

@@ -697,6 +697,79 @@ def test_pipe_recovers_from_a_dropped_stream(stub: Stub, env: dict[str, str]) ->
     assert resent[:2] == lines[:2]
 
 
+# Bytes that are not UTF-8 (half of a character from a byte-level tokenizer, overlong
+# forms, surrogates, beyond U+10FFFF, stray bytes) and valid characters beside them; each
+# line must arrive as Python's decode(errors="replace") reads it: one U+FFFD for each
+# maximal ill-formed part, as Unicode recommends.
+NOT_UTF8 = [
+    b"half of a euro: \xe2\x82",
+    b"\xe2\x82x then ASCII",
+    b"\x80 lone continuation \xbf",
+    b"overlong \xc0\xaf \xe0\x80\xaf \xf0\x80\x80\xaf",
+    b"surrogate \xed\xa0\x80 and past U+10FFFF \xf4\x90\x80\x80",
+    b"never a lead: \xf5\x80 \xff\xfe \xc1\xbf",
+    b"cut emoji \xf0\x9f\x8e and a whole one \xf0\x9f\x8e\x89",
+    b"\xe1\x80\xe1\x80\x80\xf1\x80\x80\xf1",
+    b'escapes after: \xe2\x82"\\\t\x01',
+    b"valid: \xc3\xa9 \xe2\x82\xac \xed\x9f\xbf \xf4\x8f\xbf\xbf \xc3",
+]
+
+
+def replaced(line: bytes) -> str:
+    return line.decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_pipe_replaces_invalid_utf8_and_keeps_every_following_line(
+        stub: Stub, env: dict[str, str], shell: list[str]) -> None:
+    lines = [b"line 1", b"half a euro: \xe2\x82", b"line 3 \xe2\x82\xac"]
+    done = emit(env, "pipe", "token", shell=shell, stdin=b"".join(x + b"\n" for x in lines))
+    assert done.returncode == 0, done.stderr
+    assert [e["data"] for e in stub.events] == ["line 1", "half a euro: \ufffd", "line 3 \u20ac"]
+    assert done.stderr == b"metis-emit: replaced invalid UTF-8 in 1 line(s)\n"
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_pipe_replaces_each_ill_formed_part_as_python_does(
+        stub: Stub, env: dict[str, str], shell: list[str]) -> None:
+    # Short lines take the shell's path, long ones awk's.
+    lines = NOT_UTF8 + [b"x" * 600 + line * 3 for line in NOT_UTF8] + [b"fine"]
+    done = emit(env, "pipe", "chunk", shell=shell, stdin=b"".join(x + b"\n" for x in lines))
+    assert done.returncode == 0, done.stderr
+    assert [e["data"] for e in stub.events] == [replaced(line) for line in lines]
+    bad = sum("\ufffd" in replaced(line) for line in lines)
+    assert done.stderr == f"metis-emit: replaced invalid UTF-8 in {bad} line(s)\n".encode()
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_text_events_replace_invalid_utf8_and_say_so(
+        stub: Stub, env: dict[str, str], shell: list[str]) -> None:
+    texts = [NOT_UTF8[0], NOT_UTF8[4], b"y" * 700 + NOT_UTF8[6]]
+    for text in texts:
+        stub.requests.clear()
+        done = subprocess.run([*shell, str(SCRIPT), "log", text], capture_output=True,
+                              env=env, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert only_event(stub)["data"] == replaced(text)
+        assert done.stderr == b"metis-emit: replaced invalid UTF-8 in the text\n"
+    quoted = subprocess.run([*shell, str(SCRIPT), "quote", NOT_UTF8[1]], capture_output=True,
+                            env=env, timeout=60, check=False)
+    assert quoted.returncode == 0, quoted.stderr
+    assert json.loads(quoted.stdout) == replaced(NOT_UTF8[1])
+    fatal = subprocess.run([*shell, str(SCRIPT), "fatal", NOT_UTF8[2]], capture_output=True,
+                           env=env, timeout=60, check=False)
+    assert fatal.returncode == 0, fatal.stderr
+    assert stub.events[-1]["data"] == {"error": replaced(NOT_UTF8[2])}
+
+
+def test_valid_utf8_gets_no_warning(stub: Stub, env: dict[str, str]) -> None:
+    text = "é € 中文 🎉 \U0010ffff \ud7ff".encode()
+    done = emit(env, "pipe", "token", stdin=text + b"\n" + b"z" * 600 + text + b"\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b""
+    assert [e["data"] for e in stub.events] == [text.decode(), "z" * 600 + text.decode()]
+
+
 def test_pipe_stops_when_the_job_has_ended(stub: Stub, env: dict[str, str]) -> None:
     stub.ended = True
     done = emit(env, "pipe", "log", stdin=b"one\ntwo\n")

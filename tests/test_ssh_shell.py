@@ -12,7 +12,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError
+from metis_stream.errors import CommandTimeout, ConnectionLost, HostKeyRefused, ShellError
 from metis_stream.shells.ssh import SSHShell
 from tests.support.cluster import TestCluster
 from tests.support.shells import ssh_shell
@@ -92,7 +92,7 @@ async def test_unknown_host_key_is_refused(test_cluster: TestCluster, tmp_path: 
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     shell = ssh_shell(test_cluster, known_hosts=empty)
-    with pytest.raises(ShellError, match=r"is not in .*refusing to connect") as info:
+    with pytest.raises(HostKeyRefused, match=r"is not in .*refusing to connect") as info:
         await shell.run(["true"])
     assert test_cluster.host in str(info.value)
     assert "ssh-keyscan" in str(info.value)
@@ -103,7 +103,7 @@ async def test_unknown_host_key_is_refused(test_cluster: TestCluster, tmp_path: 
 async def test_changed_host_key_is_refused(test_cluster: TestCluster, tmp_path: Path) -> None:
     forged = test_cluster.forge_known_hosts(tmp_path / "known_hosts")
     shell = ssh_shell(test_cluster, known_hosts=forged)
-    with pytest.raises(ShellError, match="CHANGED") as info:
+    with pytest.raises(HostKeyRefused, match="CHANGED") as info:
         await shell.run(["true"])
     assert test_cluster.host in str(info.value)
     assert "ssh-keygen -R" in str(info.value)

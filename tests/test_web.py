@@ -336,13 +336,19 @@ def test_the_cli_says_what_is_wrong_without_a_traceback(server: ServerProcess):
     assert "cannot reach" in unreachable.stderr and "Traceback" not in unreachable.stderr
 
 
-def test_metis_emit_pipe_streams_lines_live(server: ServerProcess):
-    job = httpx.post(f"{server.url}/api/jobs", json={"template": "sleepy"}).json()
-    wait_for_state(server, job["id"], "running")
+def sleepy_job_env(server: ServerProcess) -> tuple[str, dict[str, str]]:
+    """A running job that reports nothing more, and the environment for metis-emit to
+    report as that job."""
+    job_id: str = httpx.post(f"{server.url}/api/jobs", json={"template": "sleepy"}).json()["id"]
+    wait_for_state(server, job_id, "running")
     token_file = server.state_dir / "token-copy"
-    token_file.write_text(job_token_for(server, job["id"]))
-    env = {"METIS_EVENTS_URL": f"{server.url}/api/jobs/{job['id']}/events",
-           "METIS_TOKEN_FILE": str(token_file), "PATH": "/usr/bin:/bin"}
+    token_file.write_text(job_token_for(server, job_id))
+    return job_id, {"METIS_EVENTS_URL": f"{server.url}/api/jobs/{job_id}/events",
+                    "METIS_TOKEN_FILE": str(token_file), "PATH": "/usr/bin:/bin"}
+
+
+def test_metis_emit_pipe_streams_lines_live(server: ServerProcess):
+    job_id, env = sleepy_job_env(server)
     pipe = subprocess.Popen([str(EMIT), "pipe", "chunk"], stdin=subprocess.PIPE, env=env)
     assert pipe.stdin is not None
     pipe.stdin.write(b"first line\n")
@@ -360,7 +366,22 @@ def test_metis_emit_pipe_streams_lines_live(server: ServerProcess):
     chunks = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
               if e["type"] == "chunk"]
     assert chunks == ["first line", "second line"]
-    httpx.delete(f"{server.url}/api/jobs/{job['id']}")
+    httpx.delete(f"{server.url}/api/jobs/{job_id}")
+
+
+def test_metis_emit_pipe_keeps_the_lines_after_invalid_utf8(server: ServerProcess):
+    # The server refuses an event that is not UTF-8 (400): metis-emit must repair the line
+    # (half of a euro sign, as a byte-level tokenizer may cut it), not end the pipe there.
+    job_id, env = sleepy_job_env(server)
+    done = subprocess.run([str(EMIT), "pipe", "chunk"], capture_output=True, env=env,
+                          input=b"line 1\nhalf a euro: \xe2\x82\nline 3 \xe2\x82\xac\n",
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b"metis-emit: replaced invalid UTF-8 in 1 line(s)\n"
+    chunks = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
+              if e["type"] == "chunk"]
+    assert chunks == ["line 1", "half a euro: \ufffd", "line 3 \u20ac"]
+    httpx.delete(f"{server.url}/api/jobs/{job_id}")
 
 
 async def test_watch_tokens_never_reach_the_access_log(server: ServerProcess):

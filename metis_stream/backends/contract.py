@@ -56,6 +56,11 @@ class Backend(Protocol):
         """Jobs, newest first."""
         ...
 
+    async def set_error_detail(self, job_id: str, detail: str) -> None:
+        """Keep the details of the job's failure on its record (``Job.error_detail``);
+        raises JobNotFound."""
+        ...
+
     async def append(self, job_id: str, events: Sequence[NewEvent], *,
                      from_job: bool = False) -> AppendResult:
         """Append all events atomically, or none: the next seqs, idempotency ids, the job's

@@ -55,6 +55,9 @@ class MemoryBackend:
                     break
         return jobs
 
+    async def set_error_detail(self, job_id: str, detail: str) -> None:
+        self._entry(job_id).job.error_detail = detail
+
     async def append(self, job_id: str, events: Sequence[NewEvent], *,
                      from_job: bool = False) -> AppendResult:
         entry = self._entry(job_id)

@@ -25,7 +25,7 @@ import paramiko
 from paramiko.common import cMSG_CHANNEL_REQUEST
 
 from metis_stream.backoff import Backoff
-from metis_stream.errors import CommandTimeout, ConnectionLost, ShellError
+from metis_stream.errors import CommandTimeout, ConnectionLost, HostKeyRefused, ShellError
 from metis_stream.shells.base import CommandResult, check_argv
 
 T = TypeVar("T")
@@ -285,14 +285,14 @@ class SSHShell:
     def _connect_error(self, exc: BaseException) -> BaseException:
         name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
         if isinstance(exc, _UnknownHostKey):
-            return ShellError(
+            return HostKeyRefused(
                 f"host key of {name} ({exc.key_type} {exc.fingerprint}) is not in "
                 f"{self.known_hosts}: refusing to connect. Check the fingerprint with the "
                 f"cluster's admins, then add the key, for example with "
                 f"`ssh-keyscan -p {self.port} {self.host} >> {self.known_hosts}`"
             )
         if isinstance(exc, paramiko.BadHostKeyException):
-            return ShellError(
+            return HostKeyRefused(
                 f"host key of {name} has CHANGED: it offered {exc.key.get_name()} "
                 f"{exc.key.fingerprint}, but {self.known_hosts} expects "
                 f"{exc.expected_key.fingerprint}. Refusing to connect: someone may be "

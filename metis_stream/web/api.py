@@ -40,12 +40,16 @@ def service_of(request: Request) -> JobService:
     return service
 
 
-def job_view(service: JobService, job: Job, *, with_watch_token: bool) -> dict[str, Any]:
+def job_view(service: JobService, job: Job, *, for_client: bool) -> dict[str, Any]:
+    """The job's record as an answer: an API key holder also gets the watch token and
+    ``error_detail``; a watcher gets neither."""
     view = job.as_dict()
     view["watch_url"] = f"/ws/jobs/{job.id}"
     view["events_url"] = f"/api/jobs/{job.id}/events"
-    if with_watch_token:
+    if for_client:
         view["watch_token"] = service.watch_token(job.id)
+    else:
+        del view["error_detail"]
     return view
 
 
@@ -112,7 +116,7 @@ async def create_job(request: Request) -> Response:
     body = parse_submit_request(await read_body(request, MAX_SUBMIT_BYTES))
     job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
                                client=auth.client_identity(request, service.config.server))
-    return JSONResponse(job_view(service, job, with_watch_token=True), status_code=201)
+    return JSONResponse(job_view(service, job, for_client=True), status_code=201)
 
 
 async def list_jobs(request: Request) -> Response:
@@ -125,7 +129,7 @@ async def list_jobs(request: Request) -> Response:
     if not 1 <= limit <= 1000:
         raise BadInput("'limit' must be a whole number from 1 to 1000")
     jobs = await service.jobs(states=None if state is None else {JobState(state)}, limit=limit)
-    return JSONResponse({"jobs": [job_view(service, job, with_watch_token=True)
+    return JSONResponse({"jobs": [job_view(service, job, for_client=True)
                                   for job in jobs]})
 
 
@@ -134,8 +138,8 @@ async def get_job(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     auth.require_watcher(request, service.config.server, job_id)
     job = await service.get(job_id)
-    with_token = auth.is_client(request, service.config.server)
-    return JSONResponse(job_view(service, job, with_watch_token=with_token))
+    return JSONResponse(job_view(service, job,
+                                 for_client=auth.is_client(request, service.config.server)))
 
 
 async def cancel_job(request: Request) -> Response:
@@ -143,7 +147,7 @@ async def cancel_job(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     auth.require_client(request, service.config.server)
     job = await service.cancel(job_id)
-    return JSONResponse(job_view(service, job, with_watch_token=True))
+    return JSONResponse(job_view(service, job, for_client=True))
 
 
 async def job_events(request: Request) -> Response:

@@ -54,6 +54,7 @@ from metis_stream.backends.redis.scripts import (
     CREATE_LUA,
     LEASE_LUA,
     SCRIPT_ERRORS,
+    SET_FIELD_LUA,
     STATES,
 )
 from metis_stream.errors import JobNotFound, LogLost
@@ -94,6 +95,7 @@ class RedisBackend:
         self._appends = Coalescer(self._client, self._append_script)
         self._create_script = self._client.register_script(CREATE_LUA)
         self._lease_script = self._client.register_script(LEASE_LUA)
+        self._set_field_script = self._client.register_script(SET_FIELD_LUA)
         pubsub = pubsub_factory(url, name=name, socket_timeout=socket_timeout)
         self._listener = Listener(pubsub, f"{key_prefix}ch:", interval=health_check_interval,
                                   timeout=socket_timeout, store_was_wiped=self._store_was_wiped,
@@ -104,7 +106,8 @@ class RedisBackend:
 
     async def start(self) -> None:
         with unavailable_on_errors():
-            for script in (self._append_script, self._create_script, self._lease_script):
+            for script in (self._append_script, self._create_script, self._lease_script,
+                           self._set_field_script):
                 await self._client.script_load(script.script)
             await self._store_was_wiped()
         await self._listener.start()
@@ -147,6 +150,13 @@ class RedisBackend:
             raise JobNotFound(job_id)
         self._remember(job_id, raw[b"epoch"])
         return job_from_hash(raw)
+
+    async def set_error_detail(self, job_id: str, detail: str) -> None:
+        with unavailable_on_errors():
+            found = await self._set_field_script(keys=[self._key("job", job_id)],
+                                                 args=["error_detail", to_json(detail)])
+        if not found:
+            raise JobNotFound(job_id)
 
     async def list_jobs(self, *, states: Collection[JobState] | None = None,
                         cluster: str | None = None, limit: int = 100) -> list[Job]:

@@ -136,6 +136,14 @@ redis.call('ZADD', KEYS[5 + tonumber(ARGV[2])], order, ARGV[1])
 redis.call('ZADD', KEYS[5], order, ARGV[1])
 """
 
+SET_FIELD_LUA = """
+-- KEYS: job hash. ARGV: field, value. Only on a job that exists: never a stray hash
+-- without the fields that every job has. Returns 0 for no such job.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 LEASE_LUA = """
 -- Take the lease if free, or renew it if this owner holds it.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
