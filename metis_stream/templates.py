@@ -23,11 +23,24 @@ ParamValue = str | int | float | bool
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 ENV_NAME_PATTERN = re.compile(r"[A-Z_][A-Z0-9_]{0,63}\Z")
+# A parameter's value is the client's: it must never land in a variable that a program
+# reads before the script runs a line. The job's own (METIS_*) and the scheduler's; who
+# the job is and where it runs; what the dynamic loader, a shell, an interpreter or a
+# runtime reads at startup (each can run code from it); and what metis-emit's curl reads
+# (a proxy or a trust store would hand the job's token to someone else).
 RESERVED_ENV_NAMES = frozenset({
-    "PATH", "HOME", "SHELL", "USER", "LOGNAME", "IFS", "ENV", "BASH_ENV", "CDPATH",
-    "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "TMPDIR", "LANG",
+    "PATH", "HOME", "SHELL", "USER", "LOGNAME", "TMPDIR", "LANG", "TZ",
+    "IFS", "ENV", "CDPATH", "SHELLOPTS", "PS4", "PROMPT_COMMAND", "GLOBIGNORE",
+    "GCONV_PATH", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN",
+    "CLASSPATH", "TCLLIBPATH",
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR",
 })
-RESERVED_ENV_PREFIXES = ("METIS_", "PBS_", "SLURM_")
+RESERVED_ENV_PREFIXES = (
+    "METIS_", "PBS_", "SLURM_", "LC_",
+    "LD_", "GLIBC_", "MALLOC_", "BASH",
+    "PYTHON", "PERL", "RUBY", "NODE_", "JAVA_", "_JAVA_", "JDK_", "LUA_", "R_", "JULIA_",
+    "OPENSSL_", "CURL_",
+)
 DEFAULT_STR_MAX_LENGTH = 1000
 MAX_URL_LENGTH = 2048
 MAX_INPUTS = 20
@@ -119,9 +132,13 @@ def param_from_config(name: str, raw: Mapping[str, Any]) -> Param:
         pattern=raw.get("pattern"), choices=tuple(choices), env=env,
     )
     env_name = param.env_name()
-    if (not ENV_NAME_PATTERN.match(env_name) or env_name in RESERVED_ENV_NAMES
-            or env_name.startswith(RESERVED_ENV_PREFIXES)):
-        raise TemplateError(f"parameter {name!r}: {env_name!r} cannot carry a parameter")
+    if not ENV_NAME_PATTERN.match(env_name):
+        raise TemplateError(f"parameter {name!r}: {env_name!r} cannot carry a parameter "
+                            "(an environment name is [A-Z_][A-Z0-9_]{0,63})")
+    if env_name in RESERVED_ENV_NAMES or env_name.startswith(RESERVED_ENV_PREFIXES):
+        raise TemplateError(f"parameter {name!r}: {env_name!r} cannot carry a parameter: the "
+                            "job, its scheduler or a program's startup reads it; pick another "
+                            "name with env = \"...\"")
     if kind == "choice" and not param.choices:
         raise TemplateError(f"parameter {name!r}: a choice needs 'choices'")
     if param.pattern is not None:

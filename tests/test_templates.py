@@ -417,6 +417,32 @@ def test_bad_explicit_env_names(env):
         param_from_config("ok", {"env": env})
 
 
+# What the dynamic loader, a shell or an interpreter reads before the script runs a line,
+# and what metis-emit's curl reads: a client's value there would run code or take the token.
+STARTUP_ENV_NAMES = [
+    "LD_AUDIT", "LD_DEBUG_OUTPUT", "LD_ANYTHING", "GCONV_PATH", "GLIBC_TUNABLES",
+    "MALLOC_CHECK_", "LOCPATH", "HOSTALIASES", "RES_OPTIONS", "BASHOPTS", "SHELLOPTS",
+    "BASH_FUNC_LS__", "BASH_XTRACEFD", "PS4", "PROMPT_COMMAND", "PYTHONSTARTUP",
+    "PYTHONHOME", "PYTHONWARNINGS", "PYTHONBREAKPOINT", "PERL5LIB", "PERL5OPT", "PERLLIB",
+    "RUBYOPT", "RUBYLIB", "NODE_OPTIONS", "NODE_PATH", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS",
+    "JDK_JAVA_OPTIONS", "CLASSPATH", "LUA_INIT", "LUA_PATH", "R_PROFILE_USER", "R_ENVIRON",
+    "JULIA_LOAD_PATH", "OPENSSL_CONF", "TCLLIBPATH", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY",
+    "NO_PROXY", "CURL_HOME", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+]
+
+
+@pytest.mark.parametrize("env", STARTUP_ENV_NAMES)
+def test_startup_env_names_cannot_carry_a_parameter(env):
+    with pytest.raises(TemplateError, match="cannot carry"):
+        param_from_config("ok", {"env": env})
+
+
+@pytest.mark.parametrize("env", ["TEXT", "DELAY", "URL", "INPUT_FILE", "LDAP_HOST", "NODES",
+                                 "PYTORCH_DEVICE", "NODES_PER_TASK"])
+def test_ordinary_env_names_still_carry_a_parameter(env):
+    assert param_from_config("ok", {"env": env}).env_name() == env
+
+
 @pytest.mark.parametrize("name", ["metis_job_id", "pbs_queue", "slurm_nodes", "metis_"])
 def test_reserved_prefixes_through_the_default_env_name(name):
     with pytest.raises(TemplateError, match="cannot carry"):
