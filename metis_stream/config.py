@@ -33,6 +33,7 @@ PACKAGE_DIR = Path(__file__).parent
 JOBSCRIPTS_DIR = PACKAGE_DIR / "jobscripts"
 EXAMPLES_FILE = JOBSCRIPTS_DIR / "examples.toml"
 EMIT_SCRIPT = JOBSCRIPTS_DIR / "metis-emit"
+MIN_SECRET_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,11 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     templates = {name: _template(name, table, source.parent, clusters)
                  for name, table in raw.get("templates", {}).items()}
     config = Config(server=server, clusters=clusters, templates=templates)
-    if not server.secret:
+    if server.secret:
+        _check_secret(server.secret, "[server] secret (or METIS_SECRET)",
+                      "make one with `metis-stream new-key`, or leave it out to have one "
+                      "generated and kept in state_dir")
+    else:
         config = replace(config, server=replace(server, secret=_kept_secret(config.state_dir)))
     return config
 
@@ -240,6 +245,15 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
     )
 
 
+def _check_secret(secret: str, where: str, remedy: str) -> None:
+    """Whoever guesses the secret can mint every token: no fewer bytes than the HMAC-SHA256
+    output that it protects."""
+    length = len(secret.encode())
+    if length < MIN_SECRET_BYTES:
+        raise ConfigError(f"the {where} is {length} bytes; it must be at least "
+                          f"{MIN_SECRET_BYTES} bytes: {remedy}")
+
+
 def _kept_secret(state_dir: Path) -> str:
     """The server's secret, generated once and kept, so tokens survive a restart and every
     process on this machine agrees on them."""
@@ -247,4 +261,8 @@ def _kept_secret(state_dir: Path) -> str:
     if not path.exists():
         # Two processes starting at once must end up with the same secret.
         write_private(path, tokens.new_secret().encode(), replace=False)
-    return path.read_text().strip()
+    secret = path.read_text().strip()
+    _check_secret(secret, f"secret kept in {path}",
+                  "remove the file to have a new one generated, or write one made with "
+                  "`metis-stream new-key` there")
+    return secret

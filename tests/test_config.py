@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,17 @@ from metis_stream.config import (
     load_config,
 )
 from metis_stream.errors import ConfigError
+from metis_stream.factory import build_schedulers
 from metis_stream.templates import Param
+
+OPERATOR_SECRET = "an-operator-made-secret-of-40-bytes-or-so"
 
 FULL = """
 [server]
 host = "127.0.0.1"
 port = 8123
 public_url = "http://10.0.0.5:8123"
-secret = "file-secret"
+secret = "{secret}"
 redis_url = "redis://127.0.0.1:6379/0"
 api_keys = ["k1", "sha256:0000000000000000000000000000000000000000000000000000000000000000"]
 allowed_origins = ["https://app.example.org"]
@@ -128,11 +133,11 @@ def test_the_embedded_examples_file_parses():
 
 
 def test_a_file_with_every_section(tmp_path, state):
-    path = write(tmp_path, FULL.format(state=state))
+    path = write(tmp_path, FULL.format(state=state, secret=OPERATOR_SECRET))
     config = load_config(path, {})
     server = config.server
     assert server == ServerConfig(
-        host="127.0.0.1", port=8123, public_url="http://10.0.0.5:8123", secret="file-secret",
+        host="127.0.0.1", port=8123, public_url="http://10.0.0.5:8123", secret=OPERATOR_SECRET,
         redis_url="redis://127.0.0.1:6379/0",
         api_keys=("k1", "sha256:" + "0" * 64), allowed_origins=("https://app.example.org",),
         state_dir=str(state), max_event_bytes=1000, max_events_per_job=50, submit_timeout=30.0)
@@ -192,9 +197,9 @@ def test_a_missing_script_is_named(tmp_path, env):
 
 
 def test_environment_wins_over_the_file(tmp_path, state):
-    path = write(tmp_path, FULL.format(state=state))
+    path = write(tmp_path, FULL.format(state=state, secret=OPERATOR_SECRET))
     config = load_config(path, {
-        "METIS_HOST": "127.0.0.9", "METIS_PORT": "9999", "METIS_SECRET": "env-secret",
+        "METIS_HOST": "127.0.0.9", "METIS_PORT": "9999", "METIS_SECRET": "e" * 32,
         "METIS_API_KEYS": " a, b ,,c ,", "METIS_REDIS_URL": "redis://other:1/2",
         "METIS_SUBMIT_TIMEOUT": "2.5", "METIS_ALLOWED_ORIGINS": "https://x.org",
     })
@@ -202,7 +207,7 @@ def test_environment_wins_over_the_file(tmp_path, state):
     assert server.host == "127.0.0.9"
     assert server.port == 9999
     assert isinstance(server.port, int)
-    assert server.secret == "env-secret"
+    assert server.secret == "e" * 32
     assert server.api_keys == ("a", "b", "c")
     assert server.redis_url == "redis://other:1/2"
     assert server.submit_timeout == 2.5
@@ -339,16 +344,54 @@ def test_a_different_state_dir_gets_a_different_secret(tmp_path):
 
 def test_an_existing_secret_file_is_used_stripped(tmp_path, state):
     state.mkdir()
-    (state / "secret").write_text("  operator-made \n")
+    (state / "secret").write_text(f"  {OPERATOR_SECRET} \n")
     path = write(tmp_path, minimal())
-    assert load_config(path, {"METIS_STATE_DIR": str(state)}).server.secret == "operator-made"
+    assert load_config(path, {"METIS_STATE_DIR": str(state)}).server.secret == OPERATOR_SECRET
 
 
 def test_a_given_secret_writes_nothing(tmp_path, state):
     path = write(tmp_path, minimal())
-    config = load_config(path, {"METIS_STATE_DIR": str(state), "METIS_SECRET": "given"})
-    assert config.server.secret == "given"
+    config = load_config(path, {"METIS_STATE_DIR": str(state), "METIS_SECRET": OPERATOR_SECRET})
+    assert config.server.secret == OPERATOR_SECRET
     assert not state.exists()
+
+
+@pytest.mark.parametrize("where", ["file", "environment", "kept file"])
+@pytest.mark.parametrize("secret", ["s3cr3t", "x" * 31, "\u00e9" * 15 + "x"])
+def test_a_secret_shorter_than_32_bytes_is_refused_with_what_to_do(tmp_path, state, where,
+                                                                   secret):
+    env = {"METIS_STATE_DIR": str(state)}
+    text = minimal()
+    if where == "file":
+        text = f'[server]\nsecret = "{secret}"\n' + text
+    elif where == "environment":
+        env["METIS_SECRET"] = secret
+    else:
+        state.mkdir()
+        (state / "secret").write_text(secret)
+    with pytest.raises(ConfigError, match="at least 32 bytes") as caught:
+        load_config(write(tmp_path, text), env)
+    assert "metis-stream new-key" in str(caught.value)
+    assert secret not in str(caught.value)  # a refused secret is still not printed
+
+
+def test_a_secret_of_32_bytes_is_taken(tmp_path, state):
+    config = load_config(write(tmp_path, minimal()),
+                         {"METIS_STATE_DIR": str(state), "METIS_SECRET": "s" * 32})
+    assert config.server.secret == "s" * 32
+
+
+def test_state_dir_and_its_folders_are_made_0700_whatever_the_umask(tmp_path):
+    state = tmp_path / "deep" / "state"
+    old = os.umask(0)
+    try:
+        config = load_config(write(tmp_path, minimal()), {"METIS_STATE_DIR": str(state)})
+        asyncio.run(build_schedulers(config)["c"].start())
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "deep", state, state / "jobs", state / "jobs" / "c"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE((state / "secret").stat().st_mode) == 0o600
 
 
 def test_state_dir_expands_the_home_directory(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ from tests.support.server import (
 pytestmark = pytest.mark.redis
 
 SOAK = os.environ.get("METIS_SOAK") == "1"
-SECRET = "faults-test-secret"
+SECRET = "faults-test-secret-of-at-least-32-bytes"
 WORDS = [f"w{n}" for n in range(40)]
 KILLED_JOBS = 12 if SOAK else 4
 FAST_WATCHERS = 100

@@ -21,7 +21,7 @@ from tests.support.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.redis
 
-SECRET = "shared-by-every-server-process"
+SECRET = "shared-by-every-server-process-of-this-test"
 WORDS = [f"w{n}" for n in range(40)]
 
 

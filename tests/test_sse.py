@@ -335,7 +335,7 @@ def test_keep_alive_comment_when_the_job_is_silent_waits_16s(sleepy_server: Serv
 def test_sse_on_one_process_streams_events_posted_to_another(redis_server: RedisServer,
                                                             tmp_path: Path):
     """Jobs submitted to A post their events to B; A's SSE clients see them all, live."""
-    secret = "shared-by-both-processes"
+    secret = "shared-by-both-processes-of-this-test"
     b_port, a_port = free_port(), free_port()
     b = ServerProcess(state_dir=tmp_path / "b", port=b_port, server_settings={
         "redis_url": redis_server.url, "secret": secret})
