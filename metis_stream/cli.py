@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                     _token, config)
     token.add_argument("job")
 
+    command("new-key", "print a new random API key, then the sha256: form of it to put in "
+                       "[server] api_keys (the key itself also serves as a secret)", _new_key)
+
     emit = command("emit", "post one event from inside a job (the Python twin of "
                            "scripts/metis-emit)", _emit)
     emit.add_argument("type")
@@ -364,6 +367,13 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     print(tokens.job_token(_load_config(args).server.secret, args.job))
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    key = tokens.new_secret()
+    print(key)
+    print(tokens.hash_api_key(key))
     return 0
 
 

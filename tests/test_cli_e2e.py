@@ -405,6 +405,25 @@ def test_a_wrong_key_is_a_readable_error_and_exit_1(keyed_server: ServerProcess,
         assert done.stdout == ""
 
 
+def test_new_key_prints_a_random_key_then_the_form_for_api_keys(tmp_path: Path):
+    first, second = cli("new-key"), cli("new-key")
+    assert first.returncode == 0, first.stderr
+    key, hashed = first.stdout.splitlines()
+    assert len(key) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", key)
+    assert hashed == hash_api_key(key)
+    assert second.stdout.splitlines()[0] != key
+    # The second line, put in api_keys, lets the first one in.
+    server = ServerProcess(state_dir=tmp_path / "server", server_settings={"api_keys": [hashed]})
+    server.start()
+    try:
+        listed = cli("jobs", env={"METIS_URL": server.url, "METIS_API_KEY": key})
+        assert listed.returncode == 0, listed.stderr
+        refused = cli("jobs", env={"METIS_URL": server.url, "METIS_API_KEY": hashed})
+        assert refused.returncode == 1 and "(401)" in refused.stderr
+    finally:
+        server.stop()
+
+
 # token, emit, jobs
 
 
