@@ -134,15 +134,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _run_workers(config: Config, args: argparse.Namespace) -> int:
     """Several processes, each building the app from the environment; they can share jobs
-    and events only through Redis."""
+    and events only through Redis.
+
+    Each worker loads the configuration as this process did (the same file, the same
+    environment), so it finds the same secret: in the file, in the operator's own
+    METIS_SECRET, or kept in state_dir (which loading the config here has made). The
+    secret is never put in the environment, which every process the server starts would
+    inherit.
+    """
     if not config.server.redis_url:
         raise ConfigError("--workers needs redis_url: server processes share jobs and events "
                           "only through Redis")
     check_listen_address(config)
     if args.config:
         os.environ["METIS_CONFIG"] = str(args.config.resolve())
-    os.environ.update(METIS_SECRET=config.server.secret, METIS_HOST=config.server.host,
-                      METIS_PORT=str(config.server.port))
+    os.environ.update(METIS_HOST=config.server.host, METIS_PORT=str(config.server.port))
     uvicorn.run("metis_stream.web.app:from_environment", factory=True,
                 host=config.server.host, port=config.server.port, workers=args.workers,
                 **_uvicorn_options(config))

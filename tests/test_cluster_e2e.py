@@ -654,6 +654,59 @@ def test_token_stays_out_of_qstat_and_scontrol(env: Env, scheduler: str) -> None
     assert not remote_exists(env.cluster, f"{env.job_dir(scheduler, job['id'])}/spec.json")
 
 
+def test_a_server_on_the_login_node_passes_none_of_its_environment_to_jobs(
+        test_cluster: TestCluster, tmp_path: Path) -> None:  # noqa: F811
+    """A cluster without host: the server runs sbatch itself (LocalShell), on the login
+    node, here the cluster's network. Neither its secret, nor its API key, nor anything
+    else of its environment but the allowlist reaches sbatch, and sbatch exports none of it
+    into the job, which gets the cluster user's login environment instead."""
+    cluster = test_cluster
+    host = cluster.host if cluster.mode == "netns" else "127.0.0.1"
+    port = free_port()
+    secret = f"login-node-secret-{secrets.token_hex(16)}"
+    key = f"login-node-key-{secrets.token_hex(16)}"
+    canary = f"canary-{secrets.token_hex(8)}"
+    script = tmp_path / "print-env.sh"
+    script.write_text('#!/bin/sh\nenv\n"$METIS_EMIT" completed\n')
+    home = tmp_path / "home"  # the server's: LocalShell stages the job's files under it
+    home.mkdir()
+    server = ServerProcess(
+        state_dir=tmp_path / "server", host=host, port=port,
+        launcher=tuple(cluster.in_cluster([])),
+        server_settings={"api_keys": [tokens.hash_api_key(key)],
+                         "public_url": f"http://{host}:{port}"},
+        env={"HOME": str(home), "SLURM_CONF": str(cluster.slurm_conf),
+             "METIS_SECRET": secret, "METIS_API_KEYS": key, "SERVER_ONLY": canary},
+        extra_config=(f'\n[clusters.login]\nscheduler = "slurm"\nworkdir = "{BASE}/login"\n'
+                      f'poll_interval = 1\n\n[templates.print_env]\ncluster = "login"\n'
+                      f'script = "{script}"\n'))
+    server.start()
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        created = httpx.post(f"{server.url}/api/jobs", headers=headers, timeout=30,
+                             json={"template": "print_env"})
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        deadline = time.monotonic() + 60
+        while (job := httpx.get(f"{server.url}/api/jobs/{job_id}", headers=headers,
+                                timeout=30).json())["state"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.3)
+        assert job["state"] == "completed", server.log()[-3000:]
+        printed = (home / BASE / "login" / "jobs" / job_id / "stdout").read_text()
+        saved = _slurm_saved_environment(cluster, job["scheduler_id"]).decode(errors="replace")
+    finally:
+        server.stop()
+    for what in (printed, saved):
+        for withheld in (secret, key, canary, "METIS_SECRET", "METIS_API_KEYS", "SERVER_ONLY"):
+            assert withheld not in what, (withheld, what)
+    environ = dict(line.split("=", 1) for line in printed.splitlines() if "=" in line)
+    # What the job needs came from its login environment and from the listed variables.
+    assert environ["PATH"] and environ["HOME"] != str(home), environ
+    assert environ["METIS_TOKEN_FILE"].endswith(f"/jobs/{job_id}/token")
+    assert environ["SLURM_GET_USER_ENV"] == "1"
+
+
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_download_template_fetches_param_and_inputs(
         env: Env, file_server: tuple[str, dict[str, bytes]], scheduler: str) -> None:

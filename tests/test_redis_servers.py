@@ -16,6 +16,7 @@ import websockets
 
 from metis_stream.client import Client
 from metis_stream.tokens import hash_api_key
+from tests.support.processes import command_line, descendants, find
 from tests.support.redis_server import RedisServer
 from tests.support.server import ServerProcess, free_port
 
@@ -177,6 +178,33 @@ async def test_serve_with_workers_runs_several_processes_on_redis(private_redis:
         for events in await asyncio.gather(*(run_one() for _ in range(6))):
             assert_exactly_once(events)
         assert server.log().count("Started server process") == 2
+    finally:
+        server.stop()
+
+
+def test_serve_workers_get_the_secret_without_it_being_in_their_environment(
+        private_redis: RedisServer, tmp_path: Path):
+    """Every worker finds the secret as the parent did (here, kept in state_dir; that they
+    agree on it, test_serve_with_workers_runs_several_processes_on_redis shows: jobs post
+    with tokens that any worker minted). None has it in its environment, which everything
+    it starts would inherit."""
+    server = ServerProcess(state_dir=tmp_path / "workers", serve_args=("--workers", "2"),
+                           server_settings={"redis_url": private_redis.url})
+    server.start()
+    try:
+        assert server.process is not None
+        deadline = time.monotonic() + 20
+        while server.log().count("Started server process") < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        secret = (server.state_dir / "secret").read_text().strip().encode()
+        workers = [process for process in descendants(server.process.pid)
+                   if "spawn_main" in command_line(process.pid)]
+        assert len(workers) == 2, [command_line(p.pid) for p in descendants(server.process.pid)]
+        for worker in [*workers, find(server.process.pid)]:
+            assert worker is not None
+            environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
+            assert b"METIS_SECRET" not in environ and secret not in environ, worker
     finally:
         server.stop()
 

@@ -35,7 +35,7 @@ def test_sbatch_argv() -> None:
         "--time=0-01:30:00", "--mem=4G", "--cpus-per-task=2", "--ntasks=1",
         "--output=/home/u/metis-stream/jobs/j_1/stdout",
         "--error=/home/u/metis-stream/jobs/j_1/stderr",
-        "--export=ALL,METIS_JOB_ID=j_1",
+        "--export=METIS_JOB_ID=j_1",
         "/home/u/metis-stream/scripts/abc-run.sh",
     ]
     assert command.left_out == ("TEXT",)
@@ -45,8 +45,19 @@ def test_sbatch_argv() -> None:
     "value", ["a,b", "x;echo hi", "$(id)", "`id`", "'q'", '"q"', "a b", "a\nb", "a\x00b", "a&b"])
 def test_unsafe_values_never_reach_export(value: str) -> None:
     command = slurm.submit_command(request(env={"OK": "1", "BAD": value}))
-    assert command.argv[-2] == "--export=ALL,OK=1"
+    assert command.argv[-2] == "--export=OK=1"
     assert command.left_out == ("BAD",)
+
+
+def test_the_submitting_environment_never_reaches_the_job() -> None:
+    """Not ALL: sbatch would copy its whole environment into the job (the server's, for a
+    cluster without host). Listed variables only; the job gets the cluster user's login
+    environment from Slurm (SLURM_GET_USER_ENV), and with nothing to list, NONE."""
+    listed = slurm.submit_command(request(env={"METIS_JOB_ID": "j_1", "A": "x=y"}))
+    exports = [arg for arg in listed.argv if arg.startswith("--export")]
+    assert exports == ["--export=METIS_JOB_ID=j_1,A=x=y"]
+    bare = slurm.submit_command(request(env={"BAD": "a b"}))
+    assert [arg for arg in bare.argv if arg.startswith("--export")] == ["--export=NONE"]
 
 
 @pytest.mark.parametrize(

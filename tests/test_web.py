@@ -498,3 +498,38 @@ def test_the_plain_curl_example_posts_its_event_without_the_token_on_a_command_l
         assert job.token not in argv_log.read_text()
     finally:
         job.end()
+
+
+def test_a_local_job_gets_nothing_of_the_servers_environment_beyond_the_allowlist(
+        tmp_path: Path):
+    secret, key = "secret-from-the-environment-" + "s" * 32, "plain-key-" + "k" * 32
+    server = ServerProcess(
+        state_dir=tmp_path / "server",
+        server_settings={"api_keys": [tokens.hash_api_key(key)]},
+        env={"METIS_SECRET": secret, "METIS_API_KEYS": key, "SERVER_ONLY": "canary",
+             "LD_PRELOAD": "", "LC_TIME": "C"},
+        extra_config=LOCAL_CLUSTER + script_templates(
+            tmp_path / "scripts", {"print_env": 'env\n"$METIS_EMIT" completed\n'},
+            {"print_env": 'params.word = { type = "str", default = "plain" }\n'}))
+    server.start()
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        job = httpx.post(f"{server.url}/api/jobs", headers=headers, timeout=10,
+                         json={"template": "print_env"}).json()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/api/jobs/{job['id']}", headers=headers,
+                        timeout=10).json()["state"] != "completed":
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.1)
+        printed = (server.state_dir / "jobs" / "local" / job["id"] / "stdout").read_text()
+    finally:
+        server.stop()
+    assert secret not in printed and key not in printed and "canary" not in printed
+    environ = dict(line.split("=", 1) for line in printed.splitlines())
+    server_own = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ"}
+    the_jobs = {"WORD", "PBS_O_WORKDIR", "PBS_JOBNAME", "PWD"}  # PWD: set by sh
+    assert {name for name in environ if not name.startswith(("LC_", "METIS_"))} <= \
+        server_own | the_jobs, environ
+    assert environ["LC_TIME"] == "C" and environ["WORD"] == "plain"
+    assert {name for name in environ if name.startswith("METIS_")} == {
+        "METIS_JOB_ID", "METIS_EVENTS_URL", "METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT"}

@@ -25,11 +25,11 @@ from pathlib import Path
 import anyio
 import orjson
 
+from metis_stream.environment import inherited
 from metis_stream.errors import SchedulerError
 from metis_stream.files import make_private_dirs, write_private
 from metis_stream.schedulers.base import SchedulerStatus, Submission
 
-BASE_ENV_NAMES = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "LOGNAME")
 KILL_GRACE = 5.0
 
 
@@ -68,7 +68,7 @@ class LocalScheduler:
         spec_file = job_dir / "spec.json"
         write_private(token_file, submission.token.encode())
         write_private(spec_file, orjson.dumps(submission.spec))
-        env = {name: os.environ[name] for name in BASE_ENV_NAMES if name in os.environ}
+        env = inherited()  # never the server's own secrets
         env.update(submission.env)
         env.update({
             "METIS_TOKEN_FILE": str(token_file),

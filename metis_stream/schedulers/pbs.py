@@ -127,6 +127,9 @@ def submit_command(request: JobRequest) -> SubmitCommand:
                                 for key, value in request.resources.items())]
     argv += ["-o", check(SAFE_PATH, request.stdout, "output path"),
              "-e", check(SAFE_PATH, request.stderr, "error path")]
+    # Never -V, which copies qsub's environment (the server's, for a cluster without host)
+    # into the job; with -v alone PBS starts the job in the user's login environment, and
+    # Slurm's qsub wrapper submits with --export=none plus the list.
     safe, left_out = split_env(request.env)
     if safe:
         argv += ["-v", ",".join(f"{name}={value}" for name, value in safe.items())]

@@ -81,10 +81,14 @@ def submit_command(request: JobRequest) -> SubmitCommand:
         argv += resource_options(key, value)
     argv += ["--output=" + check(SAFE_PATH, request.stdout, "output path"),
              "--error=" + check(SAFE_PATH, request.stderr, "error path")]
-    # --export splits on commas like qsub -v: only safe values go; ALL keeps the login
-    # environment (PATH, HOME) that a PBS job would also have.
+    # --export splits on commas like qsub -v: only safe values go. Never ALL, which copies
+    # sbatch's whole environment into the job (on a server without host, the server's:
+    # its secret). A list, or NONE, makes Slurm start the job in the cluster user's login
+    # environment (PATH, HOME), as PBS does; the job's srun steps then get the listed
+    # variables only, unless the script sets SLURM_EXPORT_ENV=ALL (sbatch(1)).
     safe, left_out = split_env(request.env)
-    argv.append(",".join(["--export=ALL", *(f"{k}={v}" for k, v in safe.items())]))
+    exported = ",".join(f"{k}={v}" for k, v in safe.items())
+    argv.append(f"--export={exported or 'NONE'}")
     argv.append(check(SAFE_PATH, request.script, "script path"))
     return SubmitCommand(argv, left_out)
 

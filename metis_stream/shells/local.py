@@ -14,6 +14,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import ByteReceiveStream, Process
 
+from metis_stream.environment import SCHEDULER_CLIENT_NAMES, inherited
 from metis_stream.errors import CommandTimeout, ShellError
 from metis_stream.files import write_private
 from metis_stream.shells.base import CommandResult, check_argv
@@ -22,7 +23,8 @@ T = TypeVar("T")
 
 
 class LocalShell:
-    """The Shell protocol on this machine: argv runs directly (no shell in between), and
+    """The Shell protocol on this machine: argv runs directly (no shell in between), with
+    the allowed part of the server's environment (``environment.inherited``), and
     relative paths are relative to ``home`` (the user's home folder by default)."""
 
     def __init__(self, home: Path | None = None) -> None:
@@ -39,9 +41,11 @@ class LocalShell:
         self._check_open()
         try:
             # A session of its own, as sshd gives every command: its process group is
-            # everything it starts, and is killed as a whole.
+            # everything it starts, and is killed as a whole. Only the allowed part of the
+            # server's environment: qsub and sbatch may pass what they get on to the job.
             process = await anyio.open_process(
-                list(argv), stdin=subprocess.DEVNULL, cwd=self.home, start_new_session=True
+                list(argv), stdin=subprocess.DEVNULL, cwd=self.home, start_new_session=True,
+                env=inherited(SCHEDULER_CLIENT_NAMES),
             )
         except OSError as exc:
             if exc.filename != argv[0]:  # not the command: the home folder, a pipe, fork

@@ -99,8 +99,9 @@ class TestCluster:
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _sshd_argv: list[str] = field(default_factory=list)
 
-    def _in_cluster(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` as it must run to be on the cluster's network."""
+    def in_cluster(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as it must run to be on the cluster's network (a server on the login
+        node, a command as a login would run it)."""
         if self.netns is None:
             return list(argv)
         # Not `ip netns exec`: it remounts /sys, hiding the cgroup mount that slurmd needs.
@@ -125,7 +126,7 @@ class TestCluster:
             "LANG": "C.UTF-8",
         }
         return subprocess.run(
-            self._in_cluster(
+            self.in_cluster(
                 [
                     "setpriv",
                     f"--reuid={self.user}",
@@ -163,7 +164,7 @@ class TestCluster:
         _stop_process(self._procs.pop("sshd"))
 
     def _start_sshd(self) -> None:
-        self._procs["sshd"] = _spawn(self._in_cluster(self._sshd_argv), self.state_dir, "sshd")
+        self._procs["sshd"] = _spawn(self.in_cluster(self._sshd_argv), self.state_dir, "sshd")
         _wait_for(lambda: _port_open(self.host, self.port), 10, "sshd to listen", self)
 
     def forge_known_hosts(self, path: Path) -> Path:
@@ -411,10 +412,10 @@ PartitionName=short Nodes=localhost MaxTime=00:10:00 State=UP
 def _start_slurm(cluster: TestCluster) -> None:
     conf = str(cluster.slurm_conf)
     cluster._procs["slurmctld"] = _spawn(
-        cluster._in_cluster(["slurmctld", "-D", "-f", conf]), cluster.state_dir, "slurmctld"
+        cluster.in_cluster(["slurmctld", "-D", "-f", conf]), cluster.state_dir, "slurmctld"
     )
     cluster._procs["slurmd"] = _spawn(
-        cluster._in_cluster(["slurmd", "-D", "-N", "localhost", "-f", conf]),
+        cluster.in_cluster(["slurmd", "-D", "-N", "localhost", "-f", conf]),
         cluster.state_dir,
         "slurmd",
     )

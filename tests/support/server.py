@@ -77,6 +77,8 @@ class ServerProcess:
     port: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     serve_args: tuple[str, ...] = ()
+    launcher: tuple[str, ...] = ()
+    """A command that runs the server (``nsenter ... --``: on a test cluster's network)."""
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -104,7 +106,7 @@ class ServerProcess:
         env.pop("METIS_CONFIG", None)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "metis_stream.cli", "serve", "--config",
+                [*self.launcher, sys.executable, "-m", "metis_stream.cli", "serve", "--config",
                  str(self.config_path), *self.serve_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )
