@@ -227,6 +227,8 @@ def metis_server(name: str, directory: Path, secret: str, redis_url: str | None,
     settings: dict[str, object] = {
         "host": "127.0.0.1", "port": port, "state_dir": str(directory), "secret": secret,
         "submissions_per_minute": 1_000_000, "max_events_per_job": 1_000_000,
+        # The load generator is the only client, on loopback, of a server it started.
+        "insecure_no_auth": True,
     }
     if redis_url:
         settings["redis_url"] = redis_url
@@ -248,6 +250,8 @@ def peer_server(directory: Path, redis_url: str) -> Proc:
 
 
 def toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

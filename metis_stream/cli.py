@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import sys
 import time
 import webbrowser
@@ -17,13 +18,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import orjson
 import uvicorn
 
 from metis_stream import tokens
 from metis_stream.client import Client, post_event
-from metis_stream.config import Config, check_listen_address, load_config
+from metis_stream.config import Config, check_auth, load_config
 from metis_stream.errors import EXIT_FAILED, ClientError, ConfigError, MetisError, outcome_of
 from metis_stream.web.app import create_app
 
@@ -127,6 +129,7 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _with_listen_options(_load_config(args), args)
+    check_auth(config)  # here, before any worker starts: one refusal that says why
     if args.workers > 1:
         return _run_workers(config, args)
     return _run_server(config)
@@ -145,7 +148,6 @@ def _run_workers(config: Config, args: argparse.Namespace) -> int:
     if not config.server.redis_url:
         raise ConfigError("--workers needs redis_url: server processes share jobs and events "
                           "only through Redis")
-    check_listen_address(config)
     if args.config:
         os.environ["METIS_CONFIG"] = str(args.config.resolve())
     os.environ.update(METIS_HOST=config.server.host, METIS_PORT=str(config.server.port))
@@ -157,13 +159,23 @@ def _run_workers(config: Config, args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     config = _with_listen_options(load_config(None), args)
+    # A key of its own, new each run unless METIS_DEMO_TOKEN fixes it (for scripts), as
+    # notebook servers do: every user of this machine can reach loopback, and the demo
+    # runs jobs as you. The viewer takes it from the URL's fragment, which no request
+    # carries, so it reaches no log.
+    key = os.environ.get("METIS_DEMO_TOKEN") or tokens.new_secret()
+    server = replace(config.server, api_keys=(tokens.hash_api_key(key),),
+                     insecure_no_auth=False)
     # The demo's jobs are its own (its clusters are local): they stop with it, where a
     # server's jobs would run on.
-    config = replace(config, clusters={name: replace(cluster, stop_jobs_on_exit=True)
-                                       for name, cluster in config.clusters.items()})
-    url = f"http://{config.server.host}:{config.server.port}/"
-    print(f"metis-stream demo: open {url} and submit the 'tokens' template "
-          "(Ctrl-C stops the demo and its jobs)", flush=True)
+    config = replace(config, server=server,
+                     clusters={name: replace(cluster, stop_jobs_on_exit=True)
+                               for name, cluster in config.clusters.items()})
+    url = f"http://{server.host}:{server.port}/#key={quote(key, safe='')}"
+    print(f"metis-stream demo: open {url}\n"
+          "  and submit the 'tokens' template (Ctrl-C stops the demo and its jobs).\n"
+          "  curl and the CLI need its API key: "
+          f"export METIS_API_KEY={shlex.quote(key)}", flush=True)
     if not args.no_browser:
         webbrowser.open(url)
     return _run_server(config)
@@ -179,7 +191,6 @@ def _with_listen_options(config: Config, args: argparse.Namespace) -> Config:
 
 
 def _run_server(config: Config) -> int:
-    check_listen_address(config)
     uvicorn.run(create_app(config), host=config.server.host, port=config.server.port,
                 **_uvicorn_options(config))
     return 0

@@ -1,7 +1,8 @@
 """Configuration: one TOML file, ``METIS_<KEY>`` environment overrides, embedded defaults.
 
 No file at all means the embedded defaults: memory backend, local scheduler,
-the example templates, loopback only.
+the example templates, loopback only, and no API keys (which ``serve`` refuses: the
+demo brings its own).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "ServerConfig",
-    "check_listen_address",
+    "check_auth",
     "load_config",
 ]
 
@@ -44,6 +45,10 @@ class ServerConfig:
     secret: str = ""
     redis_url: str = ""
     api_keys: tuple[str, ...] = ()
+    insecure_no_auth: bool = False
+    """Serve without api_keys: anyone who can connect is a full client, and on loopback
+    that is every user of this machine. A server refuses to start without one or the
+    other (``check_auth``); for a machine that nobody else uses."""
     allowed_origins: tuple[str, ...] = ()
     state_dir: str = "~/.local/state/metis-stream"
     max_event_bytes: int = MAX_EVENT_BYTES
@@ -121,21 +126,38 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     return config
 
 
-def check_listen_address(config: Config) -> None:
-    """Refuse to serve beyond loopback without API keys: anyone could submit jobs."""
-    host = config.server.host
-    if config.server.api_keys or host == "localhost":
+def check_auth(config: Config) -> None:
+    """Refuse to serve without API keys, unless told ``insecure_no_auth``, and then only on
+    loopback. Loopback is no trust boundary: every user of the machine can connect to it
+    (on a login node, every user of the cluster), and without keys each one is a client
+    that submits jobs as this account and reads every job."""
+    server = config.server
+    if server.api_keys:
+        if server.insecure_no_auth:
+            raise ConfigError("[server] has both api_keys and insecure_no_auth = true: "
+                              "remove one")
         return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not server.insecure_no_auth:
         raise ConfigError(
-            f"refusing to listen on {host}: a server reachable from other machines needs "
-            "api_keys in [server] (or METIS_API_KEYS); without keys, anyone who can reach it "
-            "could submit jobs to your cluster"
+            "refusing to serve without api_keys: every user of this machine could submit "
+            "jobs as this account and read every job. Add api_keys to [server] (or "
+            "METIS_API_KEYS; `metis-stream new-key` makes one), or, on a machine that nobody "
+            "else uses, set insecure_no_auth = true in [server]")
+    if not _is_loopback(server.host):
+        raise ConfigError(
+            f"refusing to listen on {server.host}: a server reachable from other machines "
+            "needs api_keys in [server] (or METIS_API_KEYS), whatever insecure_no_auth says; "
+            "without keys, anyone who can reach it could submit jobs to your cluster"
         )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _refuse_unknown(table: Mapping[str, Any], known: set[str], where: str,

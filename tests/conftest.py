@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.support.server",
     "tests.support.redis_server",
     "tests.support.cluster",
+    "tests.support.users",
 ]
 
 

@@ -34,6 +34,7 @@ from tests.support.server import (
     local_job_script,
     script_templates,
 )
+from tests.support.users import run_as
 
 CLI = [sys.executable, "-m", "metis_stream.cli"]
 WORDS = [f"t{n}" for n in range(10)]
@@ -507,12 +508,13 @@ def test_jobs_state_running_lists_only_the_running_job(live_server: ServerProces
 # demo and serve: who stops the jobs
 
 
-def start_slow_job(url: str, timeout: float = 20) -> Process:
+def start_slow_job(url: str, key: str | None = None, timeout: float = 20) -> Process:
     """Submit a ``tokens`` job that takes minutes; once it streams, its script."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + timeout
     while True:
         try:
-            created = httpx.post(f"{url}/api/jobs", timeout=10, json={
+            created = httpx.post(f"{url}/api/jobs", timeout=10, headers=headers, json={
                 "template": "tokens", "params": {"text": TEXT, "delay": 5}})
             break
         except httpx.TransportError:  # not listening yet
@@ -520,11 +522,123 @@ def start_slow_job(url: str, timeout: float = 20) -> Process:
             time.sleep(0.05)
     assert created.status_code == 201, created.text
     job_url = f"{url}/api/jobs/{created.json()['id']}"
-    while not any(event["type"] == "token"
-                  for event in httpx.get(f"{job_url}/events", timeout=10).json()["events"]):
+    while not any(event["type"] == "token" for event in httpx.get(
+            f"{job_url}/events", headers=headers, timeout=10).json()["events"]):
         assert time.monotonic() < deadline, "the job never streamed a token"
         time.sleep(0.05)
-    return local_job_script(url, created.json()["id"])
+    return local_job_script(url, created.json()["id"], key)
+
+
+class Demo(Background):
+    """``metis-stream demo`` on a free port, its state in ``state_dir``, once it listens at
+    ``url``; ``viewer_url`` is the address it printed, ``key`` the API key in that."""
+
+    def __init__(self, state_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        port = free_port()
+        super().__init__("demo", "--no-browser", "--port", str(port),
+                         env={"METIS_STATE_DIR": str(state_dir), **(env or {})})
+        self.wait_for_output("Ctrl-C stops the demo and its jobs")
+        found = re.search(r"open (http://\S+)", self.stdout)
+        assert found, self.stdout
+        self.viewer_url = found.group(1)
+        self.url = f"http://127.0.0.1:{port}"
+        _, _, fragment = self.viewer_url.partition("#")
+        self.key = fragment.removeprefix("key=")
+        deadline = time.monotonic() + 20
+        while True:  # it prints before it listens
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, f"the demo never listened: {self.stdout}"
+                time.sleep(0.05)
+
+    def interrupt(self) -> int:
+        """Ctrl-C, and the exit code."""
+        self.process.send_signal(signal.SIGINT)
+        code, _, err = self.wait(30)
+        assert code == 0, err
+        return code
+
+
+def curl_status(base: str, method: str, path: str, *, user: str, key: str | None = None,
+                body: str | None = None) -> str:
+    """The HTTP status that ``user`` of this machine gets from curl."""
+    argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", method]
+    if key is not None:
+        argv += ["-H", f"Authorization: Bearer {key}"]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "-d", body]
+    done = run_as(user, [*argv, base + path])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_another_local_user_gets_nothing_from_the_demo_without_its_key(
+        tmp_path: Path, other_user: str):
+    demo = Demo(tmp_path / "state")
+    try:
+        # Loopback is no trust boundary: this is another account of the same machine.
+        job = '{"template": "tokens", "params": {"text": "from another user"}}'
+        assert curl_status(demo.url, "POST", "/api/jobs", user=other_user, body=job) == "401"
+        assert curl_status(demo.url, "GET", "/api/jobs", user=other_user) == "401"
+        assert curl_status(demo.url, "GET", "/api/templates", user=other_user) == "401"
+        listed = httpx.get(f"{demo.url}/api/jobs", timeout=10,
+                           headers={"Authorization": f"Bearer {demo.key}"})
+        assert listed.status_code == 200 and listed.json()["jobs"] == []
+        # The key that the demo printed is what lets a client in, whoever it is.
+        assert curl_status(demo.url, "GET", "/api/jobs", user=other_user,
+                           key=demo.key) == "200"
+        demo.interrupt()
+    finally:
+        demo.stop()
+    # A random key per run: the next demo has another.
+    again = Demo(tmp_path / "state")
+    try:
+        assert len(again.key) >= 32 and again.key != demo.key
+        again.interrupt()
+    finally:
+        again.stop()
+
+
+def test_metis_demo_token_fixes_the_key_for_curl_and_the_cli(tmp_path: Path):
+    demo = Demo(tmp_path / "state", env={"METIS_DEMO_TOKEN": "scripted-demo-token"})
+    try:
+        assert demo.viewer_url == f"{demo.url}/#key=scripted-demo-token"
+        assert "METIS_API_KEY=scripted-demo-token" in demo.stdout
+        by_cli = cli("jobs", env={"METIS_URL": demo.url, "METIS_API_KEY": "scripted-demo-token"})
+        assert by_cli.returncode == 0, by_cli.stderr
+        without = cli("jobs", env={"METIS_URL": demo.url})
+        assert without.returncode == 1 and "(401)" in without.stderr
+        demo.interrupt()
+    finally:
+        demo.stop()
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_serve_without_api_keys_refuses_to_start_and_says_what_to_do(
+        tmp_path: Path, workers: list[str]):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nport = {free_port()}\nstate_dir = "{tmp_path / "state"}"\n'
+                      + LOCAL_CLUSTER + EXAMPLE_TEMPLATES)
+    done = cli("serve", "--config", str(config), *workers, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("metis-stream: refusing to serve without api_keys"), \
+        done.stderr
+    for hint in ("metis-stream new-key", "insecure_no_auth = true", "every user of this machine"):
+        assert hint in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_with_insecure_no_auth_starts_and_says_so_loudly(tmp_path: Path):
+    server = ServerProcess(state_dir=tmp_path / "server",
+                           server_settings={"insecure_no_auth": True})
+    server.start()
+    try:
+        assert httpx.get(f"{server.url}/api/jobs", timeout=10).status_code == 200
+        assert "INSECURE: insecure_no_auth = true" in server.log()
+    finally:
+        server.stop()
 
 
 def wait_for_group_to_end(group: int, timeout: float) -> list[str]:
@@ -536,16 +650,11 @@ def wait_for_group_to_end(group: int, timeout: float) -> list[str]:
 
 
 def test_stopping_the_demo_stops_the_jobs_it_started(tmp_path: Path):
-    port = free_port()
-    demo = Background("demo", "--no-browser", "--port", str(port),
-                      env={"METIS_STATE_DIR": str(tmp_path / "state")})
+    demo = Demo(tmp_path / "state")
     script = None
     try:
-        demo.wait_for_output("Ctrl-C stops the demo and its jobs")
-        script = start_slow_job(f"http://127.0.0.1:{port}")
-        demo.process.send_signal(signal.SIGINT)
-        code, _, err = demo.wait(30)
-        assert code == 0, err
+        script = start_slow_job(demo.url, demo.key)
+        demo.interrupt()
         assert wait_for_group_to_end(script.pid, 5) == []
     finally:
         demo.stop()

@@ -15,7 +15,7 @@ from metis_stream.config import (
     ClusterConfig,
     Config,
     ServerConfig,
-    check_listen_address,
+    check_auth,
     load_config,
 )
 from metis_stream.errors import ConfigError
@@ -116,7 +116,8 @@ def test_no_file_means_the_embedded_examples(env, state):
     assert download.params["url"].type == "url"
     assert download.params["url"].required
     assert config.server.secret
-    check_listen_address(config)  # the defaults are loopback only
+    with pytest.raises(ConfigError, match="refusing to serve without api_keys"):
+        check_auth(config)  # nobody gets a keyless server by default
 
 
 def test_the_embedded_examples_file_parses():
@@ -402,26 +403,50 @@ def test_state_dir_expands_the_home_directory(tmp_path, monkeypatch):
     assert (tmp_path / "st" / "secret").read_text().strip() == config.server.secret
 
 
-# check_listen_address
+# check_auth
 
 
 def with_server(**values: Any) -> Config:
     return Config(server=ServerConfig(**values))
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "0.0.0.0"])
+def test_no_keys_is_refused_on_every_address_with_what_to_do(host):
+    with pytest.raises(ConfigError) as caught:
+        check_auth(with_server(host=host))
+    message = str(caught.value)
+    assert message.startswith("refusing to serve without api_keys")
+    assert "every user of this machine" in message
+    assert "metis-stream new-key" in message and "insecure_no_auth = true" in message
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost"])
-def test_loopback_needs_no_keys(host):
-    check_listen_address(with_server(host=host))
+def test_insecure_no_auth_serves_loopback_without_keys(host):
+    check_auth(with_server(host=host, insecure_no_auth=True))
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "10.0.0.5", "172.16.0.1",
                                   "metis.example.edu", "", "fe80::1"])
-def test_beyond_loopback_without_keys_is_refused_with_why(host):
+def test_beyond_loopback_without_keys_is_refused_even_when_insecure(host):
     with pytest.raises(ConfigError, match="api_keys") as caught:
-        check_listen_address(with_server(host=host))
+        check_auth(with_server(host=host, insecure_no_auth=True))
     assert "refusing to listen" in str(caught.value)
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "example.org"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "192.168.1.10", "::", "example.org"])
 def test_any_address_is_allowed_with_keys(host):
-    check_listen_address(with_server(host=host, api_keys=("k",)))
+    check_auth(with_server(host=host, api_keys=("k",)))
+
+
+def test_keys_and_insecure_no_auth_together_are_refused():
+    with pytest.raises(ConfigError, match="both api_keys and insecure_no_auth"):
+        check_auth(with_server(api_keys=("k",), insecure_no_auth=True))
+
+
+def test_insecure_no_auth_from_the_file_and_the_environment(tmp_path, env):
+    path = write(tmp_path, "[server]\ninsecure_no_auth = true\n" + minimal())
+    assert load_config(path, env).server.insecure_no_auth
+    assert not load_config(path, {**env, "METIS_INSECURE_NO_AUTH": "false"}
+                           ).server.insecure_no_auth
+    with pytest.raises(ConfigError, match="insecure_no_auth"):
+        load_config(path, {**env, "METIS_INSECURE_NO_AUTH": "yes"})

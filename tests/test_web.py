@@ -17,16 +17,21 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import websockets
+from starlette.requests import Request
 
 from metis_stream import tokens
-from metis_stream.config import load_config
+from metis_stream.config import ServerConfig, load_config
+from metis_stream.errors import ConfigError
 from metis_stream.jobs import state_machine
+from metis_stream.web import auth
+from metis_stream.web.app import create_app
 from tests.support.processes import find, process_group
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
@@ -445,6 +450,28 @@ async def test_metrics_count_what_this_process_did(server: ServerProcess):
     assert float(samples['metis_http_errors_total{status="404"}']) == 1
     assert float(samples["metis_open_streams"]) == 0
     assert "# TYPE metis_events_appended_total counter" in text
+
+
+def test_create_app_refuses_a_config_without_keys_unless_it_says_insecure_no_auth(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    config = load_config(None, {"METIS_STATE_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match="refusing to serve without api_keys"):
+        create_app(config)
+    create_app(replace(config, server=replace(config.server, api_keys=("k",))))
+    assert "INSECURE" not in caplog.text
+    create_app(replace(config, server=replace(config.server, insecure_no_auth=True)))
+    assert "INSECURE: insecure_no_auth = true" in caplog.text
+
+
+def test_without_keys_or_insecure_no_auth_nobody_is_a_client():
+    """Even past create_app (an app assembled by hand): no keys is no client."""
+    request = Request({"type": "http", "headers": [], "query_string": b""})
+    assert not auth.is_client(request, ServerConfig())
+    assert auth.is_client(request, ServerConfig(insecure_no_auth=True))
+    keyed = Request({"type": "http", "query_string": b"",
+                     "headers": [(b"authorization", b"Bearer k")]})
+    assert auth.is_client(keyed, ServerConfig(api_keys=("k",)))
+    assert not auth.is_client(request, ServerConfig(api_keys=("k",)))
 
 
 def test_meta_serves_the_state_machine_even_without_a_key(tmp_path: Path):

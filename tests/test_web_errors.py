@@ -171,10 +171,10 @@ async def test_401_for_clients_without_a_key(guarded: ServerProcess):
     assert events.status_code == 200
 
 
-def test_a_server_refuses_a_public_address_without_keys(tmp_path: Path):
+def test_a_server_refuses_a_public_address_without_keys_even_when_insecure(tmp_path: Path):
     config = tmp_path / "config.toml"
     config.write_text(f'[server]\nhost = "0.0.0.0"\nport = {free_port()}\n'
-                      f'state_dir = "{tmp_path}"\n' + LOCAL_CLUSTER)
+                      f'state_dir = "{tmp_path}"\ninsecure_no_auth = true\n' + LOCAL_CLUSTER)
     done = subprocess.run([sys.executable, "-m", "metis_stream.cli", "serve", "--config",
                            str(config)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
@@ -348,7 +348,8 @@ class UnavailableBackend(MemoryBackend):
 @pytest.fixture
 def in_process_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A real uvicorn server in a thread, for an app built with a backend of the test's."""
-    config = load_config(None, {"METIS_STATE_DIR": str(tmp_path)})
+    config = load_config(None, {"METIS_STATE_DIR": str(tmp_path),
+                                "METIS_INSECURE_NO_AUTH": "true"})
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(config, backend=UnavailableBackend()),
                                            host="127.0.0.1", port=port, log_level="warning"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from metis_stream.backends.contract import Backend
-from metis_stream.config import Config, load_config
+from metis_stream.config import Config, check_auth, load_config
 from metis_stream.errors import MetisError
 from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.schedulers.base import Scheduler
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 STATIC_DIR = Path(__file__).parent / "static"
+logger = logging.getLogger(__name__)
 
 
 def from_environment() -> Starlette:
@@ -41,6 +43,13 @@ def from_environment() -> Starlette:
 
 def create_app(config: Config, *, backend: Backend | None = None,
                schedulers: Mapping[str, Scheduler] | None = None) -> Starlette:
+    """The server's app. A config without ``api_keys`` is refused (ConfigError) unless it
+    says ``insecure_no_auth``: an embedder gets no keyless server by default either."""
+    check_auth(config)
+    if config.server.insecure_no_auth:
+        logger.warning("metis-stream: INSECURE: insecure_no_auth = true: no API keys, so every "
+                       "user of this machine can submit jobs as this server's account and read, "
+                       "watch and cancel every job")
     service = JobService(
         config,
         backend if backend is not None else build_backend(config),

@@ -21,9 +21,9 @@ def bearer(conn: HTTPConnection) -> str | None:
 
 
 def is_client(conn: HTTPConnection, server: ServerConfig) -> bool:
-    """A holder of an API key, or anyone when the server has no keys (loopback only)."""
+    """A holder of an API key; anyone only on a server told ``insecure_no_auth``."""
     if not server.api_keys:
-        return True
+        return server.insecure_no_auth
     key = bearer(conn)
     return key is not None and tokens.api_key_matches(server.api_keys, key)
 
@@ -59,9 +59,9 @@ def require_job_token(conn: HTTPConnection, server: ServerConfig, job_id: str) -
 def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:
     """Browsers send Origin on websocket handshakes; a CLI sends none and is judged by its key.
 
-    Browsers let any page open a websocket anywhere: a server without keys (the demo, on
-    loopback) would take jobs from every site the user visits, so without an allowlist
-    it takes them only from its own pages.
+    Browsers let any page open a websocket anywhere: a server without keys (told
+    insecure_no_auth, on loopback) would take jobs from every site the user visits, so
+    without an allowlist it takes them only from its own pages.
     """
     origin = conn.headers.get("origin")
     if origin is None:

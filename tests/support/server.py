@@ -86,9 +86,12 @@ class ServerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.state_dir / "config.toml"
         self.log_path = self.state_dir / "server.log"
+        # Most tests are about something else than authentication and call without a key:
+        # their servers say insecure_no_auth, as a server must. Tests of keys give api_keys.
+        auth = {} if "api_keys" in self.server_settings else {"insecure_no_auth": True}
         # Access logs on: tests read them as evidence of which process served what.
         settings = {"host": self.host, "port": self.port, "state_dir": str(self.state_dir),
-                    "access_log": True, **self.server_settings}
+                    "access_log": True, **auth, **self.server_settings}
         lines = ["[server]"] + [f"{key} = {_toml(value)}" for key, value in settings.items()]
         self.config_path.write_text("\n".join(lines) + "\n" + self.extra_config)
 
@@ -206,10 +209,11 @@ class RunningJob:
         end_group(self.script)
 
 
-def local_job_script(url: str, job_id: str) -> Process:
-    """The script of a local job that the server at ``url`` has submitted. It leads the
-    job's process group: the local scheduler's job id is its pid."""
-    record = httpx.get(f"{url}/api/jobs/{job_id}", timeout=30).json()
+def local_job_script(url: str, job_id: str, key: str | None = None) -> Process:
+    """The script of a local job that the server at ``url`` (whose API key is ``key``) has
+    submitted. It leads the job's process group: the local scheduler's job id is its pid."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    record = httpx.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=30).json()
     script = find(int(record["scheduler_id"].removesuffix(".local")))
     assert script is not None, f"the script of job {job_id} has ended"
     return script
