@@ -27,6 +27,7 @@ from metis_stream.web.app import STATIC_DIR
 from tests.support import service_unavailable
 from tests.support.processes import end_group
 from tests.support.server import ServerProcess, free_port, local_job_script
+from tests.test_cli_e2e import Demo
 
 pytestmark = pytest.mark.browser
 
@@ -482,3 +483,44 @@ def test_api_key_is_asked_for_then_used(browser: Browser, keyed_server: ServerPr
         assert view.errors == [], view.errors
     finally:
         context.close()
+
+
+def test_the_demos_address_gives_the_viewer_its_key_then_leaves_the_address_bar(
+        browser: Browser, tmp_path: Path) -> None:
+    """The demo prints ``/#key=<its API key>``: the page stores the key, takes it out of the
+    address (a bookmark, a shared link or the screen would show it), and works with it."""
+    demo = Demo(tmp_path / "state")
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    requested: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", lambda request: requested.append(request.url))
+    try:
+        assert len(demo.key) >= 32, demo.viewer_url
+        page.goto(demo.viewer_url)
+        _expect(page.get_by_label("tokens")).to_be_visible()  # templates: the key worked
+        assert page.url == f"{demo.url}/#/"
+        assert demo.key not in page.evaluate("location.href")
+        assert page.evaluate("localStorage.getItem('metis-stream.api-key')") == demo.key
+        _expect(page.locator("#api-key")).to_have_value(demo.key)
+        _expect(page.locator("#notice")).to_be_hidden()
+
+        page.get_by_label("tokens").check()
+        page.get_by_label("text").fill("from the demo address")
+        page.get_by_label("delay").fill("0")
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url("**/#/jobs/*")
+        _expect(page.locator("#job-state")).to_have_text("completed")
+        _expect(page.locator("#output")).to_have_text("from the demo address")
+        page.reload()  # the key stays in this browser, not in the address
+        _expect(page.locator("#job-state")).to_have_text("completed")
+        assert demo.key not in page.evaluate("location.href")
+        # A fragment is never sent: no request carried the key in its URL.
+        assert not [url for url in requested if demo.key in url], requested
+        assert errors == [], errors
+        demo.interrupt()
+    finally:
+        context.close()
+        demo.stop()

@@ -1,7 +1,7 @@
 // The API key and the watch tokens.
 //
 // The API key is kept in this browser's localStorage and sent as a Bearer
-// header by http.js. Watch tokens let a websocket (which cannot send an
+// header by http.js; it comes from the key box, or once from the address (`#key=`). Watch tokens let a websocket (which cannot send an
 // Authorization header) watch one job; they come with the job record, and
 // sessionStorage keeps them across a reload of the job page.
 
@@ -12,6 +12,21 @@ const TOKEN_STORAGE = "metis-stream.watch-tokens";
 
 export function apiKey() {
   return localStorage.getItem(KEY_STORAGE) || "";
+}
+
+// The demo opens the viewer at `#key=<API key>`, as notebook servers do. The key is
+// stored like one typed into the key box, then taken out of the address bar and out of
+// the history entry, so that it is not bookmarked, shared with a link or shown on screen.
+// A fragment is never sent in a request, so it reaches no server or proxy log.
+export function takeKeyFromAddress() {
+  const match = /^#key=([^&]+)$/.exec(location.hash);
+  if (!match) return;
+  try {
+    localStorage.setItem(KEY_STORAGE, decodeURIComponent(match[1]));
+  } catch {
+    // A malformed escape (`%zz`) is no key; the key box still takes one.
+  }
+  history.replaceState(history.state, "", `${location.pathname}${location.search}#/`);
 }
 
 export function rememberWatchToken(job) {

@@ -3,7 +3,7 @@
 // each module holds one concept:
 //
 //   dom.js             text-only DOM helpers, the notice and the live region
-//   auth.js            the API key and the per-job watch tokens
+//   auth.js            the API key (the key box, or #key= once) and the watch tokens
 //   http.js            api(): fetch + JSON + the Bearer key, relative URLs
 //   router.js          #/ and #/jobs/<id>: which page is shown
 //   form.js            the templates and the submit form
@@ -22,7 +22,7 @@
 //   the page remembers the last one it applied, and a reconnect asks the
 //   server for `after=<that seq>`; anything at or below it is ignored.
 
-import { setupKeyForm } from "./auth.js";
+import { setupKeyForm, takeKeyFromAddress } from "./auth.js";
 import { $, showNotice } from "./dom.js";
 import { setupSubmitForm } from "./form.js";
 import { setupJobsList } from "./jobs-list.js";
@@ -60,6 +60,7 @@ async function show() {
 }
 
 function init() {
+  takeKeyFromAddress(); // first: the key box and the first requests use it
   setupKeyForm(show); // a saved key retries whatever the page was showing
   setupSubmitForm();
   setupJobsList();
