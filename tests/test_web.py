@@ -40,6 +40,7 @@ from tests.support.server import (
     ServerProcess,
     script_templates,
 )
+from tests.test_cli_e2e import Demo
 
 REPO = Path(__file__).resolve().parent.parent
 EMIT = REPO / "scripts" / "metis-emit"
@@ -492,6 +493,20 @@ def test_meta_serves_the_state_machine_even_without_a_key(tmp_path: Path):
 README = Path(__file__).parent.parent / "README.md"
 
 
+def spy_curl(folder: Path) -> tuple[Path, Path]:
+    """A folder with a curl that records its command line, then runs the real one; and
+    the file it records in."""
+    spy = folder / "bin"
+    spy.mkdir()
+    argv_log = folder / "curl-argv"
+    real_curl = shutil.which("curl")
+    assert real_curl is not None
+    (spy / "curl").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" >> {argv_log}\nexec {real_curl} "$@"\n')
+    (spy / "curl").chmod(stat.S_IRWXU)
+    return spy, argv_log
+
+
 def readme_curl_example() -> str:
     text = README.read_text()
     start = text.index("With nothing but `curl`:")
@@ -505,15 +520,7 @@ def test_the_plain_curl_example_posts_its_event_without_the_token_on_a_command_l
         token_file = tmp_path / "token"
         token_file.write_text(job.token)
         token_file.chmod(0o600)
-        # A curl that records its command line, then runs the real one.
-        spy = tmp_path / "bin"
-        spy.mkdir()
-        argv_log = tmp_path / "curl-argv"
-        real_curl = shutil.which("curl")
-        assert real_curl is not None
-        (spy / "curl").write_text(
-            f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_log}\nexec {real_curl} "$@"\n')
-        (spy / "curl").chmod(stat.S_IRWXU)
+        spy, argv_log = spy_curl(tmp_path)
         env = {"PATH": f"{spy}:{os.environ['PATH']}", "METIS_EVENTS_URL": job.url,
                "METIS_TOKEN_FILE": str(token_file)}
         done = subprocess.run(["sh", "-c", readme_curl_example()], env=env,
@@ -525,6 +532,33 @@ def test_the_plain_curl_example_posts_its_event_without_the_token_on_a_command_l
         assert job.token not in argv_log.read_text()
     finally:
         job.end()
+
+
+def readme_tour_api_helper() -> str:
+    text = README.read_text()
+    tour = text[text.index("## A five-minute tour"):text.index("### What a batch script does")]
+    return re.search(r"^api\(\) \{.*\}$", tour, re.M).group(0)  # type: ignore[union-attr]
+
+
+def test_the_tours_curl_helper_sends_the_demos_key_and_keeps_it_off_the_command_line(
+        tmp_path: Path):
+    demo = Demo(tmp_path / "state")
+    try:
+        spy, argv_log = spy_curl(tmp_path)
+        script = f"{readme_tour_api_helper()}\napi {demo.url}/api/templates\n"
+        env = {"PATH": f"{spy}:{os.environ['PATH']}", "METIS_API_KEY": demo.key}
+        done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert {t["name"] for t in json.loads(done.stdout)["templates"]} >= {"tokens"}
+        assert argv_log.read_text(), "the helper did not run curl"
+        assert demo.key not in argv_log.read_text()
+        refused = subprocess.run(["sh", "-c", script], env={**env, "METIS_API_KEY": "wrong"},
+                                 capture_output=True, text=True, timeout=30)
+        assert "API key" in json.loads(refused.stdout)["error"]
+        demo.interrupt()
+    finally:
+        demo.stop()
 
 
 def test_a_local_job_gets_nothing_of_the_servers_environment_beyond_the_allowlist(
