@@ -177,9 +177,13 @@ def _run_server(config: Config) -> int:
 
 
 def _uvicorn_options(config: Config) -> dict[str, Any]:
+    server = config.server
     return {
         "log_level": "info",
-        "access_log": config.server.access_log,
+        "access_log": server.access_log,
+        # uvicorn would take X-Forwarded-For from any loopback caller by default.
+        "proxy_headers": bool(server.forwarded_allow_ips),
+        "forwarded_allow_ips": list(server.forwarded_allow_ips) or None,
         # Pings find dead peers and clients that stopped reading (see SECURITY.md).
         "ws_ping_interval": 20, "ws_ping_timeout": 20,
         # Events are small JSON: compression cost ~17 us per delivered event and ~29 KiB

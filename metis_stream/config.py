@@ -58,7 +58,12 @@ class ServerConfig:
     """One log line per HTTP request: off by default, since jobs post every event as a
     request (about 5% of the server's CPU) and watch URLs carry tokens."""
     submissions_per_minute: float = 120.0
-    """Per API key (or per client address on a server without keys); beyond it, 429."""
+    """Per API key; on a server without keys, per client address and for all callers
+    together. Beyond it, 429."""
+    forwarded_allow_ips: tuple[str, ...] = ()
+    """Proxies (addresses or networks) whose ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` name the client; empty: the headers are ignored, so a caller
+    cannot pick the address that rate limits and logs see."""
 
     @property
     def events_base_url(self) -> str:
