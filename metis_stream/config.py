@@ -44,6 +44,9 @@ class ServerConfig:
     redis_url: str = ""
     api_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    """Names the server answers to besides the loopback names and the host of
+    ``public_url`` (or of ``host``); ``"*"``: any name (see web/hosts.py)."""
     state_dir: str = "~/.local/state/metis-stream"
     max_event_bytes: int = MAX_EVENT_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES

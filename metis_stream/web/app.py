@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
@@ -21,6 +22,7 @@ from metis_stream.schedulers.base import Scheduler
 from metis_stream.service import JobService
 from metis_stream.web import api, sockets
 from metis_stream.web.errors import handle_error, handle_starlette_error
+from metis_stream.web.hosts import HostCheck, ServerNames
 from metis_stream.web.logs import redact_access_log
 from metis_stream.web.slots import SocketSlots
 
@@ -83,6 +85,7 @@ def create_app(config: Config, *, backend: Backend | None = None,
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(HostCheck, names=ServerNames.of(config.server))],
                     exception_handlers={MetisError: handle_error,
                                         HTTPException: handle_starlette_error})
     app.state.service = service
