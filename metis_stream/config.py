@@ -55,6 +55,16 @@ class ServerConfig:
     max_sockets_per_job: int = 100
     max_sockets: int = 10_000
     """Websockets per server process; beyond either socket limit a handshake gets 429."""
+    max_connections: int = 11_000
+    """Open connections per server process, streams included (uvicorn's
+    ``limit_concurrency``); beyond it an HTTP request gets 503 at once. Keep it above
+    ``max_sockets``, or open streams alone would turn requests away."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to send a complete request line and headers."""
+    body_idle_timeout: float = 300.0
+    """Seconds a request body may send nothing before it is refused with 408. A streamed
+    ``metis-emit pipe`` sends nothing while its program is silent; it sends the next line
+    again on a new request."""
     event_retention: float = 7 * 24 * 3600
     submit_timeout: float = 120.0
     access_log: bool = False
