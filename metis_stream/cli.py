@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shlex
 import sys
@@ -28,6 +29,7 @@ from metis_stream.client import Client, post_event
 from metis_stream.config import Config, check_auth, load_config
 from metis_stream.errors import EXIT_FAILED, ClientError, ConfigError, MetisError, outcome_of
 from metis_stream.web.app import create_app
+from metis_stream.web.protocol import BoundedHttpToolsProtocol
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_INTERRUPTED = 130
@@ -197,9 +199,17 @@ def _run_server(config: Config) -> int:
 
 
 def _uvicorn_options(config: Config) -> dict[str, Any]:
+    server = config.server
     return {
         "log_level": "info",
-        "access_log": config.server.access_log,
+        "access_log": server.access_log,
+        # uvicorn would take X-Forwarded-For from any loopback caller by default.
+        "proxy_headers": bool(server.forwarded_allow_ips),
+        "forwarded_allow_ips": list(server.forwarded_allow_ips) or None,
+        # uvicorn calls its protocol class with keywords only: a partial passes ours.
+        "http": functools.partial(BoundedHttpToolsProtocol,
+                                  header_timeout=server.header_timeout),
+        "limit_concurrency": server.max_connections,
         # Pings find dead peers and clients that stopped reading (see SECURITY.md).
         "ws_ping_interval": 20, "ws_ping_timeout": 20,
         # Events are small JSON: compression cost ~17 us per delivered event and ~29 KiB

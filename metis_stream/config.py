@@ -50,6 +50,9 @@ class ServerConfig:
     that is every user of this machine. A server refuses to start without one or the
     other (``check_auth``); for a machine that nobody else uses."""
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    """Names the server answers to besides the loopback names and the host of
+    ``public_url`` (or of ``host``); ``"*"``: any name (see web/hosts.py)."""
     state_dir: str = "~/.local/state/metis-stream"
     max_event_bytes: int = MAX_EVENT_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
@@ -58,13 +61,28 @@ class ServerConfig:
     max_sockets_per_job: int = 100
     max_sockets: int = 10_000
     """Websockets per server process; beyond either socket limit a handshake gets 429."""
+    max_connections: int = 11_000
+    """Open connections per server process, streams included (uvicorn's
+    ``limit_concurrency``); beyond it an HTTP request gets 503 at once. Keep it above
+    ``max_sockets``, or open streams alone would turn requests away."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to send a complete request line and headers."""
+    body_idle_timeout: float = 300.0
+    """Seconds a request body may send nothing before it is refused with 408. A streamed
+    ``metis-emit pipe`` sends nothing while its program is silent; it sends the next line
+    again on a new request."""
     event_retention: float = 7 * 24 * 3600
     submit_timeout: float = 120.0
     access_log: bool = False
     """One log line per HTTP request: off by default, since jobs post every event as a
     request (about 5% of the server's CPU) and watch URLs carry tokens."""
     submissions_per_minute: float = 120.0
-    """Per API key (or per client address on a server without keys); beyond it, 429."""
+    """Per API key; on a server without keys, per client address and for all callers
+    together. Beyond it, 429."""
+    forwarded_allow_ips: tuple[str, ...] = ()
+    """Proxies (addresses or networks) whose ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` name the client; empty: the headers are ignored, so a caller
+    cannot pick the address that rate limits and logs see."""
 
     @property
     def events_base_url(self) -> str:

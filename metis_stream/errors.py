@@ -154,7 +154,12 @@ class UnsupportedMediaType(BadInput):
 
 
 class RequestTimeout(BadInput):
-    pass
+    """The client sent too little in time; over HTTP, the connection is closed after the
+    answer (the rest of a stalled request cannot be told from the next one)."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class UnsafeArgument(BadInput):

@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 SUBMISSION_WAIT = 30.0
 """How long a job's first event waits for the server to record the submission."""
+EVERY_KEYLESS_CALLER = "*"
+"""The rate limit's bucket shared by all callers of a server without API keys (no address
+or key hash is spelt so)."""
 
 
 class JobService:
@@ -104,7 +107,7 @@ class JobService:
 
         ``client`` names who asks (an API key's hash, or an address) for the rate limit.
         """
-        wait = self._submissions.acquire(client, time.monotonic())
+        wait = self._submissions.acquire(self._rate_limit_keys(client), time.monotonic())
         if wait:
             raise TooManySubmissions(wait)
         template = self.template(template_name)
@@ -120,6 +123,14 @@ class JobService:
         assert self._tasks is not None, "the service is not running"
         self._tasks.start_soon(self._submit, job, template)
         return await self.backend.get_job(job.id)
+
+    def _rate_limit_keys(self, client: str) -> tuple[str, ...]:
+        """The buckets a submission takes from. Callers of a keyless server also share one:
+        any local process can pick its source address among all of 127/8, so buckets per
+        address alone bound nothing."""
+        if self.config.server.api_keys:
+            return (client,)
+        return (client, EVERY_KEYLESS_CALLER)
 
     def spec(self, job: Job) -> dict[str, Any]:
         return {"job": job.id, "template": job.template, "params": job.params,

@@ -583,3 +583,18 @@ async def test_a_watch_token_is_not_written_to_the_server_log(server: ServerProc
     log = server.log()
     assert f"/ws/jobs/{job.id}?token=REDACTED" in log, "the handshake is logged, redacted"
     assert watch not in log
+
+
+@pytest.mark.parametrize("name", ["%74oken", "to%6Ben", "%74%6f%6b%65%6e"])
+async def test_a_percent_encoded_token_parameter_is_redacted_too(server: ServerProcess,
+                                                                job: RunningJob, name: str):
+    """The server decodes ``%74oken`` to ``token`` and takes the watch token from it: the
+    log must not keep what the server took."""
+    watch = tokens.watch_token(job.secret, job.id)
+    assert httpx.get(f"{job.url}?{name}={watch}").status_code == 200
+    async with websockets.connect(f"{server.ws_url}/ws/jobs/{job.id}?after=0&{name}={watch}"):
+        pass
+    await asyncio.sleep(0.2)
+    log = server.log()
+    assert f"/ws/jobs/{job.id}?after=0&{name}=REDACTED" in log
+    assert watch not in log

@@ -12,6 +12,7 @@ not look green).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -61,19 +62,28 @@ def _chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+@contextlib.contextmanager
+def chromium(*extra_args: str) -> Iterator[Browser]:
+    """Headless Chromium, with ``extra_args`` on its command line; one at a time per
+    process (Playwright's sync API cannot run twice at once)."""
     if PLAYWRIGHT_MISSING:
         service_unavailable(PLAYWRIGHT_MISSING)
     executable = _chromium_path()
     if executable is None:
         service_unavailable("no Chromium found (set METIS_CHROMIUM or put chromium on PATH)")
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(executable_path=executable,
+                                              args=[*CHROMIUM_ARGS, *extra_args])
         try:
             yield launched
         finally:
             launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as launched:
+        yield launched
 
 
 class Viewer:

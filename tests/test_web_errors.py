@@ -334,6 +334,59 @@ def test_429_with_retry_after_past_the_submission_rate(tmp_path: Path):
         process.stop()
 
 
+def submit_from(process: ServerProcess, **client: Any) -> int:
+    """One submission; ``client`` holds the headers and the transport of the caller."""
+    headers = client.pop("headers", {})
+    with httpx.Client(transport=httpx.HTTPTransport(**client)) as http:
+        return http.post(f"{process.url}/api/jobs", headers=headers,
+                         json={"template": "tokens", "params": {"delay": 0}}).status_code
+
+
+def test_a_forged_x_forwarded_for_neither_dodges_the_rate_limit_nor_reaches_the_log(
+        tmp_path: Path):
+    process = ServerProcess(state_dir=tmp_path / "server",
+                            server_settings={"submissions_per_minute": 2})
+    process.start()
+    try:
+        answers = [submit_from(process, headers={"X-Forwarded-For": f"203.0.113.{n}"})
+                   for n in range(4)]
+        assert answers == [201, 201, 429, 429]
+        assert "203.0.113." not in process.log()
+        assert '127.0.0.1:' in process.log()
+    finally:
+        process.cancel_jobs()
+        process.stop()
+
+
+def test_a_keyless_server_bounds_submissions_from_all_addresses_together(tmp_path: Path):
+    """Any local process can pick its source address among all of 127/8."""
+    process = ServerProcess(state_dir=tmp_path / "server",
+                            server_settings={"submissions_per_minute": 2})
+    process.start()
+    try:
+        answers = [submit_from(process, local_address=f"127.0.0.{n}") for n in range(2, 6)]
+        assert answers == [201, 201, 429, 429]
+    finally:
+        process.cancel_jobs()
+        process.stop()
+
+
+def test_forwarded_headers_are_taken_from_the_proxies_named_in_forwarded_allow_ips(
+        tmp_path: Path):
+    process = ServerProcess(state_dir=tmp_path / "server",
+                            server_settings={"forwarded_allow_ips": ["127.0.0.1"]})
+    process.start()
+    try:
+        assert submit_from(process, headers={"X-Forwarded-For": "203.0.113.7"}) == 201
+        assert "203.0.113.7:" in process.log()
+        assert submit_from(process, local_address="127.0.0.2",
+                           headers={"X-Forwarded-For": "203.0.113.8"}) == 201
+        assert "203.0.113.8" not in process.log(), "127.0.0.2 is not a named proxy"
+    finally:
+        process.cancel_jobs()
+        process.stop()
+
+
 # 503: the mapping, in process; the Redis suite shows it with redis-server down.
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ from metis_stream.errors import (
     MetisError,
     NoSuchRoute,
     NotFound,
+    RequestTimeout,
     TooLarge,
     UnsupportedMediaType,
 )
@@ -55,19 +57,34 @@ def job_view(service: JobService, job: Job, *, for_client: bool) -> dict[str, An
 
 async def body_chunks(request: Request, limit: int | None) -> AsyncIterator[bytes]:
     """The request body's chunks as they arrive, refused once it passes ``limit`` bytes."""
-    if limit is None:
-        async for chunk in request.stream():
-            yield chunk
-        return
     length = request.headers.get("content-length")
-    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
+    if (limit is not None and length is not None and length.isascii() and length.isdigit()
+            and int(length) > limit):
         raise TooLarge(f"the request body may be at most {limit} bytes")
     size = 0
-    async for chunk in request.stream():
+    async for chunk in _arriving(request):
         size += len(chunk)
-        if size > limit:
+        if limit is not None and size > limit:
             raise TooLarge(f"the request body may be at most {limit} bytes")
         yield chunk
+
+
+async def _arriving(request: Request) -> AsyncIterator[bytes]:
+    """``request.stream()``, refused with 408 once it has sent nothing for
+    ``body_idle_timeout``: a stalled or malicious client must not hold a request open for
+    ever. The bound is on the gap, not the whole: a job's piped output may stream for
+    hours."""
+    idle = service_of(request).config.server.body_idle_timeout
+    async with contextlib.aclosing(request.stream()) as chunks:
+        while True:
+            try:
+                with anyio.fail_after(idle):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimeout(f"the request body sent nothing for {idle:g} s") from None
+            yield chunk
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
@@ -22,6 +23,8 @@ from metis_stream.schedulers.base import Scheduler
 from metis_stream.service import JobService
 from metis_stream.web import api, sockets
 from metis_stream.web.errors import handle_error, handle_starlette_error
+from metis_stream.web.headers import SecurityHeaders
+from metis_stream.web.hosts import HostCheck, ServerNames
 from metis_stream.web.logs import redact_access_log
 from metis_stream.web.slots import SocketSlots
 
@@ -68,6 +71,7 @@ def create_app(config: Config, *, backend: Backend | None = None,
                 with anyio.CancelScope(shield=True):
                     await service.close()
 
+    names = ServerNames.of(config.server)
     job = "/api/jobs/{job_id}"
     routes = [
         Route("/healthz", api.healthz),
@@ -92,6 +96,8 @@ def create_app(config: Config, *, backend: Backend | None = None,
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(SecurityHeaders, names=names),
+                                Middleware(HostCheck, names=names)],
                     exception_handlers={MetisError: handle_error,
                                         HTTPException: handle_starlette_error})
     app.state.service = service

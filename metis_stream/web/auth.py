@@ -4,13 +4,12 @@ never tells whether a job exists."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from starlette.requests import HTTPConnection
 
 from metis_stream import tokens
 from metis_stream.config import ServerConfig
 from metis_stream.errors import NotAllowed, NotAuthenticated
+from metis_stream.web.hosts import ServerNames, host_name
 
 
 def bearer(conn: HTTPConnection) -> str | None:
@@ -61,7 +60,9 @@ def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:
 
     Browsers let any page open a websocket anywhere: a server without keys (told
     insecure_no_auth, on loopback) would take jobs from every site the user visits, so
-    without an allowlist it takes them only from its own pages.
+    without an allowlist it takes them only from its own pages: an Origin of the Host the
+    handshake was sent to, under a name of the server's own. A page whose name rebinds to
+    the server's address has an Origin equal to its Host, so that alone would let it in.
     """
     origin = conn.headers.get("origin")
     if origin is None:
@@ -69,6 +70,12 @@ def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:
     if server.allowed_origins:
         if origin not in server.allowed_origins:
             raise NotAllowed(f"origin {origin[:100]} is not allowed")
-    elif not server.api_keys and urlsplit(origin).netloc != conn.headers.get("host"):
+    elif not server.api_keys and not _own_page(origin, conn, server):
         raise NotAllowed(f"origin {origin[:100]} is not this server's; list it in "
                          "allowed_origins")
+
+
+def _own_page(origin: str, conn: HTTPConnection, server: ServerConfig) -> bool:
+    authority = origin.partition("://")[2]
+    return (authority == conn.headers.get("host")
+            and ServerNames.of(server).own(host_name(authority)))

@@ -10,8 +10,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import Response
+from starlette.websockets import WebSocket
 
 from metis_stream.errors import MetisError, outcome_of
+
+DENIAL_EXTENSION = "websocket.http.response"
 
 
 class JSONResponse(_StarletteJSONResponse):
@@ -42,3 +45,16 @@ async def handle_starlette_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code,
                         headers=exc.headers)
+
+
+async def deny(websocket: WebSocket, error: MetisError) -> None:
+    """Refuse a websocket handshake with the real HTTP status where the server supports it."""
+    if DENIAL_EXTENSION in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(error))
+    else:
+        await websocket.close(outcome_of(error).close_code, close_reason(error))
+
+
+def close_reason(error: MetisError) -> str:
+    """A close frame's reason may hold at most 123 bytes of UTF-8."""
+    return error.message.encode()[:123].decode(errors="ignore")

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote_plus
 
-TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s]*")
+QUERY_PAIR = re.compile(r"([?&])([^&=\s]*)=([^&\s]*)")
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with the value of every ``token`` query parameter replaced.
+
+    A parameter is judged by its name as the server reads it, percent-decoded: the server
+    takes a watch token from ``?%74oken=`` as from ``?token=``.
+    """
+    return QUERY_PAIR.sub(_redact_pair, text)
+
+
+def _redact_pair(pair: re.Match[str]) -> str:
+    separator, name, _ = pair.groups()
+    if unquote_plus(name).lower() != "token":
+        return pair.group(0)
+    return f"{separator}{name}=REDACTED"
 
 
 class RedactTokens(logging.Filter):
@@ -13,8 +30,8 @@ class RedactTokens(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(TOKEN_IN_QUERY.sub(r"\1REDACTED", arg) if isinstance(arg, str)
-                                else arg for arg in record.args)
+            record.args = tuple(redact_tokens(arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
         return True
 
 

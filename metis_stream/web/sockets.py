@@ -25,11 +25,10 @@ from metis_stream.errors import (
 from metis_stream.service import JobService
 from metis_stream.web import auth
 from metis_stream.web.api import parse_submit_request, whole_number
-from metis_stream.web.errors import error_response
+from metis_stream.web.errors import close_reason, deny
 from metis_stream.web.slots import slots_of
 
 FIRST_FRAME_TIMEOUT = 30.0
-DENIAL_EXTENSION = "websocket.http.response"
 
 
 def service_of(websocket: WebSocket) -> JobService:
@@ -46,7 +45,7 @@ async def submit_socket(websocket: WebSocket) -> None:
             auth.require_client(websocket, service.config.server)
             slot.enter_context(slots_of(websocket).take(""))
         except MetisError as error:
-            await _deny(websocket, error)
+            await deny(websocket, error)
             return
         await _submit_and_stream(websocket, service)
 
@@ -83,7 +82,7 @@ async def watch_socket(websocket: WebSocket) -> None:
             await service.get(job_id)
             slot.enter_context(slots_of(websocket).take(job_id))
         except MetisError as exc:
-            await _deny(websocket, exc)
+            await deny(websocket, exc)
             return
         await websocket.accept()
         await _stream(websocket, service, job_id, after=after)
@@ -122,24 +121,11 @@ async def _cancel_on_disconnect(websocket: WebSocket, scope: anyio.CancelScope) 
     scope.cancel()
 
 
-async def _deny(websocket: WebSocket, error: MetisError) -> None:
-    """Refuse a handshake with the real HTTP status where the server supports it."""
-    if DENIAL_EXTENSION in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(error_response(error))
-    else:
-        await websocket.close(outcome_of(error).close_code, _close_reason(error))
-
-
 async def _close_with_error(websocket: WebSocket, error: MetisError) -> None:
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
         await websocket.send_text(orjson.dumps({"error": error.message}).decode())
-        await websocket.close(outcome_of(error).close_code, _close_reason(error))
-
-
-def _close_reason(error: MetisError) -> str:
-    """A close frame's reason may hold at most 123 bytes of UTF-8."""
-    return error.message.encode()[:123].decode(errors="ignore")
+        await websocket.close(outcome_of(error).close_code, close_reason(error))
 
 
 async def no_such_route(websocket: WebSocket) -> None:
-    await _deny(websocket, NoSuchRoute())
+    await deny(websocket, NoSuchRoute())
