@@ -73,7 +73,8 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 def new_job_id(now: float | None = None) -> str:
     """A ULID-like id: sortable by creation time, with 80 random bits (unguessable)."""
-    millis = int((time.time() if now is None else now) * 1000)
+    # round, not int: a time given as seconds (a float) must keep its millisecond.
+    millis = round((time.time() if now is None else now) * 1000)
     value = (millis << 80) | secrets.randbits(80)
     chars = []
     for _ in range(26):

@@ -90,6 +90,7 @@ def test_the_name_in_a_host_header(header: str, name: str | None) -> None:
 
 def test_an_entry_of_allowed_hosts_that_is_no_name_stops_the_app_at_once(tmp_path: Path):
     config = load_config(None, {"METIS_STATE_DIR": str(tmp_path),
+                                "METIS_INSECURE_NO_AUTH": "true",
                                 "METIS_ALLOWED_HOSTS": "app.example.org, https://x/"})
     assert config.server.allowed_hosts == ("app.example.org", "https://x/")
     with pytest.raises(ConfigError, match="allowed_hosts: 'https://x/'"):
