@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from metis_stream import tokens
+from metis_stream.backends.contract import DEFAULT_MAX_JOB_BYTES
 from metis_stream.errors import ConfigError, TemplateError
 from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from metis_stream.files import write_private
@@ -57,6 +58,10 @@ class ServerConfig:
     max_event_bytes: int = MAX_EVENT_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_events_per_job: int = 10_000
+    max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+    """The wire JSON of one job's events in all; past it, 413 for all but a terminal event.
+    A thousand events of the largest size, or the whole event cap at 6.5 KiB each: far more
+    than token and step events use, and what one job may cost the backend's memory."""
     max_lines_per_request: int = 10_000
     max_sockets_per_job: int = 100
     max_sockets: int = 10_000

@@ -62,6 +62,10 @@ def events(*types: str) -> list[NewEvent]:
     return [NewEvent(event_type, {"n": n}) for n, event_type in enumerate(types)]
 
 
+def wire_bytes(event: Event) -> int:
+    return len(event.wire.encode())
+
+
 async def read_all(backend: Backend, job_id: str) -> list[Event]:
     return await backend.read(job_id, 0, 100_000)
 
@@ -208,6 +212,50 @@ async def test_event_limit_still_takes_the_terminal_event(make_backend: MakeBack
         assert (await backend.get_job(job.id)).state == JobState.FAILED
         with pytest.raises(JobEnded):
             await backend.append(job.id, events("completed"))
+    finally:
+        await backend.close()
+
+
+async def test_byte_budget_still_takes_the_terminal_event(make_backend: MakeBackend) -> None:
+    """A job's events may hold at most ``max_job_bytes`` of wire JSON in all; past it only a
+    terminal event is taken, as with the event count."""
+    budget = 4096
+    backend = make_backend(max_job_bytes=budget)
+    await backend.start()
+    try:
+        job = await new_job(backend)
+        used = sum(map(wire_bytes, await read_all(backend, job.id)))
+        big = "x" * 1000
+        result = await backend.append(job.id, events(*["token"] * 3))
+        used += sum(map(wire_bytes, result.events))
+        filler = NewEvent("token", "y" * (budget - used - 200))
+        used += wire_bytes((await backend.append(job.id, [filler])).events[0])
+        assert used <= budget
+        with pytest.raises(EventLimitReached, match=f"{budget} bytes"):
+            await backend.append(job.id, [NewEvent("token", big)])
+        with pytest.raises(EventLimitReached):  # all or nothing: not even the terminal one
+            await backend.append(job.id, [NewEvent("token", big), NewEvent("completed")])
+        assert (await backend.get_job(job.id)).last_seq == 6
+        # Small events still fit until the budget is spent exactly.
+        small = await backend.append(job.id, [NewEvent("step")])
+        used += wire_bytes(small.events[0])
+        assert used <= budget
+        ended = await backend.append(job.id, [NewEvent("fatal", {"error": big})])
+        assert ended.seqs == [8] and used + wire_bytes(ended.events[0]) > budget
+        assert (await backend.get_job(job.id)).state == JobState.FAILED
+    finally:
+        await backend.close()
+
+
+async def test_the_byte_budget_counts_each_job_apart(make_backend: MakeBackend) -> None:
+    backend = make_backend(max_job_bytes=2048)
+    await backend.start()
+    try:
+        first, second = await new_job(backend), await new_job(backend)
+        await backend.append(first.id, [NewEvent("token", "a" * 1500)])
+        assert (await backend.append(second.id, [NewEvent("token", "b" * 1500)])).seqs == [3]
+        with pytest.raises(EventLimitReached):
+            await backend.append(first.id, [NewEvent("token", "a" * 600)])
     finally:
         await backend.close()
 

@@ -107,13 +107,6 @@ def assert_no_traceback(server: ServerProcess) -> None:
     assert "Traceback" not in log, log[log.find("Traceback") - 300:][:3000]
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[98]
 
@@ -243,14 +236,13 @@ async def post_filler(http: httpx.AsyncClient, job: RunningJob, count: int) -> i
 
 async def test_a_frozen_client_slows_no_fast_watcher_and_does_not_grow_memory(
         server: ServerProcess):
-    assert server.process is not None
     job = RunningJob(server, "idle")
     watchers = Watchers(job, FAST_WATCHERS)
     await watchers.start()
     async with httpx.AsyncClient(timeout=30) as http:
         last = await post_phase(http, job, "alone", PHASE_EVENTS, 0.01)
         await watchers.wait_for_seq(last)
-        rss_before = rss_kib(server.process.pid)
+        rss_before = server.rss_kib()
 
         frozen = frozen_client(server, job.id)
         try:
@@ -262,13 +254,13 @@ async def test_a_frozen_client_slows_no_fast_watcher_and_does_not_grow_memory(
             for task in watchers.tasks:
                 task.cancel()
             await asyncio.gather(*watchers.tasks, return_exceptions=True)
-            rss_frozen = rss_kib(server.process.pid)
+            rss_frozen = server.rss_kib()
             # Then the frozen client alone, sent far more than one subscription buffer
             # (1,000 events): what it does not read must stay in the log, not in memory.
             for _ in range(FROZEN_ROUNDS):
                 await post_filler(http, job, FROZEN_ROUND_EVENTS)
             await asyncio.sleep(0.5)
-            rss_after = rss_kib(server.process.pid)
+            rss_after = server.rss_kib()
             stuck = pending_bytes(frozen)
             assert httpx.get(f"{server.url}/healthz").status_code == 200
         finally:

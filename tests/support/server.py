@@ -154,6 +154,14 @@ class ServerProcess:
             if not JobState(job["state"]).terminal:
                 httpx.delete(f"{self.url}/api/jobs/{job['id']}", timeout=30)
 
+    def rss_kib(self) -> int:
+        """The server process's resident memory now (VmRSS), in KiB."""
+        assert self.process is not None, "the server is not running"
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS in /proc/PID/status")
+
 
 class RunningJob:
     """A local job of ``template`` whose script has posted its first ``step`` and then

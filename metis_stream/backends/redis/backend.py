@@ -5,7 +5,8 @@ Per job (``P`` is the key prefix, ``metis:`` by default):
 
 - ``P job:<id>``: HASH, the :class:`~metis_stream.jobs.Job` fields (text for id,
   template, cluster and state; JSON for the rest), plus ``epoch`` (a random token
-  written at creation) and ``order`` (the job's rank in creation order).
+  written at creation), ``order`` (the job's rank in creation order) and ``bytes``
+  (the size of its log's wire JSON, against ``max_job_bytes``).
 - ``P log:<id>``: STREAM, one entry per event with id ``0-<seq>`` and one field
   ``e``: the event's exact wire JSON. Capped at ``max_events_per_job + 1`` (the one
   terminal event still taken at the limit), so the cap never trims an accepted event.
@@ -32,7 +33,13 @@ from typing import cast
 
 from redis.exceptions import ResponseError
 
-from metis_stream.backends.contract import DEFAULT_MAX_EVENTS_PER_JOB, READ_PAGE, AppendResult
+from metis_stream.backends.contract import (
+    DEFAULT_MAX_EVENTS_PER_JOB,
+    DEFAULT_MAX_JOB_BYTES,
+    READ_PAGE,
+    AppendResult,
+    JobLimits,
+)
 from metis_stream.backends.hub import Subscription
 from metis_stream.backends.redis.coalescer import Coalescer
 from metis_stream.backends.redis.codec import (
@@ -80,10 +87,11 @@ class RedisBackend:
     """
 
     def __init__(self, url: str, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB,
+                 max_job_bytes: int = DEFAULT_MAX_JOB_BYTES,
                  retention: float = DEFAULT_RETENTION, key_prefix: str = "metis:",
                  socket_timeout: float = 5.0, health_check_interval: float = 5.0,
                  max_connections: int = 32) -> None:
-        self._max_events = max_events_per_job
+        self._limits = JobLimits(events=max_events_per_job, bytes=max_job_bytes)
         self._retention_ms = max(1, int(retention * 1000))
         self._prefix = key_prefix
         name = f"metis-stream:{secrets.token_hex(4)}"
@@ -215,7 +223,8 @@ class RedisBackend:
         tails = [wire_tail(new, now) for new in events]
         args: list[str | int] = [
             job_id, self._listener.channel(job_id).decode(), to_json(now), int(from_job),
-            self._max_events, self._max_events + 1, self._retention_ms, head, len(events),
+            self._limits.events, self._limits.events + 1, self._retention_ms, head, len(events),
+            self._limits.bytes,
         ]
         for new, tail in zip(events, tails, strict=True):
             patch = job_patch(new)
@@ -228,7 +237,7 @@ class RedisBackend:
             make_error = SCRIPT_ERRORS.get(str(exc).split(" ", 1)[0])
             if make_error is None:
                 raise
-            raise make_error(job_id, self._max_events) from None
+            raise make_error(job_id, self._limits) from None
         appended = [Event(job=job_id, seq=seqs[i - 1], type=events[i - 1].type,
                           data=events[i - 1].data, time=now,
                           wire=head + str(seqs[i - 1]) + tails[i - 1])

@@ -1,0 +1,89 @@
+"""What a job costs a server's memory, measured on a real server process's RSS
+(/proc/PID/status VmRSS): the memory backend keeps one copy of each event, a job has a
+byte budget, and history is read in pages bounded in bytes.
+
+The figures are printed (``-s``); the bounds asserted are loose enough for allocator noise
+and tight enough to catch a second copy of every event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import (
+    EXAMPLE_TEMPLATES,
+    LOCAL_CLUSTER,
+    RunningJob,
+    ServerProcess,
+    script_templates,
+)
+
+NDJSON = "application/x-ndjson"
+PAYLOAD = "x" * 60_000
+EVENTS = 1000
+PER_REQUEST = 15
+"""Events of PAYLOAD per NDJSON request: under the 1 MiB request limit."""
+IDLE = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
+
+
+def make_server(folder: Path, **settings: object) -> ServerProcess:
+    return ServerProcess(
+        state_dir=folder / "server",
+        server_settings={"submissions_per_minute": 10_000, **settings},
+        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES
+        + script_templates(folder / "scripts", {"idle": IDLE}))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    process = make_server(tmp_path)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def post_events(job: RunningJob, count: int, data: str = PAYLOAD) -> None:
+    """``count`` token events of ``data``, in NDJSON batches."""
+    for start in range(0, count, PER_REQUEST):
+        body = "".join(json.dumps({"type": "token", "data": data}) + "\n"
+                       for _ in range(min(PER_REQUEST, count - start)))
+        answer = job.post(body, NDJSON)
+        assert answer.status_code == 200, answer.text
+
+
+def test_a_job_past_its_byte_budget_gets_413_and_still_takes_its_terminal_event(
+        tmp_path: Path):
+    budget = 2 * 1024 * 1024
+    server = make_server(tmp_path, max_job_bytes=budget)
+    server.start()
+    try:
+        job = RunningJob(server, "idle")
+        before = server.rss_kib()
+        line = json.dumps({"type": "token", "data": PAYLOAD}) + "\n"
+        taken = 0
+        while (answer := job.post(line * PER_REQUEST, NDJSON)).status_code == 200:
+            taken += PER_REQUEST
+        assert answer.status_code == 413, answer.text
+        assert "budget of 2097152 bytes" in answer.json()["error"]
+        while (answer := job.post(line, NDJSON)).status_code == 200:
+            taken += 1
+        assert answer.status_code == 413, answer.text
+        grown = server.rss_kib() - before
+        ended = job.post_event({"type": "completed", "data": PAYLOAD})
+        assert ended.status_code == 200, ended.text
+        events = job.events()
+        assert events[-1]["type"] == "completed"
+        sizes = [len(json.dumps(event, separators=(",", ":"))) for event in events]
+        # Every token that fitted was taken, and only those; then the terminal one too.
+        assert sum(sizes[:-1]) <= budget < sum(sizes[:-1]) + sizes[-2]
+        print(f"\n{taken} events of {len(PAYLOAD)} bytes fit a budget of {budget} bytes; "
+              f"RSS grew {grown / 1024:.1f} MiB")
+        assert grown < 4 * budget / 1024, (before, grown)
+    finally:
+        server.stop()
