@@ -87,3 +87,18 @@ def test_a_job_past_its_byte_budget_gets_413_and_still_takes_its_terminal_event(
         assert grown < 4 * budget / 1024, (before, grown)
     finally:
         server.stop()
+
+
+def test_the_memory_backend_keeps_one_copy_of_each_event(server: ServerProcess):
+    job = RunningJob(server, "idle")
+    post_events(job, 2 * PER_REQUEST)  # the allocator's first arenas, the first buffers
+    before = server.rss_kib()
+    post_events(job, EVENTS)
+    grown = server.rss_kib() - before
+    payload = EVENTS * len(PAYLOAD) / 1024
+    print(f"\nRSS grew {grown / 1024:.1f} MiB for {EVENTS} events of {len(PAYLOAD)} bytes "
+          f"({payload / 1024:.1f} MiB of payload)")
+    # One copy is the payload and a little; two copies (the decoded data and the wire JSON)
+    # were twice the payload.
+    assert grown < 1.3 * payload, (before, grown)
+    job.end()

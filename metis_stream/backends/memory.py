@@ -6,7 +6,6 @@ use the Redis backend for that and for several processes.
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -21,14 +20,16 @@ from metis_stream.backends.contract import (
 )
 from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.errors import JobEnded, JobNotFound, JobNotSubmitted
-from metis_stream.events import Event, NewEvent
+from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState, apply_event
 
 
 @dataclass
 class _Entry:
     job: Job
-    log: list[Event] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    """Each event's wire JSON, seq 1 first: one copy of the event, decoded when read (an
+    Event would keep its decoded data beside it, twice the memory)."""
     size: int = 0
     """The bytes of the log's wire JSON, against the job's budget."""
     seq_of_key: dict[str, int] = field(default_factory=dict)
@@ -75,7 +76,7 @@ class MemoryBackend:
             raise JobNotSubmitted(job_id)
         seqs, appended, keys = self._plan(entry, events, time.time())
         for event in appended:
-            entry.log.append(event)
+            entry.log.append(event.wire)
             entry.size += event.size
             apply_event(job, event)
         entry.seq_of_key.update(keys)
@@ -118,8 +119,7 @@ class MemoryBackend:
 
     async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
         log = self._entry(job_id).log
-        start = bisect.bisect_right(log, after, key=lambda event: event.seq)
-        return log[start:start + limit]
+        return [decode_event(wire) for wire in log[after:after + limit]]
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
         return self.hub.subscribe(job_id)
