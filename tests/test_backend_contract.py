@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metis_stream.backends.contract import Backend
+from metis_stream.backends.contract import Backend, page_is_full
 from metis_stream.backends.follow import follow
 from metis_stream.backends.hub import DEFAULT_SUBSCRIPTION_BUFFER
 from metis_stream.backends.memory import MemoryBackend
@@ -144,6 +144,33 @@ async def test_read_after_n_in_pages(backend: Backend) -> None:
     assert [event.seq for event in await backend.read(job.id, 5, 10)] == list(range(6, 16))
     assert [event.seq for event in await backend.read(job.id, 15, 10)] == list(range(16, 26))
     assert await backend.read(job.id, 25) == []
+
+
+async def test_read_pages_stop_at_a_byte_bound(backend: Backend) -> None:
+    job = await new_job(backend)
+    await backend.append(job.id, [NewEvent("token", "x" * 1000) for _ in range(20)])
+    page = await backend.read(job.id, 2, 100, max_bytes=5000)
+    sizes = list(map(wire_bytes, page))
+    assert [event.seq for event in page] == [3, 4, 5, 6, 7]
+    assert sum(sizes[:-1]) < 5000 <= sum(sizes)  # the event that reaches the bound is last
+    assert page_is_full(page, 100, 5000)
+    # An event larger than the bound is a page of its own; the count still bounds a page.
+    assert [event.seq for event in await backend.read(job.id, 2, 100, max_bytes=10)] == [3]
+    assert [event.seq for event in await backend.read(job.id, 2, 2, max_bytes=10**6)] == [3, 4]
+    rest = await backend.read(job.id, 17, 100, max_bytes=10**6)
+    assert [event.seq for event in rest] == [18, 19, 20, 21, 22]
+    assert not page_is_full(rest, 100, 10**6)
+
+
+async def test_follow_reads_a_log_of_many_byte_bounded_pages(backend: Backend) -> None:
+    job = await new_job(backend)
+    big = "y" * 60_000
+    for _ in range(4):  # about 3.6 MB of events: many pages of READ_PAGE_BYTES
+        await backend.append(job.id, [NewEvent("token", big) for _ in range(15)])
+    await backend.append(job.id, events("completed"))
+    received = await collect(backend, job.id, 0)
+    assert [event.seq for event in received] == list(range(1, 64))
+    assert received[-1].type == "completed"
 
 
 async def test_a_batch_is_all_or_nothing(backend: Backend) -> None:

@@ -26,6 +26,9 @@ __all__ = [
 DEFAULT_MAX_EVENTS_PER_JOB = 10_000
 DEFAULT_MAX_JOB_BYTES = 64 * 1024 * 1024
 READ_PAGE = 1_000
+READ_PAGE_BYTES = 256 * 1024
+"""A page of the log stops at READ_PAGE events or at this much wire JSON, whichever comes
+first: what one reader holds at once, however large the job's events."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,13 @@ class AppendResult:
     @property
     def duplicates(self) -> int:
         return len(self.seqs) - len(self.events)
+
+
+def page_is_full(page: Sequence[Event], limit: int = READ_PAGE,
+                 max_bytes: int = READ_PAGE_BYTES) -> bool:
+    """Whether a page that ``read`` gave stopped at one of its bounds, so that the log may
+    go on after it (a shorter page was the end of the log when it was read)."""
+    return len(page) >= limit or sum(event.size for event in page) >= max_bytes
 
 
 class Backend(Protocol):
@@ -92,8 +102,10 @@ class Backend(Protocol):
         """
         ...
 
-    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
-        """Events with seq > ``after``, oldest first, at most ``limit``."""
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Event]:
+        """Events with seq > ``after``, oldest first: at most ``limit``, and none after the
+        one that brings their wire JSON to ``max_bytes`` (so a page holds at least one)."""
         ...
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:

@@ -15,6 +15,7 @@ from metis_stream.backends.contract import (
     DEFAULT_MAX_EVENTS_PER_JOB,
     DEFAULT_MAX_JOB_BYTES,
     READ_PAGE,
+    READ_PAGE_BYTES,
     AppendResult,
     JobLimits,
 )
@@ -117,9 +118,16 @@ class MemoryBackend:
             ended = new.terminal
         return seqs, fresh, keys
 
-    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
-        log = self._entry(job_id).log
-        return [decode_event(wire) for wire in log[after:after + limit]]
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Event]:
+        page: list[Event] = []
+        size = 0
+        for wire in self._entry(job_id).log[after:after + limit]:
+            page.append(decode_event(wire))
+            size += page[-1].size
+            if size >= max_bytes:
+                break
+        return page
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
         return self.hub.subscribe(job_id)

@@ -37,6 +37,7 @@ from metis_stream.backends.contract import (
     DEFAULT_MAX_EVENTS_PER_JOB,
     DEFAULT_MAX_JOB_BYTES,
     READ_PAGE,
+    READ_PAGE_BYTES,
     AppendResult,
     JobLimits,
 )
@@ -60,6 +61,7 @@ from metis_stream.backends.redis.scripts import (
     APPEND_LUA,
     CREATE_LUA,
     LEASE_LUA,
+    READ_LUA,
     SCRIPT_ERRORS,
     SET_FIELD_LUA,
     STATES,
@@ -104,6 +106,7 @@ class RedisBackend:
         self._create_script = self._client.register_script(CREATE_LUA)
         self._lease_script = self._client.register_script(LEASE_LUA)
         self._set_field_script = self._client.register_script(SET_FIELD_LUA)
+        self._read_script = self._client.register_script(READ_LUA)
         pubsub = pubsub_factory(url, name=name, socket_timeout=socket_timeout)
         self._listener = Listener(pubsub, f"{key_prefix}ch:", interval=health_check_interval,
                                   timeout=socket_timeout, store_was_wiped=self._store_was_wiped,
@@ -115,7 +118,7 @@ class RedisBackend:
     async def start(self) -> None:
         with unavailable_on_errors():
             for script in (self._append_script, self._create_script, self._lease_script,
-                           self._set_field_script):
+                           self._set_field_script, self._read_script):
                 await self._client.script_load(script.script)
             await self._store_was_wiped()
         await self._listener.start()
@@ -246,19 +249,19 @@ class RedisBackend:
             self._saw(event)
         return AppendResult(events=appended, seqs=[int(seq) for seq in seqs])
 
-    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Event]:
         start = f"(0-{after}" if after > 0 else "-"
         # What this process had seen before asking: an event published after the read ran
         # may be handled before its answer is, and must not make the log look short.
         seen = self._seen.get(job_id)
         seen_before = seen.seq if seen is not None else 0
         with unavailable_on_errors():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hmget(self._key("job", job_id), ["epoch", "last_seq"])
-                pipe.xrange(self._key("log", job_id), start, "+", count=limit)
-                (epoch, last_seq), entries = await pipe.execute()
+            epoch, last_seq, wires = await self._read_script(
+                keys=[self._key("job", job_id), self._key("log", job_id)],
+                args=[start, limit, max_bytes])
         self._check_log(job_id, epoch, last_seq, after, seen_before)
-        events = [decode_event(fields[b"e"]) for _, fields in entries]
+        events = [decode_event(wire) for wire in wires]
         for event in events:
             self._saw(event)
         return events

@@ -146,6 +146,27 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+READ_LUA = """
+-- KEYS: job hash, log stream. ARGV: first entry id (or '-'), most events, most bytes.
+-- The job's epoch and last seq, and the wire JSON of the events from the first entry on:
+-- at most that many, none after the one that brings them to that many bytes. The log is
+-- read in small ranges so that neither Redis nor the reply holds more than the page.
+local limit, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+local job = redis.call('HMGET', KEYS[1], 'epoch', 'last_seq')
+local wires, size, start = {}, 0, ARGV[1]
+while #wires < limit and size < max_bytes do
+  local range = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', math.min(limit - #wires, 64))
+  if #range == 0 then break end
+  for _, entry in ipairs(range) do
+    wires[#wires + 1] = entry[2][2]
+    size = size + #entry[2][2]
+    start = '(' .. entry[1]
+    if size >= max_bytes then break end
+  end
+end
+return {job[1], job[2], wires}
+"""
+
 LEASE_LUA = """
 -- Take the lease if free, or renew it if this owner holds it.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
