@@ -9,16 +9,11 @@ bigger (more jobs killed at once, a longer frozen phase, more sockets).
 from __future__ import annotations
 
 import asyncio
-import base64
-import fcntl
 import json
 import os
 import resource
 import signal
-import socket
 import statistics
-import struct
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +33,7 @@ from tests.support.server import (
     free_port,
     script_templates,
 )
+from tests.support.stalled import frozen_websocket, pending_bytes
 
 pytestmark = pytest.mark.redis
 
@@ -153,28 +149,6 @@ async def test_a_server_killed_mid_jobs_restarts_and_every_watcher_gets_each_eve
 # 2. One frozen client among 100 fast watchers
 
 
-def frozen_client(server: ServerProcess, job_id: str) -> socket.socket:
-    """A websocket handshake by hand, with a tiny receive buffer, and then never a read."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((server.host, server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws/jobs/{job_id} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
-                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        answer += sock.recv(1)
-    assert answer.startswith(b"HTTP/1.1 101"), answer
-    return sock
-
-
-def pending_bytes(sock: socket.socket) -> int:
-    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
-    count: int = struct.unpack("i", raw)[0]
-    return count
-
-
 class Watchers:
     """Fast websocket watchers that note, per phase, how late each event arrives."""
 
@@ -244,7 +218,7 @@ async def test_a_frozen_client_slows_no_fast_watcher_and_does_not_grow_memory(
         await watchers.wait_for_seq(last)
         rss_before = server.rss_kib()
 
-        frozen = frozen_client(server, job.id)
+        frozen = frozen_websocket(server, f"/ws/jobs/{job.id}")
         try:
             # Back the frozen client up first, then measure the fast ones beside it.
             last = await post_filler(http, job, FILLER_EVENTS)

@@ -8,12 +8,16 @@ and tight enough to catch a second copy of every event.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from metis_stream.backends.contract import READ_PAGE_BYTES
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
@@ -21,12 +25,14 @@ from tests.support.server import (
     ServerProcess,
     script_templates,
 )
+from tests.support.stalled import stalled_get
 
 NDJSON = "application/x-ndjson"
 PAYLOAD = "x" * 60_000
 EVENTS = 1000
 PER_REQUEST = 15
 """Events of PAYLOAD per NDJSON request: under the 1 MiB request limit."""
+STALLED_READERS = 8
 IDLE = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
 
 
@@ -54,7 +60,7 @@ def post_events(job: RunningJob, count: int, data: str = PAYLOAD) -> None:
         body = "".join(json.dumps({"type": "token", "data": data}) + "\n"
                        for _ in range(min(PER_REQUEST, count - start)))
         answer = job.post(body, NDJSON)
-        assert answer.status_code == 200, answer.text
+        assert answer.status_code == 200, answer.text[:300]
 
 
 def test_a_job_past_its_byte_budget_gets_413_and_still_takes_its_terminal_event(
@@ -101,4 +107,50 @@ def test_the_memory_backend_keeps_one_copy_of_each_event(server: ServerProcess):
     # One copy is the payload and a little; two copies (the decoded data and the wire JSON)
     # were twice the payload.
     assert grown < 1.3 * payload, (before, grown)
+    job.end()
+
+
+def test_history_comes_in_pages_bounded_in_bytes_each_saying_whether_more_follows(
+        server: ServerProcess):
+    job = RunningJob(server, "idle")
+    post_events(job, 60)  # 3.6 MB: many pages
+    url = f"{server.url}/api/jobs/{job.id}/events"
+    seqs: list[int] = []
+    pages = 0
+    while True:
+        answer = httpx.get(url, params={"after": seqs[-1] if seqs else 0}, timeout=30)
+        assert answer.status_code == 200, answer.text[:300]
+        assert answer.headers["content-type"] == "application/json"
+        page = answer.json()
+        assert page["job"] == job.id
+        pages += 1
+        seqs += [event["seq"] for event in page["events"]]
+        # A page stops at the event that reaches the bound.
+        assert len(answer.content) < READ_PAGE_BYTES + len(PAYLOAD) + 1000
+        if not page["more"]:
+            break
+        assert len(answer.content) >= READ_PAGE_BYTES
+    assert seqs == list(range(1, 64))  # starting, submitted, step, the tokens
+    assert pages >= 60 * len(PAYLOAD) // READ_PAGE_BYTES
+    job.end()
+
+
+def test_stalled_history_readers_hold_no_more_than_a_page_each(server: ServerProcess):
+    """Eight readers of a large history that never read: each is sent one page, which the
+    kernel's socket buffers take; the server holds none of it."""
+    job = RunningJob(server, "idle")
+    post_events(job, EVENTS)
+    before = server.rss_kib()
+    path = f"/api/jobs/{job.id}/events?token={job.watch_token}"
+    with contextlib.ExitStack() as readers:
+        for _ in range(STALLED_READERS):
+            readers.enter_context(stalled_get(server, path))
+        time.sleep(2)  # each request answered as far as its stalled client lets it
+        grown = server.rss_kib() - before
+    print(f"\n{STALLED_READERS} stalled history readers of a job of {EVENTS} events of "
+          f"{len(PAYLOAD)} bytes grew the server's RSS by {grown / 1024:.1f} MiB")
+    assert grown < 16 * 1024, (before, grown)
+    answer = httpx.get(f"{server.url}{path}", timeout=30)
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json()["more"]
     job.end()

@@ -12,6 +12,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
+from metis_stream.backends.contract import page_is_full
 from metis_stream.errors import (
     BadInput,
     JobEnded,
@@ -22,7 +23,7 @@ from metis_stream.errors import (
     TooLarge,
     UnsupportedMediaType,
 )
-from metis_stream.events import parse_event_json
+from metis_stream.events import Event, parse_event_json
 from metis_stream.jobs import Job, JobState, state_machine
 from metis_stream.service import JobService
 from metis_stream.templates import param_text
@@ -34,6 +35,8 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
 JSON_TYPE = "application/json"
 MAX_SUBMIT_BYTES = 64 * 1024
 SSE_KEEPALIVE = 15.0
+HISTORY_CHUNK = 64 * 1024
+"""A history page is sent in pieces of about this many characters."""
 WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
@@ -181,9 +184,20 @@ async def job_events(request: Request) -> Response:
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
     events = await service.history(job_id, after)
-    return Response(b'{"job":' + orjson.dumps(job_id) + b',"events":['
-                    + ",".join(event.wire for event in events).encode() + b"]}",
-                    media_type=JSON_TYPE)
+    return StreamingResponse(_history_page(job_id, events), media_type=JSON_TYPE)
+
+
+async def _history_page(job_id: str, events: list[Event]) -> AsyncIterator[str]:
+    """One page of history as JSON, written as it is sent, never whole:
+    ``{"job": ..., "events": [...], "more": ...}``; ``more`` is true when the page stopped
+    at a bound, and the client then asks again with ``after=`` its last seq."""
+    chunk = '{"job":' + orjson.dumps(job_id).decode() + ',"events":['
+    for n, event in enumerate(events):
+        if len(chunk) >= HISTORY_CHUNK:
+            yield chunk
+            chunk = ""
+        chunk += ("," if n else "") + event.wire
+    yield chunk + '],"more":' + ("true" if page_is_full(events) else "false") + "}"
 
 
 async def _sse(service: JobService, slots: SocketSlots, job_id: str, after: int

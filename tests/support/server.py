@@ -18,7 +18,6 @@ import httpx
 import pytest
 
 from metis_stream import tokens
-from metis_stream.backends.contract import READ_PAGE
 from metis_stream.config import JOBSCRIPTS_DIR, load_config
 from metis_stream.jobs import JobState
 from tests.support.processes import Process, end_group, find
@@ -168,12 +167,16 @@ class RunningJob:
     waits; the test posts further events with the job's own token, as the batch script
     would. :meth:`end` ends it."""
 
-    def __init__(self, server: ServerProcess, template: str, timeout: float = 30) -> None:
+    def __init__(self, server: ServerProcess, template: str, timeout: float = 30,
+                 key: str | None = None) -> None:
         self.server = server
+        self.client_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        """What a client sends: the API key, on a server with keys."""
         created = httpx.post(f"{server.url}/api/jobs", json={"template": template},
-                             timeout=30)
+                             headers=self.client_headers, timeout=30)
         assert created.status_code == 201, created.text
         self.id: str = created.json()["id"]
+        self.watch_token: str = created.json()["watch_token"]
         self.secret = load_config(server.config_path).server.secret
         self.token = tokens.job_token(self.secret, self.id)
         self.headers = {"Authorization": f"Bearer {self.token}"}
@@ -182,7 +185,7 @@ class RunningJob:
         while not any(e["type"] == "step" for e in self.events()):
             assert time.monotonic() < deadline, f"job {self.id} never posted its step"
             time.sleep(0.05)
-        self.script = local_job_script(server.url, self.id)
+        self.script = local_job_script(server.url, self.id, key)
 
     def post(self, content: bytes | str, content_type: str = "application/json",
              token: str | None = None) -> httpx.Response:
@@ -196,11 +199,11 @@ class RunningJob:
         """The whole log, page by page."""
         events: list[dict[str, Any]] = []
         while True:
-            answer = httpx.get(self.url, params={"after": len(events)}, timeout=30)
+            answer = httpx.get(self.url, params={"after": len(events)},
+                               headers=self.client_headers, timeout=30)
             assert answer.status_code == 200, answer.text
-            page = answer.json()["events"]
-            events += page
-            if len(page) < READ_PAGE:
+            events += answer.json()["events"]
+            if not answer.json()["more"]:
                 return events
 
     def watch_url(self) -> str:
@@ -211,9 +214,10 @@ class RunningJob:
         stopped: a test that posted the terminal event in the script's stead, or stopped
         the server, left it running."""
         if self.server.process is not None:
-            state = httpx.get(f"{self.server.url}/api/jobs/{self.id}", timeout=30).json()["state"]
+            url = f"{self.server.url}/api/jobs/{self.id}"
+            state = httpx.get(url, headers=self.client_headers, timeout=30).json()["state"]
             if not JobState(state).terminal:
-                httpx.delete(f"{self.server.url}/api/jobs/{self.id}", timeout=30)
+                httpx.delete(url, headers=self.client_headers, timeout=30)
         end_group(self.script)
 
 
