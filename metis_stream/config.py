@@ -76,6 +76,9 @@ class ServerConfig:
     """Seconds a request body may send nothing before it is refused with 408. A streamed
     ``metis-emit pipe`` sends nothing while its program is silent; it sends the next line
     again on a new request."""
+    max_history_reads_per_client: int = 8
+    """History pages (JSON ``GET /api/jobs/{id}/events``) one client (an API key, a watch
+    token, or an address on a keyless server) may be reading at once; beyond it, 429."""
     event_retention: float = 7 * 24 * 3600
     submit_timeout: float = 120.0
     access_log: bool = False

@@ -8,8 +8,10 @@ and tight enough to catch a second copy of every event.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +19,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from metis_stream.backends.contract import READ_PAGE_BYTES
+from metis_stream import tokens
+from metis_stream.backends.contract import READ_PAGE, READ_PAGE_BYTES
+from metis_stream.backends.memory import MemoryBackend
+from metis_stream.config import load_config
+from metis_stream.events import Event, NewEvent
+from metis_stream.jobs import Job, new_job_id
+from metis_stream.web.app import create_app
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
     RunningJob,
     ServerProcess,
     script_templates,
+    serve_in_thread,
 )
 from tests.support.stalled import stalled_get
 
@@ -33,6 +42,8 @@ EVENTS = 1000
 PER_REQUEST = 15
 """Events of PAYLOAD per NDJSON request: under the 1 MiB request limit."""
 STALLED_READERS = 8
+KEY = "memory-test-key"
+CAP = 3
 IDLE = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
 
 
@@ -154,3 +165,50 @@ def test_stalled_history_readers_hold_no_more_than_a_page_each(server: ServerPro
     assert answer.status_code == 200, answer.text[:300]
     assert answer.json()["more"]
     job.end()
+
+
+class GatedBackend(MemoryBackend):
+    """A memory backend whose reads from the start of a log wait until the test opens the
+    gate: history reads that stay in flight as long as the test wants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.waiting = 0
+
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Event]:
+        if after == 0:
+            self.waiting += 1
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+            self.waiting -= 1
+        return await super().read(job_id, after, limit, max_bytes)
+
+
+async def test_concurrent_history_reads_of_one_client_past_its_cap_get_429(tmp_path: Path):
+    config = load_config(None, {"METIS_STATE_DIR": str(tmp_path), "METIS_API_KEYS": KEY,
+                                "METIS_MAX_HISTORY_READS_PER_CLIENT": str(CAP)})
+    backend = GatedBackend()
+    job = Job(id=new_job_id(), template="tokens", cluster="elsewhere", created=time.time())
+    await backend.create_job(job)
+    await backend.append(job.id, [NewEvent("starting"), NewEvent("submitted", "1.pbs")])
+    watch = {"token": tokens.watch_token(config.server.secret, job.id)}
+    with serve_in_thread(create_app(config, backend=backend)) as url:
+        events = f"{url}/api/jobs/{job.id}/events"
+        async with httpx.AsyncClient(timeout=30) as http:
+            held = [asyncio.create_task(http.get(events, params=watch)) for _ in range(CAP)]
+            while backend.waiting < CAP:
+                await asyncio.sleep(0.01)
+            refused = await http.get(events, params=watch)
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert "too many history reads" in refused.json()["error"]
+            # Another client (the web app's key) is not held up by this one.
+            other = await http.get(events, params={"after": 1},
+                                   headers={"Authorization": f"Bearer {KEY}"})
+            assert [event["seq"] for event in other.json()["events"]] == [2]
+            backend.gate.set()
+            assert [(await answer).status_code for answer in held] == [200] * CAP
+            again = await http.get(events, params=watch)
+            assert [event["seq"] for event in again.json()["events"]] == [1, 2]

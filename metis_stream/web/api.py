@@ -29,7 +29,8 @@ from metis_stream.service import JobService
 from metis_stream.templates import param_text
 from metis_stream.web import auth
 from metis_stream.web.errors import JSONResponse, error_body
-from metis_stream.web.slots import SocketSlots, slots_of
+from metis_stream.web.slots import SocketSlots, history_reads_of, slots_of
+from metis_stream.web.streaming import HeldStream
 
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 JSON_TYPE = "application/json"
@@ -183,8 +184,11 @@ async def job_events(request: Request) -> Response:
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
-    events = await service.history(job_id, after)
-    return StreamingResponse(_history_page(job_id, events), media_type=JSON_TYPE)
+    client = auth.client_identity(request, service.config.server)
+    with contextlib.ExitStack() as held:
+        held.enter_context(history_reads_of(request).take(client))
+        events = await service.history(job_id, after)
+        return HeldStream(_history_page(job_id, events), held.pop_all(), media_type=JSON_TYPE)
 
 
 async def _history_page(job_id: str, events: list[Event]) -> AsyncIterator[str]:

@@ -26,7 +26,7 @@ from metis_stream.web.errors import handle_error, handle_starlette_error
 from metis_stream.web.headers import SecurityHeaders
 from metis_stream.web.hosts import HostCheck, ServerNames
 from metis_stream.web.logs import redact_access_log
-from metis_stream.web.slots import SocketSlots
+from metis_stream.web.slots import HistoryReads, SocketSlots
 
 __all__ = [
     "create_app",
@@ -104,4 +104,5 @@ def create_app(config: Config, *, backend: Backend | None = None,
     slots = app.state.socket_slots = SocketSlots(config.server.max_sockets_per_job,
                                                  config.server.max_sockets)
     service.metrics.gauge("metis_open_streams", lambda: slots.open)
+    app.state.history_reads = HistoryReads(config.server.max_history_reads_per_client)
     return app

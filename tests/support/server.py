@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from starlette.types import ASGIApp
 
 from metis_stream import tokens
 from metis_stream.config import JOBSCRIPTS_DIR, load_config
@@ -229,6 +233,24 @@ def local_job_script(url: str, job_id: str, key: str | None = None) -> Process:
     script = find(int(record["scheduler_id"].removesuffix(".local")))
     assert script is not None, f"the script of job {job_id} has ended"
     return script
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: ASGIApp) -> Iterator[str]:
+    """A real uvicorn server in a thread of this process, for an app built with a backend
+    of the test's own; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def _toml(value: object) -> str:
