@@ -66,6 +66,10 @@ class ServerConfig:
     max_sockets_per_job: int = 100
     max_sockets: int = 10_000
     """Websockets per server process; beyond either socket limit a handshake gets 429."""
+    max_streams_per_client: int = 10
+    """Websockets and SSE streams one client (an API key, a watch token, or an address on a
+    keyless server) may hold open on one job: well under ``max_sockets_per_job``, so that
+    one watch token cannot take all of a job's slots; beyond it, 429."""
     max_connections: int = 11_000
     """Open connections per server process, streams included (uvicorn's
     ``limit_concurrency``); beyond it an HTTP request gets 503 at once. Keep it above

@@ -90,7 +90,8 @@ def server(redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
     process = make_server(redis, tmp_path_factory.mktemp("faults"),
                           max_events_per_job=max(BURST, FILLER_EVENTS + 2 * PHASE_EVENTS
                                + FROZEN_ROUNDS * FROZEN_ROUND_EVENTS) + 1000,
-                          max_sockets_per_job=SOCKETS + 10)
+                          max_sockets_per_job=SOCKETS + 10,
+                          max_streams_per_client=SOCKETS + 10)
     process.start()
     try:
         yield process

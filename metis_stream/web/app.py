@@ -102,7 +102,8 @@ def create_app(config: Config, *, backend: Backend | None = None,
                                         HTTPException: handle_starlette_error})
     app.state.service = service
     slots = app.state.socket_slots = SocketSlots(config.server.max_sockets_per_job,
-                                                 config.server.max_sockets)
+                                                 config.server.max_sockets,
+                                                 config.server.max_streams_per_client)
     service.metrics.gauge("metis_open_streams", lambda: slots.open)
     app.state.history_reads = HistoryReads(config.server.max_history_reads_per_client)
     return app

@@ -37,33 +37,41 @@ class Tally:
 
 
 class SocketSlots:
-    """Streams watching jobs; a stream past either limit is refused with 429."""
+    """Streams watching jobs; a stream past any limit is refused with 429."""
 
-    def __init__(self, per_job: int, total: int) -> None:
+    def __init__(self, per_job: int, total: int, per_client: int) -> None:
         self._total = total
         self._count = 0
         self._by_job = Tally(per_job)
+        self._by_client = Tally(per_client)
+        """Keyed by (client, job): one client's streams of one job."""
 
     @property
     def open(self) -> int:
         return self._count
 
-    def check(self, job_id: str) -> None:
-        """Raise 429 if one more stream of ``job_id`` would be over a limit."""
+    def _check(self, job_id: str, client: str) -> None:
+        """Raise 429 if one more stream of ``job_id`` for ``client`` would be over a limit."""
         if self._count >= self._total:
             raise TooManyStreams("this server has too many open streams; retry later",
                                  RETRY_AFTER)
-        if job_id and self._by_job.full(job_id):
+        if not job_id:
+            return  # a submit socket: its job does not exist yet
+        if self._by_job.full(job_id):
             raise TooManyStreams(f"job {job_id} has {self._by_job.limit} watchers already",
                                  RETRY_AFTER)
+        if self._by_client.full((client, job_id)):
+            raise TooManyStreams(f"you have {self._by_client.limit} streams of job {job_id} "
+                                 "open already", RETRY_AFTER)
 
     @contextlib.contextmanager
-    def take(self, job_id: str) -> Iterator[None]:
-        """One stream watching ``job_id`` (empty for a submit socket before its job exists)."""
-        self.check(job_id)
+    def take(self, job_id: str, client: str) -> Iterator[None]:
+        """One stream watching ``job_id`` (empty for a submit socket before its job exists)
+        for ``client`` (``auth.client_identity``)."""
+        self._check(job_id, client)
         self._count += 1
         try:
-            with self._by_job.hold(job_id):
+            with self._by_job.hold(job_id), self._by_client.hold((client, job_id)):
                 yield
         finally:
             self._count -= 1

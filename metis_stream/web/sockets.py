@@ -39,11 +39,13 @@ def service_of(websocket: WebSocket) -> JobService:
 async def submit_socket(websocket: WebSocket) -> None:
     """``WS /ws/jobs``: the first frame is a submit request; then the job's events."""
     service = service_of(websocket)
+    server = service.config.server
     with contextlib.ExitStack() as slot:
         try:
-            auth.check_origin(websocket, service.config.server)
-            auth.require_client(websocket, service.config.server)
-            slot.enter_context(slots_of(websocket).take(""))
+            auth.check_origin(websocket, server)
+            auth.require_client(websocket, server)
+            slot.enter_context(slots_of(websocket).take("", auth.client_identity(websocket,
+                                                                                 server)))
         except MetisError as error:
             await deny(websocket, error)
             return
@@ -73,14 +75,16 @@ async def _submit_and_stream(websocket: WebSocket, service: JobService) -> None:
 async def watch_socket(websocket: WebSocket) -> None:
     """``WS /ws/jobs/{id}?after=N``: history after N, then live, until the terminal event."""
     service = service_of(websocket)
+    server = service.config.server
     job_id = websocket.path_params["job_id"]
     with contextlib.ExitStack() as slot:
         try:
-            auth.check_origin(websocket, service.config.server)
-            auth.require_watcher(websocket, service.config.server, job_id)
+            auth.check_origin(websocket, server)
+            auth.require_watcher(websocket, server, job_id)
             after = whole_number(websocket.query_params.get("after", "0"), "after")
             await service.get(job_id)
-            slot.enter_context(slots_of(websocket).take(job_id))
+            slot.enter_context(slots_of(websocket).take(job_id, auth.client_identity(websocket,
+                                                                                     server)))
         except MetisError as exc:
             await deny(websocket, exc)
             return
