@@ -70,6 +70,9 @@ class ServerConfig:
     """Websockets and SSE streams one client (an API key, a watch token, or an address on a
     keyless server) may hold open on one job: well under ``max_sockets_per_job``, so that
     one watch token cannot take all of a job's slots; beyond it, 429."""
+    send_timeout: float = 30.0
+    """Seconds one send to a stream's client may wait on a client that does not read; past
+    it the connection is aborted and its slot freed."""
     max_connections: int = 11_000
     """Open connections per server process, streams included (uvicorn's
     ``limit_concurrency``); beyond it an HTTP request gets 503 at once. Keep it above

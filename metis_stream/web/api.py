@@ -183,11 +183,12 @@ async def job_events(request: Request) -> Response:
         if "text/event-stream" in request.headers.get("accept", ""):
             held.enter_context(slots_of(request).take(job_id, client))
             return HeldStream(_sse(service, job_id, after), held.pop_all(),
-                              media_type="text/event-stream",
+                              send_timeout=server.send_timeout, media_type="text/event-stream",
                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         held.enter_context(history_reads_of(request).take(client))
         events = await service.history(job_id, after)
-        return HeldStream(_history_page(job_id, events), held.pop_all(), media_type=JSON_TYPE)
+        return HeldStream(_history_page(job_id, events), held.pop_all(),
+                          send_timeout=server.send_timeout, media_type=JSON_TYPE)
 
 
 async def _history_page(job_id: str, events: list[Event]) -> AsyncIterator[str]:
@@ -206,7 +207,9 @@ async def _history_page(job_id: str, events: list[Event]) -> AsyncIterator[str]:
 async def _sse(service: JobService, job_id: str, after: int) -> AsyncIterator[str]:
     """Server-Sent Events: ``id: <seq>`` on every event, comments to keep proxies open,
     and the end of the response after the terminal event."""
-    send, receive = anyio.create_memory_object_stream[str](64)
+    # One frame ahead of the client: each frame is a copy of its event's text, and a client
+    # that stops reading must not make the server hold more of them.
+    send, receive = anyio.create_memory_object_stream[str](1)
 
     async def pump() -> None:
         async with send:
