@@ -87,6 +87,9 @@ class ServerConfig:
     """History pages (JSON ``GET /api/jobs/{id}/events``) one client (an API key, a watch
     token, or an address on a keyless server) may be reading at once; beyond it, 429."""
     event_retention: float = 7 * 24 * 3600
+    max_job_lifetime: float = 30 * 24 * 3600
+    """Redis: an unfinished job older than this is ended with a ``fatal`` event by the
+    periodic sweep, so that its keys expire like any ended job's."""
     submit_timeout: float = 120.0
     access_log: bool = False
     """One log line per HTTP request: off by default, since jobs post every event as a
