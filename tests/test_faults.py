@@ -27,6 +27,7 @@ from metis_stream.client import Client
 from tests.support.redis_server import RedisServer, start_private_redis
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
+    IDLE_SCRIPT,
     LOCAL_CLUSTER,
     RunningJob,
     ServerProcess,
@@ -50,7 +51,6 @@ BURST = 10_000
 SOCKETS = 2000 if SOAK else 1000
 PADDING = "p" * 4096
 
-IDLE = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def make_server(redis: RedisServer, folder: Path, **settings: object) -> ServerP
                          "public_url": f"http://127.0.0.1:{port}",
                          "submissions_per_minute": 10_000, **settings},
         extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES
-        + script_templates(folder / "scripts", {"idle": IDLE}))
+        + script_templates(folder / "scripts", {"idle": IDLE_SCRIPT}))
 
 
 def raise_open_files(wanted: int) -> int:

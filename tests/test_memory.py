@@ -27,11 +27,10 @@ from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, new_job_id
 from metis_stream.web.app import create_app
 from tests.support.server import (
-    EXAMPLE_TEMPLATES,
-    LOCAL_CLUSTER,
     RunningJob,
     ServerProcess,
-    script_templates,
+    idle_server,
+    running,
     serve_in_thread,
 )
 from tests.support.stalled import stalled_get
@@ -44,25 +43,12 @@ PER_REQUEST = 15
 STALLED_READERS = 8
 KEY = "memory-test-key"
 CAP = 3
-IDLE = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
-
-
-def make_server(folder: Path, **settings: object) -> ServerProcess:
-    return ServerProcess(
-        state_dir=folder / "server",
-        server_settings={"submissions_per_minute": 10_000, **settings},
-        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES
-        + script_templates(folder / "scripts", {"idle": IDLE}))
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    process = make_server(tmp_path)
-    process.start()
-    try:
+    with running(idle_server(tmp_path, submissions_per_minute=10_000)) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def post_events(job: RunningJob, count: int, data: str = PAYLOAD) -> None:
@@ -77,9 +63,7 @@ def post_events(job: RunningJob, count: int, data: str = PAYLOAD) -> None:
 def test_a_job_past_its_byte_budget_gets_413_and_still_takes_its_terminal_event(
         tmp_path: Path):
     budget = 2 * 1024 * 1024
-    server = make_server(tmp_path, max_job_bytes=budget)
-    server.start()
-    try:
+    with running(idle_server(tmp_path, max_job_bytes=budget)) as server:
         job = RunningJob(server, "idle")
         before = server.rss_kib()
         line = json.dumps({"type": "token", "data": PAYLOAD}) + "\n"
@@ -102,8 +86,6 @@ def test_a_job_past_its_byte_budget_gets_413_and_still_takes_its_terminal_event(
         print(f"\n{taken} events of {len(PAYLOAD)} bytes fit a budget of {budget} bytes; "
               f"RSS grew {grown / 1024:.1f} MiB")
         assert grown < 4 * budget / 1024, (before, grown)
-    finally:
-        server.stop()
 
 
 def test_the_memory_backend_keeps_one_copy_of_each_event(server: ServerProcess):

@@ -22,13 +22,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from tests.support.server import (
-    EXAMPLE_TEMPLATES,
-    LOCAL_CLUSTER,
-    RunningJob,
-    ServerProcess,
-    script_templates,
-)
+from tests.support.server import RunningJob, ServerProcess, idle_server, running
 from tests.support.stalled import frozen_websocket, stalled_get
 
 KEY = "slow-clients-test-key"
@@ -38,17 +32,12 @@ PER_CLIENT = 2
 PAYLOAD = "x" * 60_000
 HISTORY = 150
 """Events of PAYLOAD in the job's history: 9 MB, more than a stalled socket's buffers take."""
-IDLE = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
+SSE = {"Accept": "text/event-stream"}
 
 
-def make_server(folder: Path, **settings: object) -> ServerProcess:
-    return ServerProcess(
-        state_dir=folder / "server",
-        server_settings={"api_keys": [KEY], "send_timeout": SEND_TIMEOUT,
-                         "max_sockets_per_job": PER_JOB, "max_streams_per_client": PER_CLIENT,
-                         **settings},
-        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES
-        + script_templates(folder / "scripts", {"idle": IDLE}))
+def slow_clients_server(folder: Path, per_client: int = PER_CLIENT) -> ServerProcess:
+    return idle_server(folder, api_keys=[KEY], send_timeout=SEND_TIMEOUT,
+                       max_sockets_per_job=PER_JOB, max_streams_per_client=per_client)
 
 
 def big_job(server: ServerProcess) -> RunningJob:
@@ -60,30 +49,33 @@ def big_job(server: ServerProcess) -> RunningJob:
     return job
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    process = make_server(tmp_path)
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
+def watch_path(job: RunningJob) -> str:
+    return f"/ws/jobs/{job.id}?token={job.watch_token}"
 
 
-def watch_path(job: RunningJob, token: str) -> str:
-    return f"/ws/jobs/{job.id}?token={token}"
+def events_path(job: RunningJob) -> str:
+    return f"/api/jobs/{job.id}/events?token={job.watch_token}"
 
 
-def events_path(job: RunningJob, token: str) -> str:
-    return f"/api/jobs/{job.id}/events?token={token}"
+STALLED: dict[str, Callable[[ServerProcess, RunningJob], socket.socket]] = {
+    "websocket": lambda server, job: frozen_websocket(server, watch_path(job)),
+    "sse": lambda server, job: stalled_get(server, events_path(job), SSE),
+}
+"""A client that never reads, holding one of the job's streams with its watch token."""
 
 
-SSE = {"Accept": "text/event-stream"}
-
-
-async def viewer_status(server: ServerProcess, job: RunningJob) -> int:
-    """What a real viewer with the API key gets: 101 and the history's first event, or
-    the status of the refusal."""
+async def viewer_status(server: ServerProcess, job: RunningJob, kind: str) -> int:
+    """What a real viewer (with the API key) gets: its first event and 101 or 200, or the
+    status of the refusal."""
+    if kind == "sse":
+        async with httpx.AsyncClient(timeout=30) as http, http.stream(
+                "GET", f"{server.url}/api/jobs/{job.id}/events",
+                headers={**SSE, **job.client_headers}) as answer:
+            if answer.status_code == 200:
+                first = await anext(line async for line in answer.aiter_lines()
+                                    if line.startswith("data: "))
+                assert json.loads(first.removeprefix("data: "))["seq"] == 1
+            return answer.status_code
     try:
         # No flow control (max_queue): it reads on while closing, or its close would wait
         # behind the history it did not read.
@@ -94,15 +86,6 @@ async def viewer_status(server: ServerProcess, job: RunningJob) -> int:
             return 101
     except InvalidStatus as refused:
         return refused.response.status_code
-
-
-def sse_status(server: ServerProcess, job: RunningJob, path: str) -> int:
-    """What a real SSE reader gets on ``path``: 200 and the first event, or the refusal."""
-    with httpx.stream("GET", f"{server.url}{path}", headers=SSE, timeout=30) as answer:
-        if answer.status_code == 200:
-            first = next(line for line in answer.iter_lines() if line.startswith("data: "))
-            assert json.loads(first.removeprefix("data: "))["seq"] == 1
-        return answer.status_code
 
 
 def open_streams(server: ServerProcess, job: RunningJob) -> float:
@@ -120,102 +103,66 @@ def assert_aborted(sock: socket.socket) -> None:
             pass
 
 
-async def wait_for_viewer(server: ServerProcess, job: RunningJob,
-                          status: Callable[[], int] | None = None) -> float:
-    """Seconds until a real viewer gets in."""
-    started = time.monotonic()
-    while (status() if status else await viewer_status(server, job)) not in (101, 200):
-        assert time.monotonic() - started < SEND_TIMEOUT + 4, "the slots were never freed"
-        await asyncio.sleep(0.2)
-    return time.monotonic() - started
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    with running(slow_clients_server(tmp_path)) as process:
+        yield process
 
 
 async def test_one_watch_token_takes_only_its_share_of_a_jobs_slots(server: ServerProcess):
     job = big_job(server)
     with contextlib.ExitStack() as frozen:
         for _ in range(PER_CLIENT):
-            frozen.enter_context(frozen_websocket(server, watch_path(job, job.watch_token)))
+            frozen.enter_context(STALLED["websocket"](server, job))
         with pytest.raises(InvalidStatus) as refused:
-            async with websockets.connect(f"{server.ws_url}{watch_path(job, job.watch_token)}"):
+            async with websockets.connect(f"{server.ws_url}{watch_path(job)}"):
                 pass
         assert refused.value.response.status_code == 429
-        answer = httpx.get(f"{server.url}{events_path(job, job.watch_token)}", headers=SSE,
-                           timeout=30)
+        answer = httpx.get(f"{server.url}{events_path(job)}", headers=SSE, timeout=30)
         assert answer.status_code == 429, answer.text[:300]
         assert "streams of job" in answer.json()["error"]
         # The job's other slots are still there for everyone else.
-        assert await viewer_status(server, job) == 101
+        assert await viewer_status(server, job, "websocket") == 101
+        assert await viewer_status(server, job, "sse") == 200
     job.end()
 
 
-async def test_websockets_that_never_read_are_dropped_at_the_send_deadline(tmp_path: Path):
-    server = make_server(tmp_path, max_streams_per_client=PER_JOB)
-    server.start()
-    try:
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_clients_that_never_read_are_dropped_at_the_send_deadline(tmp_path: Path,
+                                                                        kind: str):
+    with running(slow_clients_server(tmp_path, per_client=PER_JOB)) as server:
         job = big_job(server)
-        frozen = [frozen_websocket(server, watch_path(job, job.watch_token))
-                  for _ in range(PER_JOB)]
-        try:
-            assert await viewer_status(server, job) == 429  # they hold every slot
-            waited = await wait_for_viewer(server, job)
-            print(f"\na viewer got in {waited:.1f} s after {PER_JOB} frozen websockets took "
-                  f"every slot (send_timeout {SEND_TIMEOUT} s)")
-            for sock in frozen:
-                assert_aborted(sock)
-        finally:
-            for sock in frozen:
-                sock.close()
-        job.end()
-        assert "Traceback" not in server.log()
-    finally:
-        server.stop()
-
-
-async def test_sse_readers_that_never_read_are_dropped_at_the_send_deadline(tmp_path: Path):
-    server = make_server(tmp_path, max_streams_per_client=PER_JOB)
-    server.start()
-    try:
-        job = big_job(server)
-        path = events_path(job, job.watch_token)
-        stalled = [stalled_get(server, path, SSE) for _ in range(PER_JOB)]
-        try:
-            time.sleep(0.5)
-            assert sse_status(server, job, path) == 429  # they hold every slot
-            waited = await wait_for_viewer(server, job, lambda: sse_status(server, job, path))
-            print(f"\nan SSE reader got in {waited:.1f} s after {PER_JOB} stalled ones took "
-                  f"every slot (send_timeout {SEND_TIMEOUT} s)")
-            for sock in stalled:
-                assert_aborted(sock)
-        finally:
-            for sock in stalled:
-                sock.close()
-        job.end()
-        assert "Traceback" not in server.log()
-    finally:
-        server.stop()
-
-
-async def test_stalled_sse_readers_do_not_outlive_the_job(tmp_path: Path):
-    """A reader that stopped reading is dropped even though its job has ended and the
-    terminal event waits in a buffer it will never drain."""
-    server = make_server(tmp_path, max_streams_per_client=PER_JOB)
-    server.start()
-    try:
-        job = big_job(server)
-        stalled = [stalled_get(server, events_path(job, job.watch_token), SSE)
-                   for _ in range(PER_JOB)]
-        try:
-            time.sleep(0.5)
-            assert job.post_event({"type": "completed"}).status_code == 200
+        with contextlib.ExitStack() as stalled:
+            clients = [stalled.enter_context(STALLED[kind](server, job))
+                       for _ in range(PER_JOB)]
+            await asyncio.sleep(0.5)  # until each has its slot and is sent what fits
+            assert await viewer_status(server, job, kind) == 429  # they hold every slot
             started = time.monotonic()
-            deadline = started + SEND_TIMEOUT + 4
+            while await viewer_status(server, job, kind) == 429:
+                assert time.monotonic() - started < SEND_TIMEOUT + 4, "slots never freed"
+                await asyncio.sleep(0.2)
+            print(f"\na {kind} viewer got in {time.monotonic() - started:.1f} s after "
+                  f"{PER_JOB} that never read took every slot (send_timeout {SEND_TIMEOUT} s)")
+            for client in clients:
+                assert_aborted(client)
+        job.end()
+        assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_clients_that_never_read_do_not_outlive_the_job(tmp_path: Path, kind: str):
+    """A client that stopped reading is dropped even though its job has ended and the
+    terminal event waits in a buffer it will never drain."""
+    with running(slow_clients_server(tmp_path, per_client=PER_JOB)) as server:
+        job = big_job(server)
+        with contextlib.ExitStack() as stalled:
+            clients = [stalled.enter_context(STALLED[kind](server, job))
+                       for _ in range(PER_JOB)]
+            await asyncio.sleep(0.5)
+            assert job.post_event({"type": "completed"}).status_code == 200
+            deadline = time.monotonic() + SEND_TIMEOUT + 4
             while open_streams(server, job) > 0:
                 assert time.monotonic() < deadline, "the stalled readers stayed open"
-                time.sleep(0.2)
-            for sock in stalled:
-                assert_aborted(sock)
-        finally:
-            for sock in stalled:
-                sock.close()
-    finally:
-        server.stop()
+                await asyncio.sleep(0.2)
+            for client in clients:
+                assert_aborted(client)

@@ -166,6 +166,29 @@ class ServerProcess:
         raise AssertionError("no VmRSS in /proc/PID/status")
 
 
+IDLE_SCRIPT = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
+"""A batch script that reports one step and waits until its job ends (its token file goes)."""
+
+
+def idle_server(folder: Path, **settings: object) -> ServerProcess:
+    """A server (not started) with the example templates and ``idle``, whose jobs wait for
+    the test to post their events (:class:`RunningJob`)."""
+    return ServerProcess(
+        state_dir=folder / "server", server_settings=settings,
+        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES
+        + script_templates(folder / "scripts", {"idle": IDLE_SCRIPT}))
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    """``server``, started, and stopped when the block ends."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 class RunningJob:
     """A local job of ``template`` whose script has posted its first ``step`` and then
     waits; the test posts further events with the job's own token, as the batch script
