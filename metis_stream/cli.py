@@ -210,7 +210,8 @@ def _uvicorn_options(config: Config) -> dict[str, Any]:
         "http": functools.partial(BoundedHttpToolsProtocol,
                                   header_timeout=server.header_timeout),
         "limit_concurrency": server.max_connections,
-        # Pings find dead peers and clients that stopped reading (see SECURITY.md).
+        # Pings find dead peers; a client that stops reading is dropped when a send to it
+        # passes send_timeout (web/deadline.py, SECURITY.md).
         "ws_ping_interval": 20, "ws_ping_timeout": 20,
         # Events are small JSON: compression cost ~17 us per delivered event and ~29 KiB
         # per idle socket in bench/ and saved little.

@@ -92,9 +92,14 @@ class Client:
         return await self._request("DELETE", f"/api/jobs/{job_id}")
 
     async def history(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = (await self._request(
-            "GET", f"/api/jobs/{job_id}/events", params={"after": after}))["events"]
-        return events
+        """The job's events with seq > ``after`` so far, every page of them."""
+        events: list[dict[str, Any]] = []
+        while True:
+            page = await self._request("GET", f"/api/jobs/{job_id}/events",
+                                       params={"after": events[-1]["seq"] if events else after})
+            events += page["events"]
+            if not page["more"]:
+                return events
 
     async def meta(self) -> dict[str, Any]:
         """The server's job state machine (``GET /api/meta``), asked once: the client keeps

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from metis_stream import tokens
+from metis_stream.backends.contract import DEFAULT_MAX_JOB_BYTES
 from metis_stream.errors import ConfigError, TemplateError
 from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from metis_stream.files import write_private
@@ -57,10 +58,21 @@ class ServerConfig:
     max_event_bytes: int = MAX_EVENT_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_events_per_job: int = 10_000
+    max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+    """The wire JSON of one job's events in all; past it, 413 for all but a terminal event.
+    A thousand events of the largest size, or the whole event cap at 6.5 KiB each: far more
+    than token and step events use, and what one job may cost the backend's memory."""
     max_lines_per_request: int = 10_000
     max_sockets_per_job: int = 100
     max_sockets: int = 10_000
     """Websockets per server process; beyond either socket limit a handshake gets 429."""
+    max_streams_per_client: int = 10
+    """Websockets and SSE streams one client (an API key, a watch token, or an address on a
+    keyless server) may hold open on one job: well under ``max_sockets_per_job``, so that
+    one watch token cannot take all of a job's slots; beyond it, 429."""
+    send_timeout: float = 30.0
+    """Seconds one send to a stream's client may wait on a client that does not read; past
+    it the connection is aborted and its slot freed."""
     max_connections: int = 11_000
     """Open connections per server process, streams included (uvicorn's
     ``limit_concurrency``); beyond it an HTTP request gets 503 at once. Keep it above
@@ -71,7 +83,13 @@ class ServerConfig:
     """Seconds a request body may send nothing before it is refused with 408. A streamed
     ``metis-emit pipe`` sends nothing while its program is silent; it sends the next line
     again on a new request."""
+    max_history_reads_per_client: int = 8
+    """History pages (JSON ``GET /api/jobs/{id}/events``) one client (an API key, a watch
+    token, or an address on a keyless server) may be reading at once; beyond it, 429."""
     event_retention: float = 7 * 24 * 3600
+    max_job_lifetime: float = 30 * 24 * 3600
+    """Redis: an unfinished job older than this is ended with a ``fatal`` event by the
+    periodic sweep, so that its keys expire like any ended job's."""
     submit_timeout: float = 120.0
     access_log: bool = False
     """One log line per HTTP request: off by default, since jobs post every event as a

@@ -268,7 +268,8 @@ class TooManySubmissions(TooMany):
 
 
 class TooManyStreams(TooMany):
-    """Websockets and Server-Sent Events streams, per job or per process."""
+    """Too many held open at once: websockets and Server-Sent Events streams (per job or per
+    process), or history reads (per client)."""
 
 
 # Services the server depends on

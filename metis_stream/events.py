@@ -62,6 +62,11 @@ class Event:
     def terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
 
+    @property
+    def size(self) -> int:
+        """The wire JSON's length in UTF-8 bytes: what the event costs to keep and to send."""
+        return len(self.wire) if self.wire.isascii() else len(self.wire.encode())
+
     def as_dict(self) -> dict[str, JsonValue]:
         return {"job": self.job, "seq": self.seq, "type": self.type,
                 "data": self.data, "time": self.time}

@@ -21,8 +21,10 @@ def build_backend(config: Config) -> Backend:
     server = config.server
     if server.redis_url:
         return RedisBackend(server.redis_url, max_events_per_job=server.max_events_per_job,
-                            retention=server.event_retention)
-    return MemoryBackend(max_events_per_job=server.max_events_per_job)
+                            max_job_bytes=server.max_job_bytes, retention=server.event_retention,
+                            max_job_lifetime=server.max_job_lifetime)
+    return MemoryBackend(max_events_per_job=server.max_events_per_job,
+                         max_job_bytes=server.max_job_bytes)
 
 
 def build_schedulers(config: Config) -> dict[str, Scheduler]:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metis_stream.backends.contract import Backend
+from metis_stream.backends.contract import Backend, page_is_full
 from metis_stream.backends.follow import follow
 from metis_stream.backends.hub import DEFAULT_SUBSCRIPTION_BUFFER
 from metis_stream.backends.memory import MemoryBackend
@@ -60,6 +60,10 @@ async def new_job(backend: Backend, *, cluster: str = "local", submitted: bool =
 
 def events(*types: str) -> list[NewEvent]:
     return [NewEvent(event_type, {"n": n}) for n, event_type in enumerate(types)]
+
+
+def wire_bytes(event: Event) -> int:
+    return len(event.wire.encode())
 
 
 async def read_all(backend: Backend, job_id: str) -> list[Event]:
@@ -142,6 +146,33 @@ async def test_read_after_n_in_pages(backend: Backend) -> None:
     assert await backend.read(job.id, 25) == []
 
 
+async def test_read_pages_stop_at_a_byte_bound(backend: Backend) -> None:
+    job = await new_job(backend)
+    await backend.append(job.id, [NewEvent("token", "x" * 1000) for _ in range(20)])
+    page = await backend.read(job.id, 2, 100, max_bytes=5000)
+    sizes = list(map(wire_bytes, page))
+    assert [event.seq for event in page] == [3, 4, 5, 6, 7]
+    assert sum(sizes[:-1]) < 5000 <= sum(sizes)  # the event that reaches the bound is last
+    assert page_is_full(page, 100, 5000)
+    # An event larger than the bound is a page of its own; the count still bounds a page.
+    assert [event.seq for event in await backend.read(job.id, 2, 100, max_bytes=10)] == [3]
+    assert [event.seq for event in await backend.read(job.id, 2, 2, max_bytes=10**6)] == [3, 4]
+    rest = await backend.read(job.id, 17, 100, max_bytes=10**6)
+    assert [event.seq for event in rest] == [18, 19, 20, 21, 22]
+    assert not page_is_full(rest, 100, 10**6)
+
+
+async def test_follow_reads_a_log_of_many_byte_bounded_pages(backend: Backend) -> None:
+    job = await new_job(backend)
+    big = "y" * 60_000
+    for _ in range(4):  # about 3.6 MB of events: many pages of READ_PAGE_BYTES
+        await backend.append(job.id, [NewEvent("token", big) for _ in range(15)])
+    await backend.append(job.id, events("completed"))
+    received = await collect(backend, job.id, 0)
+    assert [event.seq for event in received] == list(range(1, 64))
+    assert received[-1].type == "completed"
+
+
 async def test_a_batch_is_all_or_nothing(backend: Backend) -> None:
     job = await new_job(backend)
     with pytest.raises(JobEnded):
@@ -208,6 +239,50 @@ async def test_event_limit_still_takes_the_terminal_event(make_backend: MakeBack
         assert (await backend.get_job(job.id)).state == JobState.FAILED
         with pytest.raises(JobEnded):
             await backend.append(job.id, events("completed"))
+    finally:
+        await backend.close()
+
+
+async def test_byte_budget_still_takes_the_terminal_event(make_backend: MakeBackend) -> None:
+    """A job's events may hold at most ``max_job_bytes`` of wire JSON in all; past it only a
+    terminal event is taken, as with the event count."""
+    budget = 4096
+    backend = make_backend(max_job_bytes=budget)
+    await backend.start()
+    try:
+        job = await new_job(backend)
+        used = sum(map(wire_bytes, await read_all(backend, job.id)))
+        big = "x" * 1000
+        result = await backend.append(job.id, events(*["token"] * 3))
+        used += sum(map(wire_bytes, result.events))
+        filler = NewEvent("token", "y" * (budget - used - 200))
+        used += wire_bytes((await backend.append(job.id, [filler])).events[0])
+        assert used <= budget
+        with pytest.raises(EventLimitReached, match=f"{budget} bytes"):
+            await backend.append(job.id, [NewEvent("token", big)])
+        with pytest.raises(EventLimitReached):  # all or nothing: not even the terminal one
+            await backend.append(job.id, [NewEvent("token", big), NewEvent("completed")])
+        assert (await backend.get_job(job.id)).last_seq == 6
+        # Small events still fit until the budget is spent exactly.
+        small = await backend.append(job.id, [NewEvent("step")])
+        used += wire_bytes(small.events[0])
+        assert used <= budget
+        ended = await backend.append(job.id, [NewEvent("fatal", {"error": big})])
+        assert ended.seqs == [8] and used + wire_bytes(ended.events[0]) > budget
+        assert (await backend.get_job(job.id)).state == JobState.FAILED
+    finally:
+        await backend.close()
+
+
+async def test_the_byte_budget_counts_each_job_apart(make_backend: MakeBackend) -> None:
+    backend = make_backend(max_job_bytes=2048)
+    await backend.start()
+    try:
+        first, second = await new_job(backend), await new_job(backend)
+        await backend.append(first.id, [NewEvent("token", "a" * 1500)])
+        assert (await backend.append(second.id, [NewEvent("token", "b" * 1500)])).seqs == [3]
+        with pytest.raises(EventLimitReached):
+            await backend.append(first.id, [NewEvent("token", "a" * 600)])
     finally:
         await backend.close()
 

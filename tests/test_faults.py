@@ -9,16 +9,11 @@ bigger (more jobs killed at once, a longer frozen phase, more sockets).
 from __future__ import annotations
 
 import asyncio
-import base64
-import fcntl
 import json
 import os
 import resource
 import signal
-import socket
 import statistics
-import struct
-import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,12 +27,14 @@ from metis_stream.client import Client
 from tests.support.redis_server import RedisServer, start_private_redis
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
+    IDLE_SCRIPT,
     LOCAL_CLUSTER,
     RunningJob,
     ServerProcess,
     free_port,
     script_templates,
 )
+from tests.support.stalled import frozen_websocket, pending_bytes
 
 pytestmark = pytest.mark.redis
 
@@ -54,7 +51,6 @@ BURST = 10_000
 SOCKETS = 2000 if SOAK else 1000
 PADDING = "p" * 4096
 
-IDLE = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +70,7 @@ def make_server(redis: RedisServer, folder: Path, **settings: object) -> ServerP
                          "public_url": f"http://127.0.0.1:{port}",
                          "submissions_per_minute": 10_000, **settings},
         extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES
-        + script_templates(folder / "scripts", {"idle": IDLE}))
+        + script_templates(folder / "scripts", {"idle": IDLE_SCRIPT}))
 
 
 def raise_open_files(wanted: int) -> int:
@@ -94,7 +90,8 @@ def server(redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
     process = make_server(redis, tmp_path_factory.mktemp("faults"),
                           max_events_per_job=max(BURST, FILLER_EVENTS + 2 * PHASE_EVENTS
                                + FROZEN_ROUNDS * FROZEN_ROUND_EVENTS) + 1000,
-                          max_sockets_per_job=SOCKETS + 10)
+                          max_sockets_per_job=SOCKETS + 10,
+                          max_streams_per_client=SOCKETS + 10)
     process.start()
     try:
         yield process
@@ -105,13 +102,6 @@ def server(redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 def assert_no_traceback(server: ServerProcess) -> None:
     log = server.log()
     assert "Traceback" not in log, log[log.find("Traceback") - 300:][:3000]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def p99(values: list[float]) -> float:
@@ -158,28 +148,6 @@ async def test_a_server_killed_mid_jobs_restarts_and_every_watcher_gets_each_eve
 
 
 # 2. One frozen client among 100 fast watchers
-
-
-def frozen_client(server: ServerProcess, job_id: str) -> socket.socket:
-    """A websocket handshake by hand, with a tiny receive buffer, and then never a read."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((server.host, server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws/jobs/{job_id} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n"
-                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        answer += sock.recv(1)
-    assert answer.startswith(b"HTTP/1.1 101"), answer
-    return sock
-
-
-def pending_bytes(sock: socket.socket) -> int:
-    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
-    count: int = struct.unpack("i", raw)[0]
-    return count
 
 
 class Watchers:
@@ -243,16 +211,15 @@ async def post_filler(http: httpx.AsyncClient, job: RunningJob, count: int) -> i
 
 async def test_a_frozen_client_slows_no_fast_watcher_and_does_not_grow_memory(
         server: ServerProcess):
-    assert server.process is not None
     job = RunningJob(server, "idle")
     watchers = Watchers(job, FAST_WATCHERS)
     await watchers.start()
     async with httpx.AsyncClient(timeout=30) as http:
         last = await post_phase(http, job, "alone", PHASE_EVENTS, 0.01)
         await watchers.wait_for_seq(last)
-        rss_before = rss_kib(server.process.pid)
+        rss_before = server.rss_kib()
 
-        frozen = frozen_client(server, job.id)
+        frozen = frozen_websocket(server, f"/ws/jobs/{job.id}")
         try:
             # Back the frozen client up first, then measure the fast ones beside it.
             last = await post_filler(http, job, FILLER_EVENTS)
@@ -262,13 +229,13 @@ async def test_a_frozen_client_slows_no_fast_watcher_and_does_not_grow_memory(
             for task in watchers.tasks:
                 task.cancel()
             await asyncio.gather(*watchers.tasks, return_exceptions=True)
-            rss_frozen = rss_kib(server.process.pid)
+            rss_frozen = server.rss_kib()
             # Then the frozen client alone, sent far more than one subscription buffer
             # (1,000 events): what it does not read must stay in the log, not in memory.
             for _ in range(FROZEN_ROUNDS):
                 await post_filler(http, job, FROZEN_ROUND_EVENTS)
             await asyncio.sleep(0.5)
-            rss_after = rss_kib(server.process.pid)
+            rss_after = server.rss_kib()
             stuck = pending_bytes(frozen)
             assert httpx.get(f"{server.url}/healthz").status_code == 200
         finally:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from metis_stream.backends.contract import READ_PAGE, READ_PAGE_BYTES
 from metis_stream.backends.follow import follow
 from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.backends.memory import MemoryBackend
@@ -369,8 +370,9 @@ async def test_follow_drops_live_duplicates_of_what_the_log_gave():
 
 async def test_follow_raises_log_lost_when_the_log_was_wiped():
     class WipedBackend(MemoryBackend):
-        async def read(self, job_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
-            return [e for e in await super().read(job_id, after, limit) if e.seq > 2]
+        async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE,
+                       max_bytes: int = READ_PAGE_BYTES) -> list[Event]:
+            return [e for e in await super().read(job_id, after, limit, max_bytes) if e.seq > 2]
 
     backend = WipedBackend()
     await backend.create_job(Job(id=JOB, template="t", cluster="c"))

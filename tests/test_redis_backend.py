@@ -12,7 +12,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -21,7 +21,7 @@ from metis_stream.backends.follow import follow
 from metis_stream.backends.redis import RedisBackend
 from metis_stream.errors import BackendUnavailable, JobNotFound, LogLost
 from metis_stream.events import Event, NewEvent
-from metis_stream.jobs import Job, new_job_id
+from metis_stream.jobs import Job, JobState, new_job_id
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -249,3 +249,72 @@ async def test_appends_survive_a_server_that_lost_its_scripts(make_backend: Make
     appended = await backend.append(job.id, [NewEvent("log", "after the flush")])
     assert appended.seqs == [3]
     assert [event.data for event in await backend.read(job.id, 2)] == ["after the flush"]
+
+
+# The sweep: indexes pruned, unfinished jobs given a maximum lifetime
+
+
+async def index_members(redis: Redis, prefix: str) -> dict[str, set[str]]:
+    """Every index of the test's prefix: its key (without the prefix) and its job ids."""
+    indexes = {}
+    async for key in redis.scan_iter(match=f"{prefix}jobs:*:*"):
+        members = cast(list[bytes], await redis.zrange(key, 0, -1))
+        indexes[key.decode().removeprefix(prefix)] = {member.decode() for member in members}
+    return indexes
+
+
+async def test_the_sweep_removes_the_index_entries_of_expired_jobs(
+        make_backend: MakeBackend, redis: Redis, prefix: str) -> None:
+    backend = await make_backend(retention=0.2, sweep_interval=0.2)
+    live = await new_job(backend)
+    ended = [await new_job(backend) for _ in range(3)]
+    for job in ended:
+        await backend.append(job.id, [NewEvent("completed")])
+    await asyncio.sleep(0.3)  # the ended jobs' keys expire; their ids stay in the indexes
+    assert not await redis.exists(f"{prefix}job:{ended[0].id}")
+    expected = {"jobs:cluster:local": {live.id}, "jobs:state:queued": {live.id}}
+    deadline = time.monotonic() + 5
+    while (indexes := await index_members(redis, prefix)) != expected:
+        assert time.monotonic() < deadline, indexes
+        await asyncio.sleep(0.05)
+    assert [job.id for job in await backend.list_jobs()] == [live.id]
+
+
+async def test_an_unfinished_job_past_the_maximum_lifetime_is_ended_and_then_expires(
+        make_backend: MakeBackend, redis: Redis, prefix: str) -> None:
+    backend = await make_backend(max_job_lifetime=60, retention=0.5, sweep_interval=0.2)
+    old = Job(id=new_job_id(), template="tokens", cluster="local", created=time.time() - 61)
+    await backend.create_job(old)
+    await backend.append(old.id, [NewEvent("starting"), NewEvent("submitted", "1.pbs")])
+    young = await new_job(backend)
+    forgotten = Job(id=new_job_id(), template="tokens", cluster="local",
+                    created=time.time() - 3600)  # never even started
+    await backend.create_job(forgotten)
+    watched = await asyncio.wait_for(collect(backend, old.id), 5)
+    assert watched[-1].type == "fatal"
+    assert "exceeded the maximum lifetime" in watched[-1].data["error"]
+    ended = await backend.get_job(old.id)
+    assert ended.state == JobState.FAILED and "maximum lifetime" in (ended.error or "")
+    assert (await backend.get_job(young.id)).state == JobState.QUEUED
+    # Ended like any job, its keys expire, and a later sweep drops it from the indexes.
+    deadline = time.monotonic() + 5
+    while await redis.exists(f"{prefix}job:{old.id}", f"{prefix}job:{forgotten.id}"):
+        assert time.monotonic() < deadline, "the ended jobs' keys never expired"
+        await asyncio.sleep(0.05)
+    while old.id in set().union(*(await index_members(redis, prefix)).values()):
+        assert time.monotonic() < deadline, "the expired job stayed in an index"
+        await asyncio.sleep(0.05)
+    assert await backend.list_jobs() == [await backend.get_job(young.id)]
+
+
+async def test_one_process_sweeps_at_a_time(make_backend: MakeBackend, redis: Redis,
+                                            prefix: str) -> None:
+    backends = [await make_backend(max_job_lifetime=60, sweep_interval=0.1) for _ in range(3)]
+    old = Job(id=new_job_id(), template="tokens", cluster="local", created=time.time() - 61)
+    await backends[0].create_job(old)
+    watched = await asyncio.wait_for(collect(backends[1], old.id), 5)
+    assert [event.type for event in watched] == ["fatal"]  # ended once, by one of them
+    owner = await redis.get(f"{prefix}lease:sweep")
+    assert owner is not None
+    await asyncio.sleep(0.3)
+    assert await redis.get(f"{prefix}lease:sweep") == owner  # renewed by the same process

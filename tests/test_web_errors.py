@@ -7,15 +7,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import websockets
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.typing import Origin
@@ -33,6 +30,7 @@ from tests.support.server import (
     RunningJob,
     ServerProcess,
     free_port,
+    serve_in_thread,
 )
 from tests.test_web import custom_templates
 
@@ -403,18 +401,8 @@ def in_process_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A real uvicorn server in a thread, for an app built with a backend of the test's."""
     config = load_config(None, {"METIS_STATE_DIR": str(tmp_path),
                                 "METIS_INSECURE_NO_AUTH": "true"})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config, backend=UnavailableBackend()),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", config.server.secret
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_in_thread(create_app(config, backend=UnavailableBackend())) as url:
+        yield url, config.server.secret
 
 
 def test_503_with_retry_after_when_the_backend_is_unavailable(in_process_server):

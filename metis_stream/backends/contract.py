@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from metis_stream.backends.hub import Hub, Subscription
+from metis_stream.errors import EventLimitReached
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState
 
@@ -23,7 +24,28 @@ __all__ = [
 ]
 
 DEFAULT_MAX_EVENTS_PER_JOB = 10_000
+DEFAULT_MAX_JOB_BYTES = 64 * 1024 * 1024
 READ_PAGE = 1_000
+READ_PAGE_BYTES = 256 * 1024
+"""A page of the log stops at READ_PAGE events or at this much wire JSON, whichever comes
+first: what one reader holds at once, however large the job's events."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobLimits:
+    """What one job's log may hold. Past either limit only a terminal event is still taken,
+    so that a job that spent its budget can still say how it ended."""
+
+    events: int = DEFAULT_MAX_EVENTS_PER_JOB
+    bytes: int = DEFAULT_MAX_JOB_BYTES
+    """The wire JSON of all its events, in UTF-8 bytes."""
+
+    def events_reached(self, job_id: str) -> EventLimitReached:
+        return EventLimitReached(f"job {job_id} has reached {self.events} events")
+
+    def bytes_reached(self, job_id: str) -> EventLimitReached:
+        return EventLimitReached(f"job {job_id} has reached its budget of {self.bytes} bytes "
+                                 "of events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +58,13 @@ class AppendResult:
     @property
     def duplicates(self) -> int:
         return len(self.seqs) - len(self.events)
+
+
+def page_is_full(page: Sequence[Event], limit: int = READ_PAGE,
+                 max_bytes: int = READ_PAGE_BYTES) -> bool:
+    """Whether a page that ``read`` gave stopped at one of its bounds, so that the log may
+    go on after it (a shorter page was the end of the log when it was read)."""
+    return len(page) >= limit or sum(event.size for event in page) >= max_bytes
 
 
 class Backend(Protocol):
@@ -67,13 +96,16 @@ class Backend(Protocol):
         state, and delivery to every watcher on every process.
 
         Raises JobNotFound, JobEnded (the job already has a terminal event, or one in
-        ``events`` is followed by more), EventLimitReached, and, when ``from_job`` is true
+        ``events`` is followed by more), EventLimitReached (a non-terminal event past the
+        job's event count or byte budget, :class:`JobLimits`), and, when ``from_job`` is true
         and the server has not yet recorded the submission, JobNotSubmitted.
         """
         ...
 
-    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
-        """Events with seq > ``after``, oldest first, at most ``limit``."""
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Event]:
+        """Events with seq > ``after``, oldest first: at most ``limit``, and none after the
+        one that brings their wire JSON to ``max_bytes`` (so a page holds at least one)."""
         ...
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from metis_stream.backends.contract import READ_PAGE, Backend
+from metis_stream.backends.contract import Backend, page_is_full
 from metis_stream.errors import LogLost
 from metis_stream.events import Event
 
@@ -54,6 +54,6 @@ async def _backfill(backend: Backend, job_id: str, after: int) -> AsyncIterator[
             raise LogLost(f"events {after + 1} to {page[0].seq - 1} of job {job_id} are gone")
         for event in page:
             yield event
-        if len(page) < READ_PAGE:
+        if not page_is_full(page):
             return
         after = page[-1].seq

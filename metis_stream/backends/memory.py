@@ -6,31 +6,42 @@ use the Redis backend for that and for several processes.
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 
-from metis_stream.backends.contract import DEFAULT_MAX_EVENTS_PER_JOB, READ_PAGE, AppendResult
+from metis_stream.backends.contract import (
+    DEFAULT_MAX_EVENTS_PER_JOB,
+    DEFAULT_MAX_JOB_BYTES,
+    READ_PAGE,
+    READ_PAGE_BYTES,
+    AppendResult,
+    JobLimits,
+)
 from metis_stream.backends.hub import Hub, Subscription
-from metis_stream.errors import EventLimitReached, JobEnded, JobNotFound, JobNotSubmitted
-from metis_stream.events import Event, NewEvent
+from metis_stream.errors import JobEnded, JobNotFound, JobNotSubmitted
+from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState, apply_event
 
 
 @dataclass
 class _Entry:
     job: Job
-    log: list[Event] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    """Each event's wire JSON, seq 1 first: one copy of the event, decoded when read (an
+    Event would keep its decoded data beside it, twice the memory)."""
+    size: int = 0
+    """The bytes of the log's wire JSON, against the job's budget."""
     seq_of_key: dict[str, int] = field(default_factory=dict)
 
 
 class MemoryBackend:
-    def __init__(self, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB) -> None:
+    def __init__(self, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB,
+                 max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> None:
         self.hub = Hub()
         self._entries: dict[str, _Entry] = {}
-        self._max_events = max_events_per_job
+        self._limits = JobLimits(events=max_events_per_job, bytes=max_job_bytes)
 
     async def start(self) -> None:
         return None
@@ -64,28 +75,24 @@ class MemoryBackend:
         job = entry.job
         if from_job and job.state in (JobState.CREATED, JobState.SUBMITTING):
             raise JobNotSubmitted(job_id)
-        seqs, fresh, keys = self._plan(entry, events)
-        now = time.time()
-        appended = []
-        for new, seq in zip(fresh, range(job.last_seq + 1, job.last_seq + 1 + len(fresh)),
-                            strict=True):
-            event = Event(job=job_id, seq=seq, type=new.type, data=new.data, time=now)
-            entry.log.append(event)
+        seqs, appended, keys = self._plan(entry, events, time.time())
+        for event in appended:
+            entry.log.append(event.wire)
+            entry.size += event.size
             apply_event(job, event)
-            appended.append(event)
         entry.seq_of_key.update(keys)
         for event in appended:
             self.hub.publish(job_id, event)
         return AppendResult(events=appended, seqs=seqs)
 
-    def _plan(self, entry: _Entry, events: Sequence[NewEvent]
-              ) -> tuple[list[int], list[NewEvent], dict[str, int]]:
+    def _plan(self, entry: _Entry, events: Sequence[NewEvent], now: float
+              ) -> tuple[list[int], list[Event], dict[str, int]]:
         """Check a whole batch before anything changes: all or nothing."""
         job = entry.job
-        next_seq = job.last_seq + 1
         ended = job.state.terminal
+        size = entry.size
         seqs: list[int] = []
-        fresh: list[NewEvent] = []
+        fresh: list[Event] = []
         keys: dict[str, int] = {}
         for new in events:
             known = keys.get(new.id) if new.id else None
@@ -96,20 +103,31 @@ class MemoryBackend:
                 continue
             if ended:
                 raise JobEnded(job.id)
-            if not new.terminal and len(entry.log) + len(fresh) >= self._max_events:
-                raise EventLimitReached(f"job {job.id} has reached {self._max_events} events")
+            event = Event(job=job.id, seq=job.last_seq + len(fresh) + 1, type=new.type,
+                          data=new.data, time=now)
+            size += event.size
+            if not new.terminal:
+                if len(entry.log) + len(fresh) >= self._limits.events:
+                    raise self._limits.events_reached(job.id)
+                if size > self._limits.bytes:
+                    raise self._limits.bytes_reached(job.id)
             if new.id:
-                keys[new.id] = next_seq
-            seqs.append(next_seq)
-            fresh.append(new)
-            next_seq += 1
+                keys[new.id] = event.seq
+            seqs.append(event.seq)
+            fresh.append(event)
             ended = new.terminal
         return seqs, fresh, keys
 
-    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
-        log = self._entry(job_id).log
-        start = bisect.bisect_right(log, after, key=lambda event: event.seq)
-        return log[start:start + limit]
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Event]:
+        page: list[Event] = []
+        size = 0
+        for wire in self._entry(job_id).log[after:after + limit]:
+            page.append(decode_event(wire))
+            size += page[-1].size
+            if size >= max_bytes:
+                break
+        return page
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
         return self.hub.subscribe(job_id)

@@ -10,8 +10,9 @@ from typing import Any
 import anyio
 import orjson
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response
 
+from metis_stream.backends.contract import page_is_full
 from metis_stream.errors import (
     BadInput,
     JobEnded,
@@ -22,18 +23,21 @@ from metis_stream.errors import (
     TooLarge,
     UnsupportedMediaType,
 )
-from metis_stream.events import parse_event_json
+from metis_stream.events import Event, parse_event_json
 from metis_stream.jobs import Job, JobState, state_machine
 from metis_stream.service import JobService
 from metis_stream.templates import param_text
 from metis_stream.web import auth
 from metis_stream.web.errors import JSONResponse, error_body
-from metis_stream.web.slots import SocketSlots, slots_of
+from metis_stream.web.slots import history_reads_of, slots_of
+from metis_stream.web.streaming import HeldStream
 
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 JSON_TYPE = "application/json"
 MAX_SUBMIT_BYTES = 64 * 1024
 SSE_KEEPALIVE = 15.0
+HISTORY_CHUNK = 64 * 1024
+"""A history page is sent in pieces of about this many characters."""
 WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
@@ -173,24 +177,39 @@ async def job_events(request: Request) -> Response:
     auth.require_watcher(request, service.config.server, job_id)
     after = after_param(request)
     await service.get(job_id)
-    if "text/event-stream" in request.headers.get("accept", ""):
-        slots = slots_of(request)
-        slots.check(job_id)  # refuse with a status while one can still be sent
-        return StreamingResponse(_sse(service, slots, job_id, after),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
-    events = await service.history(job_id, after)
-    return Response(b'{"job":' + orjson.dumps(job_id) + b',"events":['
-                    + ",".join(event.wire for event in events).encode() + b"]}",
-                    media_type=JSON_TYPE)
+    server = service.config.server
+    client = auth.client_identity(request, server)
+    with contextlib.ExitStack() as held:
+        if "text/event-stream" in request.headers.get("accept", ""):
+            held.enter_context(slots_of(request).take(job_id, client))
+            return HeldStream(_sse(service, job_id, after), held.pop_all(),
+                              send_timeout=server.send_timeout, media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        held.enter_context(history_reads_of(request).take(client))
+        events = await service.history(job_id, after)
+        return HeldStream(_history_page(job_id, events), held.pop_all(),
+                          send_timeout=server.send_timeout, media_type=JSON_TYPE)
 
 
-async def _sse(service: JobService, slots: SocketSlots, job_id: str, after: int
-               ) -> AsyncIterator[str]:
+async def _history_page(job_id: str, events: list[Event]) -> AsyncIterator[str]:
+    """One page of history as JSON, written as it is sent, never whole:
+    ``{"job": ..., "events": [...], "more": ...}``; ``more`` is true when the page stopped
+    at a bound, and the client then asks again with ``after=`` its last seq."""
+    chunk = '{"job":' + orjson.dumps(job_id).decode() + ',"events":['
+    for n, event in enumerate(events):
+        if len(chunk) >= HISTORY_CHUNK:
+            yield chunk
+            chunk = ""
+        chunk += ("," if n else "") + event.wire
+    yield chunk + '],"more":' + ("true" if page_is_full(events) else "false") + "}"
+
+
+async def _sse(service: JobService, job_id: str, after: int) -> AsyncIterator[str]:
     """Server-Sent Events: ``id: <seq>`` on every event, comments to keep proxies open,
     and the end of the response after the terminal event."""
-    send, receive = anyio.create_memory_object_stream[str](64)
+    # One frame ahead of the client: each frame is a copy of its event's text, and a client
+    # that stops reading must not make the server hold more of them.
+    send, receive = anyio.create_memory_object_stream[str](1)
 
     async def pump() -> None:
         async with send:
@@ -202,16 +221,15 @@ async def _sse(service: JobService, slots: SocketSlots, job_id: str, after: int
                 payload = orjson.dumps(error_body(exc)).decode()
                 await send.send(f"event: error\ndata: {payload}\n\n")
 
-    with slots.take(job_id):
-        async with anyio.create_task_group() as tasks, receive:
-            tasks.start_soon(pump)
-            while True:
-                with anyio.move_on_after(SSE_KEEPALIVE) as waited:
-                    try:
-                        frame = await receive.receive()
-                    except anyio.EndOfStream:
-                        return
-                yield ": keep-alive\n\n" if waited.cancelled_caught else frame
+    async with anyio.create_task_group() as tasks, receive:
+        tasks.start_soon(pump)
+        while True:
+            with anyio.move_on_after(SSE_KEEPALIVE) as waited:
+                try:
+                    frame = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+            yield ": keep-alive\n\n" if waited.cancelled_caught else frame
 
 
 async def list_templates(request: Request) -> Response:

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from metis_stream.backends.contract import Backend
 from metis_stream.config import Config, check_auth, load_config
@@ -22,11 +23,12 @@ from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.schedulers.base import Scheduler
 from metis_stream.service import JobService
 from metis_stream.web import api, sockets
+from metis_stream.web.deadline import ABORT, find_abort
 from metis_stream.web.errors import handle_error, handle_starlette_error
 from metis_stream.web.headers import SecurityHeaders
 from metis_stream.web.hosts import HostCheck, ServerNames
 from metis_stream.web.logs import redact_access_log
-from metis_stream.web.slots import SocketSlots
+from metis_stream.web.slots import HistoryReads, SocketSlots
 
 __all__ = [
     "create_app",
@@ -35,6 +37,16 @@ __all__ = [
 
 STATIC_DIR = Path(__file__).parent / "static"
 logger = logging.getLogger(__name__)
+
+
+class _App(Starlette):
+    """Starlette that keeps in each connection's scope how to abort the connection, taken
+    from the server's own ``send`` before any middleware wraps it (see deadline.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope[ABORT] = find_abort(send)
+        await super().__call__(scope, receive, send)
 
 
 def from_environment() -> Starlette:
@@ -95,13 +107,15 @@ def create_app(config: Config, *, backend: Backend | None = None,
         WebSocketRoute("/ws/{rest:path}", sockets.no_such_route),
         Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(SecurityHeaders, names=names),
-                                Middleware(HostCheck, names=names)],
-                    exception_handlers={MetisError: handle_error,
-                                        HTTPException: handle_starlette_error})
+    app = _App(routes=routes, lifespan=lifespan,
+               middleware=[Middleware(SecurityHeaders, names=names),
+                           Middleware(HostCheck, names=names)],
+               exception_handlers={MetisError: handle_error,
+                                   HTTPException: handle_starlette_error})
     app.state.service = service
     slots = app.state.socket_slots = SocketSlots(config.server.max_sockets_per_job,
-                                                 config.server.max_sockets)
+                                                 config.server.max_sockets,
+                                                 config.server.max_streams_per_client)
     service.metrics.gauge("metis_open_streams", lambda: slots.open)
+    app.state.history_reads = HistoryReads(config.server.max_history_reads_per_client)
     return app

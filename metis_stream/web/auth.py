@@ -28,10 +28,12 @@ def is_client(conn: HTTPConnection, server: ServerConfig) -> bool:
 
 
 def client_identity(conn: HTTPConnection, server: ServerConfig) -> str:
-    """Who a client is, for rate limits: its key's hash, or its address on a keyless server."""
-    key = bearer(conn)
-    if server.api_keys and key is not None:
-        return tokens.hash_api_key(key)
+    """Who a client is, for per-client limits: the hash of its API key or watch token (as
+    Bearer or ``?token=``), or its address on a keyless server. Call it once the
+    credentials have been checked."""
+    credentials = bearer(conn) or conn.query_params.get("token")
+    if server.api_keys and credentials:
+        return tokens.hash_api_key(credentials)
     return conn.client.host if conn.client else "unknown"
 
 

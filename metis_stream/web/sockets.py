@@ -25,6 +25,7 @@ from metis_stream.errors import (
 from metis_stream.service import JobService
 from metis_stream.web import auth
 from metis_stream.web.api import parse_submit_request, whole_number
+from metis_stream.web.deadline import sent_in_time
 from metis_stream.web.errors import close_reason, deny
 from metis_stream.web.slots import slots_of
 
@@ -39,11 +40,13 @@ def service_of(websocket: WebSocket) -> JobService:
 async def submit_socket(websocket: WebSocket) -> None:
     """``WS /ws/jobs``: the first frame is a submit request; then the job's events."""
     service = service_of(websocket)
+    server = service.config.server
     with contextlib.ExitStack() as slot:
         try:
-            auth.check_origin(websocket, service.config.server)
-            auth.require_client(websocket, service.config.server)
-            slot.enter_context(slots_of(websocket).take(""))
+            auth.check_origin(websocket, server)
+            auth.require_client(websocket, server)
+            slot.enter_context(slots_of(websocket).take("", auth.client_identity(websocket,
+                                                                                 server)))
         except MetisError as error:
             await deny(websocket, error)
             return
@@ -73,14 +76,16 @@ async def _submit_and_stream(websocket: WebSocket, service: JobService) -> None:
 async def watch_socket(websocket: WebSocket) -> None:
     """``WS /ws/jobs/{id}?after=N``: history after N, then live, until the terminal event."""
     service = service_of(websocket)
+    server = service.config.server
     job_id = websocket.path_params["job_id"]
     with contextlib.ExitStack() as slot:
         try:
-            auth.check_origin(websocket, service.config.server)
-            auth.require_watcher(websocket, service.config.server, job_id)
+            auth.check_origin(websocket, server)
+            auth.require_watcher(websocket, server, job_id)
             after = whole_number(websocket.query_params.get("after", "0"), "after")
             await service.get(job_id)
-            slot.enter_context(slots_of(websocket).take(job_id))
+            slot.enter_context(slots_of(websocket).take(job_id, auth.client_identity(websocket,
+                                                                                     server)))
         except MetisError as exc:
             await deny(websocket, exc)
             return
@@ -99,18 +104,28 @@ def _submit_request(message: Mapping[str, Any]) -> dict[str, Any]:
 async def _stream(websocket: WebSocket, service: JobService, job_id: str, after: int) -> None:
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(_cancel_on_disconnect, websocket, tasks.cancel_scope)
-        try:
-            async for event in service.follow(job_id, after):
-                await websocket.send_text(event.wire)
-                service.metrics.count("metis_events_delivered_total")
-        except (WebSocketDisconnect, OSError):
-            pass  # the client left; nothing to tell it
-        except MetisError as exc:
-            await _close_with_error(websocket, exc)
-        else:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                await websocket.close(1000)  # the client may have left after the last event
+        await _send_events(websocket, service, job_id, after)
         tasks.cancel_scope.cancel()
+
+
+async def _send_events(websocket: WebSocket, service: JobService, job_id: str, after: int
+                       ) -> None:
+    """The job's events, then a close; each send within ``send_timeout`` or the client is
+    dropped (deadline.py)."""
+    timeout = service.config.server.send_timeout
+    try:
+        async for event in service.follow(job_id, after):
+            if not await sent_in_time(websocket.scope, websocket.send_text(event.wire), timeout):
+                return
+            service.metrics.count("metis_events_delivered_total")
+    except (WebSocketDisconnect, OSError):
+        return  # the client left; nothing to tell it
+    except MetisError as exc:
+        await _close_with_error(websocket, exc)
+        return
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        # The client may have left after the last event.
+        await sent_in_time(websocket.scope, websocket.close(1000), timeout)
 
 
 async def _cancel_on_disconnect(websocket: WebSocket, scope: anyio.CancelScope) -> None:
@@ -122,9 +137,13 @@ async def _cancel_on_disconnect(websocket: WebSocket, scope: anyio.CancelScope) 
 
 
 async def _close_with_error(websocket: WebSocket, error: MetisError) -> None:
+    timeout = service_of(websocket).config.server.send_timeout
     with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-        await websocket.send_text(orjson.dumps({"error": error.message}).decode())
-        await websocket.close(outcome_of(error).close_code, close_reason(error))
+        message = orjson.dumps({"error": error.message}).decode()
+        if await sent_in_time(websocket.scope, websocket.send_text(message), timeout):
+            await sent_in_time(websocket.scope,
+                               websocket.close(outcome_of(error).close_code, close_reason(error)),
+                               timeout)
 
 
 async def no_such_route(websocket: WebSocket) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,9 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from starlette.types import ASGIApp
 
 from metis_stream import tokens
-from metis_stream.backends.contract import READ_PAGE
 from metis_stream.config import JOBSCRIPTS_DIR, load_config
 from metis_stream.jobs import JobState
 from tests.support.processes import Process, end_group, find
@@ -154,18 +157,53 @@ class ServerProcess:
             if not JobState(job["state"]).terminal:
                 httpx.delete(f"{self.url}/api/jobs/{job['id']}", timeout=30)
 
+    def rss_kib(self) -> int:
+        """The server process's resident memory now (VmRSS), in KiB."""
+        assert self.process is not None, "the server is not running"
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+IDLE_SCRIPT = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
+"""A batch script that reports one step and waits until its job ends (its token file goes)."""
+
+
+def idle_server(folder: Path, **settings: object) -> ServerProcess:
+    """A server (not started) with the example templates and ``idle``, whose jobs wait for
+    the test to post their events (:class:`RunningJob`)."""
+    return ServerProcess(
+        state_dir=folder / "server", server_settings=settings,
+        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES
+        + script_templates(folder / "scripts", {"idle": IDLE_SCRIPT}))
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    """``server``, started, and stopped when the block ends."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
 
 class RunningJob:
     """A local job of ``template`` whose script has posted its first ``step`` and then
     waits; the test posts further events with the job's own token, as the batch script
     would. :meth:`end` ends it."""
 
-    def __init__(self, server: ServerProcess, template: str, timeout: float = 30) -> None:
+    def __init__(self, server: ServerProcess, template: str, timeout: float = 30,
+                 key: str | None = None) -> None:
         self.server = server
+        self.client_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        """What a client sends: the API key, on a server with keys."""
         created = httpx.post(f"{server.url}/api/jobs", json={"template": template},
-                             timeout=30)
+                             headers=self.client_headers, timeout=30)
         assert created.status_code == 201, created.text
         self.id: str = created.json()["id"]
+        self.watch_token: str = created.json()["watch_token"]
         self.secret = load_config(server.config_path).server.secret
         self.token = tokens.job_token(self.secret, self.id)
         self.headers = {"Authorization": f"Bearer {self.token}"}
@@ -174,7 +212,7 @@ class RunningJob:
         while not any(e["type"] == "step" for e in self.events()):
             assert time.monotonic() < deadline, f"job {self.id} never posted its step"
             time.sleep(0.05)
-        self.script = local_job_script(server.url, self.id)
+        self.script = local_job_script(server.url, self.id, key)
 
     def post(self, content: bytes | str, content_type: str = "application/json",
              token: str | None = None) -> httpx.Response:
@@ -188,11 +226,11 @@ class RunningJob:
         """The whole log, page by page."""
         events: list[dict[str, Any]] = []
         while True:
-            answer = httpx.get(self.url, params={"after": len(events)}, timeout=30)
+            answer = httpx.get(self.url, params={"after": len(events)},
+                               headers=self.client_headers, timeout=30)
             assert answer.status_code == 200, answer.text
-            page = answer.json()["events"]
-            events += page
-            if len(page) < READ_PAGE:
+            events += answer.json()["events"]
+            if not answer.json()["more"]:
                 return events
 
     def watch_url(self) -> str:
@@ -203,9 +241,10 @@ class RunningJob:
         stopped: a test that posted the terminal event in the script's stead, or stopped
         the server, left it running."""
         if self.server.process is not None:
-            state = httpx.get(f"{self.server.url}/api/jobs/{self.id}", timeout=30).json()["state"]
+            url = f"{self.server.url}/api/jobs/{self.id}"
+            state = httpx.get(url, headers=self.client_headers, timeout=30).json()["state"]
             if not JobState(state).terminal:
-                httpx.delete(f"{self.server.url}/api/jobs/{self.id}", timeout=30)
+                httpx.delete(url, headers=self.client_headers, timeout=30)
         end_group(self.script)
 
 
@@ -217,6 +256,24 @@ def local_job_script(url: str, job_id: str, key: str | None = None) -> Process:
     script = find(int(record["scheduler_id"].removesuffix(".local")))
     assert script is not None, f"the script of job {job_id} has ended"
     return script
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: ASGIApp) -> Iterator[str]:
+    """A real uvicorn server in a thread of this process, for an app built with a backend
+    of the test's own; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def _toml(value: object) -> str:

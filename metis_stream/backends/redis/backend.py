@@ -5,7 +5,8 @@ Per job (``P`` is the key prefix, ``metis:`` by default):
 
 - ``P job:<id>``: HASH, the :class:`~metis_stream.jobs.Job` fields (text for id,
   template, cluster and state; JSON for the rest), plus ``epoch`` (a random token
-  written at creation) and ``order`` (the job's rank in creation order).
+  written at creation), ``order`` (the job's rank in creation order) and ``bytes``
+  (the size of its log's wire JSON, against ``max_job_bytes``).
 - ``P log:<id>``: STREAM, one entry per event with id ``0-<seq>`` and one field
   ``e``: the event's exact wire JSON. Capped at ``max_events_per_job + 1`` (the one
   terminal event still taken at the limit), so the cap never trims an accepted event.
@@ -13,7 +14,10 @@ Per job (``P`` is the key prefix, ``metis:`` by default):
 - ``P ch:<id>``: the pub/sub channel that carries each new event's wire JSON.
 
 Indexes: ``P jobs:state:<state>`` and ``P jobs:cluster:<cluster>``, sorted sets of
-job ids scored by ``order``. Ids of expired jobs are dropped when a listing meets them.
+job ids scored by ``order``. Ids of expired jobs are dropped when a listing meets them,
+and by the sweep: every ``sweep_interval``, whichever process holds the ``sweep`` lease
+removes the index entries of expired jobs and ends with a ``fatal`` event every unfinished
+job older than ``max_job_lifetime``, whose keys then expire like those of any ended job.
 
 One Lua script appends a whole batch (checks, seqs, log, job hash, index, expiry,
 PUBLISH) in one round trip: Redis runs it atomically, so every process sees the
@@ -23,16 +27,27 @@ the operator's view.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
 import secrets
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import cast
 
+import anyio
 from redis.exceptions import ResponseError
 
-from metis_stream.backends.contract import DEFAULT_MAX_EVENTS_PER_JOB, READ_PAGE, AppendResult
+from metis_stream.backends.contract import (
+    DEFAULT_MAX_EVENTS_PER_JOB,
+    DEFAULT_MAX_JOB_BYTES,
+    READ_PAGE,
+    READ_PAGE_BYTES,
+    AppendResult,
+    JobLimits,
+)
 from metis_stream.backends.hub import Subscription
 from metis_stream.backends.redis.coalescer import Coalescer
 from metis_stream.backends.redis.codec import (
@@ -53,16 +68,22 @@ from metis_stream.backends.redis.scripts import (
     APPEND_LUA,
     CREATE_LUA,
     LEASE_LUA,
+    READ_LUA,
     SCRIPT_ERRORS,
     SET_FIELD_LUA,
     STATES,
 )
-from metis_stream.errors import JobNotFound, LogLost
+from metis_stream.errors import JobEnded, JobNotFound, LogLost, MetisError
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState
 
+log = logging.getLogger(__name__)
+
 DEFAULT_RETENTION = 7 * 24 * 3600.0
+DEFAULT_MAX_JOB_LIFETIME = 30 * 24 * 3600.0
+DEFAULT_SWEEP_INTERVAL = 600.0
 _SEEN_CAP = 100_000
+_SWEEP_PAGE = 500
 
 
 @dataclasses.dataclass(slots=True)
@@ -80,11 +101,18 @@ class RedisBackend:
     """
 
     def __init__(self, url: str, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB,
-                 retention: float = DEFAULT_RETENTION, key_prefix: str = "metis:",
+                 max_job_bytes: int = DEFAULT_MAX_JOB_BYTES,
+                 retention: float = DEFAULT_RETENTION,
+                 max_job_lifetime: float = DEFAULT_MAX_JOB_LIFETIME,
+                 sweep_interval: float = DEFAULT_SWEEP_INTERVAL, key_prefix: str = "metis:",
                  socket_timeout: float = 5.0, health_check_interval: float = 5.0,
                  max_connections: int = 32) -> None:
-        self._max_events = max_events_per_job
+        self._limits = JobLimits(events=max_events_per_job, bytes=max_job_bytes)
         self._retention_ms = max(1, int(retention * 1000))
+        self._max_lifetime = max_job_lifetime
+        self._sweep_interval = sweep_interval
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeping: anyio.CancelScope | None = None
         self._prefix = key_prefix
         name = f"metis-stream:{secrets.token_hex(4)}"
         self.client_name = name
@@ -96,6 +124,7 @@ class RedisBackend:
         self._create_script = self._client.register_script(CREATE_LUA)
         self._lease_script = self._client.register_script(LEASE_LUA)
         self._set_field_script = self._client.register_script(SET_FIELD_LUA)
+        self._read_script = self._client.register_script(READ_LUA)
         pubsub = pubsub_factory(url, name=name, socket_timeout=socket_timeout)
         self._listener = Listener(pubsub, f"{key_prefix}ch:", interval=health_check_interval,
                                   timeout=socket_timeout, store_was_wiped=self._store_was_wiped,
@@ -107,12 +136,19 @@ class RedisBackend:
     async def start(self) -> None:
         with unavailable_on_errors():
             for script in (self._append_script, self._create_script, self._lease_script,
-                           self._set_field_script):
+                           self._set_field_script, self._read_script):
                 await self._client.script_load(script.script)
             await self._store_was_wiped()
         await self._listener.start()
+        self._sweeping = anyio.CancelScope()
+        self._sweeper = asyncio.create_task(self._sweep_forever(self._sweeping),
+                                            name="metis-stream redis sweep")
 
     async def close(self) -> None:
+        if self._sweeper is not None and self._sweeping is not None:
+            self._sweeping.cancel()
+            await self._sweeper
+            self._sweeper = self._sweeping = None
         await self._listener.close()
         await self._client.aclose()
 
@@ -206,6 +242,96 @@ class RedisBackend:
                 await pipe.execute()
         return [job_from_hash(raw) for raw in records if raw]
 
+    # Upkeep: one process at a time
+
+    async def _sweep_forever(self, scope: anyio.CancelScope) -> None:
+        ttl = max(3 * self._sweep_interval, 5.0)
+        # An anyio scope, not Task.cancel(): redis-py can swallow a cancellation that lands
+        # at the wrong moment, and the scope cancels again at every await until it is out.
+        with scope:
+            while True:
+                try:
+                    if await self.hold_lease("sweep", self.client_name, ttl):
+                        await self.sweep()
+                except MetisError as exc:
+                    log.warning("redis sweep: %s", exc)
+                except Exception:  # a bug: the next sweep may still do its work
+                    log.exception("redis sweep failed")
+                await anyio.sleep(self._sweep_interval)
+
+    async def sweep(self) -> None:
+        """End every unfinished job older than ``max_job_lifetime`` with a ``fatal`` event (its
+        keys then expire after the retention), and remove from the indexes the ids of jobs
+        whose keys have expired. The lease holder runs it every ``sweep_interval``."""
+        with unavailable_on_errors():
+            ended = await self._end_overdue_jobs()
+            cluster_indexes = [key.decode() async for key in self._client.scan_iter(
+                match=self._cluster_index("*"), count=_SWEEP_PAGE)]
+            pruned = 0
+            for index in [*map(self._state_index, STATES), *cluster_indexes]:
+                pruned += await self._prune(index)
+        if ended or pruned:
+            log.info("redis sweep: ended %d jobs past max_job_lifetime, removed %d index "
+                     "entries of expired jobs", ended, pruned)
+
+    async def _end_overdue_jobs(self) -> int:
+        cutoff = time.time() - self._max_lifetime
+        fatal = NewEvent("fatal", {"error": f"the job exceeded the maximum lifetime of "
+                                            f"{self._max_lifetime:g} s (max_job_lifetime) "
+                                            "without ending"})
+        ended = 0
+        for state in STATES:
+            if state.terminal:
+                continue
+            async with contextlib.aclosing(self._created(self._state_index(state))) as jobs:
+                async for job_id, created in jobs:
+                    if created > cutoff:
+                        break  # the index is in creation order: the rest are younger
+                    with contextlib.suppress(JobEnded, JobNotFound):  # ended meanwhile
+                        await self.append(job_id, [fatal])
+                        ended += 1
+        return ended
+
+    async def _created(self, index: str) -> AsyncGenerator[tuple[str, float], None]:
+        """The jobs in ``index``, oldest first, with the time each was created."""
+        async with contextlib.aclosing(self._index_pages(index)) as pages:
+            async for page in pages:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for job_id in page:
+                        pipe.hget(self._key("job", job_id), "created")
+                    created: list[bytes | None] = await pipe.execute()
+                for job_id, when in zip(page, created, strict=True):
+                    if when is not None:  # else expired: _prune's business
+                        yield job_id, float(when)
+
+    async def _prune(self, index: str) -> int:
+        """Remove from ``index`` the ids whose job hash is gone; how many."""
+        pruned = 0
+        async for page in self._index_pages(index):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job_id in page:
+                    pipe.exists(self._key("job", job_id))
+                exists: list[int] = await pipe.execute()
+            gone = [job_id for job_id, there in zip(page, exists, strict=True) if not there]
+            if gone:
+                await self._client.zrem(index, *gone)
+                pruned += len(gone)
+        return pruned
+
+    async def _index_pages(self, index: str) -> AsyncGenerator[list[str], None]:
+        """The ids in ``index``, oldest first, a page at a time; ids removed meanwhile (by
+        the caller, or a job changing state) do not make it skip any."""
+        low = "-inf"
+        while True:
+            page = cast(list[tuple[bytes, float]], await self._client.zrangebyscore(
+                index, low, "+inf", start=0, num=_SWEEP_PAGE, withscores=True))
+            if not page:
+                return
+            yield [job_id.decode() for job_id, _ in page]
+            if len(page) < _SWEEP_PAGE:
+                return
+            low = f"({page[-1][1]!r}"
+
     # Event log
 
     async def append(self, job_id: str, events: Sequence[NewEvent], *,
@@ -215,7 +341,8 @@ class RedisBackend:
         tails = [wire_tail(new, now) for new in events]
         args: list[str | int] = [
             job_id, self._listener.channel(job_id).decode(), to_json(now), int(from_job),
-            self._max_events, self._max_events + 1, self._retention_ms, head, len(events),
+            self._limits.events, self._limits.events + 1, self._retention_ms, head, len(events),
+            self._limits.bytes,
         ]
         for new, tail in zip(events, tails, strict=True):
             patch = job_patch(new)
@@ -228,7 +355,7 @@ class RedisBackend:
             make_error = SCRIPT_ERRORS.get(str(exc).split(" ", 1)[0])
             if make_error is None:
                 raise
-            raise make_error(job_id, self._max_events) from None
+            raise make_error(job_id, self._limits) from None
         appended = [Event(job=job_id, seq=seqs[i - 1], type=events[i - 1].type,
                           data=events[i - 1].data, time=now,
                           wire=head + str(seqs[i - 1]) + tails[i - 1])
@@ -237,19 +364,19 @@ class RedisBackend:
             self._saw(event)
         return AppendResult(events=appended, seqs=[int(seq) for seq in seqs])
 
-    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE) -> list[Event]:
+    async def read(self, job_id: str, after: int = 0, limit: int = READ_PAGE,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Event]:
         start = f"(0-{after}" if after > 0 else "-"
         # What this process had seen before asking: an event published after the read ran
         # may be handled before its answer is, and must not make the log look short.
         seen = self._seen.get(job_id)
         seen_before = seen.seq if seen is not None else 0
         with unavailable_on_errors():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hmget(self._key("job", job_id), ["epoch", "last_seq"])
-                pipe.xrange(self._key("log", job_id), start, "+", count=limit)
-                (epoch, last_seq), entries = await pipe.execute()
+            epoch, last_seq, wires = await self._read_script(
+                keys=[self._key("job", job_id), self._key("log", job_id)],
+                args=[start, limit, max_bytes])
         self._check_log(job_id, epoch, last_seq, after, seen_before)
-        events = [decode_event(fields[b"e"]) for _, fields in entries]
+        events = [decode_event(wire) for wire in wires]
         for event in events:
             self._saw(event)
         return events

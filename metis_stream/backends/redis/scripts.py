@@ -11,13 +11,8 @@ from collections.abc import Callable
 
 import orjson
 
-from metis_stream.errors import (
-    EventLimitReached,
-    JobEnded,
-    JobNotFound,
-    JobNotSubmitted,
-    MetisError,
-)
+from metis_stream.backends.contract import JobLimits
+from metis_stream.errors import JobEnded, JobNotFound, JobNotSubmitted, MetisError
 from metis_stream.events import TERMINAL_TYPES
 from metis_stream.jobs import STATE_AFTER_EVENT, STATE_OTHERWISE, TERMINAL_STATES, JobState
 
@@ -45,17 +40,18 @@ def _lua_constants() -> str:
 APPEND_LUA = _lua_constants() + """
 -- KEYS: job hash, log stream, ids hash, then one state index per entry of STATES.
 -- ARGV: job id, channel, now (JSON), from_job (1/0), max events, stream cap, retention (ms),
---       wire head, event count, then per event: type, idempotency id or '', wire tail,
---       patch pair count, field, value, ...
+--       wire head, event count, max bytes, then per event: type, idempotency id or '',
+--       wire tail, patch pair count, field, value, ...
 local job_key, log_key, ids_key = KEYS[1], KEYS[2], KEYS[3]
 local job_id, channel, now = ARGV[1], ARGV[2], ARGV[3]
 local max_events, cap, retention = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local max_bytes = tonumber(ARGV[10])
 
 local state = redis.call('HGET', job_key, 'state')
 if not state then return redis.error_reply('METIS_NOT_FOUND') end
 if ARGV[4] == '1' and NOT_SUBMITTED[state] then return redis.error_reply('METIS_NOT_SUBMITTED') end
 
-local events, cursor = {}, 10
+local events, cursor = {}, 11
 for i = 1, tonumber(ARGV[9]) do
   local pairs_count = tonumber(ARGV[cursor + 3])
   local patch = {}
@@ -67,6 +63,9 @@ end
 -- Plan the whole batch before changing anything: all or nothing.
 local count = redis.call('XLEN', log_key)
 local last_seq = tonumber(redis.call('HGET', job_key, 'last_seq'))
+-- 'bytes': the wire JSON held in the log, against the job's budget.
+local size = tonumber(redis.call('HGET', job_key, 'bytes') or '0')
+local added = 0
 local ended = TERMINAL_STATES[state] or false
 local seqs, fresh, new_ids = {}, {}, {}
 for i, event in ipairs(events) do
@@ -76,10 +75,12 @@ for i, event in ipairs(events) do
     seqs[i] = tonumber(known)
   else
     if ended then return redis.error_reply('METIS_ENDED') end
-    if not TERMINAL_TYPES[event.type] and count + #fresh >= max_events then
-      return redis.error_reply('METIS_LIMIT')
-    end
     local seq = last_seq + #fresh + 1
+    added = added + #ARGV[8] + #string.format('%d', seq) + #event.tail
+    if not TERMINAL_TYPES[event.type] then
+      if count + #fresh >= max_events then return redis.error_reply('METIS_LIMIT') end
+      if size + added > max_bytes then return redis.error_reply('METIS_BYTES') end
+    end
     if event.id ~= '' then new_ids[event.id] = seq end
     seqs[i] = seq
     fresh[#fresh + 1] = i
@@ -105,7 +106,8 @@ for _, i in ipairs(fresh) do
   wires[#wires + 1] = wire
 end
 redis.call('HSET', job_key, 'state', state, 'updated', now,
-           'last_seq', string.format('%d', seqs[fresh[#fresh]]))
+           'last_seq', string.format('%d', seqs[fresh[#fresh]]),
+           'bytes', string.format('%d', size + added))
 for key, seq in pairs(new_ids) do redis.call('HSET', ids_key, key, string.format('%d', seq)) end
 if state ~= old_state then
   local order = redis.call('HGET', job_key, 'order')
@@ -144,6 +146,27 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+READ_LUA = """
+-- KEYS: job hash, log stream. ARGV: first entry id (or '-'), most events, most bytes.
+-- The job's epoch and last seq, and the wire JSON of the events from the first entry on:
+-- at most that many, none after the one that brings them to that many bytes. The log is
+-- read in small ranges so that neither Redis nor the reply holds more than the page.
+local limit, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+local job = redis.call('HMGET', KEYS[1], 'epoch', 'last_seq')
+local wires, size, start = {}, 0, ARGV[1]
+while #wires < limit and size < max_bytes do
+  local range = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', math.min(limit - #wires, 64))
+  if #range == 0 then break end
+  for _, entry in ipairs(range) do
+    wires[#wires + 1] = entry[2][2]
+    size = size + #entry[2][2]
+    start = '(' .. entry[1]
+    if size >= max_bytes then break end
+  end
+end
+return {job[1], job[2], wires}
+"""
+
 LEASE_LUA = """
 -- Take the lease if free, or renew it if this owner holds it.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
@@ -154,12 +177,12 @@ end
 return 0
 """
 
-SCRIPT_ERRORS: dict[str, Callable[[str, int], MetisError]] = {
-    "METIS_NOT_FOUND": lambda job_id, limit: JobNotFound(job_id),
-    "METIS_NOT_SUBMITTED": lambda job_id, limit: JobNotSubmitted(job_id),
-    "METIS_ENDED": lambda job_id, limit: JobEnded(job_id),
-    "METIS_LIMIT": lambda job_id, limit: EventLimitReached(
-        f"job {job_id} has reached {limit} events"),
+SCRIPT_ERRORS: dict[str, Callable[[str, JobLimits], MetisError]] = {
+    "METIS_NOT_FOUND": lambda job_id, limits: JobNotFound(job_id),
+    "METIS_NOT_SUBMITTED": lambda job_id, limits: JobNotSubmitted(job_id),
+    "METIS_ENDED": lambda job_id, limits: JobEnded(job_id),
+    "METIS_LIMIT": lambda job_id, limits: limits.events_reached(job_id),
+    "METIS_BYTES": lambda job_id, limits: limits.bytes_reached(job_id),
 }
 """What each error reply of the append script (its first word) stands for, given the job
-and the event limit."""
+and its limits."""
