@@ -166,3 +166,4 @@ async def test_clients_that_never_read_do_not_outlive_the_job(tmp_path: Path, ki
                 await asyncio.sleep(0.2)
             for client in clients:
                 assert_aborted(client)
+        job.end()
