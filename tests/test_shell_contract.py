@@ -295,6 +295,32 @@ async def test_a_written_file_reads_back_byte_for_byte(shell: Shell, folder: str
     assert await cat(shell, f"{folder}/empty") == ""
 
 
+async def test_read_file_gives_the_head_or_the_tail(any_shell: Shell, folder: str) -> None:
+    data = bytes(range(256)) * 300 + b"\xff\x00 the end\n"
+    await any_shell.write_file(f"{folder}/data", data)
+    assert await any_shell.read_file(f"{folder}/data", max_bytes=len(data) + 10) == data
+    assert await any_shell.read_file(f"{folder}/data", max_bytes=1000) == data[:1000]
+    assert await any_shell.read_file(f"{folder}/data", max_bytes=1000, tail=True) == data[-1000:]
+    assert await any_shell.read_file(f"{folder}/data", max_bytes=len(data) * 2,
+                                     tail=True) == data
+    await any_shell.write_file(f"{folder}/empty", b"")
+    assert await any_shell.read_file(f"{folder}/empty", max_bytes=10, tail=True) == b""
+    absolute = f"{await any_shell.realpath(folder)}/data"
+    assert await any_shell.read_file(absolute, max_bytes=3) == data[:3]
+
+
+async def test_reading_a_missing_file_gives_none(any_shell: Shell, folder: str) -> None:
+    assert await any_shell.read_file(f"{folder}/no/such/file", max_bytes=10) is None
+    await any_shell.write_file(f"{folder}/file", b"x")
+    await any_shell.remove_file(f"{folder}/file")
+    assert await any_shell.read_file(f"{folder}/file", max_bytes=10, tail=True) is None
+
+
+async def test_read_file_sees_what_a_command_wrote(shell: Shell, folder: str) -> None:
+    await shell.run(["sh", "-c", f"mkdir {folder} && printf 'a\\nb\\n' > {folder}/out"])
+    assert await shell.read_file(f"{folder}/out", max_bytes=100) == b"a\nb\n"
+
+
 async def test_remove_file(shell: Shell, folder: str) -> None:
     await shell.write_file(f"{folder}/file", b"x")
     await shell.write_file(f"{folder}/other", b"y")
@@ -348,6 +374,7 @@ async def test_a_closed_shell_refuses_every_call(any_shell: Shell, folder: str) 
         lambda: any_shell.run(["true"]),
         lambda: any_shell.write_file(f"{folder}/file", b"x"),
         lambda: any_shell.remove_file(f"{folder}/file"),
+        lambda: any_shell.read_file(f"{folder}/file", max_bytes=10),
         lambda: any_shell.realpath("."),
     ]
     for call in calls:

@@ -54,6 +54,12 @@ class Shell(Protocol):
         parent folders are created private to the user (0700)."""
         ...
 
+    async def read_file(self, path: str, *, max_bytes: int, tail: bool = False) -> bytes | None:
+        """The first ``max_bytes`` bytes of a file, or with ``tail`` its last ones (a job's
+        ``exit`` file, the end of its ``stderr``); None when there is no such file. A file
+        that grows meanwhile gives what it held when it was read."""
+        ...
+
     async def remove_file(self, path: str) -> None:
         """Remove a file; a missing file is not an error."""
         ...

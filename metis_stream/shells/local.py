@@ -77,6 +77,9 @@ class LocalShell:
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
         await self._in_thread(lambda: write_private(self.home / path, data, mode=mode))
 
+    async def read_file(self, path: str, *, max_bytes: int, tail: bool = False) -> bytes | None:
+        return await self._in_thread(lambda: read_part(self.home / path, max_bytes, tail))
+
     async def remove_file(self, path: str) -> None:
         await self._in_thread(lambda: (self.home / path).unlink(missing_ok=True))
 
@@ -98,6 +101,17 @@ class LocalShell:
     def _check_open(self) -> None:
         if self._closed:
             raise ShellError("the local shell is closed")
+
+
+def read_part(path: Path, max_bytes: int, tail: bool) -> bytes | None:
+    """The first (or last) ``max_bytes`` bytes of ``path``; None when it does not exist."""
+    try:
+        with path.open("rb") as file:
+            if tail:
+                file.seek(max(0, os.fstat(file.fileno()).st_size - max_bytes))
+            return file.read(max_bytes)
+    except FileNotFoundError:
+        return None
 
 
 async def _outputs(process: Process) -> tuple[bytes, bytes]:

@@ -173,6 +173,9 @@ class SSHShell:
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
         await self._with_sftp(lambda sftp: _write_file(sftp, path, data, mode))
 
+    async def read_file(self, path: str, *, max_bytes: int, tail: bool = False) -> bytes | None:
+        return await self._with_sftp(lambda sftp: _read_file(sftp, path, max_bytes, tail))
+
     async def remove_file(self, path: str) -> None:
         await self._with_sftp(lambda sftp: _remove_file(sftp, path))
 
@@ -451,6 +454,18 @@ def _makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
         if parent and parent != folder:
             _makedirs(sftp, parent)
         sftp.mkdir(folder, mode=0o700)
+
+
+def _read_file(sftp: paramiko.SFTPClient, path: str, max_bytes: int, tail: bool) -> bytes | None:
+    """The first (or last) ``max_bytes`` of a file; None when it does not exist."""
+    try:
+        with sftp.open(path, "rb") as file:
+            if tail:
+                file.seek(max(0, (file.stat().st_size or 0) - max_bytes))
+            data: bytes = file.read(max_bytes)
+            return data
+    except FileNotFoundError:
+        return None
 
 
 def _remove_file(sftp: paramiko.SFTPClient, path: str) -> None:

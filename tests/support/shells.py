@@ -42,6 +42,7 @@ class FakeShell:
         """Each written path as it was given, with its content and mode."""
         self.writes: list[str] = []
         self.removed: list[str] = []
+        self.reads: list[str] = []
         self.closed = False
 
     @property
@@ -65,6 +66,16 @@ class FakeShell:
         self._check_open()
         self.files[path] = (data, mode)
         self.writes.append(path)
+
+    async def read_file(self, path: str, *, max_bytes: int, tail: bool = False) -> bytes | None:
+        self._check_open()
+        self.reads.append(path)
+        found = [data for name, (data, _) in self.files.items()
+                 if posixpath.join(HOME, name) == posixpath.join(HOME, path)]
+        if not found:
+            return None
+        data = found[-1]
+        return data[-max_bytes:] if tail and max_bytes else data[:max_bytes]
 
     async def remove_file(self, path: str) -> None:
         self._check_open()
