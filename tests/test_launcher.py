@@ -1,0 +1,222 @@
+"""The launcher (``metis-emit run``): a batch script runs unchanged, its output goes to
+the job's files and, line by line, to ``log`` events; its exit status is kept; the end
+is reported for it. Real ``dash``, ``curl`` and ``awk`` against the stub of the events
+route from test_metis_emit; the test on the real server and cluster is elsewhere.
+"""
+
+# The stub's fixtures are imported, and named again by every test that uses them:
+# ruff: noqa: F811
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_metis_emit import SCRIPT, SHELLS, Stub, env, stub  # noqa: F401
+
+pytestmark = pytest.mark.skipif(not SHELLS, reason="needs a POSIX shell")
+
+
+def launch(env: dict[str, str], folder: Path, body: str, *, extra: dict[str, str] | None = None,
+           shell: list[str] | None = None, timeout: float = 60
+           ) -> subprocess.CompletedProcess[bytes]:
+    """Run ``body`` (an sh script) under the launcher; the job's folder is folder/job."""
+    script = folder / "script.sh"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o700)
+    run_env = {**env, "METIS_JOB_DIR": str(folder / "job"), **(extra or {})}
+    return subprocess.run([*(shell or ["dash"]), str(SCRIPT), "run", str(script)],
+                          capture_output=True, env=run_env, timeout=timeout, check=False,
+                          stdin=subprocess.DEVNULL)
+
+
+def log_lines(stub: Stub, stream: str | None = None) -> list[str]:
+    return [line for e in stub.events if e["type"] == "log"
+            and (stream is None or e["data"]["stream"] == stream)
+            for line in e["data"]["lines"]]
+
+
+def terminal(stub: Stub) -> list[dict[str, Any]]:
+    return [e for e in stub.events if e["type"] in ("completed", "fatal")]
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_an_unmodified_script_streams_its_lines_and_completes(
+        stub: Stub, env: dict[str, str], tmp_path: Path, shell: list[str]) -> None:
+    body = ('i=1; while [ $i -le 20 ]; do echo "line $i"; echo "warn $i" >&2; '
+            'i=$((i + 1)); done\nprintf "no newline at the end"\n')
+    done = launch(env, tmp_path, body, shell=shell)
+    assert done.returncode == 0, done.stderr
+    job = tmp_path / "job"
+    stdout = "".join(f"line {i}\n" for i in range(1, 21)) + "no newline at the end"
+    assert (job / "stdout").read_text() == stdout
+    assert (job / "stderr").read_text() == "".join(f"warn {i}\n" for i in range(1, 21))
+    assert (job / "exit").read_text() == "0\n"
+    assert log_lines(stub, "stdout") == stdout.split("\n")
+    assert log_lines(stub, "stderr") == [f"warn {i}" for i in range(1, 21)]
+    assert stub.events[-1]["type"] == "completed"
+    assert stub.events[-1]["data"] == {"exit_status": 0}
+    assert len(terminal(stub)) == 1
+    # Fewer events than lines: lines that came together went together.
+    assert len([e for e in stub.events if e["type"] == "log"]) < 41
+    assert oct((job / "stdout").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_failing_script_is_fatal_with_its_status_and_last_stderr_lines(
+        stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    body = ('i=1; while [ $i -le 30 ]; do echo "err $i" >&2; i=$((i + 1)); done\n'
+            'echo "ValueError: bad input" >&2\nexit 3\n')
+    done = launch(env, tmp_path, body, extra={"METIS_STDERR_TAIL_LINES": "5"})
+    assert done.returncode == 3, done.stderr
+    assert (tmp_path / "job" / "exit").read_text() == "3\n"
+    [end] = terminal(stub)
+    assert end == stub.events[-1]
+    assert end["type"] == "fatal"
+    assert end["data"] == {
+        "error": "the script exited with status 3", "exit_status": 3,
+        "stderr_tail": ["err 27", "err 28", "err 29", "err 30", "ValueError: bad input"]}
+
+
+def test_a_script_killed_by_a_signal_names_it(stub: Stub, env: dict[str, str],
+                                              tmp_path: Path) -> None:
+    done = launch(env, tmp_path, 'echo "about to die" >&2\nkill -s KILL $$\n')
+    assert done.returncode == 128 + signal.SIGKILL
+    assert (tmp_path / "job" / "exit").read_text() == "137 SIGKILL\n"
+    [end] = terminal(stub)
+    assert end["data"] == {"error": "the script was killed by signal 9 (SIGKILL)",
+                           "exit_status": 137, "signal": "SIGKILL",
+                           "stderr_tail": ["about to die"]}
+
+
+def test_a_script_that_reports_its_end_is_not_doubled(stub: Stub, env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    """Its own terminal event comes after every line it printed before it, once."""
+    body = ('"$METIS_EMIT" step "Working"\n'
+            'i=1; while [ $i -le 50 ]; do echo "line $i"; i=$((i + 1)); done\n'
+            '"$METIS_EMIT" completed \'{"answer": 42}\'\n'
+            '"$METIS_EMIT" fatal "too late" && exit 9\n'
+            'echo "after the end"\nexit 1\n')
+    done = launch(env, tmp_path, body)
+    assert done.returncode == 1, done.stderr
+    assert "already reported its end" in (tmp_path / "job" / "stderr").read_text()
+    types = stub.types()
+    assert types[0] == "step"
+    assert types[-1] == "completed"
+    assert stub.events[-1]["data"] == {"answer": 42}
+    assert len(terminal(stub)) == 1
+    assert log_lines(stub, "stdout") == [f"line {i}" for i in range(1, 51)] + ["after the end"]
+
+
+def test_the_output_budget_holds_and_the_files_keep_everything(
+        stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    count = 20_000
+    body = f'awk \'BEGIN {{ for (i = 1; i <= {count}; i++) print "line " i }}\'\n'
+    done = launch(env, tmp_path, body,
+                  extra={"METIS_LOG_MAX_EVENTS": "5", "METIS_LOG_MAX_BYTES": "1000000"})
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "job" / "stdout").read_text().splitlines()
+    assert lines == [f"line {i}" for i in range(1, count + 1)]
+    logs = [e for e in stub.events if e["type"] == "log"]
+    assert len(logs) <= 5
+    notices = [e for e in logs if e["data"]["stream"] == "notice"]
+    assert len(notices) == 1 and notices[0] is logs[-1]
+    sent = log_lines(stub, "stdout")
+    assert sent == lines[:len(sent)]
+    assert notices[0]["data"]["lines"] == [
+        f"output truncated after {len(sent)} lines; the files hold all of it"]
+    assert stub.events[-1]["type"] == "completed"
+
+
+def test_the_byte_budget_holds(stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    body = 'i=1; while [ $i -le 300 ]; do echo "0123456789"; i=$((i + 1)); done\n'
+    done = launch(env, tmp_path, body, extra={"METIS_LOG_MAX_BYTES": "1000"})
+    assert done.returncode == 0, done.stderr
+    sent = log_lines(stub, "stdout")
+    assert sum(len(line) for line in sent) <= 1000
+    assert len(sent) == 100
+    assert log_lines(stub, "notice") == [
+        "output truncated after 100 lines; the files hold all of it"]
+
+
+def test_hostile_output_never_breaks_the_stream(stub: Stub, env: dict[str, str],
+                                                tmp_path: Path) -> None:
+    big = "é" + "x" * (1 << 20) + "€"  # 1 MB and more, with characters at the cuts
+    (tmp_path / "big.txt").write_text(big + "\n")
+    body = (f'cat {tmp_path / "big.txt"}\n'
+            r"printf 'bad \377\376 utf8 \303(\n'" "\n"
+            r"printf 'progress 10%%\rprogress 50%%\rprogress 100%%\n'" "\n"
+            r"printf 'windows line\r\n'" "\n"
+            "printf 'nulZbyte\\n' | tr Z '\\000'\n"
+            r"printf '\033[1;31mred\033[0m\n'" "\n"
+            'echo done\n')
+    done = launch(env, tmp_path, body, extra={"METIS_LOG_MAX_BYTES": "4000000"})
+    assert done.returncode == 0, done.stderr
+    sent = log_lines(stub, "stdout")
+    tail = ["bad \ufffd\ufffd utf8 \ufffd(", "progress 100%", "windows line",
+            "nul\ufffdbyte", "\x1b[1;31mred\x1b[0m", "done"]
+    assert sent[-len(tail):] == tail
+    pieces = sent[:-len(tail)]
+    assert len(pieces) > 1 and all(len(p.encode()) < 4096 for p in pieces)
+    assert "".join(pieces) == big
+    assert stub.events[-1]["type"] == "completed"
+    raw = (tmp_path / "job" / "stdout").read_bytes()
+    assert b"bad \377\376 utf8 \303(\n" in raw and b"nul\000byte" in raw
+
+
+def test_without_capture_the_files_and_the_end_remain(stub: Stub, env: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    done = launch(env, tmp_path, "echo out\necho err >&2\nexit 4\n",
+                  extra={"METIS_CAPTURE": "0"})
+    assert done.returncode == 4
+    assert (tmp_path / "job" / "stdout").read_text() == "out\n"
+    assert (tmp_path / "job" / "stderr").read_text() == "err\n"
+    assert stub.types() == ["fatal"]
+    assert stub.events[0]["data"]["stderr_tail"] == ["err"]
+
+
+def test_a_killed_job_keeps_its_status_and_leaves_the_end_to_the_server(
+        stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    """As a scheduler kills a job (walltime, qdel): SIGTERM to every process of it."""
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho started\necho 'last words' >&2\nexec sleep 60\n")
+    script.chmod(0o700)
+    process = subprocess.Popen(
+        ["dash", str(SCRIPT), "run", str(script)], start_new_session=True,
+        env={**env, "METIS_JOB_DIR": str(tmp_path / "job")},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert stub.wait_for(lambda: "started" in log_lines(stub)), stub.events
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert (tmp_path / "job" / "exit").read_text() == "143 SIGTERM\n"
+    assert log_lines(stub, "stdout") == ["started"]
+    assert log_lines(stub, "stderr") == ["last words"]
+    assert terminal(stub) == []
+    assert b"stopped by SIGTERM" in stderr
+
+
+def test_a_child_left_running_does_not_hold_the_job(stub: Stub, env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    started = time.monotonic()
+    pid_file = tmp_path / "child.pid"
+    try:
+        done = launch(env, tmp_path, f"echo parent\nsleep 30 &\necho $! > {pid_file}\n",
+                      extra={"METIS_RUN_GRACE": "1"})
+    finally:
+        # The child is the test's to end, as a scheduler ends what a job leaves behind.
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert time.monotonic() - started < 10
+    assert done.returncode == 0
+    assert b"left its output open" in done.stderr
+    assert log_lines(stub) == ["parent"]
+    assert stub.types()[-1] == "completed"
