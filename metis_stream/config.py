@@ -21,7 +21,13 @@ from metis_stream.errors import ConfigError, TemplateError
 from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from metis_stream.files import write_private
 from metis_stream.schedulers.dialects import SCHEDULERS
-from metis_stream.templates import Template, param_from_config
+from metis_stream.templates import (
+    DEFAULT_LOG_MAX_BYTES,
+    DEFAULT_LOG_MAX_EVENTS,
+    DEFAULT_STDERR_TAIL_LINES,
+    Template,
+    param_from_config,
+)
 
 __all__ = [
     "ClusterConfig",
@@ -152,6 +158,17 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
                 for name, table in raw.get("clusters", {}).items()}
     templates = {name: _template(name, table, source.parent, clusters)
                  for name, table in raw.get("templates", {}).items()}
+    for name, template in templates.items():
+        if template.log_max_events < server.max_events_per_job:
+            continue
+        if "log_max_events" in raw["templates"][name]:
+            raise ConfigError(
+                f"[templates.{name}] log_max_events ({template.log_max_events}) must be below "
+                f"[server] max_events_per_job ({server.max_events_per_job}), to leave room for "
+                "the job's own events")
+        # The default is half of the server's default limit: half of this server's, then.
+        templates[name] = replace(template,
+                                  log_max_events=max(2, server.max_events_per_job // 2))
     config = Config(server=server, clusters=clusters, templates=templates)
     if server.secret:
         _check_secret(server.secret, "[server] secret (or METIS_SECRET)",
@@ -277,7 +294,8 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
               clusters: Mapping[str, ClusterConfig]) -> Template:
     where = f"[templates.{name}]"
     known = {"cluster", "script", "remote_script", "description", "queue", "account",
-             "resources", "params", "accepts_inputs"}
+             "resources", "params", "accepts_inputs", "capture", "log_max_events",
+             "log_max_bytes", "stderr_tail_lines"}
     _refuse_unknown(table, known, where)
     cluster = table.get("cluster", "")
     if cluster not in clusters:
@@ -295,11 +313,21 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
     except TemplateError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     resources = {str(k): str(v) for k, v in table.get("resources", {}).items()}
+    capture = table.get("capture", True)
+    if not isinstance(capture, bool):
+        raise ConfigError(f"{where}: capture must be true or false")
+    budget = {key: _count(table, key, default, where) for key, default in (
+        ("log_max_events", DEFAULT_LOG_MAX_EVENTS), ("log_max_bytes", DEFAULT_LOG_MAX_BYTES),
+        ("stderr_tail_lines", DEFAULT_STDERR_TAIL_LINES))}
+    if budget["log_max_events"] < 2:
+        raise ConfigError(f"{where}: log_max_events must be at least 2 (one for the "
+                          "notice that output was cut)")
     return Template(
         name=name, cluster=cluster, script=script, remote_script=table.get("remote_script"),
         description=table.get("description", ""), queue=table.get("queue"),
         account=table.get("account"), resources=resources, params=params,
-        accepts_inputs=bool(table.get("accepts_inputs", True)),
+        accepts_inputs=bool(table.get("accepts_inputs", True)), capture=capture,
+        **budget,
     )
 
 
@@ -310,6 +338,13 @@ def _check_secret(secret: str, where: str, remedy: str) -> None:
     if length < MIN_SECRET_BYTES:
         raise ConfigError(f"the {where} is {length} bytes; it must be at least "
                           f"{MIN_SECRET_BYTES} bytes: {remedy}")
+
+
+def _count(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: {key} must be a whole number")
+    return value
 
 
 def _kept_secret(state_dir: Path) -> str:

@@ -2,8 +2,10 @@
 
 The job's own callback is the fast path; this is the safety net. A job that
 the scheduler says has ended (walltime kill, node failure, ``qdel`` by an
-admin) but that never reported a terminal event gets a ``fatal`` event with
-what the scheduler knows.
+admin), or no longer knows, but that never reported a terminal event gets a
+``fatal`` event with what the scheduler knows and what the job's folder says: the
+script's real exit status (the launcher's ``exit`` file) and its last lines of
+stderr.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from metis_stream.backends.contract import Backend
 from metis_stream.errors import MetisError
 from metis_stream.events import NewEvent
 from metis_stream.jobs import ACTIVE_STATES, Job, JobState
-from metis_stream.schedulers.base import Scheduler, SchedulerStatus
+from metis_stream.launcher import parse_exit, tail_lines
+from metis_stream.schedulers.base import JobFiles, Scheduler, SchedulerStatus
+from metis_stream.templates import DEFAULT_STDERR_TAIL_LINES
 
 logger = logging.getLogger(__name__)
 
@@ -28,28 +32,62 @@ MISSES_BEFORE_VANISHED = 2
 one miss can be a job that the scheduler has not listed yet."""
 
 
-def reconcile(job: Job, status: SchedulerStatus | None, misses: int) -> list[NewEvent]:
-    """The events that bring ``job`` in line with the scheduler's view of it."""
+def has_ended(job: Job, status: SchedulerStatus | None, misses: int) -> bool:
+    """Whether the scheduler says that ``job``, which has not reported its end, ended:
+    then its folder is read for the truth (:func:`reconcile`'s ``files``)."""
     if job.state.terminal:
-        return []
+        return False
     if status is None:
-        if misses < MISSES_BEFORE_VANISHED:
-            return []
-        return [NewEvent("fatal", {"error": "the job vanished from the scheduler "
-                                            "without reporting an outcome",
-                                   "scheduler_state": "unknown"})]
-    if status.state == "ended":
-        return [NewEvent("fatal", {
-            "error": f"the job ended without reporting completion: {status.detail}",
-            "exit_status": status.exit_status,
-            "scheduler_state": status.detail,
-        })]
-    if status.state == "running" and job.state.rank < JobState.RUNNING.rank:
-        return [NewEvent("running", {"source": "scheduler"})]
-    return []
+        return misses >= MISSES_BEFORE_VANISHED
+    return status.state == "ended"
+
+
+def reconcile(job: Job, status: SchedulerStatus | None, misses: int,
+              files: JobFiles | None = None,
+              tail_lines: int = DEFAULT_STDERR_TAIL_LINES) -> list[NewEvent]:
+    """The events that bring ``job`` in line with the scheduler's view of it, and with
+    its folder's ``files`` when the scheduler says it ended: the launcher's ``exit``
+    file has the script's own status (a job whose launcher could not report it, one
+    that the scheduler no longer remembers), and ``fatal`` carries the last lines of
+    its stderr."""
+    if not has_ended(job, status, misses):
+        if (status is not None and status.state == "running"
+                and job.state.rank < JobState.RUNNING.rank):
+            return [NewEvent("running", {"source": "scheduler"})]
+        return []
+    record = parse_exit(files.exit) if files is not None else None
+    stderr = tail_lines_of(files, tail_lines)
+    if status is None:
+        scheduler_state = "unknown"
+        error = "the job vanished from the scheduler without reporting an outcome"
+        if record is not None:
+            error = f"the job is no longer known to the scheduler: {record.describe()}"
+    else:
+        scheduler_state = status.detail
+        error = f"the job ended without reporting completion: {status.detail}"
+    if record is not None and record.status == 0:
+        return [NewEvent("completed", {"exit_status": 0, "source": "monitor",
+                                       "scheduler_state": scheduler_state})]
+    data: dict[str, object] = {"error": error}
+    if record is not None:
+        data.update(record.as_data())
+    elif status is not None:
+        data["exit_status"] = status.exit_status
+    data["scheduler_state"] = scheduler_state
+    if stderr:
+        data["stderr_tail"] = stderr
+    return [NewEvent("fatal", data)]
+
+
+def tail_lines_of(files: JobFiles | None, count: int) -> list[str]:
+    if files is None:
+        return []
+    return tail_lines(files.stderr_tail, count, cut=files.stderr_cut)
 
 
 Appender = Callable[[str, list[NewEvent]], Awaitable[None]]
+TailLines = Callable[[Job], int]
+"""How many lines of stderr a job's ``fatal`` carries (its template says)."""
 
 
 class Monitor:
@@ -59,10 +97,12 @@ class Monitor:
     poll each cluster at a time.
     """
 
-    def __init__(self, backend: Backend, scheduler: Scheduler, append: Appender) -> None:
+    def __init__(self, backend: Backend, scheduler: Scheduler, append: Appender,
+                 tail_lines: TailLines = lambda job: DEFAULT_STDERR_TAIL_LINES) -> None:
         self._backend = backend
         self._scheduler = scheduler
         self._append = append
+        self._tail_lines = tail_lines
         self._misses: dict[str, int] = {}
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
 
@@ -89,7 +129,14 @@ class Monitor:
             if status is None and not self._scheduler.shared:
                 continue  # another server process's child, or one from before a restart
             misses[job.id] = 0 if status is not None else self._misses.get(job.id, 0) + 1
-            events = reconcile(job, status, misses[job.id])
+            files = None
+            if has_ended(job, status, misses[job.id]):
+                try:
+                    files = await self._scheduler.read_job_files(job.id)
+                except MetisError as exc:
+                    # The scheduler's word alone, then: the job must end either way.
+                    logger.warning("monitor: job %s: %s", job.id, exc)
+            events = reconcile(job, status, misses[job.id], files, self._tail_lines(job))
             if events:
                 try:
                     await self._append(job.id, events)

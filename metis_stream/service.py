@@ -40,6 +40,7 @@ from metis_stream.monitor import Monitor
 from metis_stream.ndjson import NdjsonReader
 from metis_stream.schedulers.base import Scheduler, Submission
 from metis_stream.templates import (
+    DEFAULT_STDERR_TAIL_LINES,
     Template,
     param_text,
     validate_inputs,
@@ -74,7 +75,8 @@ class JobService:
         await self.backend.start()
         for scheduler in self.schedulers.values():
             await scheduler.start()
-            task_group.start_soon(Monitor(self.backend, scheduler, self._append_monitor).run)
+            task_group.start_soon(Monitor(self.backend, scheduler, self._append_monitor,
+                                          self._tail_lines).run)
         self._tasks = task_group
 
     async def close(self) -> None:
@@ -275,6 +277,10 @@ class JobService:
 
     def follow(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
         return follow(self.backend, job_id, after)
+
+    def _tail_lines(self, job: Job) -> int:
+        template = self.config.templates.get(job.template)
+        return template.stderr_tail_lines if template else DEFAULT_STDERR_TAIL_LINES
 
     async def _append_monitor(self, job_id: str, events: list[NewEvent]) -> None:
         await self._append(job_id, events, by="monitor")

@@ -45,6 +45,18 @@ DEFAULT_STR_MAX_LENGTH = 1000
 MAX_URL_LENGTH = 2048
 MAX_INPUTS = 20
 
+# What the launcher streams of a job's output (docs/launcher.md); the files keep all of
+# it. Half of the server's default max_events_per_job (10,000), so that a chatty job
+# still has room for its own events; grouped, that is hours of occasional lines or
+# minutes of continuous output.
+DEFAULT_LOG_MAX_EVENTS = 5000
+# 1 MiB of text (some 20,000 lines of 50 characters): more than anyone reads live, and
+# what a browser replays from a job's history in a moment.
+DEFAULT_LOG_MAX_BYTES = 1 << 20
+# The last lines of stderr in a failed job's `fatal`: a Python traceback's end, a
+# compiler's last errors.
+DEFAULT_STDERR_TAIL_LINES = 20
+
 
 @dataclass(frozen=True, slots=True)
 class Param:
@@ -91,6 +103,11 @@ class Template:
     resources: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, Param] = field(default_factory=dict)
     accepts_inputs: bool = True
+    capture: bool = True
+    """Stream the script's output as ``log`` events (its files are written either way)."""
+    log_max_events: int = DEFAULT_LOG_MAX_EVENTS
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    stderr_tail_lines: int = DEFAULT_STDERR_TAIL_LINES
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "cluster": self.cluster,

@@ -9,8 +9,9 @@ import orjson
 import pytest
 
 from metis_stream.errors import SchedulerError, ShellError, SubmitOutcomeUnknown, UnsafeValue
+from metis_stream.launcher import launcher_script
 from metis_stream.schedulers import pbs, slurm
-from metis_stream.schedulers.base import Submission
+from metis_stream.schedulers.base import JobFiles, Submission
 from metis_stream.schedulers.batch import BatchScheduler
 from metis_stream.schedulers.dialect import Dialect
 from metis_stream.templates import Template
@@ -69,17 +70,50 @@ async def test_submit_stages_files_and_passes_only_paths(files: tuple[Path, Path
     assert orjson.loads(spec_data) == {"params": {"text": "hi, there"},
                                        "env": {"TEXT": "hi, there"}}
 
+    # The scheduler runs the launcher, which runs the script (by METIS_SCRIPT).
+    launcher = launcher_script(script.read_bytes())
+    launcher_path = f"metis-stream/bin/launch-{hashlib.sha256(launcher).hexdigest()[:16]}"
+    assert shell.files[launcher_path] == (launcher, 0o700)
     [argv] = shell.commands
     assert argv[:3] == ["qsub", "-N", "j_1-x"]
-    assert argv[-1] == f"{HOME}/{script_path}"
-    assert argv[argv.index("-o") + 1] == f"{root}/jobs/j_1/stdout"
+    assert argv[-1] == f"{HOME}/{launcher_path}"
+    assert argv[argv.index("-o") + 1] == f"{root}/jobs/j_1/launcher.out"
+    assert argv[argv.index("-e") + 1] == f"{root}/jobs/j_1/launcher.err"
     env = argv[argv.index("-v") + 1]
     assert env == (
         "METIS_JOB_ID=j_1,METIS_EVENTS_URL=http://10.0.0.5:8000/api/jobs/j_1/events,"
         f"DELAY=0.5,METIS_TOKEN_FILE={root}/jobs/j_1/token,"
-        f"METIS_SPEC_FILE={root}/jobs/j_1/spec.json,METIS_EMIT={HOME}/{emit_path}"
+        f"METIS_SPEC_FILE={root}/jobs/j_1/spec.json,METIS_EMIT={HOME}/{emit_path},"
+        f"METIS_SCRIPT={HOME}/{script_path},METIS_JOB_DIR={root}/jobs/j_1,METIS_CAPTURE=1,"
+        "METIS_LOG_MAX_EVENTS=5000,METIS_LOG_MAX_BYTES=1048576,METIS_STDERR_TAIL_LINES=20"
     )
     assert all("s3cret-token" not in arg for arg in argv)
+
+
+async def test_the_launcher_carries_the_scripts_directives(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    script.write_text("#!/bin/bash\n# a comment\n#PBS -l walltime=1:00:00\n\n"
+                      "#SBATCH --gres=gpu:1\necho hi\n#PBS -q late\n")
+    shell = FakeShell(ok("1\n"))
+    await make(shell, emit).submit(submission(script))
+    [launcher] = [data for path, (data, _) in shell.files.items() if "/bin/launch-" in path]
+    lines = launcher.decode().splitlines()
+    assert lines[:3] == ["#!/bin/sh", "#PBS -l walltime=1:00:00", "#SBATCH --gres=gpu:1"]
+    assert "#PBS -q late" not in lines
+    assert '    exec "$METIS_EMIT" run "$METIS_SCRIPT"' in lines
+
+
+async def test_read_job_files_reads_exit_and_the_end_of_stderr(
+        files: tuple[Path, Path]) -> None:
+    _, emit = files
+    shell = FakeShell()
+    shell.files["metis-stream/jobs/j_1/exit"] = (b"143 SIGTERM\n", 0o600)
+    shell.files["metis-stream/jobs/j_1/stderr"] = (b"x" * 70000 + b"\nlast\n", 0o600)
+    found = await make(shell, emit).read_job_files("j_1")
+    assert found.exit == b"143 SIGTERM\n"
+    assert found.stderr_tail is not None and found.stderr_tail.endswith(b"x\nlast\n")
+    assert found.stderr_cut
+    assert await make(FakeShell(), emit).read_job_files("j_2") == JobFiles()
 
 
 async def test_unchanged_files_are_uploaded_once(files: tuple[Path, Path]) -> None:
@@ -89,23 +123,28 @@ async def test_unchanged_files_are_uploaded_once(files: tuple[Path, Path]) -> No
     await scheduler.submit(submission(script, "j_1"))
     await scheduler.submit(submission(script, "j_2"))
     staged = [p for p in shell.writes if "/jobs/" not in p]
-    assert len(staged) == 2
+    assert len(staged) == 3  # the script, metis-emit, the launcher
     script.write_text("#!/bin/sh\necho changed\n")
     await scheduler.submit(submission(script, "j_3"))
     staged = [p for p in shell.writes if "/jobs/" not in p]
-    assert len(staged) == 3
+    assert len(staged) == 4  # the same launcher: the new script has no directives either
     assert staged[-1].endswith(f"{digest(script)}-tokens.pbs")
 
 
 async def test_remote_script_is_used_as_is(files: tuple[Path, Path]) -> None:
     _, emit = files
     shell = FakeShell(ok("7\n"))
+    shell.files["/opt/jobs/run.pbs"] = (b"#!/bin/sh\n#PBS -l mem=1gb\necho hi\n", 0o700)
     scheduler = make(shell, emit)
     template = Template(name="t", cluster="metis", remote_script="/opt/jobs/run.pbs")
     sub = Submission(job_id="j_9", name="j_9", template=template, env={}, token="t")
     await scheduler.submit(sub)
-    assert shell.commands[0][-1] == "/opt/jobs/run.pbs"
+    assert "METIS_SCRIPT=/opt/jobs/run.pbs" in shell.commands[0][-2]
     assert not any("/scripts/" in p for p in shell.writes)
+    # Its directives were read from the cluster, for the launcher.
+    assert shell.reads == ["/opt/jobs/run.pbs"]
+    [launcher] = [data for path, (data, _) in shell.files.items() if "/bin/launch-" in path]
+    assert b"\n#PBS -l mem=1gb\n" in launcher
 
 
 async def test_qsub_failure_raises_the_schedulers_words(files: tuple[Path, Path]) -> None:

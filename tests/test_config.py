@@ -20,7 +20,12 @@ from metis_stream.config import (
 )
 from metis_stream.errors import ConfigError
 from metis_stream.factory import build_schedulers
-from metis_stream.templates import Param
+from metis_stream.templates import (
+    DEFAULT_LOG_MAX_BYTES,
+    DEFAULT_LOG_MAX_EVENTS,
+    DEFAULT_STDERR_TAIL_LINES,
+    Param,
+)
 
 OPERATOR_SECRET = "an-operator-made-secret-of-40-bytes-or-so"
 
@@ -450,3 +455,40 @@ def test_insecure_no_auth_from_the_file_and_the_environment(tmp_path, env):
                            ).server.insecure_no_auth
     with pytest.raises(ConfigError, match="insecure_no_auth"):
         load_config(path, {**env, "METIS_INSECURE_NO_AUTH": "yes"})
+
+
+# the launcher's settings per template
+
+
+def test_capture_and_the_output_budget_have_defaults(tmp_path, env):
+    template = load_config(write(tmp_path, minimal()), env).templates["t"]
+    assert template.capture is True
+    assert (template.log_max_events, template.log_max_bytes, template.stderr_tail_lines) == (
+        DEFAULT_LOG_MAX_EVENTS, DEFAULT_LOG_MAX_BYTES, DEFAULT_STDERR_TAIL_LINES)
+    assert ServerConfig().max_events_per_job > DEFAULT_LOG_MAX_EVENTS
+
+
+def test_capture_and_the_output_budget_are_read(tmp_path, env):
+    path = write(tmp_path, minimal(template="capture = false\nlog_max_events = 100\n"
+                                            "log_max_bytes = 65536\nstderr_tail_lines = 5\n"))
+    template = load_config(path, env).templates["t"]
+    assert (template.capture, template.log_max_events, template.log_max_bytes,
+            template.stderr_tail_lines) == (False, 100, 65536, 5)
+
+
+def test_the_default_event_budget_fits_a_smaller_server_limit(tmp_path, env):
+    path = write(tmp_path, "[server]\nmax_events_per_job = 50\n" + minimal())
+    assert load_config(path, env).templates["t"].log_max_events == 25
+    path = write(tmp_path, "[server]\nmax_events_per_job = 50\n"
+                 + minimal(template="log_max_events = 50\n"))
+    with pytest.raises(ConfigError, match=r"log_max_events \(50\) must be below"):
+        load_config(path, env)
+
+
+@pytest.mark.parametrize("line", ['capture = "yes"', "log_max_events = -1",
+                                  "log_max_bytes = 1.5", "stderr_tail_lines = true",
+                                  "log_max_events = 1"])
+def test_bad_capture_settings_are_refused(tmp_path, env, line):
+    path = write(tmp_path, minimal(template=line + "\n"))
+    with pytest.raises(ConfigError, match=r"\[templates\.t\]"):
+        load_config(path, env)

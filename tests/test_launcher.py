@@ -220,3 +220,15 @@ def test_a_child_left_running_does_not_hold_the_job(stub: Stub, env: dict[str, s
     assert b"left its output open" in done.stderr
     assert log_lines(stub) == ["parent"]
     assert stub.types()[-1] == "completed"
+
+
+def test_an_idle_job_holds_no_connection(stub: Stub, env: dict[str, str],
+                                         tmp_path: Path) -> None:
+    """The stream's request ends after 2 s without output and the next line opens another:
+    a server can restart at once, without waiting for its jobs' requests to end."""
+    done = launch(env, tmp_path, "echo first\nsleep 3\necho second\n")
+    assert done.returncode == 0, done.stderr
+    assert log_lines(stub) == ["first", "second"]
+    streams = [r for r in stub.posts() if r.chunked]
+    assert len(streams) == 2
+    assert [r.status for r in streams] == [200, 200]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from metis_stream.events import Event, NewEvent, parse_new_event
 from metis_stream.jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState, apply_event
 from metis_stream.monitor import MISSES_BEFORE_VANISHED, reconcile
-from metis_stream.schedulers.base import SchedulerStatus
+from metis_stream.schedulers.base import JobFiles, SchedulerStatus
 
 S = JobState
 ENDED = SchedulerStatus("ended", exit_status=271, detail="F")
@@ -108,3 +108,66 @@ def test_at_most_one_event_and_only_fatal_or_running(state, status, misses):
             assert state.rank < S.RUNNING.rank
         else:
             assert status is ENDED or (status is None and misses >= MISSES_BEFORE_VANISHED)
+
+
+# What the job's folder says (the launcher's exit file, the end of stderr)
+
+TRACEBACK = (b"partial line of an earlier one\nTraceback (most recent call last):\n"
+             b'  File "train.py", line 3, in <module>\n'
+             b"ValueError: bad input\n")
+
+
+def test_an_ended_job_gets_its_real_status_and_last_stderr_lines():
+    files = JobFiles(exit=b"1\n", stderr_tail=TRACEBACK, stderr_cut=True)
+    [event] = reconcile(job_in(S.RUNNING), ENDED, 0, files, tail_lines=2)
+    assert event == NewEvent("fatal", {
+        "error": "the job ended without reporting completion: F", "exit_status": 1,
+        "scheduler_state": "F",
+        "stderr_tail": ['  File "train.py", line 3, in <module>', "ValueError: bad input"]})
+
+
+def test_a_walltime_kill_names_the_scheduler_s_cause_and_the_signal():
+    timeout = SchedulerStatus("ended", None, "killed: walltime exceeded (TIMEOUT, TimeLimit)")
+    files = JobFiles(exit=b"143 SIGTERM\n", stderr_tail=b"epoch 3\nslow\n")
+    [event] = reconcile(job_in(S.RUNNING), timeout, 0, files)
+    assert event.data == {
+        "error": "the job ended without reporting completion: killed: walltime exceeded "
+                 "(TIMEOUT, TimeLimit)",
+        "exit_status": 143, "signal": "SIGTERM",
+        "scheduler_state": "killed: walltime exceeded (TIMEOUT, TimeLimit)",
+        "stderr_tail": ["epoch 3", "slow"]}
+
+
+def test_a_vanished_job_ends_with_the_status_of_its_exit_file():
+    files = JobFiles(exit=b"3\n", stderr_tail=b"")
+    [event] = reconcile(job_in(S.RUNNING), None, MISSES_BEFORE_VANISHED, files)
+    assert event == NewEvent("fatal", {
+        "error": "the job is no longer known to the scheduler: the script exited with "
+                 "status 3",
+        "exit_status": 3, "scheduler_state": "unknown"})
+    # Not before it counts as vanished.
+    assert reconcile(job_in(S.RUNNING), None, MISSES_BEFORE_VANISHED - 1, files) == []
+
+
+@pytest.mark.parametrize("status", [None, ENDED])
+def test_a_job_whose_script_succeeded_completes(status):
+    files = JobFiles(exit=b"0\n", stderr_tail=b"warning: nothing\n")
+    [event] = reconcile(job_in(S.RUNNING), status, MISSES_BEFORE_VANISHED, files)
+    assert event.type == "completed"
+    assert event.data["exit_status"] == 0
+    assert event.data["source"] == "monitor"
+
+
+def test_without_an_exit_file_the_scheduler_s_word_stands():
+    files = JobFiles(exit=None, stderr_tail=b"Killed\n")
+    [event] = reconcile(job_in(S.RUNNING), ENDED, 0, files)
+    assert event.data == {"error": "the job ended without reporting completion: F",
+                          "exit_status": 271, "scheduler_state": "F",
+                          "stderr_tail": ["Killed"]}
+    [event] = reconcile(job_in(S.RUNNING), ENDED, 0, JobFiles(exit=b"garbage"))
+    assert event.data["exit_status"] == 271
+
+
+def test_a_job_that_has_ended_is_left_alone_whatever_its_files_say():
+    for state in TERMINAL_STATES:
+        assert reconcile(job_in(state), ENDED, 0, JobFiles(exit=b"0\n")) == []

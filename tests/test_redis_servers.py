@@ -15,6 +15,7 @@ import pytest
 import websockets
 
 from metis_stream.client import Client
+from metis_stream.jobs import JobState
 from metis_stream.tokens import hash_api_key
 from tests.support.processes import command_line, descendants, find
 from tests.support.redis_server import RedisServer
@@ -141,6 +142,12 @@ def test_several_processes_share_the_job_database(two_servers):
         for server in (a, b, a)]
     listed = {j["id"] for j in httpx.get(f"{b.url}/api/jobs").json()["jobs"]}
     assert {job["id"] for job in created} <= listed
+    # Before their servers stop: they would retry their events for minutes.
+    deadline = time.monotonic() + 30
+    while not all(JobState(httpx.get(f"{b.url}/api/jobs/{job['id']}").json()["state"]).terminal
+                  for job in created):
+        assert time.monotonic() < deadline, "the jobs did not end"
+        time.sleep(0.1)
 
 
 def test_api_key_hash_is_accepted_across_processes(private_redis: RedisServer, tmp_path: Path):

@@ -32,7 +32,7 @@ from metis_stream.errors import ConfigError
 from metis_stream.jobs import state_machine
 from metis_stream.web import auth
 from metis_stream.web.app import create_app
-from tests.support.processes import find, process_group
+from tests.support.processes import command_line, find, process_group
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
@@ -170,11 +170,10 @@ async def test_a_job_that_exits_without_reporting_gets_fatal_with_its_exit_statu
     assert (record["state"], record["exit_status"]) == ("failed", 3)
 
 
-async def test_exit_0_without_completed_is_still_fatal(server: ServerProcess):
+async def test_exit_0_without_completed_is_completed_by_the_launcher(server: ServerProcess):
     events, _ = await submit_and_collect(server, "silent_ok", {})
-    assert events[-1]["type"] == "fatal"
-    assert events[-1]["data"]["exit_status"] == 0
-    assert "without reporting" in events[-1]["data"]["error"]
+    assert events[-1]["type"] == "completed"
+    assert events[-1]["data"] == {"exit_status": 0}
 
 
 async def test_parameters_reach_the_job_and_shell_metacharacters_stay_data(
@@ -417,19 +416,21 @@ async def test_a_killed_sleep_stops_the_example_job_before_it_reports_success(
             events.append(json.loads(frame))
             if events[-1]["type"] == "progress":
                 group = int(events[1]["data"].split(".")[0])
-                sleeper = await wait_for_child(group, "sleep")
+                sleeper = await wait_for_child(group, "sleep", argv="sleep 5")
                 os.kill(sleeper, signal.SIGTERM)
     assert events[-1]["type"] == "fatal"
     assert events[-1]["data"]["exit_status"] == 143
     assert "completed" not in [e["type"] for e in events]
 
 
-async def wait_for_child(group: int, name: str, timeout: float = 10) -> int:
-    """The pid of the process called ``name`` in process group ``group``."""
+async def wait_for_child(group: int, name: str, timeout: float = 10,
+                         argv: str | None = None) -> int:
+    """The pid of the process called ``name`` in process group ``group`` (whose command
+    line starts with ``argv``, when given: the launcher has sleeps of its own)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for process in process_group(group):
-            if process.name == name:
+            if process.name == name and command_line(process.pid).startswith(argv or ""):
                 return process.pid
         await asyncio.sleep(0.05)
     raise AssertionError(f"no {name} in process group {group}")

@@ -6,7 +6,13 @@ output parsing; ``batch`` runs those commands through a shell;
 ``local`` runs the batch script as a child process (the embedded default).
 """
 
-from metis_stream.schedulers.base import Scheduler, SchedulerState, SchedulerStatus, Submission
+from metis_stream.schedulers.base import (
+    JobFiles,
+    Scheduler,
+    SchedulerState,
+    SchedulerStatus,
+    Submission,
+)
 from metis_stream.schedulers.batch import BatchScheduler
 from metis_stream.schedulers.dialect import Dialect
 from metis_stream.schedulers.dialects import DIALECTS, SCHEDULERS
@@ -17,6 +23,7 @@ __all__ = [
     "SCHEDULERS",
     "BatchScheduler",
     "Dialect",
+    "JobFiles",
     "LocalScheduler",
     "Scheduler",
     "SchedulerState",

@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 from metis_stream.templates import Template
 
 __all__ = [
+    "JobFiles",
     "Scheduler",
     "SchedulerState",
     "SchedulerStatus",
@@ -45,6 +46,22 @@ class SchedulerStatus:
     """The scheduler's own words for the state, such as ``C`` or ``TIMEOUT``."""
 
 
+@dataclass(frozen=True, slots=True)
+class JobFiles:
+    """What a job's folder tells of its end (see metis_stream.launcher)."""
+
+    exit: bytes | None = None
+    """The launcher's ``exit`` file; None when it has not written one."""
+    stderr_tail: bytes | None = None
+    """The end of the script's ``stderr`` file."""
+    stderr_cut: bool = False
+    """True when ``stderr_tail`` may begin in the middle of a line."""
+
+
+STDERR_TAIL_BYTES = 64 * 1024
+"""How much of the end of ``stderr`` is read: enough for a traceback's last lines."""
+
+
 class Scheduler(Protocol):
     """One cluster's batch system, as the server uses it."""
 
@@ -70,6 +87,11 @@ class Scheduler(Protocol):
         ...
 
     async def cancel(self, scheduler_id: str) -> None: ...
+
+    async def read_job_files(self, job_id: str) -> JobFiles:
+        """The ``exit`` file and the end of ``stderr`` in the job's folder, for a job that
+        ended without reporting it. Raises SchedulerError when they cannot be read."""
+        ...
 
     async def release(self, job_id: str) -> None:
         """The job has ended: remove its token file and anything else staged for it."""

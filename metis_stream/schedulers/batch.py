@@ -16,7 +16,16 @@ import anyio
 import orjson
 
 from metis_stream.errors import SchedulerError, ShellError, SubmitOutcomeUnknown, UnsafeValue
-from metis_stream.schedulers.base import SchedulerStatus, Submission
+from metis_stream.launcher import (
+    EXIT_FILE,
+    LAUNCHER_ERR,
+    LAUNCHER_OUT,
+    SCRIPT_HEAD_BYTES,
+    STDERR_FILE,
+    launcher_env,
+    launcher_script,
+)
+from metis_stream.schedulers.base import STDERR_TAIL_BYTES, JobFiles, SchedulerStatus, Submission
 from metis_stream.schedulers.dialect import (
     COMMAND_NOT_FOUND,
     FILE_NAME_UNSAFE,
@@ -80,10 +89,12 @@ class BatchScheduler:
         job_id = check(STAGED_JOB_ID, submission.job_id, "job id")
         job_dir = f"{self._workdir}/jobs/{job_id}"
         try:
-            script = await self._script(submission)
+            script, head = await self._script(submission)
             emit = await self._stage(self._emit_script, "bin", "metis-emit")
+            launcher = await self._stage_data(launcher_script(head), "bin", "launch")
             root = await self._root_dir()
-            command = self.dialect.submit(self._request(submission, root, script, emit))
+            command = self.dialect.submit(
+                self._request(submission, root, script, emit, launcher))
             await self._write_job_files(submission, job_dir, command.left_out)
         except ShellError as exc:
             raise SchedulerError(f"could not stage the job on {self.name}: {exc}") from exc
@@ -96,14 +107,17 @@ class BatchScheduler:
             return await self._find_interrupted(submission.name, exc)
         return self.dialect.parse_submit(result)
 
-    def _request(self, submission: Submission, root: str, script: str, emit: str) -> JobRequest:
+    def _request(self, submission: Submission, root: str, script: str, emit: str,
+                 launcher: str) -> JobRequest:
+        """The scheduler runs the launcher, which runs the script (metis_stream.launcher);
+        the scheduler's own output files get only what the launcher itself says."""
         job_dir = f"{root}/jobs/{submission.job_id}"
         template = submission.template
         return JobRequest(
             name=submission.name,
-            script=script if script.startswith("/") else f"{root}/{script}",
-            stdout=f"{job_dir}/stdout",
-            stderr=f"{job_dir}/stderr",
+            script=f"{root}/{launcher}",
+            stdout=f"{job_dir}/{LAUNCHER_OUT}",
+            stderr=f"{job_dir}/{LAUNCHER_ERR}",
             queue=template.queue,
             account=template.account,
             resources=template.resources,
@@ -112,6 +126,8 @@ class BatchScheduler:
                 "METIS_TOKEN_FILE": f"{job_dir}/token",
                 "METIS_SPEC_FILE": f"{job_dir}/spec.json",
                 "METIS_EMIT": f"{root}/{emit}",
+                "METIS_SCRIPT": script if script.startswith("/") else f"{root}/{script}",
+                **launcher_env(template, job_dir),
             },
         )
 
@@ -120,31 +136,35 @@ class BatchScheduler:
     ) -> None:
         """The token and the spec, both readable only by the cluster user; the spec
         carries the values that could not travel on the command line."""
-        if {"METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT"} & set(left_out):
+        if {"METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT", "METIS_SCRIPT",
+                "METIS_JOB_DIR"} & set(left_out):
             raise UnsafeValue(f"the workdir path on {self.name} cannot travel in the job's env")
         spec = {**submission.spec, "env": {name: submission.env[name] for name in left_out}}
         await self._shell.write_file(f"{job_dir}/token", submission.token.encode(), mode=0o600)
         await self._shell.write_file(f"{job_dir}/spec.json", orjson.dumps(spec), mode=0o600)
 
-    async def _script(self, submission: Submission) -> str:
+    async def _script(self, submission: Submission) -> tuple[str, bytes | None]:
         """The batch script: absolute when it already lives on the cluster, otherwise
-        relative to the workdir, where it was staged."""
+        relative to the workdir, where it was staged; and its head, for the directives
+        that the launcher must carry (None when a remote script cannot be read)."""
         template = submission.template
         if template.remote_script:
-            return check(SAFE_PATH, template.remote_script, "remote script")
+            path = check(SAFE_PATH, template.remote_script, "remote script")
+            return path, await self._shell.read_file(path, max_bytes=SCRIPT_HEAD_BYTES)
         if template.script is None:
             raise SchedulerError(f"template {template.name!r} has no script")
-        return await self._stage(template.script, "scripts", None)
+        data = await _read_local(template.script)
+        return await self._stage_data(data, "scripts", None, template.script.name), data
 
-    async def _stage(self, local: Path, folder: str, prefix: str | None) -> str:
-        """Upload ``local`` under a name made from its content's hash, once per process
+    async def _stage(self, local: Path, folder: str, prefix: str) -> str:
+        return await self._stage_data(await _read_local(local), folder, prefix)
+
+    async def _stage_data(self, data: bytes, folder: str, prefix: str | None,
+                          file_name: str = "") -> str:
+        """Upload ``data`` under a name made from its content's hash, once per process
         (uploading the same content again is harmless: the write is atomic)."""
-        try:
-            data = await anyio.Path(local).read_bytes()
-        except OSError as exc:
-            raise SchedulerError(f"cannot read {local}: {exc}") from exc
         digest = hashlib.sha256(data).hexdigest()[:16]
-        safe_name = FILE_NAME_UNSAFE.sub("_", local.name)
+        safe_name = FILE_NAME_UNSAFE.sub("_", file_name)
         name = f"{prefix}-{digest}" if prefix else f"{digest}-{safe_name}"
         relative = f"{folder}/{name}"
         if relative not in self._staged:
@@ -229,6 +249,18 @@ class BatchScheduler:
             raise SchedulerError(f"could not cancel {scheduler_id} on {self.name}: {exc}") from exc
         self.dialect.check_cancel(result)
 
+    async def read_job_files(self, job_id: str) -> JobFiles:
+        job_dir = f"{self._workdir}/jobs/{check(STAGED_JOB_ID, job_id, 'job id')}"
+        try:
+            exit_file = await self._shell.read_file(f"{job_dir}/{EXIT_FILE}", max_bytes=64)
+            tail = await self._shell.read_file(f"{job_dir}/{STDERR_FILE}",
+                                               max_bytes=STDERR_TAIL_BYTES, tail=True)
+        except ShellError as exc:
+            raise SchedulerError(f"could not read the files of {job_id} on {self.name}: "
+                                 f"{exc}") from exc
+        return JobFiles(exit=exit_file, stderr_tail=tail,
+                        stderr_cut=tail is not None and len(tail) == STDERR_TAIL_BYTES)
+
     async def release(self, job_id: str) -> None:
         """Remove the job's secrets; its output stays for whoever debugs it."""
         job_dir = f"{self._workdir}/jobs/{check(STAGED_JOB_ID, job_id, 'job id')}"
@@ -237,3 +269,10 @@ class BatchScheduler:
             await self._shell.remove_file(f"{job_dir}/spec.json")
         except ShellError as exc:
             raise SchedulerError(f"could not release {job_id} on {self.name}: {exc}") from exc
+
+
+async def _read_local(path: Path) -> bytes:
+    try:
+        return await anyio.Path(path).read_bytes()
+    except OSError as exc:
+        raise SchedulerError(f"cannot read {path}: {exc}") from exc

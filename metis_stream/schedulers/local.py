@@ -28,7 +28,9 @@ import orjson
 from metis_stream.environment import inherited
 from metis_stream.errors import SchedulerError
 from metis_stream.files import make_private_dirs, write_private
-from metis_stream.schedulers.base import SchedulerStatus, Submission
+from metis_stream.launcher import EXIT_FILE, LAUNCHER_ERR, LAUNCHER_OUT, STDERR_FILE, launcher_env
+from metis_stream.schedulers.base import STDERR_TAIL_BYTES, JobFiles, SchedulerStatus, Submission
+from metis_stream.shells.local import read_part
 
 KILL_GRACE = 5.0
 
@@ -76,17 +78,20 @@ class LocalScheduler:
             "METIS_EMIT": str(self._emit_script),
             "PBS_O_WORKDIR": str(job_dir),
             "PBS_JOBNAME": submission.name,
+            **launcher_env(template, str(job_dir)),
         })
-        process = await anyio.to_thread.run_sync(self._spawn, template.script, job_dir, env)
+        # The launcher runs the script (no scheduler here to read #PBS lines).
+        argv = ["/bin/sh", str(self._emit_script), "run", str(template.script)]
+        process = await anyio.to_thread.run_sync(self._spawn, argv, job_dir, env)
         scheduler_id = f"{process.pid}.local"
         self._processes[scheduler_id] = process
         return scheduler_id
 
     @staticmethod
-    def _spawn(script: Path, job_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with open(job_dir / "stdout", "wb") as out, open(job_dir / "stderr", "wb") as err:
+    def _spawn(argv: list[str], job_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with open(job_dir / LAUNCHER_OUT, "wb") as out, open(job_dir / LAUNCHER_ERR, "wb") as err:
             return subprocess.Popen(
-                ["/bin/sh", str(script)], cwd=job_dir, env=env, stdin=subprocess.DEVNULL,
+                argv, cwd=job_dir, env=env, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=err, start_new_session=True,
             )
 
@@ -108,6 +113,19 @@ class LocalScheduler:
         process = self._processes.get(scheduler_id)
         if process is not None:
             await _stop(process)
+
+    async def read_job_files(self, job_id: str) -> JobFiles:
+        job_dir = self._jobs_dir / job_id
+
+        def read() -> JobFiles:
+            tail = read_part(job_dir / STDERR_FILE, STDERR_TAIL_BYTES, True)
+            return JobFiles(exit=read_part(job_dir / EXIT_FILE, 64, False), stderr_tail=tail,
+                            stderr_cut=tail is not None and len(tail) == STDERR_TAIL_BYTES)
+
+        try:
+            return await anyio.to_thread.run_sync(read)
+        except OSError as exc:
+            raise SchedulerError(f"cannot read the files of job {job_id}: {exc}") from exc
 
     async def release(self, job_id: str) -> None:
         (self._jobs_dir / job_id / "token").unlink(missing_ok=True)

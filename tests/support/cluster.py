@@ -144,6 +144,28 @@ class TestCluster:
             check=check,
         )
 
+    @contextlib.contextmanager
+    def slurm_setting(self, name: str, value: str) -> Iterator[None]:
+        """Change one line of ``slurm.conf`` (such as ``MinJobAge``) while the block runs,
+        with ``scontrol reconfigure``; the old line comes back after it."""
+        before = self.slurm_conf.read_text()
+        line = re.compile(rf"^{re.escape(name)}=.*$", re.MULTILINE)
+        if not line.search(before):
+            raise ClusterError(f"no {name} line in {self.slurm_conf}")
+        self.slurm_conf.write_text(line.sub(f"{name}={value}", before))
+        try:
+            self._reconfigure()
+            yield
+        finally:
+            self.slurm_conf.write_text(before)
+            self._reconfigure()
+
+    def _reconfigure(self) -> None:
+        """``scontrol reconfigure``, as root (an administrator's command)."""
+        subprocess.run(self._in_cluster(["scontrol", "reconfigure"]), check=True,
+                       env={**os.environ, "SLURM_CONF": str(self.slurm_conf)},
+                       capture_output=True, timeout=60)
+
     def restart_sshd(self) -> None:
         """Stop sshd and start it again on the same address and port. Open SSH
         connections drop, as when a login node reboots."""
