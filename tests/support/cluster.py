@@ -162,7 +162,7 @@ class TestCluster:
 
     def _reconfigure(self) -> None:
         """``scontrol reconfigure``, as root (an administrator's command)."""
-        subprocess.run(self._in_cluster(["scontrol", "reconfigure"]), check=True,
+        subprocess.run(self.in_cluster(["scontrol", "reconfigure"]), check=True,
                        env={**os.environ, "SLURM_CONF": str(self.slurm_conf)},
                        capture_output=True, timeout=60)
 
