@@ -36,6 +36,7 @@ import pytest
 
 from metis_stream import tokens
 from metis_stream.config import EMIT_SCRIPT, JOBSCRIPTS_DIR, load_config
+from metis_stream.launcher import launcher_script
 from metis_stream.schedulers import pbs
 from metis_stream.schedulers.base import Submission
 from metis_stream.schedulers.batch import BatchScheduler
@@ -409,12 +410,18 @@ def test_job_completes_with_exact_event_order(env: Env, walltime_job: WalltimeJo
     assert f"JobId={scheduler_id} " in shown
     assert f"UserId={env.cluster.user}(" in shown
     assert f"JobName=ms-{job['id'][-12:]}" in shown
-    # The script was uploaded by content hash, and metis-emit with it.
-    digest = hashlib.sha256((JOBSCRIPTS_DIR / "tokens.pbs").read_bytes()).hexdigest()[:16]
+    # The script was uploaded by content hash, and metis-emit with it; the scheduler ran
+    # the launcher (also by content hash), which ran the script.
+    script = (JOBSCRIPTS_DIR / "tokens.pbs").read_bytes()
+    digest = hashlib.sha256(script).hexdigest()[:16]
     emit_digest = hashlib.sha256(EMIT_SCRIPT.read_bytes()).hexdigest()[:16]
+    launcher_digest = hashlib.sha256(launcher_script(script)).hexdigest()[:16]
     workdir = f"{home_of(env.cluster)}/{BASE}/{scheduler}"
-    assert f"Command={workdir}/scripts/{digest}-tokens.pbs" in shown
+    assert f"Command={workdir}/bin/launch-{launcher_digest}" in shown
+    assert remote_exists(env.cluster, f"{workdir}/scripts/{digest}-tokens.pbs")
     assert remote_exists(env.cluster, f"{workdir}/bin/metis-emit-{emit_digest}")
+    exit_file = env.cluster.run_as_user(["cat", f"{env.job_dir(scheduler, job['id'])}/exit"])
+    assert exit_file.stdout == "0\n"
     # It called back with curl on the public URL, from the cluster's own address.
     if env.cluster.mode == "netns":
         posts = re.findall(rf'([0-9.]+):[0-9]+ - "POST /api/jobs/{job["id"]}/events',
