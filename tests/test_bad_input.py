@@ -96,11 +96,16 @@ class Snapshot:
     files: frozenset[str]
 
 
+LAUNCHER_FILES = frozenset({"exit", ".exit.tmp", "terminal"})
+"""What a job's launcher writes when its script ends: the job's doing, not a request's."""
+
+
 def state_files(server: ServerProcess) -> frozenset[str]:
-    """Everything under the state dir but the server's own log: job dirs, token files."""
+    """Everything under the state dir but the server's own log and what the jobs' launchers
+    write at their end: job dirs, token files."""
     root = server.state_dir
     return frozenset(str(p.relative_to(root)) for p in root.rglob("*")
-                     if p != server.log_path)
+                     if p != server.log_path and p.name not in LAUNCHER_FILES)
 
 
 def snapshot(server: ServerProcess, job: RunningJob | None = None) -> Snapshot:

@@ -590,8 +590,12 @@ def test_a_local_job_gets_nothing_of_the_servers_environment_beyond_the_allowlis
     environ = dict(line.split("=", 1) for line in printed.splitlines())
     server_own = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ"}
     the_jobs = {"WORD", "PBS_O_WORKDIR", "PBS_JOBNAME", "PWD"}  # PWD: set by sh
+    # The launcher's: unbuffered Python, and stdbuf's line-buffered stdio (its LD_PRELOAD).
+    the_launchers = {"PYTHONUNBUFFERED", "LD_PRELOAD", "_STDBUF_O"}
     assert {name for name in environ if not name.startswith(("LC_", "METIS_"))} <= \
-        server_own | the_jobs, environ
+        server_own | the_jobs | the_launchers, environ
+    assert "stdbuf" in environ.get("LD_PRELOAD", "stdbuf")
     assert environ["LC_TIME"] == "C" and environ["WORD"] == "plain"
     assert {name for name in environ if name.startswith("METIS_")} == {
-        "METIS_JOB_ID", "METIS_EVENTS_URL", "METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT"}
+        "METIS_JOB_ID", "METIS_EVENTS_URL", "METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT",
+        "METIS_JOB_DIR", "METIS_TERMINAL_FILE"}
