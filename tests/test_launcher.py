@@ -190,7 +190,7 @@ def test_a_killed_job_keeps_its_status_and_leaves_the_end_to_the_server(
         env={**env, "METIS_JOB_DIR": str(tmp_path / "job")},
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert stub.wait_for(lambda: "started" in log_lines(stub)), stub.events
+        assert stub.wait_for(lambda: len(log_lines(stub)) == 2), stub.events
         os.killpg(process.pid, signal.SIGTERM)
         _, stderr = process.communicate(timeout=20)
     finally:
@@ -199,6 +199,7 @@ def test_a_killed_job_keeps_its_status_and_leaves_the_end_to_the_server(
             process.communicate()
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert (tmp_path / "job" / "exit").read_text() == "143 SIGTERM\n"
+    assert (tmp_path / "job" / "stderr").read_text() == "last words\n"
     assert log_lines(stub, "stdout") == ["started"]
     assert log_lines(stub, "stderr") == ["last words"]
     assert terminal(stub) == []

@@ -24,9 +24,10 @@ from websockets.sync.client import connect
 from metis_stream import tokens
 from tests.support.cluster import TestCluster, test_cluster  # noqa: F401
 from tests.support.redis_server import RedisServer
-from tests.support.server import ServerProcess, free_port
+from tests.support.server import ServerProcess, free_port, script_templates
 from tests.test_cluster_e2e import (
     API_KEY,
+    WalltimeJob,
     cluster_block,
     follow,
     get_job,
@@ -68,17 +69,10 @@ SCRIPTS = {
 
 
 def templates(folder: Path, cluster: str) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = ""
-    for name, body in SCRIPTS.items():
-        script = folder / f"{name}.sh"
-        script.write_text("#!/bin/sh\n" + body)
-        out += f'\n[templates.{name}_{cluster}]\ncluster = "{cluster}"\nscript = "{script}"\n'
-        if name == "walltime":
-            out += 'resources = { walltime = "00:00:05" }\n'
-        if name == "hostile":
-            out += "log_max_bytes = 4000000\n"  # the 1 MB line, whole
-    return out
+    return script_templates(folder, SCRIPTS, {
+        "walltime": 'resources = { walltime = "00:00:05" }\n',
+        "hostile": "log_max_bytes = 4000000\n",  # the 1 MB line, whole
+    }, cluster=cluster, suffix=f"_{cluster}")
 
 
 @dataclass
@@ -154,12 +148,6 @@ def watch(server: ServerProcess, job_id: str, timeout: float = 120) -> Watched:
 def log_lines(events: list[dict[str, Any]], stream: str = "stdout") -> list[str]:
     return [line for e in events if e["type"] == "log" and e["data"]["stream"] == stream
             for line in e["data"]["lines"]]
-
-
-@dataclass
-class WalltimeJob:
-    job_id: str
-    submitted: float
 
 
 @pytest.fixture(scope="module")

@@ -49,15 +49,17 @@ poll_interval = 0.3
 
 
 def script_templates(folder: Path, scripts: Mapping[str, str],
-                     params: Mapping[str, str] | None = None) -> str:
-    """Config for local templates whose batch scripts are the given ``sh`` bodies;
-    ``params`` gives a template its TOML parameter lines."""
+                     params: Mapping[str, str] | None = None, *, cluster: str = "local",
+                     suffix: str = "") -> str:
+    """Config for templates (named NAME + ``suffix``, on ``cluster``) whose batch scripts
+    are the given ``sh`` bodies; ``params`` gives a template its TOML lines, by NAME."""
     folder.mkdir(parents=True, exist_ok=True)
     config = ""
     for name, body in scripts.items():
         script = folder / f"{name}.sh"
         script.write_text("#!/bin/sh\n" + body)
-        config += f'\n[templates.{name}]\ncluster = "local"\nscript = "{script}"\n'
+        config += (f'\n[templates.{name}{suffix}]\ncluster = "{cluster}"\n'
+                   f'script = "{script}"\n')
         config += (params or {}).get(name, "")
     return config
 
