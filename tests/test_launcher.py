@@ -233,3 +233,41 @@ def test_an_idle_job_holds_no_connection(stub: Stub, env: dict[str, str],
     streams = [r for r in stub.posts() if r.chunked]
     assert len(streams) == 2
     assert [r.status for r in streams] == [200, 200]
+
+
+def test_a_job_the_server_ended_gets_no_end_from_the_launcher(
+        stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    """The script's own metis-emit met a 409 (the job was cancelled, or ended by an event
+    posted for it): the launcher does not post an end the server would refuse."""
+    stub.ended = True
+    done = launch(env, tmp_path, '"$METIS_EMIT" step "late" || exit\n')
+    assert done.returncode == 5
+    assert (tmp_path / "job" / "ended").exists()
+    assert stub.events == []
+    # The script's step; then only the stream (its stderr said why it stopped).
+    assert [r.status for r in stub.posts() if not r.chunked] == [409]
+
+
+def test_a_job_whose_token_is_gone_does_not_wait_for_the_server(
+        env: dict[str, str], tmp_path: Path) -> None:
+    """The server removes a job's token file when the job ends: its last lines would be
+    refused, so the launcher does not wait minutes for a server that has gone away."""
+    script = tmp_path / "script.sh"
+    script.write_text('#!/bin/sh\necho "last line"\nrm -f "$METIS_TOKEN_FILE"\nexit 3\n')
+    script.chmod(0o700)
+    run_env = {**env, "METIS_JOB_DIR": str(tmp_path / "job"),
+               "METIS_EVENTS_URL": "http://127.0.0.1:9/api/jobs/j_test01/events"}
+    started = time.monotonic()
+    # Its own process group, as a batch job's top process has.
+    process = subprocess.Popen(["dash", str(SCRIPT), "run", str(script)], env=run_env,
+                               start_new_session=True, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert process.wait(timeout=30) == 3
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert time.monotonic() - started < 15
+    assert (tmp_path / "job" / "exit").read_text() == "3\n"
+    assert (tmp_path / "job" / "stdout").read_text() == "last line\n"
