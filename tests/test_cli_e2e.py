@@ -191,8 +191,8 @@ def test_tail_exits_1_after_cancelled(live_server: ServerProcess):
     tail = Background("tail", job_id, "--url", live_server.url)
     try:
         tail.wait_for_output("step")
-        assert httpx.delete(f"{live_server.url}/api/jobs/{job_id}",
-                            timeout=10).status_code == 200
+        r = httpx.delete(f"{live_server.url}/api/jobs/{job_id}", timeout=10)
+        assert r.status_code == 200, (r.text, history(live_server, job_id))
         code, out, err = tail.wait(30)
     finally:
         tail.stop()
