@@ -18,7 +18,7 @@ import webbrowser
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -28,20 +28,13 @@ from metis_stream import tokens
 from metis_stream.client import Client, post_event
 from metis_stream.config import Config, check_auth, load_config
 from metis_stream.errors import EXIT_FAILED, ClientError, ConfigError, MetisError, outcome_of
+from metis_stream.events import OUTPUT_STREAMS
+from metis_stream.terminal import EventPrinter, describe_end, json_line, shown
 from metis_stream.web.app import create_app
 from metis_stream.web.protocol import BoundedHttpToolsProtocol
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_INTERRUPTED = 130
-
-# A job's text is the job's to choose: printed raw, its control characters would act on the
-# terminal (OSC 0 sets the title, OSC 52 writes the clipboard, CSI 2J clears the screen).
-# Human output shows every C0 and C1 control but newline and tab, and DEL, as \xNN.
-_SHOWN_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f, *range(0x80, 0xa0))
-                   if chr(code) not in "\n\t"}
-# JSON escapes only U+0000..U+001F and leaves DEL and the C1 controls raw (U+009B is a CSI);
-# escaping them as well keeps the value exact. They can only occur inside JSON strings.
-_JSON_CONTROLS = {code: f"\\u{code:04x}" for code in (0x7f, *range(0x80, 0xa0))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("job")
     tail.add_argument("--after", type=int, default=0, help="only events after this seq")
     tail.add_argument("--json", action="store_true", help="one event a line, as JSON")
+    tail.add_argument("--stream", choices=OUTPUT_STREAMS,
+                      help="only the job's output on this stream, line by line (how the "
+                           "job ended goes to stderr and to the exit status)")
 
     jobs = command("jobs", "list jobs, newest first", _jobs, client)
     jobs.add_argument("--state", help="only jobs in this state")
@@ -275,96 +271,26 @@ def _parse_bool(text: str) -> bool:
 def _tail(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _client(args) as client:
-            return await _follow(client, args.job, args.after, as_json=args.json)
+            return await _follow(client, args.job, args.after, as_json=args.json,
+                                 stream=args.stream)
 
     return _run(run())
 
 
-async def _follow(client: Client, job_id: str, after: int, *, as_json: bool) -> int:
-    printer = EventPrinter(sys.stdout, as_json=as_json)
+async def _follow(client: Client, job_id: str, after: int, *, as_json: bool,
+                  stream: str | None = None) -> int:
+    printer = EventPrinter(sys.stdout, as_json=as_json, stream=stream)
     final = None
     async for event in client.watch(job_id, after):
         printer.show(event)
-        final = event["type"]
+        final = event
     printer.finish()
-    return 0 if final == "completed" else EXIT_FAILED
-
-
-class EventPrinter:
-    """Token text inline as it arrives; other events as timestamped lines; a progress bar
-    that redraws in place on a terminal."""
-
-    def __init__(self, out: TextIO, *, as_json: bool) -> None:
-        self._out = out
-        self._json = as_json
-        self._tty = out.isatty()
-        self._mid_line = False
-        self._bar = False
-
-    def show(self, event: dict[str, Any]) -> None:
-        if self._json:
-            self._out.write(_json_line(event) + "\n")
-        elif event["type"] == "token":
-            self._clear_bar()
-            self._out.write(_shown(str(event["data"])))
-            self._mid_line = True
-        elif event["type"] == "progress":
-            # Only a terminal can redraw a bar in place, and only on a line of its own:
-            # progress lines must never cut streamed text (--json keeps every event).
-            if self._tty and not self._mid_line:
-                self._out.write("\r" + _shown(_progress_bar(event["data"])))
-                self._bar = True
-        else:
-            self._clear_bar()
-            self._end_line()
-            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-            self._out.write(_shown(f"{stamp} {event['type']:<10} {_describe(event['data'])}")
-                            + "\n")
-        self._out.flush()
-
-    def finish(self) -> None:
-        self._clear_bar()
-        self._end_line()
-        self._out.flush()
-
-    def _end_line(self) -> None:
-        if self._mid_line:
-            self._out.write("\n")
-            self._mid_line = False
-
-    def _clear_bar(self) -> None:
-        if self._bar:
-            self._out.write("\r\x1b[K")
-            self._bar = False
-
-
-def _progress_bar(data: Any, width: int = 30) -> str:
-    if not isinstance(data, dict):
-        return f"progress {_describe(data)}"
-    current, total = data.get("current"), data.get("total")
-    label = data.get("label") or ""
-    if not isinstance(current, int | float) or not isinstance(total, int | float) or total <= 0:
-        return f"progress {_describe(data)}"
-    filled = int(width * min(max(current / total, 0), 1))
-    return f"[{'#' * filled}{'.' * (width - filled)}] {current}/{total} {label}".rstrip()
-
-
-def _shown(text: str) -> str:
-    """``text`` for a terminal: each control character shown as ``\\xNN``, none obeyed."""
-    return text.translate(_SHOWN_CONTROLS)
-
-
-def _json_line(value: Any) -> str:
-    """``value`` as one line of JSON that a terminal cannot act on."""
-    return orjson.dumps(value).decode().translate(_JSON_CONTROLS)
-
-
-def _describe(data: Any) -> str:
-    if data is None:
-        return ""
-    if isinstance(data, str):
-        return data
-    return orjson.dumps(data).decode()
+    if final is not None and final["type"] == "completed":
+        return 0
+    if stream is not None and final is not None:
+        # Only the stream's lines went to stdout; how the job ended still needs saying.
+        print(shown(describe_end(final)), file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -372,11 +298,11 @@ def _jobs(args: argparse.Namespace) -> int:
         async with _client(args) as client:
             for job in await client.jobs(args.state):
                 if args.json:
-                    print(_json_line(job))
+                    print(json_line(job))
                 else:
                     created = time.strftime("%Y-%m-%d %H:%M:%S",
                                             time.localtime(job["created"]))
-                    print(_shown(f"{job['id']}  {job['state']:<10} {job['template']:<12} "
+                    print(shown(f"{job['id']}  {job['state']:<10} {job['template']:<12} "
                                  f"{created}"))
         return 0
 

@@ -28,6 +28,10 @@ SERVER_ONLY_TYPES = frozenset({"starting", "submitted", "cancelled"})
 MAX_EVENT_BYTES = 64 * 1024
 MAX_REQUEST_BYTES = 1024 * 1024
 
+OUTPUT_STREAMS = ("stdout", "stderr")
+"""The streams of a job's output in the launcher's ``log`` events; its one ``notice`` (the
+output budget is spent) comes in a stream of its own (docs/launcher.md)."""
+
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
@@ -70,6 +74,27 @@ class Event:
     def as_dict(self) -> dict[str, JsonValue]:
         return {"job": self.job, "seq": self.seq, "type": self.type,
                 "data": self.data, "time": self.time}
+
+
+@dataclass(frozen=True, slots=True)
+class LogLines:
+    """The data of a ``log`` event that the launcher sent: lines of one stream."""
+
+    stream: str
+    lines: tuple[str, ...]
+
+
+def log_lines(data: JsonValue) -> LogLines | None:
+    """The launcher's lines in a ``log`` event's data, or None for data of another shape
+    (a script's own ``metis-emit log TEXT`` sends a string)."""
+    if not isinstance(data, dict):
+        return None
+    stream, lines = data.get("stream"), data.get("lines")
+    if not isinstance(stream, str) or not isinstance(lines, list):
+        return None
+    if not all(isinstance(line, str) for line in lines):
+        return None
+    return LogLines(stream, tuple(lines))
 
 
 def encode_event(event: Event) -> str:

@@ -270,6 +270,12 @@ HOSTILE_TOKENS = [
 SHOWN_TEXT = (r"before \x1b]52;c;cHduZWQtY2xpcGJvYXJk\x07\x1b]0;pwned-title\x07\x1b[2J\x1b[H"
               r"\x9b2J\x07 after")
 HOSTILE_LOG = "log \x1b]0;pwned-log\x07\x9b2J\r\x7f"
+# Output lines as the launcher sends them: colours a terminal may show, and the rest.
+HOSTILE_OUTPUT = {"stream": "stdout", "lines": [
+    "\x1b[32mgreen\x1b[0m ok",
+    "out \x1b]0;pwned-out\x07\x1b[2J\x1b]52;c;cHduZWQ=\x07\x9b2J\x7f end",
+]}
+SHOWN_OUTPUT = ["green ok", r"out \x7f end"]
 
 
 @pytest.fixture
@@ -282,6 +288,7 @@ def hostile_job(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
         job = RunningJob(server, "idle")
         events = ([{"type": "token", "data": text} for text in HOSTILE_TOKENS]
                   + [{"type": "log", "data": HOSTILE_LOG},
+                     {"type": "log", "data": HOSTILE_OUTPUT},
                      {"type": "progress", "data": {"current": 1, "total": 2,
                                                    "label": HOSTILE_TOKENS[2]}},
                      {"type": "completed", "data": {"text": HOSTILE_TOKENS[1]}}])
@@ -306,6 +313,7 @@ def test_tail_shows_escape_sequences_in_job_text_instead_of_sending_them(
     assert_no_terminal_controls(done.stdout)
     assert SHOWN_TEXT in done.stdout.splitlines()
     assert r" log        log \x1b]0;pwned-log\x07\x9b2J\x0d\x7f" + "\n" in done.stdout
+    assert "\n".join(SHOWN_OUTPUT) + "\n" in done.stdout
     # --json keeps every event exact, and escapes what JSON leaves raw (DEL, C1).
     as_json = cli("tail", job_id, "--json", "--url", server.url)
     assert as_json.returncode == 0, as_json.stderr
@@ -349,7 +357,40 @@ def test_tail_in_a_real_terminal_changes_no_title_clipboard_or_screen(
     lines = [line for line in screen.splitlines() if line]
     assert is_event_line(lines[0], "starting"), f"the screen was cleared: {screen}"
     assert SHOWN_TEXT in lines
+    assert all(line in lines for line in SHOWN_OUTPUT), screen
     assert is_event_line(lines[-1], "completed")
+
+
+def test_tail_stream_prints_one_stream_of_an_unmodified_script_and_says_how_it_ended(
+        tmp_path: Path):
+    # The script knows nothing of metis-stream: the launcher streams what it prints.
+    body = ('echo "out 1"; echo "err 1" >&2; printf "\\033[31mred\\033[0m\\n"\n'
+            'sleep 0.3; echo "out 2"; echo "err 2" >&2; exit 3\n')
+    server = ServerProcess(state_dir=tmp_path / "server", extra_config=LOCAL_CLUSTER
+                           + script_templates(tmp_path / "scripts", {"plain": body}))
+    server.start()
+    try:
+        job_id = submit(server, template="plain")
+        stdout = cli("tail", job_id, "--stream", "stdout", "--url", server.url)
+        stderr = cli("tail", job_id, "--stream", "stderr", "--url", server.url)
+        everything = cli("tail", job_id, "--url", server.url)
+    finally:
+        server.stop()
+    assert (stdout.returncode, stdout.stdout) == (1, "out 1\nred\nout 2\n"), stdout.stderr
+    assert stdout.stderr.startswith("job fatal: "), stdout.stderr
+    assert json.loads(stdout.stderr.removeprefix("job fatal: "))["exit_status"] == 3
+    assert (stderr.returncode, stderr.stdout) == (1, "err 1\nerr 2\n"), stderr.stderr
+    lines = everything.stdout.splitlines()
+    assert [line for line in lines if line.startswith(("out", "err", "red"))] == [
+        "out 1", "err 1", "red", "out 2", "err 2"]
+    assert is_event_line(lines[-1], "fatal")
+
+
+def test_tail_refuses_an_unknown_stream():
+    done = cli("tail", UNKNOWN_JOB, "--stream", "stdin")
+    assert done.returncode == 2
+    assert "argument --stream: invalid choice: 'stdin'" in done.stderr
+    assert done.stdout == ""
 
 
 # Where the URL and key come from

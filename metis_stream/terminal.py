@@ -1,0 +1,173 @@
+"""What of a job's text may reach a terminal.
+
+A job's text is the job's to choose: printed raw, its control characters would act on
+the terminal (OSC 0 sets the title, OSC 52 writes the clipboard, CSI 2J clears the
+screen). Pure code over a text stream: the command line decides which stream.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, TextIO
+
+import orjson
+
+from metis_stream.events import OUTPUT_STREAMS, log_lines
+
+# Human output shows every C0 and C1 control but newline and tab, and DEL, as \xNN.
+_SHOWN_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f, *range(0x80, 0xa0))
+                   if chr(code) not in "\n\t"}
+# JSON escapes only U+0000..U+001F and leaves DEL and the C1 controls raw (U+009B is a CSI);
+# escaping them as well keeps the value exact. They can only occur inside JSON strings.
+_JSON_CONTROLS = {code: f"\\u{code:04x}" for code in (0x7f, *range(0x80, 0xa0))}
+
+# The escape sequences that programs write to colour or redraw their output (ECMA-48):
+# CSI (ESC [ or U+009B, parameters, intermediates, a final byte), OSC, DCS, SOS, PM and APC
+# strings (ended by BEL or ST, or by the end of the line), and the two-byte ESC sequences.
+_ESCAPE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c|$)"
+    r"|\x1b[ -/]*[0-~]"
+)
+# Select Graphic Rendition with numeric parameters only: colours, bold, underline. It
+# changes how text looks and nothing else, so a terminal may obey it.
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+_RESET = "\x1b[0m"
+_RESETS = ("\x1b[m", _RESET)
+_STDERR_COLOUR = "\x1b[31m"
+
+
+def shown(text: str) -> str:
+    """``text`` for a terminal: each control character shown as ``\\xNN``, none obeyed."""
+    return text.translate(_SHOWN_CONTROLS)
+
+
+def json_line(value: Any) -> str:
+    """``value`` as one line of JSON that a terminal cannot act on."""
+    return orjson.dumps(value).decode().translate(_JSON_CONTROLS)
+
+
+def output_line(line: str, *, colours: bool, stderr: bool = False) -> str:
+    """A line of a job's output, as a terminal may show it.
+
+    Escape sequences are removed whole (a progress bar's ``ESC [2K`` shown as ``\\x1b[2K``
+    helps nobody); with ``colours`` (a terminal) the colour sequences stay, stderr lines
+    are red, and the colours are reset at the line's end so that none bleeds into the
+    next. Every other control character is shown as ``\\xNN``.
+    """
+    if not colours:
+        return shown(_ESCAPE.sub("", line))
+    parts = [_STDERR_COLOUR] if stderr else []
+    coloured = stderr
+    # The pattern has no group of its own, so split gives text and sequences in turn.
+    for index, piece in enumerate(re.split(f"({_ESCAPE.pattern})", line)):
+        if index % 2 == 0:
+            parts.append(shown(piece))
+        elif _SGR.fullmatch(piece):
+            parts.append(piece)
+            coloured = True
+            if stderr and piece in _RESETS:
+                parts.append(_STDERR_COLOUR)  # the line's own reset ends its colours, not red
+    if coloured:
+        parts.append(_RESET)
+    return "".join(parts)
+
+
+def describe_end(event: dict[str, Any]) -> str:
+    """One line on how a job ended, from its terminal event."""
+    detail = _describe(event["data"])
+    return f"job {event['type']}: {detail}" if detail else f"job {event['type']}"
+
+
+class EventPrinter:
+    """Token text inline as it arrives; the job's output lines as they are, stderr in red
+    on a terminal; other events as timestamped lines; a progress bar that redraws in
+    place on a terminal.
+
+    With a ``stream``, only the lines of that output stream (or, with ``as_json``, only
+    the ``log`` events of it): a job's stdout to pipe to a file or to ``grep``.
+    """
+
+    def __init__(self, out: TextIO, *, as_json: bool, stream: str | None = None) -> None:
+        self._out = out
+        self._json = as_json
+        self._stream = stream
+        self._tty = out.isatty()
+        self._mid_line = False
+        self._bar = False
+
+    def show(self, event: dict[str, Any]) -> None:
+        if self._stream is not None:
+            self._show_stream(event)
+        elif self._json:
+            self._out.write(json_line(event) + "\n")
+        elif event["type"] == "token":
+            self._clear_bar()
+            self._out.write(shown(str(event["data"])))
+            self._mid_line = True
+        elif event["type"] == "progress":
+            # Only a terminal can redraw a bar in place, and only on a line of its own:
+            # progress lines must never cut streamed text (--json keeps every event).
+            if self._tty and not self._mid_line:
+                self._out.write("\r" + shown(_progress_bar(event["data"])))
+                self._bar = True
+        else:
+            self._clear_bar()
+            self._end_line()
+            output = log_lines(event["data"]) if event["type"] == "log" else None
+            if output is not None and output.stream in OUTPUT_STREAMS:
+                stderr = output.stream == "stderr"
+                for line in output.lines:
+                    self._out.write(output_line(line, colours=self._tty, stderr=stderr) + "\n")
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+                kind = output.stream if output is not None else event["type"]
+                data = "\n".join(output.lines) if output is not None else event["data"]
+                self._out.write(shown(f"{stamp} {kind:<10} {_describe(data)}") + "\n")
+        self._out.flush()
+
+    def finish(self) -> None:
+        self._clear_bar()
+        self._end_line()
+        self._out.flush()
+
+    def _show_stream(self, event: dict[str, Any]) -> None:
+        output = log_lines(event["data"]) if event["type"] == "log" else None
+        if output is None or output.stream != self._stream:
+            return
+        if self._json:
+            self._out.write(json_line(event) + "\n")
+        else:
+            for line in output.lines:
+                self._out.write(output_line(line, colours=self._tty) + "\n")
+        self._out.flush()
+
+    def _end_line(self) -> None:
+        if self._mid_line:
+            self._out.write("\n")
+            self._mid_line = False
+
+    def _clear_bar(self) -> None:
+        if self._bar:
+            self._out.write("\r\x1b[K")
+            self._bar = False
+
+
+def _progress_bar(data: Any, width: int = 30) -> str:
+    if not isinstance(data, dict):
+        return f"progress {_describe(data)}"
+    current, total = data.get("current"), data.get("total")
+    label = data.get("label") or ""
+    if not isinstance(current, int | float) or not isinstance(total, int | float) or total <= 0:
+        return f"progress {_describe(data)}"
+    filled = int(width * min(max(current / total, 0), 1))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {current}/{total} {label}".rstrip()
+
+
+def _describe(data: Any) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return orjson.dumps(data).decode()
