@@ -307,7 +307,9 @@ def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
     _expect(chunks.nth(0).locator(".chunk-kind")).to_have_text("object")
     _expect(chunks.nth(1).locator(".chunk-kind")).to_have_text("string")
     _expect(chunks.nth(1).locator("pre")).to_have_text("<i>plain text chunk</i>")
-    _expect(page.locator("#logs")).to_have_text("loaded 3 rows\n")
+    log_line = page.locator("#logs .log-line")
+    _expect(log_line).to_have_text(["loaded 3 rows"])
+    _expect(log_line).to_have_attribute("data-stream", "message")
     _expect(page.locator("#progress-text")).to_have_text("Tables: 1 / 4 (25%)")
     links = page.locator("#result a")
     _expect(links).to_have_count(1)  # the javascript: string stays text
