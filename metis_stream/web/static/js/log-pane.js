@@ -105,8 +105,8 @@ export class LogPane {
       if (!this.following) this.pane.scrollTop -= heightBefore - this.pane.scrollHeight;
     }
     this.dropped += Math.max(excess, 0) + droppedUnseen;
-    this.droppedNote.textContent = `${this.dropped.toLocaleString("en")} earlier lines are not shown here: `
-      + `the pane keeps the last ${MAX_LINES.toLocaleString("en")}.`;
+    const count = this.dropped === 1 ? "1 earlier line is" : `${this.dropped.toLocaleString("en")} earlier lines are`;
+    this.droppedNote.textContent = `${count} not shown here: the pane keeps the last ${MAX_LINES.toLocaleString("en")}.`;
     this.droppedNote.hidden = false;
   }
 
