@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,7 +28,16 @@ from metis_stream.tokens import job_token
 from metis_stream.web.app import STATIC_DIR
 from tests.support import service_unavailable
 from tests.support.processes import end_group
-from tests.support.server import ServerProcess, free_port, local_job_script
+from tests.support.server import (
+    IDLE_SCRIPT,
+    LOCAL_CLUSTER,
+    RunningJob,
+    ServerProcess,
+    free_port,
+    local_job_script,
+    running,
+    script_templates,
+)
 from tests.test_cli_e2e import Demo
 
 pytestmark = pytest.mark.browser
@@ -126,17 +136,23 @@ class Viewer:
         return path
 
 
-@pytest.fixture
-def viewer(browser: Browser, live_server: ServerProcess) -> Iterator[Viewer]:
+@contextlib.contextmanager
+def viewer_on(browser: Browser, server: ServerProcess) -> Iterator[Viewer]:
     context = browser.new_context(viewport={"width": 1000, "height": 900})
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
-    view = Viewer(page, live_server)
+    view = Viewer(page, server)
     try:
         yield view
         assert view.errors == [], view.errors  # the page never crashed
     finally:
         context.close()
+
+
+@pytest.fixture
+def viewer(browser: Browser, live_server: ServerProcess) -> Iterator[Viewer]:
+    with viewer_on(browser, live_server) as view:
+        yield view
 
 
 def submit_with_api(server: ServerProcess, template: str, **params: Any) -> dict[str, Any]:
@@ -307,7 +323,9 @@ def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
     _expect(chunks.nth(0).locator(".chunk-kind")).to_have_text("object")
     _expect(chunks.nth(1).locator(".chunk-kind")).to_have_text("string")
     _expect(chunks.nth(1).locator("pre")).to_have_text("<i>plain text chunk</i>")
-    _expect(page.locator("#logs")).to_have_text("loaded 3 rows\n")
+    log_line = page.locator("#logs .log-line")
+    _expect(log_line).to_have_text(["loaded 3 rows"])
+    _expect(log_line).to_have_attribute("data-stream", "message")
     _expect(page.locator("#progress-text")).to_have_text("Tables: 1 / 4 (25%)")
     links = page.locator("#result a")
     _expect(links).to_have_count(1)  # the javascript: string stays text
@@ -316,6 +334,260 @@ def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
     _expect(page.locator("#job-exit-status")).to_have_text("(exit status 137)")
     assert page.evaluate("document.querySelector('#chunks i, #output *') === null")
     viewer.screenshot("chunks-logs-result-fatal")
+
+
+# The log pane: a job's output, as the launcher streams it (docs/launcher.md)
+
+PRINTER_SCRIPT = r"""echo 'compiling 3 files'
+printf '\033[1;31merror:\033[0m missing ; at line 3\n' >&2
+printf '\033[32mok\033[0m 2 of 3 passed\n'
+sleep 1
+i=1; while [ $i -le 100 ]; do echo "filler line $i"; i=$((i + 1)); done
+"""
+"""A batch script as a lab writes it: plain and coloured lines on stdout and stderr, then
+more than its template's output budget allows (``log_max_bytes = 300``). The pause lets
+the first lines go out before the flood: the launcher sends the two streams in the
+order it reads them, and a late stderr line would find the budget spent."""
+
+AT_BOTTOM = """() => {
+    const pane = document.getElementById('logs');
+    return pane.scrollHeight > pane.clientHeight
+        && pane.scrollHeight - pane.clientHeight - pane.scrollTop <= 1;
+}"""
+
+SETTLED_SCROLL_TOP = """() => new Promise(done => {
+    // A wheel scrolls smoothly, over frames: the position once it has held for 5 of them.
+    const pane = document.getElementById('logs');
+    let last = -1, same = 0;
+    const look = () => {
+        same = pane.scrollTop === last ? same + 1 : 0;
+        last = pane.scrollTop;
+        if (same >= 5) done(last); else requestAnimationFrame(look);
+    };
+    requestAnimationFrame(look);
+})"""
+
+
+@pytest.fixture
+def log_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server with ``idle`` (its jobs wait for the test's events) and ``printer``."""
+    scripts = script_templates(tmp_path / "scripts",
+                               {"idle": IDLE_SCRIPT, "printer": PRINTER_SCRIPT},
+                               {"printer": "log_max_bytes = 300\n"})
+    with running(ServerProcess(state_dir=tmp_path / "server",
+                               extra_config=LOCAL_CLUSTER + scripts)) as server:
+        yield server
+
+
+@pytest.fixture
+def log_viewer(browser: Browser, log_server: ServerProcess) -> Iterator[Viewer]:
+    with viewer_on(browser, log_server) as view:
+        yield view
+
+
+@pytest.fixture
+def idle_job(log_server: ServerProcess) -> Iterator[RunningJob]:
+    job = RunningJob(log_server, "idle")
+    try:
+        yield job
+    finally:
+        job.end()
+
+
+def post_log(job: RunningJob, data: Any) -> None:
+    response = job.post_event({"type": "log", "data": data})
+    assert response.status_code == 200, response.text
+
+
+def shown_lines(view: Viewer) -> list[tuple[str, str]]:
+    """The pane's lines as the reader sees them: (stream, text)."""
+    lines: list[list[str]] = view.page.evaluate(
+        "[...document.querySelectorAll('#logs .log-line')]"
+        ".map(line => [line.dataset.stream, line.textContent])")
+    return [(stream, text) for stream, text in lines]
+
+
+def test_log_pane_tells_stdout_from_stderr_and_renders_ansi_colours(log_viewer: Viewer) -> None:
+    """A script run unchanged under the launcher: its stdout and stderr lines in one pane,
+    told apart; its colours rendered and no escape left as text; the budget's notice."""
+    page = log_viewer.page
+    job = submit_with_api(log_viewer.server, "printer")
+    log_viewer.open(f"#/jobs/{job['id']}")
+    log_viewer.expect_state("completed")
+    lines = page.locator("#logs .log-line")
+    _expect(lines.filter(has_text="compiling 3 files")).to_have_attribute("data-stream", "stdout")
+    error = lines.filter(has_text="missing ; at line 3")
+    _expect(error).to_have_attribute("data-stream", "stderr")
+    _expect(error).to_have_text("error: missing ; at line 3")
+    _expect(error.locator("span.ansi-fg-1.ansi-bold")).to_have_text("error:")
+    _expect(lines.filter(has_text="2 of 3 passed").locator("span.ansi-fg-2")).to_have_text("ok")
+    notice = page.locator('#logs .log-line[data-stream="notice"]')
+    _expect(notice).to_have_text(
+        re.compile(r"^output truncated after \d+ lines; the files hold all of it$"))
+    _expect(lines.last).to_have_attribute("data-stream", "notice")
+
+    text = page.locator("#logs").text_content() or ""
+    assert "\x1b" not in text and "[0m" not in text and "[32m" not in text, text
+    # Told apart by more than a colour: stderr and the notice carry a label (generated
+    # content, which a copy of the log leaves out).
+    looks = page.evaluate("""() => Object.fromEntries(['stdout', 'stderr', 'notice'].map(
+        stream => {
+            const line = document.querySelector(`#logs .log-line[data-stream="${stream}"]`);
+            return [stream, {color: getComputedStyle(line).color,
+                             label: getComputedStyle(line, '::before').content}];
+        }))""")
+    assert looks["stderr"]["color"] != looks["stdout"]["color"], looks
+    assert "err" in looks["stderr"]["label"] and "note" in looks["notice"]["label"], looks
+    assert looks["stdout"]["label"] in ("none", "normal"), looks
+    log_viewer.screenshot("log-pane-streams")
+
+
+def test_log_pane_shows_hostile_lines_inertly(log_viewer: Viewer, idle_job: RunningJob) -> None:
+    """Escapes that would act on a terminal, markup and control characters: shown as
+    text or dropped, never interpreted. Data of other shapes (a string, as from
+    ``metis-emit log TEXT``, or any JSON value) is shown as text too."""
+    page = log_viewer.page
+    log_viewer.open(f"#/jobs/{idle_job.id}")
+    _expect(page.locator("#connection")).to_have_attribute("data-conn", "live")
+    title = page.title()
+    post_log(idle_job, {"stream": "stdout", "lines": [
+        "\x1b]0;pwned\x07after a window title",
+        "<script>window.__xss = 3</script><img src=x onerror='window.__xss = 4'>",
+        "nul\x00 and bell\x07",
+        "\x1b[2J\x1b[Hthe screen was not cleared",
+        "\x1b]8;;javascript:alert(1)\x1b\\not a link\x1b]8;;\x1b\\",
+        "\u202eright-to-left override",
+        "cut off \x1b[31",
+    ]})
+    post_log(idle_job, "a message \x1b[33min yellow\x1b[0m\nand its second line\n")
+    post_log(idle_job, {"stream": "stdout", "lines": "not a list"})
+    post_log(idle_job, 42)
+    _expect(page.locator("#logs .log-line")).to_have_count(11)
+
+    assert shown_lines(log_viewer) == [
+        ("stdout", "after a window title"),
+        ("stdout", "<script>window.__xss = 3</script><img src=x onerror='window.__xss = 4'>"),
+        ("stdout", "nul^@ and bell^G"),
+        ("stdout", "the screen was not cleared"),
+        ("stdout", "not a link"),
+        ("stdout", "U+202Eright-to-left override"),
+        ("stdout", "cut off ^[[31"),
+        ("message", "a message in yellow"),
+        ("message", "and its second line"),
+        ("message", '{"stream":"stdout","lines":"not a list"}'),
+        ("message", "42"),
+    ]
+    assert page.evaluate("document.querySelector('#logs script, #logs img, #logs a') === null"
+                         " && window.__xss === undefined")
+    assert page.title() == title
+    placeholders = page.locator("#logs .ansi-ctrl")
+    _expect(placeholders).to_have_count(4)
+    _expect(placeholders.first).to_have_attribute("title", "control character U+0000")
+    _expect(page.locator("#logs .ansi-fg-3")).to_have_text("in yellow")
+    log_viewer.screenshot("log-pane-hostile")
+
+
+def test_log_pane_follows_the_latest_line_until_the_reader_scrolls_up(
+        log_viewer: Viewer, idle_job: RunningJob) -> None:
+    """At the bottom, the pane shows each new line as it comes. Scrolled up (by the wheel
+    or the keyboard), it leaves the reader where they are and offers a way back; back
+    at the bottom, or with that button, it follows again."""
+    page = log_viewer.page
+    log_viewer.open(f"#/jobs/{idle_job.id}")
+    _expect(page.locator("#connection")).to_have_attribute("data-conn", "live")
+    pane = page.locator("#logs")
+    lines = page.locator("#logs .log-line")
+    latest = page.get_by_role("button", name="jump to latest")
+
+    def post_lines(first: int, last: int) -> None:
+        post_log(idle_job, {"stream": "stdout",
+                            "lines": [f"line {i}" for i in range(first, last + 1)]})
+        _expect(lines).to_have_count(last)
+
+    post_lines(1, 200)
+    page.wait_for_function(AT_BOTTOM)
+    _expect(latest).to_be_hidden()
+
+    # The reader scrolls up: the pane stays where they are, and offers the way back.
+    pane.hover()
+    page.mouse.wheel(0, -600)
+    _expect(latest).to_be_visible()
+    reading = page.evaluate(SETTLED_SCROLL_TOP)
+    post_lines(201, 300)
+    assert page.evaluate(SETTLED_SCROLL_TOP) == reading
+    _expect(latest).to_be_visible()
+
+    # Back at the bottom, it follows again.
+    page.mouse.wheel(0, 100_000)
+    _expect(latest).to_be_hidden()
+    post_lines(301, 400)
+    page.wait_for_function(AT_BOTTOM)
+
+    # Up with the keyboard, then down with the button.
+    pane.focus()
+    page.keyboard.press("PageUp")
+    _expect(latest).to_be_visible()
+    post_lines(401, 500)
+    assert not page.evaluate(AT_BOTTOM)
+    log_viewer.screenshot("log-pane-paused")
+    latest.click()
+    _expect(latest).to_be_hidden()
+    page.wait_for_function(AT_BOTTOM)
+    _expect(pane).to_be_focused()
+    post_lines(501, 600)
+    page.wait_for_function(AT_BOTTOM)
+
+
+def test_log_pane_keeps_the_last_lines_of_a_long_log(log_viewer: Viewer,
+                                                     idle_job: RunningJob) -> None:
+    """More lines than the pane keeps: the oldest go, and the pane says how many."""
+    page = log_viewer.page
+    log_viewer.open(f"#/jobs/{idle_job.id}")
+    _expect(page.locator("#connection")).to_have_attribute("data-conn", "live")
+    kept = page.evaluate("async () => (await import('./js/log-pane.js')).MAX_LINES")
+    total = kept + 1500
+    for first in range(1, total + 1, 1000):
+        post_log(idle_job, {"stream": "stdout", "lines": [
+            f"line {i}" for i in range(first, min(first + 999, total) + 1)]})
+    lines = page.locator("#logs .log-line")
+    _expect(lines.last).to_have_text(f"line {total}")
+    _expect(lines).to_have_count(kept)
+    _expect(lines.first).to_have_text("line 1501")
+    _expect(page.locator("#logs-dropped")).to_have_text(
+        f"1,500 earlier lines are not shown here: the pane keeps the last {kept:,}.")
+    page.wait_for_function(AT_BOTTOM)
+
+
+ANSI_CASES: list[tuple[str, list[list[str]]]] = [
+    ("plain\ttab", [["plain\ttab", ""]]),
+    ("\x1b[31mred\x1b[0m then plain", [["red", "ansi-fg-1"], [" then plain", ""]]),
+    ("\x1b[1;92;44mbright\x1b[39;49mbold only\x1b[22m",
+     [["bright", "ansi-bold ansi-fg-10 ansi-bg-4"], ["bold only", "ansi-bold"]]),
+    ("\x1b[1mA\x1b[22mB\x1b[mC", [["A", "ansi-bold"], ["BC", ""]]),
+    ("\x1b[38;5;3m256: 3\x1b[38;5;200m 256: 200", [["256: 3", "ansi-fg-3"], [" 256: 200", ""]]),
+    ("\x1b[38;2;255;0;0;1mtrue colour, then bold", [["true colour, then bold", "ansi-bold"]]),
+    ("\x1b[38:5:1mcolons skipped", [["colons skipped", ""]]),
+    ("\x1b[?25l\x1b[2K\x1b[1Gcursor and erase", [["cursor and erase", ""]]),
+    ("\x1b]0;title\x07\x1b]8;;https://example.org\x1b\\link\x1b]8;;\x1b\\", [["link", ""]]),
+    ("\x1bc\x1b(Breset and charset", [["reset and charset", ""]]),
+    ("\x1b]0;no end", [["^[", "ansi-ctrl"], ["]0;no end", ""]]),
+    ("\x1b[31mred \x00 still red",
+     [["red ", "ansi-fg-1"], ["^@", "ansi-ctrl"], [" still red", "ansi-fg-1"]]),
+    ("a\x7fb\x9bc\x1b", [["a", ""], ["^?", "ansi-ctrl"], ["b", ""], ["U+009B", "ansi-ctrl"],
+                          ["c", ""], ["^[", "ansi-ctrl"]]),
+]
+
+
+def test_ansi_parser_renders_colours_and_drops_every_other_escape(viewer: Viewer) -> None:
+    """js/ansi.js alone, in the page: line -> [text, classes] segments."""
+    viewer.open()
+    _expect(viewer.page.locator("#submit-form")).to_be_visible()
+    parsed = viewer.page.evaluate("""async lines => {
+        const { parseAnsi } = await import('./js/ansi.js');
+        return lines.map(line => parseAnsi(line).map(s => [s.text, s.classes.join(' ')]));
+    }""", [line for line, _ in ANSI_CASES])
+    for (line, expected), segments in zip(ANSI_CASES, parsed, strict=True):
+        assert segments == expected, repr(line)
 
 
 def test_server_restart_with_memory_backend_marks_the_job_lost(viewer: Viewer) -> None:

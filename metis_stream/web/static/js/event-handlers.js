@@ -9,7 +9,7 @@ export const EVENT_HANDLERS = {
   progress: (view, e) => view.setProgress(e.data),
   token: (view, e) => view.appendToken(typeof e.data === "string" ? e.data : String(e.data ?? "")),
   chunk: (view, e) => view.addChunk(e.data),
-  log: (view, e) => view.addLog(e.data),
+  log: (view, e) => view.logs.add(e.data),
   result: (view, e) => view.showResult(e.data),
   completed: (view, e) => { if (e.data !== null && e.data !== undefined) view.showResult(e.data); },
   fatal: (view, e) => view.showError(e.data),

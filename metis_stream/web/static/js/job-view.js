@@ -9,6 +9,7 @@ import { rememberWatchToken, watchToken } from "./auth.js";
 import { $, announce, el, formatSeconds, linkify, showNotice } from "./dom.js";
 import { EVENT_HANDLERS } from "./event-handlers.js";
 import { api, apiUrl } from "./http.js";
+import { LogPane } from "./log-pane.js";
 import { initialState, isTerminalState, isTerminalType, stateAfter } from "./meta.js";
 
 const BACKOFF_FIRST = 250; // ms: first retry after a dropped connection
@@ -43,7 +44,8 @@ export class JobView {
     for (const id of ["output-panel", "progress-panel", "steps-panel", "chunks-panel", "result-panel", "logs-panel"]) {
       $(id).hidden = true;
     }
-    for (const id of ["steps", "chunks", "result", "logs", "events"]) $(id).replaceChildren();
+    for (const id of ["steps", "chunks", "result", "events"]) $(id).replaceChildren();
+    this.logs = new LogPane();
     // The token text is ONE Text node that only ever grows (appendData): no
     // re-render, so selection, scrolling and screen readers stay put.
     this.text = document.createTextNode("");
@@ -312,12 +314,6 @@ export class JobView {
     $("chunks").append(el("li", { dataset: { kind } },
       el("span", { className: "chunk-kind" }, kind), el("pre", {}, body)));
     $("chunks-panel").hidden = false;
-  }
-
-  addLog(data) {
-    const line = typeof data === "string" ? data : JSON.stringify(data);
-    $("logs").append(document.createTextNode(`${line}\n`));
-    $("logs-panel").hidden = false;
   }
 
   showResult(data) {

@@ -9,6 +9,8 @@
 //   form.js            the templates and the submit form
 //   jobs-list.js       the jobs list on the home page
 //   job-view.js        the job page: its websocket, seq bookkeeping, rendering
+//   log-pane.js        the job page's Logs: streams told apart, following, a bounded DOM
+//   ansi.js            a line's ANSI colours -> styled segments (pure)
 //   event-handlers.js  what each event type does to the job page
 //   meta.js            the job state machine, loaded from GET /api/meta
 //
