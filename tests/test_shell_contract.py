@@ -146,7 +146,15 @@ async def test_stdout_and_stderr_are_kept_apart_and_exact(shell: Shell) -> None:
         r'printf "h\303\251llo \377\n"; printf "\376" >&2'
     )
     result = await shell.run(["sh", "-c", script])
-    assert result == CommandResult(0, "out\n\nhéllo \ufffd\n", "  err\n\n\n\ufffd")
+    assert result == CommandResult(0, "out\n\nhéllo \ufffd\n", "  err\n\n\n\ufffd",
+                                   raw_stdout=b"out\n\nh\xc3\xa9llo \xff\n")
+
+
+async def test_raw_stdout_is_every_byte_as_written(shell: Shell) -> None:
+    # Every byte value, NUL and half characters among them: the spool reader counts bytes.
+    result = await shell.run(["sh", "-c", r'i=0; while [ $i -lt 256 ]; do '
+                              r'printf "\\$(printf %o $i)"; i=$((i + 1)); done'])
+    assert result.raw_stdout == bytes(range(256))
 
 
 async def test_input_is_empty(shell: Shell) -> None:

@@ -23,6 +23,14 @@ class CommandResult:
     exit_status: int
     stdout: str
     stderr: str
+    raw_stdout: bytes = b""
+    """What the command wrote to stdout, byte for byte; ``stdout`` is its UTF-8 decoding.
+    Bytes counted by the command (a spool reader's frames) need this one."""
+
+    @classmethod
+    def from_output(cls, exit_status: int, stdout: bytes, stderr: bytes) -> CommandResult:
+        return cls(exit_status, stdout.decode(errors="replace"),
+                   stderr.decode(errors="replace"), stdout)
 
 
 class Shell(Protocol):

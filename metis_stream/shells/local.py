@@ -68,11 +68,7 @@ class LocalShell:
                     ) from None
                 raise
         assert process.returncode is not None  # _outputs waited for it
-        return CommandResult(
-            process.returncode,
-            stdout.decode(errors="replace"),
-            stderr.decode(errors="replace"),
-        )
+        return CommandResult.from_output(process.returncode, stdout, stderr)
 
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
         await self._in_thread(lambda: write_private(self.home / path, data, mode=mode))

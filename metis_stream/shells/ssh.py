@@ -377,11 +377,7 @@ def _execute(client: paramiko.SSHClient, command: str, timeout: float | None) ->
         if channel.exit_status == -1 and not transport.is_active():
             raise ConnectionLost("connection lost before the command's exit status arrived")
         # -1 on a live connection: killed by a signal (paramiko ignores "exit-signal").
-        return CommandResult(
-            channel.exit_status,
-            stdout.decode(errors="replace"),
-            stderr.decode(errors="replace"),
-        )
+        return CommandResult.from_output(channel.exit_status, stdout, stderr)
 
 
 def _kill(channel: paramiko.Channel) -> None:
