@@ -22,6 +22,7 @@ from metis_stream.backends.redis import RedisBackend
 from metis_stream.errors import EventLimitReached, JobEnded, JobNotFound, JobNotSubmitted
 from metis_stream.events import Event, NewEvent, encode_event
 from metis_stream.jobs import Job, JobState, apply_event, new_job_id
+from metis_stream.spool import SpoolCursor
 
 MakeBackend = Callable[..., Backend]
 SHARED_FIXTURE = settings(suppress_health_check=[HealthCheck.function_scoped_fixture],
@@ -78,7 +79,7 @@ async def test_create_get_and_list_newest_first(backend: Backend) -> None:
     second = await new_job(backend, cluster="metis")
     third = await new_job(backend, submitted=False)
 
-    assert await backend.get_job(first.id) == first
+    assert await backend.get_job(first.id) == record
     fetched = await backend.get_job(second.id)
     assert (fetched.state, fetched.scheduler_id, fetched.last_seq) == (JobState.QUEUED, "42.pbs", 2)
     assert fetched.params == {"text": "héllo", "delay": 0.5} and fetched.inputs == ["a.txt"]
@@ -104,6 +105,8 @@ async def test_unknown_job(backend: Backend) -> None:
         await backend.read(new_job_id())
     with pytest.raises(JobNotFound):
         await backend.set_error_detail(new_job_id(), "details")
+    with pytest.raises(JobNotFound):
+        await backend.set_spool_cursor(new_job_id(), SpoolCursor(1))
 
 
 async def test_error_detail_is_kept_on_the_record_and_in_no_event(backend: Backend) -> None:
@@ -118,6 +121,19 @@ async def test_error_detail_is_kept_on_the_record_and_in_no_event(backend: Backe
     assert [job.id for job in await backend.list_jobs()] == [job.id]
     assert (await backend.list_jobs())[0] == record
     assert all("héllo]" not in event.wire for event in await backend.read(job.id))
+
+
+async def test_spool_cursors_are_kept_per_job_and_outside_the_record(backend: Backend) -> None:
+    first, second, third = [await new_job(backend) for _ in range(3)]
+    assert await backend.spool_cursors([first.id, second.id]) == {}
+    record = await backend.get_job(first.id)
+    cursor = SpoolCursor(offset=120, check=b'"id":"e7"}\n\xff', skipping=True)
+    await backend.set_spool_cursor(first.id, SpoolCursor(offset=5))
+    await backend.set_spool_cursor(first.id, cursor)
+    await backend.set_spool_cursor(third.id, SpoolCursor(offset=7))
+    assert await backend.spool_cursors([first.id, second.id, third.id, new_job_id()]) == {
+        first.id: cursor, third.id: SpoolCursor(offset=7)}
+    assert await backend.get_job(first.id) == record
 
 
 # Appending and reading

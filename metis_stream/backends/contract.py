@@ -17,6 +17,7 @@ from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.errors import EventLimitReached
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState
+from metis_stream.spool import SpoolCursor
 
 __all__ = [
     "AppendResult",
@@ -110,6 +111,15 @@ class Backend(Protocol):
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
         """Live events of a job, from the moment this returns."""
+        ...
+
+    async def spool_cursors(self, job_ids: Sequence[str]) -> dict[str, SpoolCursor]:
+        """How far each job's spool was read (metis_stream.spool); a job without a cursor,
+        or without a record, is left out."""
+        ...
+
+    async def set_spool_cursor(self, job_id: str, cursor: SpoolCursor) -> None:
+        """Keep how far the job's spool was read, on its record; raises JobNotFound."""
         ...
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:

@@ -23,6 +23,7 @@ from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.errors import JobEnded, JobNotFound, JobNotSubmitted
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState, apply_event
+from metis_stream.spool import SpoolCursor
 
 
 @dataclass
@@ -34,6 +35,7 @@ class _Entry:
     size: int = 0
     """The bytes of the log's wire JSON, against the job's budget."""
     seq_of_key: dict[str, int] = field(default_factory=dict)
+    spool: SpoolCursor | None = None
 
 
 class MemoryBackend:
@@ -131,6 +133,14 @@ class MemoryBackend:
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
         return self.hub.subscribe(job_id)
+
+    async def spool_cursors(self, job_ids: Sequence[str]) -> dict[str, SpoolCursor]:
+        entries = [self._entries.get(job_id) for job_id in job_ids]
+        return {job_id: entry.spool for job_id, entry in zip(job_ids, entries, strict=True)
+                if entry is not None and entry.spool is not None}
+
+    async def set_spool_cursor(self, job_id: str, cursor: SpoolCursor) -> None:
+        self._entry(job_id).spool = cursor
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
         return True  # one process: nobody else to share with

@@ -5,8 +5,9 @@ Per job (``P`` is the key prefix, ``metis:`` by default):
 
 - ``P job:<id>``: HASH, the :class:`~metis_stream.jobs.Job` fields (text for id,
   template, cluster and state; JSON for the rest), plus ``epoch`` (a random token
-  written at creation), ``order`` (the job's rank in creation order) and ``bytes``
-  (the size of its log's wire JSON, against ``max_job_bytes``).
+  written at creation), ``order`` (the job's rank in creation order), ``bytes``
+  (the size of its log's wire JSON, against ``max_job_bytes``) and ``spool`` (how far
+  its spool was read, JSON: metis_stream.spool.SpoolCursor).
 - ``P log:<id>``: STREAM, one entry per event with id ``0-<seq>`` and one field
   ``e``: the event's exact wire JSON. Capped at ``max_events_per_job + 1`` (the one
   terminal event still taken at the limit), so the cap never trims an accepted event.
@@ -38,6 +39,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import cast
 
 import anyio
+import orjson
 from redis.exceptions import ResponseError
 
 from metis_stream.backends.contract import (
@@ -76,6 +78,7 @@ from metis_stream.backends.redis.scripts import (
 from metis_stream.errors import JobEnded, JobNotFound, LogLost, MetisError
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState
+from metis_stream.spool import SpoolCursor
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +194,22 @@ class RedisBackend:
         with unavailable_on_errors():
             found = await self._set_field_script(keys=[self._key("job", job_id)],
                                                  args=["error_detail", to_json(detail)])
+        if not found:
+            raise JobNotFound(job_id)
+
+    async def spool_cursors(self, job_ids: Sequence[str]) -> dict[str, SpoolCursor]:
+        with unavailable_on_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hget(self._key("job", job_id), "spool")
+                raw: list[bytes | None] = await pipe.execute()
+        return {job_id: SpoolCursor.from_json(orjson.loads(value))
+                for job_id, value in zip(job_ids, raw, strict=True) if value}
+
+    async def set_spool_cursor(self, job_id: str, cursor: SpoolCursor) -> None:
+        with unavailable_on_errors():
+            found = await self._set_field_script(keys=[self._key("job", job_id)],
+                                                 args=["spool", to_json(cursor.as_json())])
         if not found:
             raise JobNotFound(job_id)
 
