@@ -79,7 +79,7 @@ async def test_create_get_and_list_newest_first(backend: Backend) -> None:
     second = await new_job(backend, cluster="metis")
     third = await new_job(backend, submitted=False)
 
-    assert await backend.get_job(first.id) == record
+    assert await backend.get_job(first.id) == first
     fetched = await backend.get_job(second.id)
     assert (fetched.state, fetched.scheduler_id, fetched.last_seq) == (JobState.QUEUED, "42.pbs", 2)
     assert fetched.params == {"text": "héllo", "delay": 0.5} and fetched.inputs == ["a.txt"]
