@@ -21,6 +21,7 @@ from metis_stream.errors import ConfigError, TemplateError
 from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from metis_stream.files import write_private
 from metis_stream.schedulers.dialects import SCHEDULERS
+from metis_stream.spool import DELIVERIES
 from metis_stream.templates import (
     DEFAULT_LOG_MAX_BYTES,
     DEFAULT_LOG_MAX_EVENTS,
@@ -131,6 +132,16 @@ class ClusterConfig:
     stop_jobs_on_exit: bool = False
     """Local scheduler only: a server that stops stops its running jobs too (the demo).
     A cluster's jobs belong to its scheduler, and outlive the server."""
+    delivery: str = ""
+    """How jobs send their events (metis_stream.spool.DELIVERIES): ``http``, ``spool`` or
+    ``both``. Left out: ``both`` on a cluster, ``http`` on the local scheduler."""
+    spool_interval: float = 1.0
+    """Seconds between reads of the spools while the cluster has running jobs (longer,
+    up to ``poll_interval``, while nothing changes)."""
+    spool_max_bytes: int = 1024 * 1024
+    """Bytes one read takes from all spools together (at least one event's worth a job)."""
+    spool_keep: float = 0.0
+    """Seconds a job's spool stays after the job ended; 0: removed with its token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +298,18 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
     if cluster.scheduler != "local" and cluster.stop_jobs_on_exit:
         raise ConfigError(f"[clusters.{name}]: stop_jobs_on_exit is for the local scheduler; "
                           "a cluster's jobs outlive the server (cancel them to stop them)")
+    if not cluster.delivery:
+        cluster = replace(cluster, delivery="http" if cluster.scheduler == "local" else "both")
+    if cluster.delivery not in DELIVERIES:
+        raise ConfigError(f"[clusters.{name}] delivery must be one of {', '.join(DELIVERIES)}: "
+                          "http (events over the network), spool (through the shared "
+                          "filesystem only), both")
+    if cluster.spool_interval <= 0 or cluster.spool_keep < 0:
+        raise ConfigError(f"[clusters.{name}]: spool_interval must be above 0 and spool_keep "
+                          "0 or more (seconds)")
+    if cluster.spool_max_bytes < MAX_EVENT_BYTES:
+        raise ConfigError(f"[clusters.{name}] spool_max_bytes must be at least "
+                          f"{MAX_EVENT_BYTES} (one event)")
     return cluster
 
 

@@ -40,6 +40,8 @@ class NewEvent:
     type: str
     data: JsonValue = None
     id: str | None = None
+    via: str | None = None
+    """How a job's event reached the server when not over HTTP: ``spool``."""
 
     @property
     def terminal(self) -> bool:
@@ -55,6 +57,9 @@ class Event:
     type: str
     data: JsonValue
     time: float
+    via: str | None = None
+    """``spool`` for an event read from the job's spool (docs/spool.md); absent on the
+    wire otherwise."""
     wire: str = field(default="", compare=False, repr=False)
     """The JSON text of the event, encoded once and shared by every watcher."""
 
@@ -72,8 +77,9 @@ class Event:
         return len(self.wire) if self.wire.isascii() else len(self.wire.encode())
 
     def as_dict(self) -> dict[str, JsonValue]:
-        return {"job": self.job, "seq": self.seq, "type": self.type,
-                "data": self.data, "time": self.time}
+        fields = {"job": self.job, "seq": self.seq, "type": self.type,
+                  "data": self.data, "time": self.time}
+        return fields if self.via is None else {**fields, "via": self.via}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +112,7 @@ def decode_event(text: str | bytes) -> Event:
     raw = orjson.loads(text)
     wire = text if isinstance(text, str) else text.decode()
     return Event(job=raw["job"], seq=raw["seq"], type=raw["type"], data=raw["data"],
-                 time=raw["time"], wire=wire)
+                 time=raw["time"], via=raw.get("via"), wire=wire)
 
 
 def validate_type(event_type: object) -> str:

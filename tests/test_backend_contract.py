@@ -154,6 +154,19 @@ async def test_seqs_start_at_one_without_gaps(backend: Backend) -> None:
     assert (await backend.get_job(job.id)).last_seq == 5
 
 
+async def test_an_event_says_how_it_arrived_only_when_it_came_by_the_spool(
+        backend: Backend) -> None:
+    job = await new_job(backend)
+    result = await backend.append(job.id, [NewEvent("step", "a", "e1", via="spool"),
+                                           NewEvent("step", "b", "e2")])
+    logged = await read_all(backend, job.id)
+    assert logged[-2:] == result.events
+    assert [(event.via, '"via"' in event.wire) for event in logged[-2:]] == [
+        ("spool", True), (None, False)]
+    assert logged[-2].as_dict()["via"] == "spool" and "via" not in logged[-1].as_dict()
+    assert all(event.wire == encode_event(event) for event in logged)
+
+
 async def test_read_after_n_in_pages(backend: Backend) -> None:
     job = await new_job(backend)
     await backend.append(job.id, events(*["token"] * 23))

@@ -106,7 +106,7 @@ class MemoryBackend:
             if ended:
                 raise JobEnded(job.id)
             event = Event(job=job.id, seq=job.last_seq + len(fresh) + 1, type=new.type,
-                          data=new.data, time=now)
+                          data=new.data, time=now, via=new.via)
             size += event.size
             if not new.terminal:
                 if len(entry.log) + len(fresh) >= self._limits.events:

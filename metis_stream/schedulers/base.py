@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import orjson
+
+from metis_stream.errors import SchedulerError, ShellError
+from metis_stream.shells.base import Shell
+from metis_stream.spool import Frames, SpoolRead, parse_frames, reader_argv
 from metis_stream.templates import Template
 
 __all__ = [
@@ -93,6 +99,42 @@ class Scheduler(Protocol):
         ended without reporting it. Raises SchedulerError when they cannot be read."""
         ...
 
-    async def release(self, job_id: str) -> None:
-        """The job has ended: remove its token file and anything else staged for it."""
+    async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
+        """The new bytes of these jobs' spools, read with one command (metis_stream.spool).
+        Raises SchedulerError when it cannot run."""
         ...
+
+    async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
+        """The job has ended: remove its token file and anything else staged for it, and
+        its spool unless ``keep_spool``."""
+        ...
+
+
+def job_files(submission: Submission, left_out: Sequence[str] = ()) -> dict[str, bytes]:
+    """The files of a job's folder that the server writes besides its token, by name:
+    ``spec.json``; ``env/NAME`` for each variable that could not travel in the
+    scheduler's environment list (the launcher exports them); ``input-urls``, the
+    submission's input links one a line, for a job that cannot ask the server."""
+    files = {"spec.json": orjson.dumps(submission.spec)}
+    files.update({f"env/{name}": submission.env[name].encode() for name in left_out})
+    inputs = submission.spec.get("inputs")
+    if isinstance(inputs, list) and inputs:
+        files["input-urls"] = "".join(f"{url}\n" for url in inputs).encode()
+    return files
+
+
+async def read_spools_with(shell: Shell, jobs_dir: str, reads: Sequence[SpoolRead],
+                           timeout: float, cluster: str) -> Frames:
+    """Run the spool reader over ``shell`` once for all ``reads``: how every scheduler
+    reads spools, over SSH or on this machine."""
+    if not reads:
+        return Frames([])
+    boundary = secrets.token_hex(16)
+    try:
+        result = await shell.run(reader_argv(jobs_dir, reads, boundary), timeout=timeout)
+    except ShellError as exc:
+        raise SchedulerError(f"could not read the spools on {cluster}: {exc}") from exc
+    if result.exit_status != 0:
+        raise SchedulerError(f"the spool reader on {cluster} exited with status "
+                             f"{result.exit_status}: {result.stderr.strip()[:300]}")
+    return parse_frames(result.raw_stdout, boundary)

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anyio
-import orjson
 
 from metis_stream.errors import SchedulerError, ShellError, SubmitOutcomeUnknown, UnsafeValue
 from metis_stream.launcher import (
@@ -25,7 +24,14 @@ from metis_stream.launcher import (
     launcher_env,
     launcher_script,
 )
-from metis_stream.schedulers.base import STDERR_TAIL_BYTES, JobFiles, SchedulerStatus, Submission
+from metis_stream.schedulers.base import (
+    STDERR_TAIL_BYTES,
+    JobFiles,
+    SchedulerStatus,
+    Submission,
+    job_files,
+    read_spools_with,
+)
 from metis_stream.schedulers.dialect import (
     COMMAND_NOT_FOUND,
     FILE_NAME_UNSAFE,
@@ -39,6 +45,7 @@ from metis_stream.schedulers.dialect import (
     check,
 )
 from metis_stream.shells.base import Shell
+from metis_stream.spool import SPOOL_FILE, Frames, SpoolRead
 
 
 class BatchScheduler:
@@ -134,14 +141,14 @@ class BatchScheduler:
     async def _write_job_files(
         self, submission: Submission, job_dir: str, left_out: Sequence[str]
     ) -> None:
-        """The token and the spec, both readable only by the cluster user; the spec
-        carries the values that could not travel on the command line."""
+        """The token, the spec and the values that could not travel on the command line
+        (the launcher exports them), all readable only by the cluster user."""
         if {"METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT", "METIS_SCRIPT",
                 "METIS_JOB_DIR"} & set(left_out):
             raise UnsafeValue(f"the workdir path on {self.name} cannot travel in the job's env")
-        spec = {**submission.spec, "env": {name: submission.env[name] for name in left_out}}
         await self._shell.write_file(f"{job_dir}/token", submission.token.encode(), mode=0o600)
-        await self._shell.write_file(f"{job_dir}/spec.json", orjson.dumps(spec), mode=0o600)
+        for name, data in job_files(submission, left_out).items():
+            await self._shell.write_file(f"{job_dir}/{name}", data, mode=0o600)
 
     async def _script(self, submission: Submission) -> tuple[str, bytes | None]:
         """The batch script: absolute when it already lives on the cluster, otherwise
@@ -261,12 +268,21 @@ class BatchScheduler:
         return JobFiles(exit=exit_file, stderr_tail=tail,
                         stderr_cut=tail is not None and len(tail) == STDERR_TAIL_BYTES)
 
-    async def release(self, job_id: str) -> None:
-        """Remove the job's secrets; its output stays for whoever debugs it."""
+    async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
+        for read in reads:
+            check(STAGED_JOB_ID, read.job_id, "job id")
+        return await read_spools_with(self._shell, f"{self._workdir}/jobs", reads,
+                                      self._timeout, self.name)
+
+    async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
+        """Remove the job's secrets, and its spool unless told to keep it; its output
+        stays for whoever debugs it."""
         job_dir = f"{self._workdir}/jobs/{check(STAGED_JOB_ID, job_id, 'job id')}"
         try:
             await self._shell.remove_file(f"{job_dir}/token")
             await self._shell.remove_file(f"{job_dir}/spec.json")
+            if not keep_spool:
+                await self._shell.remove_file(f"{job_dir}/{SPOOL_FILE}")
         except ShellError as exc:
             raise SchedulerError(f"could not release {job_id} on {self.name}: {exc}") from exc
 

@@ -23,16 +23,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anyio
-import orjson
 
 from metis_stream.environment import inherited
 from metis_stream.errors import SchedulerError
 from metis_stream.files import make_private_dirs, write_private
 from metis_stream.launcher import EXIT_FILE, LAUNCHER_ERR, LAUNCHER_OUT, STDERR_FILE, launcher_env
-from metis_stream.schedulers.base import STDERR_TAIL_BYTES, JobFiles, SchedulerStatus, Submission
-from metis_stream.shells.local import read_part
+from metis_stream.schedulers.base import (
+    STDERR_TAIL_BYTES,
+    JobFiles,
+    SchedulerStatus,
+    Submission,
+    job_files,
+    read_spools_with,
+)
+from metis_stream.shells.local import LocalShell, read_part
+from metis_stream.spool import SPOOL_FILE, Frames, SpoolRead
 
 KILL_GRACE = 5.0
+SPOOL_READ_TIMEOUT = 30.0
 
 
 class LocalScheduler:
@@ -46,6 +54,7 @@ class LocalScheduler:
         self._emit_script = emit_script
         self._stop_jobs_on_close = stop_jobs_on_close
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._shell = LocalShell(home=jobs_dir)  # for the spool reader, as on a cluster
 
     async def start(self) -> None:
         make_private_dirs(self._jobs_dir)
@@ -69,7 +78,8 @@ class LocalScheduler:
         token_file = job_dir / "token"
         spec_file = job_dir / "spec.json"
         write_private(token_file, submission.token.encode())
-        write_private(spec_file, orjson.dumps(submission.spec))
+        for name, data in job_files(submission).items():
+            write_private(job_dir / name, data)
         env = inherited()  # never the server's own secrets
         env.update(submission.env)
         env.update({
@@ -127,8 +137,14 @@ class LocalScheduler:
         except OSError as exc:
             raise SchedulerError(f"cannot read the files of job {job_id}: {exc}") from exc
 
-    async def release(self, job_id: str) -> None:
+    async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
+        return await read_spools_with(self._shell, str(self._jobs_dir), reads,
+                                      SPOOL_READ_TIMEOUT, self.name)
+
+    async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         (self._jobs_dir / job_id / "token").unlink(missing_ok=True)
+        if not keep_spool:
+            (self._jobs_dir / job_id / SPOOL_FILE).unlink(missing_ok=True)
 
 
 async def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -47,7 +47,8 @@ def wire_head(job_id: str) -> str:
 
 def wire_tail(new: NewEvent, now: float) -> str:
     """The wire JSON after the seq; head + seq + tail is exactly what ``encode_event`` gives."""
-    return "," + to_json({"type": new.type, "data": new.data, "time": now})[1:]
+    fields = {"type": new.type, "data": new.data, "time": now}
+    return "," + to_json(fields if new.via is None else {**fields, "via": new.via})[1:]
 
 
 def job_patch(new: NewEvent) -> list[str]:
