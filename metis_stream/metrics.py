@@ -14,31 +14,37 @@ HELP = {
     "metis_jobs_created_total": ("counter", "Jobs created by this process."),
     "metis_jobs_ended_total": ("counter", "Jobs that reached a terminal event here, by type."),
     "metis_submissions_failed_total": ("counter", "Submissions the scheduler refused."),
-    "metis_events_appended_total": ("counter", "Events appended, by who posted them."),
+    "metis_events_appended_total": ("counter", "Events appended, by who posted them and, "
+                                    "for a job's own, the path they came by (http, spool)."),
     "metis_events_delivered_total": ("counter", "Event frames sent to watchers."),
     "metis_http_errors_total": ("counter", "Error responses, by HTTP status."),
     "metis_open_streams": ("gauge", "Websockets and Server-Sent Events streams open now."),
+    "metis_spool_reads_total": ("counter", "Spool reads (one command each), by cluster."),
+    "metis_spool_bytes_total": ("counter", "Bytes read from spools, by cluster."),
+    "metis_spool_damage_total": ("counter", "Spool reads that skipped damage, by cluster."),
+    "metis_spool_lag_seconds": ("gauge", "Seconds since the spool reader was last caught up "
+                                "with every live job of the cluster."),
 }
 
 
 class Metrics:
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, Labels]] = Counter()
-        self._gauges: dict[str, Callable[[], float]] = {}
+        self._gauges: dict[tuple[str, Labels], Callable[[], float]] = {}
 
     def count(self, name: str, amount: int = 1, **labels: str) -> None:
         self._counts[name, tuple(sorted(labels.items()))] += amount
 
-    def gauge(self, name: str, read: Callable[[], float]) -> None:
+    def gauge(self, name: str, read: Callable[[], float], **labels: str) -> None:
         """A value read when the metrics are rendered."""
-        self._gauges[name] = read
+        self._gauges[name, tuple(sorted(labels.items()))] = read
 
     def render(self) -> str:
         values: dict[str, dict[Labels, float]] = {name: {} for name in HELP}
         for (name, labels), amount in self._counts.items():
             values.setdefault(name, {})[labels] = amount
-        for name, read in self._gauges.items():
-            values.setdefault(name, {})[()] = read()
+        for (name, labels), read in self._gauges.items():
+            values.setdefault(name, {})[labels] = read()
         lines = []
         for name, samples in values.items():
             kind, text = HELP.get(name, ("untyped", name))

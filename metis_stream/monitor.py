@@ -23,9 +23,14 @@ from metis_stream.events import NewEvent
 from metis_stream.jobs import ACTIVE_STATES, Job, JobState
 from metis_stream.launcher import parse_exit, tail_lines
 from metis_stream.schedulers.base import JobFiles, Scheduler, SchedulerStatus
+from metis_stream.spool_reader import SpoolReader
 from metis_stream.templates import DEFAULT_STDERR_TAIL_LINES
 
 logger = logging.getLogger(__name__)
+
+DRAIN_FAILURES_BEFORE_JUDGING = 3
+"""Polls in a row an ended job's spool may fail to be read before the job is judged on
+the scheduler's word and its folder's files alone."""
 
 MISSES_BEFORE_VANISHED = 2
 """Polls in a row a job may be missing from the scheduler before it counts as gone:
@@ -91,37 +96,69 @@ TailLines = Callable[[Job], int]
 
 
 class Monitor:
-    """Polls one scheduler for all of its live jobs, every ``poll_interval`` seconds.
+    """Polls one scheduler for all of its live jobs, every ``poll_interval`` seconds, and
+    with a ``spool`` reader reads their spools every ``spool_interval`` (backing off to
+    ``poll_interval`` while nothing changes).
 
     With several server processes on one backend, a lease makes only one of them
     poll each cluster at a time.
     """
 
     def __init__(self, backend: Backend, scheduler: Scheduler, append: Appender,
-                 tail_lines: TailLines = lambda job: DEFAULT_STDERR_TAIL_LINES) -> None:
+                 tail_lines: TailLines = lambda job: DEFAULT_STDERR_TAIL_LINES, *,
+                 spool: SpoolReader | None = None, spool_interval: float = 1.0) -> None:
         self._backend = backend
         self._scheduler = scheduler
         self._append = append
         self._tail_lines = tail_lines
+        self._spool = spool
+        self._spool_interval = spool_interval
         self._misses: dict[str, int] = {}
+        self._drain_failures: dict[str, int] = {}
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
 
     async def run(self) -> None:
+        async with anyio.create_task_group() as tasks:
+            if self._spool is not None:
+                tasks.start_soon(self._read_spools_forever, self._spool)
+            await self._poll_forever()
+
+    async def _poll_forever(self) -> None:
         interval = self._scheduler.poll_interval
         while True:
             try:
-                if not self._scheduler.shared or await self._backend.hold_lease(
-                        f"monitor:{self._scheduler.name}", self._owner,
-                        ttl=max(3 * interval, 5.0)):
+                if await self._leading():
                     await self.poll_once()
             except Exception:
                 logger.exception("monitor of cluster %s: poll failed", self._scheduler.name)
             await anyio.sleep(interval)
 
+    async def _read_spools_forever(self, spool: SpoolReader) -> None:
+        interval = self._spool_interval
+        while True:
+            changed = False
+            try:
+                if await self._leading():
+                    changed = await spool.read(await self._live_jobs())
+            except Exception:
+                logger.exception("spool reader of cluster %s: read failed",
+                                 self._scheduler.name)
+            interval = self._spool_interval if changed else min(
+                interval * 2, max(self._scheduler.poll_interval, self._spool_interval))
+            await anyio.sleep(interval)
+
+    async def _leading(self) -> bool:
+        """Whether this process polls the cluster now (it alone, when the cluster is shared)."""
+        ttl = max(3 * self._scheduler.poll_interval, 5.0)
+        return not self._scheduler.shared or await self._backend.hold_lease(
+            f"monitor:{self._scheduler.name}", self._owner, ttl=ttl)
+
+    async def _live_jobs(self) -> list[Job]:
+        return await self._backend.list_jobs(states=ACTIVE_STATES,
+                                             cluster=self._scheduler.name, limit=10_000)
+
     async def poll_once(self) -> None:
-        jobs = {job.scheduler_id: job for job in await self._backend.list_jobs(
-                    states=ACTIVE_STATES, cluster=self._scheduler.name, limit=10_000)
-                if job.scheduler_id}
+        jobs = {job.scheduler_id: job for job in await self._live_jobs() if job.scheduler_id}
         statuses = await self._scheduler.poll(list(jobs)) if jobs else {}
         misses = {}
         for scheduler_id, job in jobs.items():
@@ -131,6 +168,13 @@ class Monitor:
             misses[job.id] = 0 if status is not None else self._misses.get(job.id, 0) + 1
             files = None
             if has_ended(job, status, misses[job.id]):
+                if self._spool is not None:
+                    # What the job spooled before it ended may be how it ended.
+                    if not await self._drained(job):
+                        continue
+                    job = await self._backend.get_job(job.id)
+                    if job.state.terminal:
+                        continue
                 try:
                     files = await self._scheduler.read_job_files(job.id)
                 except MetisError as exc:
@@ -143,3 +187,18 @@ class Monitor:
                 except MetisError as exc:
                     logger.info("monitor: job %s: %s", job.id, exc)
         self._misses = misses
+
+    async def _drained(self, job: Job) -> bool:
+        """Whether the ended job's spool was read to its end (or could not be, polls in a
+        row: then the scheduler's word must do, or the job would never end)."""
+        assert self._spool is not None
+        try:
+            await self._spool.drain(job)
+        except MetisError as exc:
+            failures = self._drain_failures[job.id] = self._drain_failures.get(job.id, 0) + 1
+            logger.warning("monitor: job %s: its spool could not be read (%d): %s", job.id,
+                           failures, exc)
+            if failures < DRAIN_FAILURES_BEFORE_JUDGING:
+                return False
+        self._drain_failures.pop(job.id, None)
+        return True

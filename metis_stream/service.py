@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -39,6 +40,7 @@ from metis_stream.metrics import Metrics
 from metis_stream.monitor import Monitor
 from metis_stream.ndjson import NdjsonReader
 from metis_stream.schedulers.base import Scheduler, Submission
+from metis_stream.spool_reader import SpoolReader
 from metis_stream.templates import (
     DEFAULT_STDERR_TAIL_LINES,
     Template,
@@ -75,8 +77,17 @@ class JobService:
         await self.backend.start()
         for scheduler in self.schedulers.values():
             await scheduler.start()
+            cluster = self.config.clusters[scheduler.name]
+            spool = None
+            if cluster.delivery != "http":
+                spool = SpoolReader(self.backend, scheduler, self._ingest_spooled,
+                                    self._report_spool_damage,
+                                    max_bytes=cluster.spool_max_bytes,
+                                    max_event_bytes=self.config.server.max_event_bytes,
+                                    metrics=self.metrics)
             task_group.start_soon(Monitor(self.backend, scheduler, self._append_monitor,
-                                          self._tail_lines).run)
+                                          self._tail_lines, spool=spool,
+                                          spool_interval=cluster.spool_interval).run)
         self._tasks = task_group
 
     async def close(self) -> None:
@@ -140,7 +151,8 @@ class JobService:
 
     async def _submit(self, job: Job, template: Template) -> None:
         scheduler = self.schedulers[template.cluster]
-        env = {"METIS_JOB_ID": job.id, "METIS_EVENTS_URL": self.events_url(job.id)}
+        env = {"METIS_JOB_ID": job.id, "METIS_EVENTS_URL": self.events_url(job.id),
+               "METIS_DELIVERY": self.config.clusters[template.cluster].delivery}
         for name, value in job.params.items():
             env[template.params[name].env_name()] = param_text(value)
         submission = Submission(job_id=job.id, name=f"ms-{job.id[-12:]}", template=template,
@@ -198,8 +210,22 @@ class JobService:
         if not events:
             raise BadInput("no events in the request")
         result = await self._append_job_events(job_id, events)
-        await self._appended(job_id, result, by="job")
+        await self._appended(job_id, result, by="job", path="http")
         return result
+
+    async def _ingest_spooled(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
+        """Append events read from the job's spool, as the job's own (docs/spool.md)."""
+        spooled = [replace(event, via="spool") for event in events]
+        result = await self.backend.append(job_id, spooled, from_job=True)
+        await self._appended(job_id, result, by="job", path="spool")
+        return result
+
+    async def _report_spool_damage(self, job_id: str, notes: list[str]) -> None:
+        """Tell the job's watchers what of its spool was skipped, as a notice."""
+        with contextlib.suppress(JobEnded):
+            await self._append(job_id, [NewEvent("log", {
+                "stream": "notice", "lines": [f"spool: {note}" for note in notes],
+                "source": "spool"})], by="server")
 
     async def _append_job_events(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
         try:
@@ -289,11 +315,12 @@ class JobService:
         """Append events of the server's own (``by`` says which part of it)."""
         await self._appended(job_id, await self.backend.append(job_id, events), by=by)
 
-    async def _appended(self, job_id: str, result: AppendResult, *, by: str) -> None:
+    async def _appended(self, job_id: str, result: AppendResult, *, by: str,
+                        **labels: str) -> None:
         """Count what was appended; once the job has ended, remove its token file."""
         if not result.events:
             return
-        self.metrics.count("metis_events_appended_total", len(result.events), by=by)
+        self.metrics.count("metis_events_appended_total", len(result.events), by=by, **labels)
         final = result.events[-1]
         if final.terminal:
             self.metrics.count("metis_jobs_ended_total", type=final.type)
@@ -301,8 +328,9 @@ class JobService:
 
     async def _release(self, job_id: str) -> None:
         job = await self.backend.get_job(job_id)
+        keep_spool = self.config.clusters[job.cluster].spool_keep > 0
         try:
-            await self.schedulers[job.cluster].release(job_id)
+            await self.schedulers[job.cluster].release(job_id, keep_spool=keep_spool)
         except (SchedulerError, OSError) as exc:
             logger.warning("job %s: could not remove its token file: %s", job_id, exc)
 
