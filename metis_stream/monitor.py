@@ -28,6 +28,9 @@ from metis_stream.templates import DEFAULT_STDERR_TAIL_LINES
 
 logger = logging.getLogger(__name__)
 
+SPOOL_SWEEP_INTERVAL = 600.0
+"""Seconds between removals of spools kept past ``spool_keep``."""
+
 DRAIN_FAILURES_BEFORE_JUDGING = 3
 """Polls in a row an ended job's spool may fail to be read before the job is judged on
 the scheduler's word and its folder's files alone."""
@@ -106,13 +109,15 @@ class Monitor:
 
     def __init__(self, backend: Backend, scheduler: Scheduler, append: Appender,
                  tail_lines: TailLines = lambda job: DEFAULT_STDERR_TAIL_LINES, *,
-                 spool: SpoolReader | None = None, spool_interval: float = 1.0) -> None:
+                 spool: SpoolReader | None = None, spool_interval: float = 1.0,
+                 spool_keep: float = 0.0) -> None:
         self._backend = backend
         self._scheduler = scheduler
         self._append = append
         self._tail_lines = tail_lines
         self._spool = spool
         self._spool_interval = spool_interval
+        self._spool_keep = spool_keep
         self._misses: dict[str, int] = {}
         self._drain_failures: dict[str, int] = {}
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
@@ -121,6 +126,8 @@ class Monitor:
         async with anyio.create_task_group() as tasks:
             if self._spool is not None:
                 tasks.start_soon(self._read_spools_forever, self._spool)
+                if self._spool_keep > 0:
+                    tasks.start_soon(self._remove_old_spools_forever, self._spool)
             await self._poll_forever()
 
     async def _poll_forever(self) -> None:
@@ -146,6 +153,15 @@ class Monitor:
             interval = self._spool_interval if changed else min(
                 interval * 2, max(self._scheduler.poll_interval, self._spool_interval))
             await anyio.sleep(interval)
+
+    async def _remove_old_spools_forever(self, spool: SpoolReader) -> None:
+        while True:
+            try:
+                if await self._leading():
+                    await spool.remove_old(self._spool_keep)
+            except Exception:
+                logger.exception("cluster %s: removing old spools failed", self._scheduler.name)
+            await anyio.sleep(SPOOL_SWEEP_INTERVAL)
 
     async def _leading(self) -> bool:
         """Whether this process polls the cluster now (it alone, when the cluster is shared)."""

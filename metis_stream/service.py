@@ -87,7 +87,8 @@ class JobService:
                                     metrics=self.metrics)
             task_group.start_soon(Monitor(self.backend, scheduler, self._append_monitor,
                                           self._tail_lines, spool=spool,
-                                          spool_interval=cluster.spool_interval).run)
+                                          spool_interval=cluster.spool_interval,
+                                          spool_keep=cluster.spool_keep).run)
         self._tasks = task_group
 
     async def close(self) -> None:

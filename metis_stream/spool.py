@@ -15,6 +15,7 @@ job's spool was read. The scheduler adapters run the program; the monitor append
 from __future__ import annotations
 
 import base64
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,22 @@ if [ $# -gt 0 ]; then
 fi
 printf -- '--%s end\n' "$boundary"
 """
+
+
+# Removes the spools of ended jobs (no token file left) older than $2 minutes, in the
+# jobs' folder $1. ``find -mmin`` is not POSIX but GNU, busybox and the BSDs have it.
+SWEEPER = r"""
+cd -- "$1" 2>/dev/null || exit 0
+find . -name events.ndjson -mmin +"$2" | while read -r spool; do
+    [ -e "${spool%/*}/token" ] || rm -f -- "$spool"
+done
+"""
+
+
+def sweeper_argv(jobs_dir: str, keep_seconds: float) -> list[str]:
+    """One command that removes the spools kept longer than ``keep_seconds``."""
+    minutes = max(1, math.ceil(keep_seconds / 60))
+    return ["sh", "-c", SWEEPER, "metis-spool-sweeper", jobs_dir, str(minutes)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,10 @@ class SpoolReader:
         async with self._lock:
             return await self._read(live)
 
+    async def remove_old(self, keep_seconds: float) -> None:
+        """Remove the spools kept past ``spool_keep`` (docs/spool.md, "Cleanup")."""
+        await self._scheduler.remove_old_spools(keep_seconds)
+
     async def drain(self, job: Job) -> None:
         """Read an ended job's spool to its end: what it holds comes before the monitor
         judges how the job ended."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import orjson
@@ -22,6 +23,7 @@ from metis_stream.spool import (
     parse_frames,
     read_request,
     reader_argv,
+    sweeper_argv,
     take,
 )
 from tests.support import service_unavailable
@@ -66,7 +68,7 @@ def busybox_path(folder: Path) -> str:
     if busybox is None:
         service_unavailable("busybox is not installed (./dev test installs it)")
     folder.mkdir()
-    for tool in ("sh", "wc", "awk", "tail", "head", "printf"):
+    for tool in ("sh", "wc", "awk", "tail", "head", "printf", "find", "rm"):
         (folder / tool).symlink_to(busybox)
     return f"{folder}:{os.environ['PATH']}"
 
@@ -258,3 +260,25 @@ def test_a_chunk_read_for_another_cursor_changes_nothing() -> None:
 def test_the_cursor_survives_json() -> None:
     cursor = SpoolCursor(123, b"\x00\xff\n", True)
     assert SpoolCursor.from_json(orjson.loads(orjson.dumps(cursor.as_json()))) == cursor
+
+
+# The sweeper: spools kept past spool_keep
+
+
+@pytest.mark.parametrize("tools", ["dash", "busybox"])
+def test_the_sweeper_removes_only_old_spools_of_ended_jobs(tmp_path: Path, tools: str) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    old = time.time() - 3600
+    for job, has_token, mtime in [("j_old_ended", False, old), ("j_old_running", True, old),
+                                  ("j_new_ended", False, time.time())]:
+        path = spool(jobs, job, line(1))
+        os.utime(path, (mtime, mtime))
+        if has_token:
+            (jobs / job / "token").write_text("t")
+    path = busybox_path(tmp_path / "bin") if tools == "busybox" else os.environ["PATH"]
+    argv = sweeper_argv(str(jobs), keep_seconds=1800)
+    shell = ["sh"] if tools == "busybox" else [tools]
+    subprocess.run([*shell, *argv[1:]], check=True, timeout=30, env={"PATH": path})
+    assert sorted(p.parent.name for p in jobs.glob("*/events.ndjson")) == [
+        "j_new_ended", "j_old_running"]

@@ -11,7 +11,7 @@ import orjson
 
 from metis_stream.errors import SchedulerError, ShellError
 from metis_stream.shells.base import Shell
-from metis_stream.spool import Frames, SpoolRead, parse_frames, reader_argv
+from metis_stream.spool import Frames, SpoolRead, parse_frames, reader_argv, sweeper_argv
 from metis_stream.templates import Template
 
 __all__ = [
@@ -104,6 +104,11 @@ class Scheduler(Protocol):
         Raises SchedulerError when it cannot run."""
         ...
 
+    async def remove_old_spools(self, keep_seconds: float) -> None:
+        """Remove the spools of ended jobs kept longer than ``keep_seconds``, with one
+        command. Raises SchedulerError when it cannot run."""
+        ...
+
     async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         """The job has ended: remove its token file and anything else staged for it, and
         its spool unless ``keep_spool``."""
@@ -121,6 +126,17 @@ def job_files(submission: Submission, left_out: Sequence[str] = ()) -> dict[str,
     if isinstance(inputs, list) and inputs:
         files["input-urls"] = "".join(f"{url}\n" for url in inputs).encode()
     return files
+
+
+async def remove_old_spools_with(shell: Shell, jobs_dir: str, keep_seconds: float,
+                                  timeout: float, cluster: str) -> None:
+    try:
+        result = await shell.run(sweeper_argv(jobs_dir, keep_seconds), timeout=timeout)
+    except ShellError as exc:
+        raise SchedulerError(f"could not remove old spools on {cluster}: {exc}") from exc
+    if result.exit_status != 0:
+        raise SchedulerError(f"removing old spools on {cluster} failed with status "
+                             f"{result.exit_status}: {result.stderr.strip()[:300]}")
 
 
 async def read_spools_with(shell: Shell, jobs_dir: str, reads: Sequence[SpoolRead],

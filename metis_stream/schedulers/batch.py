@@ -31,6 +31,7 @@ from metis_stream.schedulers.base import (
     Submission,
     job_files,
     read_spools_with,
+    remove_old_spools_with,
 )
 from metis_stream.schedulers.dialect import (
     COMMAND_NOT_FOUND,
@@ -273,6 +274,10 @@ class BatchScheduler:
             check(STAGED_JOB_ID, read.job_id, "job id")
         return await read_spools_with(self._shell, f"{self._workdir}/jobs", reads,
                                       self._timeout, self.name)
+
+    async def remove_old_spools(self, keep_seconds: float) -> None:
+        await remove_old_spools_with(self._shell, f"{self._workdir}/jobs", keep_seconds,
+                                     self._timeout, self.name)
 
     async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         """Remove the job's secrets, and its spool unless told to keep it; its output

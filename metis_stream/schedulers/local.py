@@ -35,12 +35,13 @@ from metis_stream.schedulers.base import (
     Submission,
     job_files,
     read_spools_with,
+    remove_old_spools_with,
 )
 from metis_stream.shells.local import LocalShell, read_part
 from metis_stream.spool import SPOOL_FILE, Frames, SpoolRead
 
 KILL_GRACE = 5.0
-SPOOL_READ_TIMEOUT = 30.0
+SPOOL_COMMAND_TIMEOUT = 30.0
 
 
 class LocalScheduler:
@@ -139,7 +140,11 @@ class LocalScheduler:
 
     async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
         return await read_spools_with(self._shell, str(self._jobs_dir), reads,
-                                      SPOOL_READ_TIMEOUT, self.name)
+                                      SPOOL_COMMAND_TIMEOUT, self.name)
+
+    async def remove_old_spools(self, keep_seconds: float) -> None:
+        await remove_old_spools_with(self._shell, str(self._jobs_dir), keep_seconds,
+                                     SPOOL_COMMAND_TIMEOUT, self.name)
 
     async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         (self._jobs_dir / job_id / "token").unlink(missing_ok=True)
