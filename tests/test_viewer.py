@@ -39,6 +39,8 @@ from tests.support.server import (
     script_templates,
 )
 from tests.test_cli_e2e import Demo
+from tests.test_spool_local import SCRIPTS as SPOOL_SCRIPTS
+from tests.test_spool_local import SPOOL_CLUSTER
 
 pytestmark = pytest.mark.browser
 
@@ -588,6 +590,23 @@ def test_ansi_parser_renders_colours_and_drops_every_other_escape(viewer: Viewer
     }""", [line for line, _ in ANSI_CASES])
     for (line, expected), segments in zip(ANSI_CASES, parsed, strict=True):
         assert segments == expected, repr(line)
+
+
+def test_an_event_that_came_by_the_spool_is_marked_in_the_event_list(
+        browser: Browser, tmp_path: Path) -> None:
+    server = ServerProcess(state_dir=tmp_path / "server", extra_config=SPOOL_CLUSTER
+                           + script_templates(tmp_path / "scripts", SPOOL_SCRIPTS))
+    with running(server), viewer_on(browser, server) as view:
+        job = submit_with_api(server, "steps")
+        view.open(f"#/jobs/{job['id']}")
+        view.expect_state("completed")
+        view.page.locator("#events-panel summary").click()
+        step = view.page.locator("#events li", has_text="step 1").first
+        _expect(step.locator(".via")).to_have_text("spool")
+        _expect(step.locator(".via")).to_have_attribute(
+            "title", "read from the job's spool on the shared filesystem")
+        starting = view.page.locator("#events li", has_text="starting")
+        _expect(starting.locator(".via")).to_have_count(0)
 
 
 def test_server_restart_with_memory_backend_marks_the_job_lost(viewer: Viewer) -> None:

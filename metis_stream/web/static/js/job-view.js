@@ -252,7 +252,11 @@ export class JobView {
 
   listEvent(event) {
     const summary = typeof event.data === "string" ? event.data : JSON.stringify(event.data);
-    $("events").append(el("li", {}, el("code", {}, `#${event.seq} ${event.type}`), " ",
+    // How the event reached the server when not over HTTP (docs/spool.md): a badge.
+    const via = event.via === "spool"
+      ? el("span", { className: "via", title: "read from the job's spool on the shared filesystem" }, "spool")
+      : "";
+    $("events").append(el("li", {}, el("code", {}, `#${event.seq} ${event.type}`), " ", via,
       summary === undefined || summary === "null" ? "" : summary.slice(0, 200)));
   }
 
