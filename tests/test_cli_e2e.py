@@ -380,9 +380,12 @@ def test_tail_stream_prints_one_stream_of_an_unmodified_script_and_says_how_it_e
     assert stdout.stderr.startswith("job fatal: "), stdout.stderr
     assert json.loads(stdout.stderr.removeprefix("job fatal: "))["exit_status"] == 3
     assert (stderr.returncode, stderr.stdout) == (1, "err 1\nerr 2\n"), stderr.stderr
+    # Without --stream, both streams: each in its order (between the two, the order is
+    # the one the launcher read them in).
     lines = everything.stdout.splitlines()
-    assert [line for line in lines if line.startswith(("out", "err", "red"))] == [
-        "out 1", "err 1", "red", "out 2", "err 2"]
+    assert [line for line in lines if line.startswith(("out", "red"))] == [
+        "out 1", "red", "out 2"]
+    assert [line for line in lines if line.startswith("err")] == ["err 1", "err 2"]
     assert is_event_line(lines[-1], "fatal")
 
 
