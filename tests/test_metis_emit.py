@@ -483,7 +483,7 @@ def test_token_and_data_never_on_a_command_line(stub: Stub, env: dict[str, str],
     assert stub.token not in argv
     assert secret_text not in argv
     assert [e["data"] for e in stub.events] == [secret_text, secret_text]
-    # Nothing is left behind in TMPDIR (no copy of the token, no spool).
+    # Nothing is left behind in TMPDIR (no copy of the token, no copy of the lines).
     assert list(Path(env["TMPDIR"]).iterdir()) == []
 
 
