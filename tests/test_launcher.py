@@ -362,6 +362,43 @@ def test_in_both_mode_a_job_that_cannot_reach_the_server_loses_nothing(
     assert b"the server will read" in done.stderr + (job / "stderr").read_bytes()
 
 
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_the_job_folders_env_files_become_the_scripts_variables(
+        stub: Stub, env: dict[str, str], tmp_path: Path, shell: list[str]) -> None:
+    """Values that could not travel in the scheduler's -v list: exactly, newlines and all;
+    never run; a name that is no variable's is ignored; the job's own variable is kept."""
+    values = {
+        "MULTI": b'two\nlines "double" \'single\' $(touch pwned) `touch pwned` \\ $HOME\n\n',
+        "SPACES": b"  a  b  ",
+        "EMPTY": b"",
+        "UTF8": "é € 🎉".encode(),
+        "_UNDER_1": b"u",
+        "KEPT": b"from the file",
+    }
+    folder = tmp_path / "job" / "env"
+    folder.mkdir(parents=True)
+    for name, value in values.items():
+        (folder / name).write_bytes(value)
+    for bad in ("lower", "9LIVES", "A-B"):
+        (folder / bad).write_bytes(b"x")
+    out = tmp_path / "out"
+    out.mkdir()
+    body = (f'cd "{out}"\n'
+            'for name in MULTI SPACES EMPTY UTF8 _UNDER_1 KEPT; do\n'
+            '    eval "printf %s \\"\\$$name\\"" > "$name"\n'
+            'done\n'
+            'echo "${lower-unset}" > lower\n')
+    done = launch(env, tmp_path, body, shell=shell, extra={"KEPT": "from the job"})
+    assert done.returncode == 0, done.stderr
+    for name, value in values.items():
+        expected = b"from the job" if name == "KEPT" else value
+        assert (out / name).read_bytes() == expected, name
+    assert (out / "lower").read_text() == "unset\n"
+    assert not (out / "pwned").exists()
+    for bad in ("lower", "9LIVES", "A-B"):
+        assert f"ignored {folder / bad}: not a variable name".encode() in done.stderr
+
+
 def test_in_spool_mode_a_job_needs_no_token(stub: Stub, env: dict[str, str],
                                             tmp_path: Path) -> None:
     """A missing token file tells an HTTP job that the server ended it; in spool mode
