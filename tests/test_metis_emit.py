@@ -1200,3 +1200,42 @@ def test_a_bad_delivery_is_an_environment_error(stub: Stub, env: dict[str, str],
     assert [e["data"] for e in stub.events] == ["x"]
     assert list(job_dir.iterdir()) == []
 
+
+def test_param_inputs_and_spec_in_spool_mode(stub: Stub, env: dict[str, str], job_dir: Path,
+                                             tmp_path: Path) -> None:
+    spool_mode, curl_mark = without_curl(spool_env(env, job_dir, "spool"), tmp_path)
+    stub.params = {"text": "from the server"}
+    done = emit(spool_mode, "param", "text", extra={"TEXT": "from env"})
+    assert (done.returncode, done.stdout) == (0, b"from env")
+    done = emit(spool_mode, "param", "text")
+    assert done.returncode == 1
+    assert done.stderr == (b"metis-emit: no parameter text (in spool mode the job's "
+                           b"parameters come from its environment)\n")
+    # No input-urls in spool mode: no inputs.
+    done = emit(spool_mode, "inputs")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    (job_dir / "input-urls").write_text("https://example.org/a.txt\n\nhttps://example.org/b?x=1")
+    done = emit(spool_mode, "inputs")
+    assert (done.returncode, done.stdout) == (
+        0, b"https://example.org/a.txt\nhttps://example.org/b?x=1\n")
+    done = emit(spool_mode, "spec")
+    assert done.returncode == 3
+    assert b"METIS_SPEC_FILE" in done.stderr
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"job": "j_test01", "params": {"text": "t"}}')
+    done = emit(spool_mode, "spec", extra={"METIS_SPEC_FILE": str(spec)})
+    assert (done.returncode, done.stdout) == (0, spec.read_bytes())
+    assert stub.requests == []
+    assert not curl_mark.exists()
+
+
+def test_inputs_come_from_the_job_folder_whatever_the_delivery(
+        stub: Stub, env: dict[str, str], job_dir: Path) -> None:
+    stub.inputs = ["https://example.org/from-the-server"]
+    (job_dir / "input-urls").write_text("https://example.org/from-the-file\n")
+    done = emit({**env, "METIS_JOB_DIR": str(job_dir)}, "inputs")
+    assert (done.returncode, done.stdout) == (0, b"https://example.org/from-the-file\n")
+    assert stub.requests == []
+    (job_dir / "input-urls").unlink()
+    done = emit({**env, "METIS_JOB_DIR": str(job_dir)}, "inputs")
+    assert (done.returncode, done.stdout) == (0, b"https://example.org/from-the-server\n")
