@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from tests.test_metis_emit import SCRIPT, SHELLS, Stub, env, stub  # noqa: F401
+from tests.test_metis_emit import (  # noqa: F401
+    SCRIPT,
+    SHELLS,
+    Stub,
+    closed_port_url,
+    env,
+    spooled,
+    stub,
+    without_curl,
+)
 
 pytestmark = pytest.mark.skipif(not SHELLS, reason="needs a POSIX shell")
 
@@ -271,3 +280,144 @@ def test_a_job_whose_token_is_gone_does_not_wait_for_the_server(
     assert time.monotonic() - started < 15
     assert (tmp_path / "job" / "exit").read_text() == "3\n"
     assert (tmp_path / "job" / "stdout").read_text() == "last line\n"
+
+
+# ---------------------------------------------------------------------------
+# The spool (METIS_DELIVERY spool or both): jobs/<id>/events.ndjson
+
+SPOOL_SCRIPT = ('echo "line 1"\necho "warn 1" >&2\n"$METIS_EMIT" step "Working"\n'
+                'echo "line 2"\n')
+
+
+def spool_lines(events: list[dict[str, Any]], stream: str) -> list[str]:
+    return [line for e in events if e["type"] == "log" and e["data"]["stream"] == stream
+            for line in e["data"]["lines"]]
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_in_spool_mode_a_job_sends_nothing_and_spools_everything(
+        stub: Stub, env: dict[str, str], tmp_path: Path, shell: list[str]) -> None:
+    """The output lines, the script's own events and the end, in the spool; no curl."""
+    spool_mode, curl_mark = without_curl({**env, "METIS_DELIVERY": "spool"}, tmp_path)
+    done = launch(spool_mode, tmp_path, SPOOL_SCRIPT + "exit 3\n", shell=shell)
+    assert done.returncode == 3, done.stderr
+    job = tmp_path / "job"
+    events = spooled(job)
+    assert spool_lines(events, "stdout") == ["line 1", "line 2"]
+    assert spool_lines(events, "stderr") == ["warn 1"]
+    assert [e["data"] for e in events if e["type"] == "step"] == ["Working"]
+    assert events[-1]["type"] == "fatal"
+    assert events[-1]["data"] == {"error": "the script exited with status 3", "exit_status": 3,
+                                  "stderr_tail": ["warn 1"]}
+    assert oct((job / "events.ndjson").stat().st_mode & 0o777) == "0o600"
+    assert stub.requests == []
+    assert not curl_mark.exists()
+
+
+def test_in_spool_mode_the_scripts_own_end_comes_after_its_lines(
+        stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    body = ('i=1; while [ $i -le 30 ]; do echo "line $i"; i=$((i + 1)); done\n'
+            '"$METIS_EMIT" completed \'{\n  "answer": 42\n}\'\necho "after the end"\n')
+    done = launch({**env, "METIS_DELIVERY": "spool"}, tmp_path, body)
+    assert done.returncode == 0, done.stderr
+    events = spooled(tmp_path / "job")
+    assert spool_lines(events, "stdout") == [f"line {i}" for i in range(1, 31)] + [
+        "after the end"]
+    assert [e["type"] for e in events if e["type"] != "log"] == ["completed"]
+    assert events[-1]["data"] == {"answer": 42}
+    assert stub.requests == []
+
+
+def test_in_both_mode_the_spool_holds_what_the_server_got(
+        stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    stub.spool = tmp_path / "job" / "events.ndjson"
+    done = launch({**env, "METIS_DELIVERY": "both"}, tmp_path, SPOOL_SCRIPT)
+    assert done.returncode == 0, done.stderr
+    events = spooled(tmp_path / "job")
+    assert sorted(e["id"] for e in stub.events) == sorted(e["id"] for e in events)
+    # The launcher's stream and the script's metis-emit write side by side: the order is
+    # the same within each.
+    for kinds in ({"log"}, {"step", "completed"}):
+        assert [e["id"] for e in stub.events if e["type"] in kinds] == [
+            e["id"] for e in events if e["type"] in kinds]
+    assert spool_lines(events, "stdout") == ["line 1", "line 2"]
+    assert stub.events[-1]["type"] == events[-1]["type"] == "completed"
+    assert stub.not_yet_spooled == []
+    assert not (tmp_path / "job" / "spool-only").exists()
+
+
+def test_in_both_mode_a_job_that_cannot_reach_the_server_loses_nothing(
+        stub: Stub, env: dict[str, str], tmp_path: Path) -> None:
+    both = {**env, "METIS_DELIVERY": "both", "METIS_EMIT_RETRIES": "0",
+            "METIS_EVENTS_URL": closed_port_url()}
+    body = SPOOL_SCRIPT + 'echo "step said $?"\n'
+    done = launch(both, tmp_path, body)
+    assert done.returncode == 0, done.stderr
+    job = tmp_path / "job"
+    assert (job / "spool-only").exists()
+    events = spooled(job)
+    assert spool_lines(events, "stdout") == ["line 1", "line 2", "step said 0"]
+    assert [e["data"] for e in events if e["type"] == "step"] == ["Working"]
+    assert events[-1]["type"] == "completed"
+    assert b"the server will read" in done.stderr + (job / "stderr").read_bytes()
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_the_job_folders_env_files_become_the_scripts_variables(
+        stub: Stub, env: dict[str, str], tmp_path: Path, shell: list[str]) -> None:
+    """Values that could not travel in the scheduler's -v list: exactly, newlines and all;
+    never run; a name that is no variable's is ignored; the job's own variable is kept."""
+    values = {
+        "MULTI": b'two\nlines "double" \'single\' $(touch pwned) `touch pwned` \\ $HOME\n\n',
+        "SPACES": b"  a  b  ",
+        "EMPTY": b"",
+        "UTF8": "é € 🎉".encode(),
+        "_UNDER_1": b"u",
+        "KEPT": b"from the file",
+    }
+    folder = tmp_path / "job" / "env"
+    folder.mkdir(parents=True)
+    for name, value in values.items():
+        (folder / name).write_bytes(value)
+    for bad in ("lower", "9LIVES", "A-B"):
+        (folder / bad).write_bytes(b"x")
+    out = tmp_path / "out"
+    out.mkdir()
+    body = (f'cd "{out}"\n'
+            'for name in MULTI SPACES EMPTY UTF8 _UNDER_1 KEPT; do\n'
+            '    eval "printf %s \\"\\$$name\\"" > "$name"\n'
+            'done\n'
+            'echo "${lower-unset}" > lower\n')
+    done = launch(env, tmp_path, body, shell=shell, extra={"KEPT": "from the job"})
+    assert done.returncode == 0, done.stderr
+    for name, value in values.items():
+        expected = b"from the job" if name == "KEPT" else value
+        assert (out / name).read_bytes() == expected, name
+    assert (out / "lower").read_text() == "unset\n"
+    assert not (out / "pwned").exists()
+    for bad in ("lower", "9LIVES", "A-B"):
+        assert f"ignored {folder / bad}: not a variable name".encode() in done.stderr
+
+
+def test_in_spool_mode_a_job_needs_no_token(stub: Stub, env: dict[str, str],
+                                            tmp_path: Path) -> None:
+    """A missing token file tells an HTTP job that the server ended it; in spool mode
+    there is no token, and no request to stop: the end is reported all the same."""
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\nawk 'BEGIN { for (i = 1; i <= 3000; i++) print \"line \" i }'\n")
+    script.chmod(0o700)
+    run_env = {**env, "METIS_DELIVERY": "spool", "METIS_JOB_DIR": str(tmp_path / "job"),
+               "METIS_TOKEN_FILE": str(tmp_path / "no-token")}
+    process = subprocess.Popen(["dash", str(SCRIPT), "run", str(script)], env=run_env,
+                               start_new_session=True, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, stderr
+    events = spooled(tmp_path / "job")
+    assert spool_lines(events, "stdout") == [f"line {i}" for i in range(1, 3001)]
+    assert events[-1]["type"] == "completed"

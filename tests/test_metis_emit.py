@@ -83,6 +83,9 @@ class Stub:
     params: dict[str, str] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
+    spool: Path | None = None
+    """The job's spool: each event that arrives is checked to be in it already."""
+    not_yet_spooled: list[str] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -96,6 +99,9 @@ class Stub:
         """Validate every line first (all or nothing), then append; dedupe by id."""
         parsed = [parse_event_json(line) for line in raw_lines]
         seqs, duplicates = [], 0
+        if self.spool is not None:
+            spooled = {json.loads(line)["id"] for line in whole_lines(self.spool)}
+            self.not_yet_spooled += [str(e.id) for e in parsed if e.id not in spooled]
         with self.cond:
             for event in parsed:
                 if event.id is not None and event.id in self.ids:
@@ -329,8 +335,10 @@ def emit(env: dict[str, str], *args: str, shell: list[str] | None = None,
          stdin: bytes | None = None, extra: dict[str, str] | None = None,
          timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
     cmd = [*(shell or ["dash"]), str(SCRIPT), *args]
+    # umask 022, as a login shell has: the spool must be 0600 all the same.
     return subprocess.run(cmd, input=stdin if stdin is not None else b"", capture_output=True,
-                          env={**env, **(extra or {})}, timeout=timeout, check=False)
+                          env={**env, **(extra or {})}, timeout=timeout, check=False,
+                          umask=0o022)
 
 
 def only_event(stub: Stub) -> dict[str, Any]:
@@ -483,7 +491,7 @@ def test_token_and_data_never_on_a_command_line(stub: Stub, env: dict[str, str],
     assert stub.token not in argv
     assert secret_text not in argv
     assert [e["data"] for e in stub.events] == [secret_text, secret_text]
-    # Nothing is left behind in TMPDIR (no copy of the token, no spool).
+    # Nothing is left behind in TMPDIR (no copy of the token, no copy of the lines).
     assert list(Path(env["TMPDIR"]).iterdir()) == []
 
 
@@ -895,3 +903,339 @@ def test_download_job_failure(stub: Stub, env: dict[str, str], tmp_path: Path) -
     error = stub.events[-1]["data"]["error"]
     assert url in error
     assert "curl exit code 22" in error
+
+
+# ---------------------------------------------------------------------------
+# The spool (METIS_DELIVERY spool or both): $METIS_JOB_DIR/events.ndjson
+
+
+def whole_lines(spool: Path) -> list[bytes]:
+    """The spool's lines as a reader takes them: a last line without its newline is
+    still being written, and waits."""
+    if not spool.exists():
+        return []
+    return spool.read_bytes().split(b"\n")[:-1]
+
+
+def spooled(job_dir: Path) -> list[dict[str, Any]]:
+    """The spool's events, each checked to be one whole line of the wire JSON."""
+    data = (job_dir / "events.ndjson").read_bytes()
+    assert data.endswith(b"\n")
+    events = []
+    for line in whole_lines(job_dir / "events.ndjson"):
+        event = json.loads(line)
+        assert list(event) in (["type", "data", "id"], ["type", "id"]), line
+        assert ID_RE.match(event["id"]), line
+        events.append(event)
+    assert len({e["id"] for e in events}) == len(events)
+    return events
+
+
+@pytest.fixture
+def job_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "job"
+    folder.mkdir(mode=0o700)
+    return folder
+
+
+def spool_env(env: dict[str, str], job_dir: Path, delivery: str) -> dict[str, str]:
+    return {**env, "METIS_DELIVERY": delivery, "METIS_JOB_DIR": str(job_dir)}
+
+
+def without_curl(env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """ENV with a PATH whose `curl` only leaves a mark, and the mark's path."""
+    bindir = tmp_path / "no-curl"
+    bindir.mkdir(exist_ok=True)
+    mark = tmp_path / "curl-was-called"
+    (bindir / "curl").write_text(f'#!/bin/sh\necho "$@" >> "{mark}"\nexit 99\n')
+    (bindir / "curl").chmod(0o755)
+    return {**env, "PATH": f"{bindir}{os.pathsep}{env['PATH']}"}, mark
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api/jobs/{JOB}/events"
+
+
+PRETTY = json.dumps({"text": 'a "b"\n', "n": [1, 2.5, None, True], "é": {}}, indent=2,
+                    ensure_ascii=False)
+
+# Every kind of event metis-emit makes, as (args, stdin), and what each gives.
+EVERY_KIND: list[tuple[tuple[str, ...], bytes]] = [
+    (("step", NASTY_TEXTS[2]), b""),
+    (("log", NASTY_TEXTS[-1]), b""),
+    (("progress", "3", "10", "epochs"), b""),
+    (("result", PRETTY), b""),
+    (("event", "ping"), b""),
+    (("--id", "my-key:1", "token", " given id"), b""),
+    (("pipe", "token"), b'Hello\n world\n\n"q" \\ \t\n'),
+    (("pipe-events",), b'{"type": "step", "data": "a"}\n#idle\n\n{"type": "x.y", "data": [1]}\n'),
+    (("fatal", "went wrong\n(exit 3)"), b""),
+]
+EVERY_KIND_GIVES: list[tuple[str, Any]] = [
+    ("step", NASTY_TEXTS[2]),
+    ("log", NASTY_TEXTS[-1]),
+    ("progress", {"current": 3, "total": 10, "label": "epochs"}),
+    ("result", json.loads(PRETTY)),
+    ("ping", None),
+    ("token", " given id"),
+    ("token", "Hello"), ("token", " world"), ("token", ""), ("token", '"q" \\ \t'),
+    ("step", "a"), ("x.y", [1]),
+    ("fatal", {"error": "went wrong\n(exit 3)"}),
+]
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_spool_mode_appends_every_event_and_touches_no_network(
+        stub: Stub, env: dict[str, str], job_dir: Path, tmp_path: Path,
+        shell: list[str]) -> None:
+    """Each event is one line of the spool, exactly the JSON it would post, with its id;
+    no request, not even a curl --version, and neither token nor URL is needed."""
+    spool_mode, curl_mark = without_curl(spool_env(env, job_dir, "spool"), tmp_path)
+    del spool_mode["METIS_TOKEN_FILE"]
+    for args, stdin in EVERY_KIND:
+        done = emit(spool_mode, *args, shell=shell, stdin=stdin)
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"", b""), args
+    events = spooled(job_dir)
+    assert [(e["type"], e.get("data")) for e in events] == EVERY_KIND_GIVES
+    assert events[5]["id"] == "my-key:1"
+    assert stub.requests == []
+    assert not curl_mark.exists()
+    assert oct((job_dir / "events.ndjson").stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in job_dir.iterdir()) == ["events.ndjson"]
+    assert list(Path(env["TMPDIR"]).iterdir()) == []
+
+
+def test_both_mode_spools_each_event_before_posting_it(stub: Stub, env: dict[str, str],
+                                                       job_dir: Path) -> None:
+    stub.spool = job_dir / "events.ndjson"
+    both = spool_env(env, job_dir, "both")
+    for args, stdin in EVERY_KIND:
+        done = emit(both, *args, stdin=stdin)
+        assert (done.returncode, done.stderr) == (0, b""), args
+        stub.ended = False  # the fatal
+    events = spooled(job_dir)
+    assert [(e["type"], e.get("data")) for e in events] == EVERY_KIND_GIVES
+    assert [e["id"] for e in stub.events] == [e["id"] for e in events]
+    assert [(e["type"], e["data"]) for e in stub.events] == EVERY_KIND_GIVES
+    assert stub.not_yet_spooled == []
+    assert not (job_dir / "spool-only").exists()
+
+
+def test_both_mode_with_the_server_unreachable_loses_nothing(
+        stub: Stub, env: dict[str, str], job_dir: Path) -> None:
+    """The event is in the spool: exit 0 with a warning, and from then on the job's
+    events go to the spool only, even once the server is back, to keep their order."""
+    both = {**spool_env(env, job_dir, "both"), "METIS_EMIT_RETRIES": "0"}
+    # What the job asks of the server is no event, and not in the spool.
+    for args in [("param", "p"), ("inputs",), ("spec",)]:
+        done = emit(both, *args, extra={"METIS_EVENTS_URL": closed_port_url()})
+        assert done.returncode == 4, args
+        assert b"warning" not in done.stderr
+    assert list(job_dir.iterdir()) == []
+    done = emit(both, "step", "first", extra={"METIS_EVENTS_URL": closed_port_url()})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.endswith(
+        b"; the event is in the spool; the server will read it from there\n")
+    assert b"metis-emit: warning: posting the step event failed: curl exit status 7" \
+        in done.stderr
+    assert (job_dir / "spool-only").exists()
+    for args, stdin in [(("step", "second"), b""), (("pipe", "log"), b"a\nb\n"),
+                        (("pipe-events",), b'{"type": "x"}\n#idle\n{"type": "y"}\n')]:
+        done = emit(both, *args, stdin=stdin)
+        assert (done.returncode, done.stderr) == (0, b""), args
+    assert [(e["type"], e.get("data")) for e in spooled(job_dir)] == [
+        ("step", "first"), ("step", "second"), ("log", "a"), ("log", "b"), ("x", None),
+        ("y", None)]
+    assert stub.requests == []
+
+
+def test_both_mode_after_server_errors_and_a_pipe_that_cannot_resend(
+        stub: Stub, env: dict[str, str], job_dir: Path) -> None:
+    both = {**spool_env(env, job_dir, "both"), "METIS_EMIT_RETRIES": "1"}
+    stub.fail = ["503", "503"]
+    done = emit(both, "step", "x")
+    assert done.returncode == 0, done.stderr
+    assert b"server error (HTTP 503): backend unavailable; the event is in the spool" \
+        in done.stderr
+    assert (job_dir / "spool-only").exists()
+    (job_dir / "spool-only").unlink()
+    # The stream fails, and so does the resend of what it carried: the rest of stdin
+    # goes to the spool.
+    stub.fail = ["503", "503", "503"]
+    done = emit(both, "pipe", "log", stdin=b"one\ntwo\nthree\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.endswith(b"the events are in the spool, and the rest go there only; "
+                                b"the server will read them from there\n")
+    assert (job_dir / "spool-only").exists()
+    assert [e["data"] for e in spooled(job_dir)] == ["x", "one", "two", "three"]
+    assert stub.events == []
+
+
+def test_a_pipe_turns_spool_only_as_soon_as_the_job_does(
+        stub: Stub, env: dict[str, str], job_dir: Path) -> None:
+    """Another writer of the job (the script's own metis-emit) could not reach the
+    server: the stream's next line goes to the spool only, and so does the rest."""
+    with subprocess.Popen(["dash", str(SCRIPT), "pipe", "log"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=spool_env(env, job_dir, "both")) as proc:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(b"one\n")
+            proc.stdin.flush()
+            assert stub.wait_for(lambda: len(stub.events) == 1)
+            (job_dir / "spool-only").touch()
+            proc.stdin.write(b"two\nthree\n")
+            _, err = finish(proc)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert [e["data"] for e in spooled(job_dir)] == ["one", "two", "three"]
+    assert [e["data"] for e in stub.events] == ["one"]
+
+
+def test_both_mode_keeps_the_servers_definitive_answers(
+        stub: Stub, env: dict[str, str], job_dir: Path, tmp_path: Path) -> None:
+    """The line is in the spool all the same: the server refuses or drops it there too."""
+    both = spool_env(env, job_dir, "both")
+    stub.fail = ["400"]
+    assert emit(both, "step", "refused").returncode == 1
+    bad_token = tmp_path / "bad-token"
+    bad_token.write_text("wrong")
+    assert emit(both, "step", "unauthorized",
+                extra={"METIS_TOKEN_FILE": str(bad_token)}).returncode == 6
+    stub.fail = ["409"]
+    assert emit(both, "step", "late").returncode == 5
+    assert (job_dir / "ended").exists()
+    assert not (job_dir / "spool-only").exists()
+    assert [e["data"] for e in spooled(job_dir)] == ["refused", "unauthorized", "late"]
+
+
+def test_spool_lines_stay_whole_with_concurrent_writers(env: dict[str, str],
+                                                        job_dir: Path) -> None:
+    """Writers of one job append lines of 20 KiB at once: every line is whole, none lost
+    (a write of that size to a file is no atomic pipe write: only O_APPEND with one write
+    per line keeps them apart)."""
+    spool_mode = spool_env(env, job_dir, "spool")
+    writers, lines = 4, 25
+
+    def text(writer: int, line: int) -> str:
+        return f"writer {writer} line {line} " + "abcdefgh"[writer] * 20_000
+
+    def write(writer: int) -> subprocess.CompletedProcess[bytes]:
+        stdin = "".join(text(writer, i) + "\n" for i in range(lines)).encode()
+        return emit(spool_mode, "pipe", "log", stdin=stdin, timeout=120)
+
+    results: list[subprocess.CompletedProcess[bytes]] = []
+    threads = [threading.Thread(target=lambda w=w: results.append(write(w)))
+               for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.returncode for r in results] == [0] * writers, [r.stderr for r in results]
+    events = spooled(job_dir)
+    assert len(events) == writers * lines
+    assert sorted(e["data"] for e in events) == sorted(
+        text(w, i) for w in range(writers) for i in range(lines))
+    for w in range(writers):
+        mine = [e["data"] for e in events if e["data"].startswith(f"writer {w} ")]
+        assert mine == [text(w, i) for i in range(lines)]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_each_spool_line_is_one_write_with_o_append(env: dict[str, str], job_dir: Path,
+                                                    tmp_path: Path, shell: list[str]) -> None:
+    lines = ["x" * 100_000, "short", "é" * 30_000]
+    traces = tmp_path / "trace"
+    done = subprocess.run(
+        ["strace", "-f", "-ff", "-qq", "-s", "0", "-o", str(traces),
+         "-e", "trace=open,openat,write,execve", *shell, str(SCRIPT), "pipe", "log"],
+        input="".join(x + "\n" for x in lines).encode(), capture_output=True,
+        env=spool_env(env, job_dir, "spool"), timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert [e["data"] for e in spooled(job_dir)] == lines
+    opens, writes = [], []
+    for trace in tmp_path.glob("trace.*"):
+        text = trace.read_text()
+        opens += re.findall(r'open(?:at)?\([^"]*"[^"]*/events\.ndjson", ([^,)]*)', text)
+        if re.search(r'execve\("[^"]*/dd"', text):
+            writes.append([int(n) for n in re.findall(r"^write\(1, .*= (\d+)$", text, re.M)])
+    assert opens and all("O_APPEND" in flags for flags in opens), opens
+    lengths = [len(line) for line in whole_lines(job_dir / "events.ndjson")]
+    assert sorted(writes) == sorted([n + 1] for n in lengths)
+
+
+def test_spool_refuses_what_cannot_be_one_line(env: dict[str, str], job_dir: Path) -> None:
+    spool_mode = spool_env(env, job_dir, "spool")
+    huge = json.dumps({"type": "log", "data": "x" * (1 << 20)}).encode()
+    done = emit(spool_mode, "pipe-events", stdin=huge + b"\n")
+    assert done.returncode == 1
+    assert b"longer than the spool takes" in done.stderr
+    done = emit(spool_mode, "result", '{"text": "a line break\nin a string"}')
+    assert done.returncode == 1
+    assert b"not valid JSON" in done.stderr
+    assert whole_lines(job_dir / "events.ndjson") == []
+
+
+def test_a_bad_delivery_is_an_environment_error(stub: Stub, env: dict[str, str],
+                                                job_dir: Path) -> None:
+    for args in [("step", "x"), ("pipe", "log"), ("run", "script.sh"), ("param", "p"),
+                 ("inputs",), ("spec",)]:
+        done = emit(spool_env(env, job_dir, "spooled"), *args, stdin=b"a\n")
+        assert done.returncode == 3, args
+        assert done.stderr == (b"metis-emit: METIS_DELIVERY must be http, spool or both, "
+                               b"not 'spooled'\n")
+    for delivery in ("spool", "both"):
+        done = emit({**env, "METIS_DELIVERY": delivery}, "step", "x")
+        assert done.returncode == 3
+        assert b"needs METIS_JOB_DIR" in done.stderr
+    assert list(job_dir.iterdir()) == []
+    assert stub.requests == []
+    # Empty is unset: HTTP only, as before there was a spool.
+    assert emit(spool_env(env, job_dir, ""), "step", "x").returncode == 0
+    assert [e["data"] for e in stub.events] == ["x"]
+    assert list(job_dir.iterdir()) == []
+
+
+def test_param_inputs_and_spec_in_spool_mode(stub: Stub, env: dict[str, str], job_dir: Path,
+                                             tmp_path: Path) -> None:
+    spool_mode, curl_mark = without_curl(spool_env(env, job_dir, "spool"), tmp_path)
+    stub.params = {"text": "from the server"}
+    done = emit(spool_mode, "param", "text", extra={"TEXT": "from env"})
+    assert (done.returncode, done.stdout) == (0, b"from env")
+    done = emit(spool_mode, "param", "text")
+    assert done.returncode == 1
+    assert done.stderr == (b"metis-emit: no parameter text (in spool mode the job's "
+                           b"parameters come from its environment)\n")
+    # No input-urls in spool mode: no inputs.
+    done = emit(spool_mode, "inputs")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    (job_dir / "input-urls").write_text("https://example.org/a.txt\n\nhttps://example.org/b?x=1")
+    done = emit(spool_mode, "inputs")
+    assert (done.returncode, done.stdout) == (
+        0, b"https://example.org/a.txt\nhttps://example.org/b?x=1\n")
+    done = emit(spool_mode, "spec")
+    assert done.returncode == 3
+    assert b"METIS_SPEC_FILE" in done.stderr
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"job": "j_test01", "params": {"text": "t"}}')
+    done = emit(spool_mode, "spec", extra={"METIS_SPEC_FILE": str(spec)})
+    assert (done.returncode, done.stdout) == (0, spec.read_bytes())
+    assert stub.requests == []
+    assert not curl_mark.exists()
+
+
+def test_inputs_come_from_the_job_folder_whatever_the_delivery(
+        stub: Stub, env: dict[str, str], job_dir: Path) -> None:
+    stub.inputs = ["https://example.org/from-the-server"]
+    (job_dir / "input-urls").write_text("https://example.org/from-the-file\n")
+    done = emit({**env, "METIS_JOB_DIR": str(job_dir)}, "inputs")
+    assert (done.returncode, done.stdout) == (0, b"https://example.org/from-the-file\n")
+    assert stub.requests == []
+    (job_dir / "input-urls").unlink()
+    done = emit({**env, "METIS_JOB_DIR": str(job_dir)}, "inputs")
+    assert (done.returncode, done.stdout) == (0, b"https://example.org/from-the-server\n")
