@@ -67,8 +67,10 @@ async def test_submit_stages_files_and_passes_only_paths(files: tuple[Path, Path
     assert shell.files["metis-stream/jobs/j_1/token"] == (b"s3cret-token", 0o600)
     spec_data, spec_mode = shell.files["metis-stream/jobs/j_1/spec.json"]
     assert spec_mode == 0o600
-    assert orjson.loads(spec_data) == {"params": {"text": "hi, there"},
-                                       "env": {"TEXT": "hi, there"}}
+    assert orjson.loads(spec_data) == {"params": {"text": "hi, there"}}
+    # What could not travel in -v goes to a file of its own, which the launcher exports.
+    assert shell.files["metis-stream/jobs/j_1/env/TEXT"] == (b"hi, there", 0o600)
+    assert "metis-stream/jobs/j_1/env/DELAY" not in shell.files
 
     # The scheduler runs the launcher, which runs the script (by METIS_SCRIPT).
     launcher = launcher_script(script.read_bytes())
@@ -323,6 +325,11 @@ async def test_release_removes_the_secrets_and_close_closes_the_shell(
     scheduler = make(shell, emit)
     await scheduler.start()
     await scheduler.release("j_1")
-    assert shell.removed == ["metis-stream/jobs/j_1/token", "metis-stream/jobs/j_1/spec.json"]
+    assert shell.removed == ["metis-stream/jobs/j_1/token", "metis-stream/jobs/j_1/spec.json",
+                             "metis-stream/jobs/j_1/events.ndjson"]
+    # spool_keep: the spool stays, for the sweeper to remove later.
+    await scheduler.release("j_2", keep_spool=True)
+    assert shell.removed[3:] == ["metis-stream/jobs/j_2/token",
+                                 "metis-stream/jobs/j_2/spec.json"]
     await scheduler.close()
     assert shell.closed

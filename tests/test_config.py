@@ -152,8 +152,9 @@ def test_a_file_with_every_section(tmp_path, state):
     assert config.clusters["metis"] == ClusterConfig(
         name="metis", scheduler="pbs", host="metis.example.edu", port=2222, user="me",
         key_file="~/.ssh/id_ed25519", known_hosts="~/.ssh/known_hosts", workdir="metis-stream",
-        poll_interval=10)
+        poll_interval=10, delivery="both")
     assert config.clusters["laptop"].scheduler == "local"
+    assert config.clusters["laptop"].delivery == "http"
     tokens = config.templates["tokens"]
     assert tokens.cluster == "metis"
     assert tokens.script == (tmp_path / "conf" / "jobs" / "tokens.pbs").resolve()
@@ -281,6 +282,11 @@ def test_unreadable_or_invalid_toml_names_the_file(tmp_path, env):
     ('scheduler = "slurm"\nhost = "h"', "needs a user"),
     ('scheduler = "local"\nhost = "h"\nuser = "u"', "the local scheduler runs jobs here"),
     ('scheduler = "slurm"\nstop_jobs_on_exit = true', "stop_jobs_on_exit is for the local"),
+    ('delivery = "carrier-pigeon"', "delivery must be one of http, spool, both"),
+    ('delivery = "spool"\nspool_interval = 0', "spool_interval must be above 0"),
+    ("spool_keep = -1", "spool_keep 0 or more"),
+    ("spool_max_bytes = 1000", "spool_max_bytes must be at least 65536"),
+    ('spool_interval = "often"', "spool_interval: cannot use 'often'"),
 ])
 def test_cluster_validation(tmp_path, env, cluster, message):
     path = write(tmp_path, f"[clusters.hpc]\n{cluster}\n")

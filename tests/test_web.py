@@ -444,7 +444,7 @@ async def test_metrics_count_what_this_process_did(server: ServerProcess):
                    if line and not line.startswith("#"))
     by_job = sum(1 for e in events if e["type"] not in ("starting", "submitted")
                  and not (e["type"] == "running" and e["data"] == {"source": "scheduler"}))
-    assert float(samples['metis_events_appended_total{by="job"}']) == by_job
+    assert float(samples['metis_events_appended_total{by="job",path="http"}']) == by_job
     assert float(samples['metis_events_appended_total{by="server"}']) == 2
     assert float(samples["metis_jobs_created_total"]) == 1
     assert float(samples['metis_jobs_ended_total{type="completed"}']) == 1
@@ -598,4 +598,4 @@ def test_a_local_job_gets_nothing_of_the_servers_environment_beyond_the_allowlis
     assert environ["LC_TIME"] == "C" and environ["WORD"] == "plain"
     assert {name for name in environ if name.startswith("METIS_")} == {
         "METIS_JOB_ID", "METIS_EVENTS_URL", "METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT",
-        "METIS_JOB_DIR", "METIS_TERMINAL_FILE"}
+        "METIS_JOB_DIR", "METIS_TERMINAL_FILE", "METIS_DELIVERY"}
