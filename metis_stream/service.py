@@ -69,6 +69,8 @@ class JobService:
         self.backend = backend
         self.schedulers = schedulers
         self._tasks: TaskGroup | None = None
+        self._cancelling: set[str] = set()
+        """Jobs whose cancel is under way (see cancel)."""
         self._submissions = RateLimiter(config.server.submissions_per_minute)
         self.metrics = Metrics()
 
@@ -246,10 +248,16 @@ class JobService:
         job = await self.backend.get_job(job_id)
         if job.state.terminal:
             raise JobEnded(job_id)
-        if job.scheduler_id is not None:
-            await self.schedulers[job.cluster].cancel(job.scheduler_id)
-        await self._append(job_id, [NewEvent("cancelled", {"error": "cancelled"})],
-                           by="client")
+        # The job dies before `cancelled` is appended: meanwhile the monitor, which would
+        # take the death for the job's own failure, leaves it to this cancel.
+        self._cancelling.add(job_id)
+        try:
+            if job.scheduler_id is not None:
+                await self.schedulers[job.cluster].cancel(job.scheduler_id)
+            await self._append(job_id, [NewEvent("cancelled", {"error": "cancelled"})],
+                               by="client")
+        finally:
+            self._cancelling.discard(job_id)
         return await self.backend.get_job(job_id)
 
     async def ingest_ndjson(self, job_id: str, chunks: AsyncIterable[bytes], *,
@@ -310,6 +318,8 @@ class JobService:
         return template.stderr_tail_lines if template else DEFAULT_STDERR_TAIL_LINES
 
     async def _append_monitor(self, job_id: str, events: list[NewEvent]) -> None:
+        if job_id in self._cancelling:
+            return  # killed by a cancel that is about to say so
         await self._append(job_id, events, by="monitor")
 
     async def _append(self, job_id: str, events: Sequence[NewEvent], *, by: str) -> None:
