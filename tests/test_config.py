@@ -109,9 +109,11 @@ def test_no_file_means_the_embedded_examples(env, state):
     assert config.server.host == "127.0.0.1"
     assert config.server.redis_url == ""
     assert config.server.api_keys == ()
-    assert set(config.clusters) == {"local"}
+    assert set(config.clusters) == {"local", "spooled"}
     assert config.clusters["local"].scheduler == "local"
-    assert set(config.templates) == {"tokens", "download"}
+    assert (config.clusters["spooled"].scheduler, config.clusters["spooled"].delivery) == (
+        "local", "spool")
+    assert set(config.templates) == {"tokens", "tokens-spool", "download"}
     tokens = config.templates["tokens"]
     assert set(tokens.params) == {"text", "delay"}
     assert tokens.params["delay"].type == "float"
@@ -131,7 +133,7 @@ def test_the_embedded_examples_file_parses():
 
     raw = tomllib.loads(EXAMPLES_FILE.read_text())
     assert raw["clusters"]["local"]["scheduler"] == "local"
-    assert set(raw["templates"]) == {"tokens", "download"}
+    assert set(raw["templates"]) == {"tokens", "tokens-spool", "download"}
     assert raw["templates"]["download"]["params"]["url"]["type"] == "url"
 
 
