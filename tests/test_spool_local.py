@@ -14,7 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.server import LOCAL_CLUSTER, ServerProcess, running, script_templates
+from tests.support.server import (
+    EXAMPLE_TEMPLATES,
+    LOCAL_CLUSTER,
+    ServerProcess,
+    running,
+    script_templates,
+)
 
 SPOOL_CLUSTER = LOCAL_CLUSTER.replace("poll_interval = 0.3",
                                       'poll_interval = 0.3\ndelivery = "spool"\n'
@@ -39,12 +45,14 @@ SCRIPTS = {
 
 @pytest.fixture
 def server(tmp_path: Path) -> ServerProcess:
+    # The example templates too: tokens, whose script calls metis-emit as any job does.
     return ServerProcess(state_dir=tmp_path / "server", extra_config=SPOOL_CLUSTER
-                         + script_templates(tmp_path / "scripts", SCRIPTS))
+                         + EXAMPLE_TEMPLATES + script_templates(tmp_path / "scripts", SCRIPTS))
 
 
-def submit(server: ServerProcess, template: str) -> str:
-    response = httpx.post(f"{server.url}/api/jobs", json={"template": template}, timeout=10)
+def submit(server: ServerProcess, template: str, **params: Any) -> str:
+    response = httpx.post(f"{server.url}/api/jobs", json={"template": template,
+                                                          "params": params}, timeout=10)
     assert response.status_code == 201, response.text
     job_id: str = response.json()["id"]
     return job_id
@@ -85,6 +93,20 @@ def test_spooled_events_arrive_in_order_once_and_say_how(server: ServerProcess) 
     # Removed with the token once the job ended (spool_keep = 0).
     job_dir = server.state_dir / "jobs" / "local" / job_id
     assert not (job_dir / "events.ndjson").exists()
+
+
+def test_a_job_that_uses_metis_emit_sends_nothing_over_the_network(
+        server: ServerProcess) -> None:
+    text = "every word through the spool, none over HTTP"
+    with running(server):
+        job_id = submit(server, "tokens", text=text, delay=0.01)
+        events = wait_for(server, job_id, ended)
+        log = server.log()
+    assert events[-1]["type"] == "completed"
+    assert "".join(e["data"] for e in events if e["type"] == "token") == text
+    from_job = [e for e in events if e["type"] not in ("starting", "submitted", "running")]
+    assert from_job and all(e.get("via") == "spool" for e in from_job), from_job
+    assert f"POST /api/jobs/{job_id}/events" not in log
 
 
 def test_a_truncated_spool_is_reported_and_nothing_is_invented(server: ServerProcess) -> None:
