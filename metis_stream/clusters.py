@@ -1,0 +1,80 @@
+"""Cluster health: whether the server can reach a cluster and its scheduler now, since
+when, and why not (docs/clusters.md).
+
+An unreachable cluster is not a dead job: while a cluster cannot be polled, none of its
+jobs is judged, and their watchers are told once that the news is stale (``stale``) and
+once that it is fresh again (``recovered``). Pure: the states and their transitions; the
+monitor feeds them each poll's outcome.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from metis_stream.errors import ShellError
+
+ClusterState = Literal["ok", "degraded", "unreachable"]
+CLUSTER_STATES: tuple[ClusterState, ...] = ("ok", "degraded", "unreachable")
+"""``ok``: the last poll worked. ``degraded``: the connection works, the scheduler's
+commands fail (slurmctld or pbs_server down). ``unreachable``: no connection (sshd down,
+the network, a login that needs a person)."""
+
+STALE = "stale"
+RECOVERED = "recovered"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterHealth:
+    name: str
+    state: ClusterState = "ok"
+    since: float = 0.0
+    """When the cluster entered ``state`` (seconds since the epoch)."""
+    last_error: str = ""
+    """The last failure in the error's own words, which may name hosts, users and paths:
+    for API key holders only (empty once it works again). Watchers get plain_cause."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "since": self.since,
+                "last_error": self.last_error}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ClusterHealth:
+        state = raw["state"]
+        if state not in CLUSTER_STATES:
+            raise ValueError(f"unknown cluster state {state!r}")
+        return cls(name=str(raw["name"]), state=state, since=float(raw["since"]),
+                   last_error=str(raw["last_error"]))
+
+
+def state_of_failure(error: BaseException) -> ClusterState:
+    """``unreachable`` when the connection failed (a ShellError anywhere in the chain of
+    causes), else ``degraded``: the cluster answered, its scheduler did not."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ShellError):
+            return "unreachable"
+        seen = seen.__cause__
+    return "degraded"
+
+
+def after_poll(health: ClusterHealth, error: BaseException | None, now: float
+               ) -> ClusterHealth:
+    """The cluster's health after a poll that worked (``error`` None) or failed."""
+    if error is None:
+        return health if health.state == "ok" else ClusterHealth(health.name, "ok", now)
+    state = state_of_failure(error)
+    words = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if state == health.state:
+        return replace(health, last_error=words)
+    return ClusterHealth(health.name, state, now, words)
+
+
+def went_stale(before: ClusterHealth, after: ClusterHealth) -> bool:
+    """Whether watchers of the cluster's jobs get ``stale``: once when it stops working
+    (degraded to unreachable and back is the same outage)."""
+    return before.state == "ok" and after.state != "ok"
+
+
+def recovered(before: ClusterHealth, after: ClusterHealth) -> bool:
+    return before.state != "ok" and after.state == "ok"

@@ -1,0 +1,71 @@
+"""metis_stream.clusters: a cluster's health from each poll's outcome (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from metis_stream.clusters import (
+    ClusterHealth,
+    after_poll,
+    recovered,
+    state_of_failure,
+    went_stale,
+)
+from metis_stream.errors import ConnectionLost, SchedulerError, ShellError
+
+OK = ClusterHealth("metis", "ok", 100.0)
+
+
+def scheduler_error_from(cause: BaseException) -> SchedulerError:
+    try:
+        raise SchedulerError("squeue on metis: it failed") from cause
+    except SchedulerError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(("error", "state"), [
+    (ConnectionLost("connection lost: EOF"), "unreachable"),
+    (scheduler_error_from(ShellError("cannot connect to metis:22")), "unreachable"),
+    (SchedulerError("squeue: slurm_load_jobs error: Unable to contact slurm controller"),
+     "degraded"),
+    (scheduler_error_from(ValueError("bad output")), "degraded"),
+])
+def test_a_failure_is_unreachable_when_the_connection_failed_else_degraded(error, state):
+    assert state_of_failure(error) == state
+
+
+def test_a_failed_poll_changes_the_state_and_says_since_when_and_why():
+    after = after_poll(OK, SchedulerError("slurmctld is down"), now=200.0)
+    assert after == ClusterHealth("metis", "degraded", 200.0,
+                                  "SchedulerError: slurmctld is down")
+    assert went_stale(OK, after) and not recovered(OK, after)
+
+
+def test_the_same_state_again_keeps_its_since_and_takes_the_newer_error():
+    first = after_poll(OK, ConnectionLost("a"), now=200.0)
+    again = after_poll(first, ConnectionLost("b"), now=260.0)
+    assert (again.state, again.since, again.last_error) == ("unreachable", 200.0,
+                                                            "ConnectionLost: b")
+    assert not went_stale(first, again)
+
+
+def test_degraded_then_unreachable_is_one_outage():
+    degraded = after_poll(OK, SchedulerError("x"), now=200.0)
+    unreachable = after_poll(degraded, ConnectionLost("y"), now=210.0)
+    assert unreachable.state == "unreachable" and unreachable.since == 210.0
+    assert not went_stale(degraded, unreachable) and not recovered(degraded, unreachable)
+
+
+def test_a_poll_that_works_again_recovers():
+    down = after_poll(OK, ConnectionLost("y"), now=200.0)
+    up = after_poll(down, None, now=300.0)
+    assert up == ClusterHealth("metis", "ok", 300.0)
+    assert recovered(down, up)
+    assert after_poll(up, None, now=400.0) is up
+
+
+def test_health_survives_json_and_refuses_an_unknown_state():
+    health = ClusterHealth("metis", "degraded", 1.5, "SchedulerError: x")
+    assert ClusterHealth.from_json(health.as_json()) == health
+    with pytest.raises(ValueError, match="unknown cluster state"):
+        ClusterHealth.from_json({**health.as_json(), "state": "on fire"})
