@@ -22,8 +22,9 @@ TYPE_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 
 TERMINAL_TYPES = frozenset({"completed", "fatal", "cancelled"})
-SERVER_ONLY_TYPES = frozenset({"starting", "submitted", "cancelled"})
-"""Types that only the server appends: a job cannot claim it was submitted or cancelled."""
+SERVER_ONLY_TYPES = frozenset({"starting", "submitted", "cancelled", "stale", "recovered"})
+"""Types that only the server appends: a job cannot claim it was submitted or cancelled, or
+speak for its cluster's health."""
 
 MAX_EVENT_BYTES = 64 * 1024
 MAX_REQUEST_BYTES = 1024 * 1024

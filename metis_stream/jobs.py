@@ -55,6 +55,10 @@ STATE_AFTER_EVENT: Mapping[str, JobState] = {
     "completed": JobState.COMPLETED,
     "fatal": JobState.FAILED,
     "cancelled": JobState.CANCELLED,
+    # The cluster's news about the job went stale, or fresh again: nothing about the
+    # job's own progress. Forward-only rules never take a running job back to queued.
+    "stale": JobState.QUEUED,
+    "recovered": JobState.QUEUED,
 }
 """The state each event type leads to; any other type leads to ``STATE_OTHERWISE``."""
 STATE_OTHERWISE = JobState.RUNNING

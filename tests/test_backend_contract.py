@@ -19,6 +19,7 @@ from metis_stream.backends.follow import follow
 from metis_stream.backends.hub import DEFAULT_SUBSCRIPTION_BUFFER
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.backends.redis import RedisBackend
+from metis_stream.clusters import ClusterHealth
 from metis_stream.errors import EventLimitReached, JobEnded, JobNotFound, JobNotSubmitted
 from metis_stream.events import Event, NewEvent, encode_event
 from metis_stream.jobs import Job, JobState, apply_event, new_job_id
@@ -134,6 +135,16 @@ async def test_spool_cursors_are_kept_per_job_and_outside_the_record(backend: Ba
     assert await backend.spool_cursors([first.id, second.id, third.id, new_job_id()]) == {
         first.id: cursor, third.id: SpoolCursor(offset=7)}
     assert await backend.get_job(first.id) == record
+
+
+async def test_cluster_health_is_kept_per_cluster(backend: Backend) -> None:
+    assert await backend.cluster_health() == {}
+    down = ClusterHealth("metis", "unreachable", 1.5, "ConnectionLost: EOF")
+    await backend.set_cluster_health(ClusterHealth("metis", "ok", 1.0))
+    await backend.set_cluster_health(down)
+    await backend.set_cluster_health(ClusterHealth("other", "ok", 2.0))
+    assert await backend.cluster_health() == {"metis": down,
+                                              "other": ClusterHealth("other", "ok", 2.0)}
 
 
 # Appending and reading

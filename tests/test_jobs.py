@@ -112,7 +112,13 @@ def test_state_only_moves_forward(start, types):
 
 def test_state_table_covers_the_named_types():
     assert set(STATE_AFTER_EVENT) == {"starting", "submitted", "queued", "completed", "fatal",
-                                      "cancelled"}
+                                      "cancelled", "stale", "recovered"}
+
+
+@pytest.mark.parametrize("state", [JobState.QUEUED, JobState.RUNNING])
+@pytest.mark.parametrize("event_type", ["stale", "recovered"])
+def test_the_clusters_news_leaves_a_jobs_state_alone(state, event_type):
+    assert state_after(state, event_type) is state
 
 
 # apply_event
@@ -339,7 +345,8 @@ def test_the_state_machine_as_data_is_the_one_state_after_uses():
         "terminal_types": ["cancelled", "completed", "fatal"],
         "state_after_event": {"starting": "submitting", "submitted": "queued",
                               "queued": "queued", "completed": "completed",
-                              "fatal": "failed", "cancelled": "cancelled"},
+                              "fatal": "failed", "cancelled": "cancelled",
+                              "stale": "queued", "recovered": "queued"},
         "state_otherwise": "running",
         "rank": {"created": 0, "submitting": 1, "queued": 2, "running": 3, "completed": 4,
                  "failed": 4, "cancelled": 4},

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from metis_stream.backends.hub import Hub, Subscription
+from metis_stream.clusters import ClusterHealth
 from metis_stream.errors import EventLimitReached
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState
@@ -120,6 +121,14 @@ class Backend(Protocol):
 
     async def set_spool_cursor(self, job_id: str, cursor: SpoolCursor) -> None:
         """Keep how far the job's spool was read, on its record; raises JobNotFound."""
+        ...
+
+    async def set_cluster_health(self, health: ClusterHealth) -> None:
+        """Keep a cluster's health, as its monitor saw it last, for every process to show."""
+        ...
+
+    async def cluster_health(self) -> dict[str, ClusterHealth]:
+        """The health each cluster's monitor kept, by cluster name."""
         ...
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:

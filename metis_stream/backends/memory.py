@@ -20,6 +20,7 @@ from metis_stream.backends.contract import (
     JobLimits,
 )
 from metis_stream.backends.hub import Hub, Subscription
+from metis_stream.clusters import ClusterHealth
 from metis_stream.errors import JobEnded, JobNotFound, JobNotSubmitted
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState, apply_event
@@ -43,6 +44,7 @@ class MemoryBackend:
                  max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> None:
         self.hub = Hub()
         self._entries: dict[str, _Entry] = {}
+        self._health: dict[str, ClusterHealth] = {}
         self._limits = JobLimits(events=max_events_per_job, bytes=max_job_bytes)
 
     async def start(self) -> None:
@@ -141,6 +143,12 @@ class MemoryBackend:
 
     async def set_spool_cursor(self, job_id: str, cursor: SpoolCursor) -> None:
         self._entry(job_id).spool = cursor
+
+    async def set_cluster_health(self, health: ClusterHealth) -> None:
+        self._health[health.name] = health
+
+    async def cluster_health(self) -> dict[str, ClusterHealth]:
+        return dict(self._health)
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
         return True  # one process: nobody else to share with

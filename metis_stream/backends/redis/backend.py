@@ -14,6 +14,9 @@ Per job (``P`` is the key prefix, ``metis:`` by default):
 - ``P ids:<id>``: HASH, idempotency id -> seq.
 - ``P ch:<id>``: the pub/sub channel that carries each new event's wire JSON.
 
+Per cluster: ``P clusters:health``, HASH, cluster name -> its health as JSON
+(metis_stream.clusters.ClusterHealth), written by the process that polls it.
+
 Indexes: ``P jobs:state:<state>`` and ``P jobs:cluster:<cluster>``, sorted sets of
 job ids scored by ``order``. Ids of expired jobs are dropped when a listing meets them,
 and by the sweep: every ``sweep_interval``, whichever process holds the ``sweep`` lease
@@ -75,6 +78,7 @@ from metis_stream.backends.redis.scripts import (
     SET_FIELD_LUA,
     STATES,
 )
+from metis_stream.clusters import ClusterHealth
 from metis_stream.errors import JobEnded, JobNotFound, LogLost, MetisError
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState
@@ -445,6 +449,18 @@ class RedisBackend:
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
         return self.hub.subscribe(job_id)
+
+    async def set_cluster_health(self, health: ClusterHealth) -> None:
+        with unavailable_on_errors():
+            await self._client.hset(self._key("clusters", "health"), health.name,
+                                    to_json(health.as_json()))
+
+    async def cluster_health(self) -> dict[str, ClusterHealth]:
+        with unavailable_on_errors():
+            raw = cast(dict[bytes, bytes],
+                       await self._client.hgetall(self._key("clusters", "health")))
+        return {name.decode(): ClusterHealth.from_json(orjson.loads(value))
+                for name, value in raw.items()}
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
         with unavailable_on_errors():
