@@ -33,10 +33,13 @@ class ClusterHealth:
     last_error: str = ""
     """The last failure in the error's own words, which may name hosts, users and paths:
     for API key holders only (empty once it works again). Watchers get plain_cause."""
+    checked: float = 0.0
+    """When the cluster was last polled: health that is not checked any more (no process
+    polls the cluster) shows as old."""
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "since": self.since,
-                "last_error": self.last_error}
+                "last_error": self.last_error, "checked": self.checked}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ClusterHealth:
@@ -44,7 +47,7 @@ class ClusterHealth:
         if state not in CLUSTER_STATES:
             raise ValueError(f"unknown cluster state {state!r}")
         return cls(name=str(raw["name"]), state=state, since=float(raw["since"]),
-                   last_error=str(raw["last_error"]))
+                   last_error=str(raw["last_error"]), checked=float(raw["checked"]))
 
 
 def state_of_failure(error: BaseException) -> ClusterState:
@@ -62,12 +65,14 @@ def after_poll(health: ClusterHealth, error: BaseException | None, now: float
                ) -> ClusterHealth:
     """The cluster's health after a poll that worked (``error`` None) or failed."""
     if error is None:
-        return health if health.state == "ok" else ClusterHealth(health.name, "ok", now)
+        if health.state == "ok":
+            return replace(health, checked=now)
+        return ClusterHealth(health.name, "ok", now, checked=now)
     state = state_of_failure(error)
-    words = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    words = "; caused by ".join(_described(link) for link in _chain(error))
     if state == health.state:
-        return replace(health, last_error=words)
-    return ClusterHealth(health.name, state, now, words)
+        return replace(health, last_error=words, checked=now)
+    return ClusterHealth(health.name, state, now, words, checked=now)
 
 
 def went_stale(before: ClusterHealth, after: ClusterHealth) -> bool:
@@ -78,3 +83,16 @@ def went_stale(before: ClusterHealth, after: ClusterHealth) -> bool:
 
 def recovered(before: ClusterHealth, after: ClusterHealth) -> bool:
     return before.state != "ok" and after.state == "ok"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and all(link is not seen for seen in chain):
+        chain.append(link)
+        link = link.__cause__
+    return chain
+
+
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
 
 from metis_stream.backends.contract import Backend
-from metis_stream.errors import MetisError
+from metis_stream.clusters import RECOVERED, STALE, ClusterHealth, after_poll, recovered, went_stale
+from metis_stream.errors import MetisError, plain_cause
 from metis_stream.events import NewEvent
 from metis_stream.jobs import ACTIVE_STATES, Job, JobState
 from metis_stream.launcher import parse_exit, tail_lines
@@ -120,6 +122,7 @@ class Monitor:
         self._spool_keep = spool_keep
         self._misses: dict[str, int] = {}
         self._drain_failures: dict[str, int] = {}
+        self._health: ClusterHealth | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
 
     async def run(self) -> None:
@@ -136,6 +139,11 @@ class Monitor:
             try:
                 if await self._leading():
                     await self.poll_once()
+            except MetisError as exc:
+                # Logged with the cluster's change of health; each poll of an outage
+                # would only repeat it.
+                logger.debug("monitor of cluster %s: poll failed: %s", self._scheduler.name,
+                             exc)
             except Exception:
                 logger.exception("monitor of cluster %s: poll failed", self._scheduler.name)
             await anyio.sleep(interval)
@@ -175,7 +183,16 @@ class Monitor:
 
     async def poll_once(self) -> None:
         jobs = {job.scheduler_id: job for job in await self._live_jobs() if job.scheduler_id}
-        statuses = await self._scheduler.poll(list(jobs)) if jobs else {}
+        if not jobs:
+            return  # nothing to ask, and nothing to be stale about
+        try:
+            statuses = await self._scheduler.poll(list(jobs))
+        except Exception as exc:
+            # No job is judged from an outage: the poll stops here, and is taken up again
+            # when the cluster answers (docs/clusters.md).
+            await self._note_health(exc, list(jobs.values()))
+            raise
+        await self._note_health(None, list(jobs.values()))
         misses = {}
         for scheduler_id, job in jobs.items():
             status = statuses.get(scheduler_id)
@@ -203,6 +220,40 @@ class Monitor:
                 except MetisError as exc:
                     logger.info("monitor: job %s: %s", job.id, exc)
         self._misses = misses
+
+    async def _note_health(self, error: BaseException | None, jobs: list[Job]) -> None:
+        """Keep the cluster's health after a poll; tell the watchers of its live jobs
+        once that their news went stale, and once that it is fresh again."""
+        now = time.time()
+        if self._health is None:
+            kept = await self._backend.cluster_health()
+            self._health = kept.get(self._scheduler.name,
+                                    ClusterHealth(self._scheduler.name, "ok", since=now))
+        before = self._health
+        self._health = after = after_poll(before, error, now)
+        await self._backend.set_cluster_health(after)
+        if after.state != before.state:
+            log = logger.info if after.state == "ok" else logger.warning
+            log("cluster %s: %s (%s)", self._scheduler.name, after.state,
+                after.last_error or "polls work again")
+        news = None
+        if went_stale(before, after) and error is not None:
+            news = NewEvent(STALE, {"cluster": self._scheduler.name, "state": after.state,
+                                    "cause": plain_cause(error)})
+        elif recovered(before, after):
+            news = NewEvent(RECOVERED, {"cluster": self._scheduler.name,
+                                        "stale_for": round(now - before.since, 1)})
+        if news is None:
+            return
+        for job in jobs:
+            try:
+                await self._append(job.id, [news])
+            except MetisError as exc:
+                logger.info("monitor: job %s: %s", job.id, exc)
+
+    def health(self) -> ClusterHealth | None:
+        """The cluster's health as this process last saw it (None before its first poll)."""
+        return self._health
 
     async def _drained(self, job: Job) -> bool:
         """Whether the ended job's spool was read to its end (or could not be, polls in a

@@ -8,6 +8,7 @@ translation of routes onto these methods.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -22,6 +23,7 @@ from metis_stream import tokens
 from metis_stream.backends.contract import AppendResult, Backend
 from metis_stream.backends.follow import follow
 from metis_stream.backoff import Backoff
+from metis_stream.clusters import CLUSTER_STATES
 from metis_stream.config import Config
 from metis_stream.errors import (
     BackendUnavailable,
@@ -87,10 +89,13 @@ class JobService:
                                     max_bytes=cluster.spool_max_bytes,
                                     max_event_bytes=self.config.server.max_event_bytes,
                                     metrics=self.metrics)
-            task_group.start_soon(Monitor(self.backend, scheduler, self._append_monitor,
-                                          self._tail_lines, spool=spool,
-                                          spool_interval=cluster.spool_interval,
-                                          spool_keep=cluster.spool_keep).run)
+            monitor = Monitor(self.backend, scheduler, self._append_monitor, self._tail_lines,
+                              spool=spool, spool_interval=cluster.spool_interval,
+                              spool_keep=cluster.spool_keep)
+            for state in CLUSTER_STATES:
+                self.metrics.gauge("metis_cluster_state", functools.partial(
+                    _in_state, monitor, state), cluster=cluster.name, state=state)
+            task_group.start_soon(monitor.run)
         self._tasks = task_group
 
     async def close(self) -> None:
@@ -298,6 +303,21 @@ class JobService:
 
     # Reading
 
+    async def clusters(self) -> list[dict[str, Any]]:
+        """Each cluster's configuration that clients may see, and its health as the
+        process that polls it last wrote it: ``unknown`` before any poll (a cluster
+        without live jobs is not polled)."""
+        health = await self.backend.cluster_health()
+        views = []
+        for name, cluster in self.config.clusters.items():
+            seen = health.get(name)
+            views.append({"name": name, "scheduler": cluster.scheduler,
+                          "delivery": cluster.delivery,
+                          **(seen.as_json() if seen is not None else {
+                              "state": "unknown", "since": None, "last_error": "",
+                              "checked": None})})
+        return views
+
     async def get(self, job_id: str) -> Job:
         return await self.backend.get_job(job_id)
 
@@ -345,3 +365,9 @@ class JobService:
         except (SchedulerError, OSError) as exc:
             logger.warning("job %s: could not remove its token file: %s", job_id, exc)
 
+
+
+def _in_state(monitor: Monitor, state: str) -> float:
+    """1 when the cluster is in ``state`` as this process's monitor saw it last, else 0."""
+    health = monitor.health()
+    return 1.0 if health is not None and health.state == state else 0.0

@@ -37,15 +37,15 @@ def test_a_failure_is_unreachable_when_the_connection_failed_else_degraded(error
 def test_a_failed_poll_changes_the_state_and_says_since_when_and_why():
     after = after_poll(OK, SchedulerError("slurmctld is down"), now=200.0)
     assert after == ClusterHealth("metis", "degraded", 200.0,
-                                  "SchedulerError: slurmctld is down")
+                                  "SchedulerError: slurmctld is down", checked=200.0)
     assert went_stale(OK, after) and not recovered(OK, after)
 
 
 def test_the_same_state_again_keeps_its_since_and_takes_the_newer_error():
     first = after_poll(OK, ConnectionLost("a"), now=200.0)
     again = after_poll(first, ConnectionLost("b"), now=260.0)
-    assert (again.state, again.since, again.last_error) == ("unreachable", 200.0,
-                                                            "ConnectionLost: b")
+    assert (again.state, again.since, again.last_error, again.checked) == (
+        "unreachable", 200.0, "ConnectionLost: b", 260.0)
     assert not went_stale(first, again)
 
 
@@ -59,13 +59,14 @@ def test_degraded_then_unreachable_is_one_outage():
 def test_a_poll_that_works_again_recovers():
     down = after_poll(OK, ConnectionLost("y"), now=200.0)
     up = after_poll(down, None, now=300.0)
-    assert up == ClusterHealth("metis", "ok", 300.0)
+    assert up == ClusterHealth("metis", "ok", 300.0, checked=300.0)
     assert recovered(down, up)
-    assert after_poll(up, None, now=400.0) is up
+    assert after_poll(up, None, now=400.0) == ClusterHealth("metis", "ok", 300.0,
+                                                            checked=400.0)
 
 
 def test_health_survives_json_and_refuses_an_unknown_state():
-    health = ClusterHealth("metis", "degraded", 1.5, "SchedulerError: x")
+    health = ClusterHealth("metis", "degraded", 1.5, "SchedulerError: x", checked=2.5)
     assert ClusterHealth.from_json(health.as_json()) == health
     with pytest.raises(ValueError, match="unknown cluster state"):
         ClusterHealth.from_json({**health.as_json(), "state": "on fire"})

@@ -239,6 +239,12 @@ async def list_templates(request: Request) -> Response:
                                        for template in service.config.templates.values()]})
 
 
+async def list_clusters(request: Request) -> Response:
+    service = service_of(request)
+    auth.require_client(request, service.config.server)
+    return JSONResponse({"clusters": await service.clusters()})
+
+
 async def no_such_route(request: Request) -> Response:
     raise NoSuchRoute()
 
