@@ -272,13 +272,12 @@ def test_the_sweeper_removes_only_old_spools_of_ended_jobs(tmp_path: Path, tools
     old = time.time() - 3600
     for job, has_token, mtime in [("j_old_ended", False, old), ("j_old_running", True, old),
                                   ("j_new_ended", False, time.time())]:
-        path = spool(jobs, job, line(1))
-        os.utime(path, (mtime, mtime))
+        os.utime(spool(jobs, job, line(1)), (mtime, mtime))
         if has_token:
             (jobs / job / "token").write_text("t")
-    path = busybox_path(tmp_path / "bin") if tools == "busybox" else os.environ["PATH"]
+    search = busybox_path(tmp_path / "bin") if tools == "busybox" else os.environ["PATH"]
     argv = sweeper_argv(str(jobs), keep_seconds=1800)
     shell = ["sh"] if tools == "busybox" else [tools]
-    subprocess.run([*shell, *argv[1:]], check=True, timeout=30, env={"PATH": path})
+    subprocess.run([*shell, *argv[1:]], check=True, timeout=30, env={"PATH": search})
     assert sorted(p.parent.name for p in jobs.glob("*/events.ndjson")) == [
         "j_new_ended", "j_old_running"]
