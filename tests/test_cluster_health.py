@@ -18,6 +18,7 @@ from metis_stream.errors import ConnectionLost, SchedulerError
 from metis_stream.jobs import JobState
 from metis_stream.schedulers.base import JobFiles, SchedulerStatus, Submission
 from metis_stream.service import JobService
+from metis_stream.spool import Frames, SpoolRead
 from metis_stream.templates import Template
 from metis_stream.tokens import hash_api_key
 from tests.support.server import ServerProcess, running
@@ -53,8 +54,9 @@ class Outage:
                 raise SchedulerError("squeue on hpc: connection lost") from exc
         if self.phase == "degraded":
             raise SchedulerError("squeue: Unable to contact slurm controller")
-        state = "ended" if self.phase == "ended" else "running"
-        return {i: SchedulerStatus(state, 0, "COMPLETED") for i in scheduler_ids}
+        if self.phase == "ended":
+            return {i: SchedulerStatus("ended", 0, "COMPLETED") for i in scheduler_ids}
+        return {i: SchedulerStatus("running") for i in scheduler_ids}
 
     async def cancel(self, scheduler_id: str) -> None:
         pass
@@ -62,7 +64,13 @@ class Outage:
     async def read_job_files(self, job_id: str) -> JobFiles:
         return JobFiles(exit=b"0\n")
 
-    async def release(self, job_id: str) -> None:
+    async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
+        return Frames([])
+
+    async def remove_old_spools(self, keep_seconds: float) -> None:
+        pass
+
+    async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         pass
 
 
