@@ -23,6 +23,12 @@ the network, a login that needs a person)."""
 STALE = "stale"
 RECOVERED = "recovered"
 
+CAUSES: dict[ClusterState, str] = {
+    "degraded": "the cluster's scheduler does not answer",
+    "unreachable": "the server cannot reach the cluster",
+}
+"""What a job's watchers are told of an outage: plain words, no host or user names."""
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterHealth:

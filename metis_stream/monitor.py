@@ -19,8 +19,16 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from metis_stream.backends.contract import Backend
-from metis_stream.clusters import RECOVERED, STALE, ClusterHealth, after_poll, recovered, went_stale
-from metis_stream.errors import MetisError, plain_cause
+from metis_stream.clusters import (
+    CAUSES,
+    RECOVERED,
+    STALE,
+    ClusterHealth,
+    after_poll,
+    recovered,
+    went_stale,
+)
+from metis_stream.errors import MetisError
 from metis_stream.events import NewEvent
 from metis_stream.jobs import ACTIVE_STATES, Job, JobState
 from metis_stream.launcher import parse_exit, tail_lines
@@ -237,9 +245,9 @@ class Monitor:
             log("cluster %s: %s (%s)", self._scheduler.name, after.state,
                 after.last_error or "polls work again")
         news = None
-        if went_stale(before, after) and error is not None:
+        if went_stale(before, after):
             news = NewEvent(STALE, {"cluster": self._scheduler.name, "state": after.state,
-                                    "cause": plain_cause(error)})
+                                    "cause": CAUSES[after.state]})
         elif recovered(before, after):
             news = NewEvent(RECOVERED, {"cluster": self._scheduler.name,
                                         "stale_for": round(now - before.since, 1)})

@@ -609,6 +609,51 @@ def test_an_event_that_came_by_the_spool_is_marked_in_the_event_list(
         _expect(starting.locator(".via")).to_have_count(0)
 
 
+# A host-less Slurm cluster whose commands are these scripts: squeue fails while the
+# file "down" exists (slurmctld away), and says the job runs otherwise.
+FAKE_SLURM = {
+    "sbatch": "#!/bin/sh\necho 4242\n",
+    "squeue": '#!/bin/sh\nif [ -e "$HOME/down" ]; then\n'
+              '    echo "slurm_load_jobs error: Unable to contact slurm controller" >&2\n'
+              '    exit 1\nfi\necho "4242|RUNNING|None"\n',
+    "scancel": "#!/bin/sh\nexit 0\n",
+}
+
+
+def test_a_stale_cluster_is_shown_until_it_recovers(browser: Browser, tmp_path: Path) -> None:
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    home.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    config = ('[clusters.hpc]\nscheduler = "slurm"\npoll_interval = 0.2\n'
+              'delivery = "http"\nworkdir = "ms"\n'
+              + script_templates(tmp_path / "scripts", {"remote": "sleep 1\n"},
+                                 cluster="hpc"))
+    server = ServerProcess(state_dir=tmp_path / "server", extra_config=config,
+                           env={"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    with running(server), viewer_on(browser, server) as view:
+        job = submit_with_api(server, "remote")
+        view.open(f"#/jobs/{job['id']}")
+        view.expect_state("running")
+        banner = view.page.locator("#cluster-stale")
+        _expect(banner).to_be_hidden()
+        (home / "down").touch()
+        _expect(banner).to_be_visible()
+        _expect(banner).to_contain_text("hpc has not answered since")
+        _expect(banner).to_contain_text("the cluster's scheduler does not answer")
+        _expect(banner).to_contain_text("The job runs on")
+        view.expect_state("running")
+        view.screenshot("cluster-stale")
+        (home / "down").unlink()
+        _expect(banner).to_be_hidden()
+        view.expect_state("running")
+        [cluster] = httpx.get(f"{server.url}/api/clusters", timeout=10).json()["clusters"]
+        httpx.delete(f"{server.url}/api/jobs/{job['id']}", timeout=10)
+    assert cluster["state"] == "ok"
+
+
 def test_server_restart_with_memory_backend_marks_the_job_lost(viewer: Viewer) -> None:
     """The memory backend forgets every job on restart: the page must say so, not crash.
 

@@ -14,4 +14,6 @@ export const EVENT_HANDLERS = {
   completed: (view, e) => { if (e.data !== null && e.data !== undefined) view.showResult(e.data); },
   fatal: (view, e) => view.showError(e.data),
   cancelled: (view, e) => view.showError(e.data ?? "cancelled"),
+  stale: (view, e) => view.showStale(e.data, e.time),
+  recovered: (view) => view.hideStale(),
 };

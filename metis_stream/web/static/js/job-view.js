@@ -40,6 +40,7 @@ export class JobView {
     $("job-scheduler-id").textContent = "—";
     $("job-seq").textContent = "0";
     $("job-error").hidden = true;
+    $("cluster-stale").hidden = true;
     $("cancel-job").hidden = true;
     for (const id of ["output-panel", "progress-panel", "steps-panel", "chunks-panel", "result-panel", "logs-panel"]) {
       $(id).hidden = true;
@@ -326,6 +327,21 @@ export class JobView {
     $("result-panel").hidden = false;
   }
 
+  // The cluster stopped answering: the job runs on, but what this page shows of it may
+  // be old until `recovered` (docs/clusters.md).
+  showStale(data, time) {
+    const cluster = data && typeof data.cluster === "string" ? data.cluster : "the cluster";
+    const cause = data && typeof data.cause === "string" ? `: ${data.cause}` : "";
+    const since = new Date(time * 1000).toLocaleTimeString();
+    $("cluster-stale-text").textContent =
+      `${cluster} has not answered since ${since}${cause}. The job runs on; its news may be old.`;
+    $("cluster-stale").hidden = false;
+  }
+
+  hideStale() {
+    $("cluster-stale").hidden = true;
+  }
+
   showError(data) {
     let message = data;
     let exitStatus = null;
@@ -344,6 +360,7 @@ export class JobView {
     if (open && !open.closed) this.closeStep(open, event.time);
     clearInterval(this.tickTimer);
     this.setConnection("ended");
+    this.hideStale();
     $("cancel-job").hidden = true;
     // apply() has moved the state already; the announcement adds the error, if any.
     const ended = this.state;
