@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -31,8 +30,10 @@ from tests.support.server import (
     RunningJob,
     ServerProcess,
     free_port,
+    history,
     local_job_script,
     script_templates,
+    submit,
 )
 from tests.support.users import run_as
 
@@ -107,22 +108,6 @@ class Background:
         for pipe in (self.process.stdout, self.process.stderr):
             if pipe is not None:
                 pipe.close()
-
-
-def submit(server: ServerProcess, template: str = "tokens", key: str | None = None,
-           **params: Any) -> str:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    response = httpx.post(f"{server.url}/api/jobs", headers=headers, timeout=10,
-                          json={"template": template, "params": params})
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
-def history(server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = httpx.get(
-        f"{server.url}/api/jobs/{job_id}/events", timeout=10).json()["events"]
-    return events
 
 
 def wait_for_state(server: ServerProcess, job_id: str, state: str, timeout: float = 15) -> None:

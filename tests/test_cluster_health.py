@@ -16,34 +16,23 @@ from metis_stream.backends.memory import MemoryBackend
 from metis_stream.config import ClusterConfig, Config, ServerConfig
 from metis_stream.errors import ConnectionLost, SchedulerError
 from metis_stream.jobs import JobState
-from metis_stream.schedulers.base import JobFiles, SchedulerStatus, Submission
+from metis_stream.schedulers.base import JobFiles, SchedulerStatus
 from metis_stream.service import JobService
-from metis_stream.spool import Frames, SpoolRead
 from metis_stream.templates import Template
 from metis_stream.tokens import hash_api_key
+from tests.support.schedulers import SchedulerDouble
 from tests.support.server import ServerProcess, running
 
 
-class Outage:
+class Outage(SchedulerDouble):
     """A scheduler that answers, then cannot be reached, then answers that the job ended
     well (its `exit` file says 0)."""
 
     name = "hpc"
-    poll_interval = 0.01
-    shared = True
 
     def __init__(self) -> None:
         self.phase = "up"
         self.polls = 0
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def submit(self, submission: Submission) -> str:
-        return "7.hpc"
 
     async def poll(self, scheduler_ids: Sequence[str]) -> Mapping[str, SchedulerStatus]:
         self.polls += 1
@@ -63,15 +52,6 @@ class Outage:
 
     async def read_job_files(self, job_id: str) -> JobFiles:
         return JobFiles(exit=b"0\n")
-
-    async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
-        return Frames([])
-
-    async def remove_old_spools(self, keep_seconds: float) -> None:
-        pass
-
-    async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
-        pass
 
 
 async def wait_polls(scheduler: Outage, count: int) -> None:

@@ -11,32 +11,21 @@ import anyio
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.config import ClusterConfig, Config, ServerConfig
 from metis_stream.jobs import JobState
-from metis_stream.schedulers.base import JobFiles, SchedulerStatus, Submission
+from metis_stream.schedulers.base import JobFiles, SchedulerStatus
 from metis_stream.service import JobService
-from metis_stream.spool import Frames, SpoolRead
 from metis_stream.templates import Template
+from tests.support.schedulers import SchedulerDouble
 
 
-class SlowToCancel:
+class SlowToCancel(SchedulerDouble):
     """A scheduler whose job is dead as soon as the cancel begins, and whose cancel
     returns only after the monitor has polled it several times."""
 
     name = "slow"
-    poll_interval = 0.01
-    shared = True
 
     def __init__(self) -> None:
         self.killed = False
         self.polls_after_kill = 0
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def submit(self, submission: Submission) -> str:
-        return "1.slow"
 
     async def poll(self, scheduler_ids: Sequence[str]) -> Mapping[str, SchedulerStatus]:
         if not self.killed:
@@ -52,15 +41,6 @@ class SlowToCancel:
 
     async def read_job_files(self, job_id: str) -> JobFiles:
         return JobFiles(exit=b"143 SIGTERM\n")
-
-    async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
-        return Frames([])
-
-    async def remove_old_spools(self, keep_seconds: float) -> None:
-        pass
-
-    async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
-        pass
 
 
 async def test_a_cancelled_job_ends_cancelled_however_fast_the_monitor_sees_it_die() -> None:

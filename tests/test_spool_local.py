@@ -18,8 +18,10 @@ from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
     ServerProcess,
+    history,
     running,
     script_templates,
+    submit,
 )
 
 SPOOL_CLUSTER = LOCAL_CLUSTER.replace("poll_interval = 0.3",
@@ -48,20 +50,6 @@ def server(tmp_path: Path) -> ServerProcess:
     # The example templates too: tokens, whose script calls metis-emit as any job does.
     return ServerProcess(state_dir=tmp_path / "server", extra_config=SPOOL_CLUSTER
                          + EXAMPLE_TEMPLATES + script_templates(tmp_path / "scripts", SCRIPTS))
-
-
-def submit(server: ServerProcess, template: str, **params: Any) -> str:
-    response = httpx.post(f"{server.url}/api/jobs", json={"template": template,
-                                                          "params": params}, timeout=10)
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
-def history(server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = httpx.get(
-        f"{server.url}/api/jobs/{job_id}/events", timeout=10).json()["events"]
-    return events
 
 
 def wait_for(server: ServerProcess, job_id: str, check: Any, timeout: float = 30

@@ -32,7 +32,9 @@ from tests.support.server import (
     LOCAL_CLUSTER,
     ServerProcess,
     free_port,
+    history,
     local_job_script,
+    submit,
 )
 
 SSE = {"Accept": "text/event-stream"}
@@ -80,20 +82,6 @@ def parse(body: str) -> Stream:
         if block:
             stream.feed_block(block)
     return stream
-
-
-def submit(server: ServerProcess, template: str = "tokens", **params: Any) -> str:
-    response = httpx.post(f"{server.url}/api/jobs",
-                          json={"template": template, "params": params}, timeout=10)
-    assert response.status_code == 201, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
-def history(server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = httpx.get(
-        f"{server.url}/api/jobs/{job_id}/events", timeout=10).json()["events"]
-    return events
 
 
 def wait_for_end(server: ServerProcess, job_id: str, timeout: float = 30) -> list[dict[str, Any]]:

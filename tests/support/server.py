@@ -168,6 +168,24 @@ class ServerProcess:
         raise AssertionError("no VmRSS in /proc/PID/status")
 
 
+def submit(server: ServerProcess, template: str = "tokens", key: str | None = None,
+           **params: Any) -> str:
+    """Submit a job through the API (with ``key`` when the server has keys); its id."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(f"{server.url}/api/jobs", headers=headers, timeout=10,
+                          json={"template": template, "params": params})
+    assert response.status_code == 201, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def history(server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
+    """The first page of a job's events."""
+    events: list[dict[str, Any]] = httpx.get(
+        f"{server.url}/api/jobs/{job_id}/events", timeout=10).json()["events"]
+    return events
+
+
 IDLE_SCRIPT = '"$METIS_EMIT" step idle\nwhile [ -f "$METIS_TOKEN_FILE" ]; do sleep 0.1; done\n'
 """A batch script that reports one step and waits until its job ends (its token file goes)."""
 
