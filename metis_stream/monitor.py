@@ -163,9 +163,16 @@ class Monitor:
             try:
                 if await self._leading():
                     changed = await spool.read(await self._live_jobs())
-            except Exception:
-                logger.exception("spool reader of cluster %s: read failed",
-                                 self._scheduler.name)
+            except Exception as exc:
+                if (isinstance(exc, MetisError) and self._health is not None
+                        and self._health.state != "ok"):
+                    # Logged with the cluster's change of health (the poll's); each read
+                    # of an outage would only repeat it, with a traceback.
+                    logger.debug("spool reader of cluster %s: read failed: %s",
+                                 self._scheduler.name, exc)
+                else:
+                    logger.exception("spool reader of cluster %s: read failed",
+                                     self._scheduler.name)
             interval = self._spool_interval if changed else min(
                 interval * 2, max(self._scheduler.poll_interval, self._spool_interval))
             await anyio.sleep(interval)

@@ -145,11 +145,12 @@ def remote_exists(cluster: TestCluster, path: str) -> bool:
 
 
 def cluster_block(cluster: TestCluster, name: str, scheduler: str, *, known_hosts: Path,
-                  poll_interval: float = 1.0) -> str:
+                  poll_interval: float = 1.0, workdir: str | None = None) -> str:
+    """A ``[clusters.NAME]`` block; its workdir is under this module's folder unless given."""
     return (f"\n[clusters.{name}]\nscheduler = \"{scheduler}\"\nhost = \"{cluster.host}\"\n"
             f"port = {cluster.port}\nuser = \"{cluster.user}\"\n"
             f"key_file = \"{cluster.key_file}\"\nknown_hosts = \"{known_hosts}\"\n"
-            f"use_agent = false\nworkdir = \"{BASE}/{name}\"\n"
+            f"use_agent = false\nworkdir = \"{workdir or f'{BASE}/{name}'}\"\n"
             f"poll_interval = {poll_interval}\n")
 
 

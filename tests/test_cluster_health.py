@@ -5,12 +5,14 @@ server for the route). The real cluster's outages are tested in test_cluster_out
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anyio
 import httpx
+import pytest
 
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.config import ClusterConfig, Config, ServerConfig
@@ -18,6 +20,7 @@ from metis_stream.errors import ConnectionLost, SchedulerError
 from metis_stream.jobs import JobState
 from metis_stream.schedulers.base import JobFiles, SchedulerStatus
 from metis_stream.service import JobService
+from metis_stream.spool import Frames, SpoolRead
 from metis_stream.templates import Template
 from metis_stream.tokens import hash_api_key
 from tests.support.schedulers import SchedulerDouble
@@ -33,10 +36,13 @@ class Outage(SchedulerDouble):
     def __init__(self) -> None:
         self.phase = "up"
         self.polls = 0
+        self.polls_down = 0
+        self.failed_spool_reads = 0
 
     async def poll(self, scheduler_ids: Sequence[str]) -> Mapping[str, SchedulerStatus]:
         self.polls += 1
         if self.phase == "down":
+            self.polls_down += 1
             try:
                 raise ConnectionLost("connection lost: EOF from hpc.example.edu:22")
             except ConnectionLost as exc:
@@ -52,6 +58,16 @@ class Outage(SchedulerDouble):
 
     async def read_job_files(self, job_id: str) -> JobFiles:
         return JobFiles(exit=b"0\n")
+
+    async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
+        if self.phase == "down" and self.polls_down:
+            # After the poll has seen the outage (a read before it is any failure).
+            self.failed_spool_reads += 1
+            try:
+                raise ConnectionLost("connection lost: EOF from hpc.example.edu:22")
+            except ConnectionLost as exc:
+                raise SchedulerError("could not read the spools on hpc: connection lost") from exc
+        return Frames([])
 
 
 async def wait_polls(scheduler: Outage, count: int) -> None:
@@ -101,6 +117,33 @@ async def test_an_outage_ends_no_job_and_watchers_hear_of_it_once_each_way() -> 
     assert back.data["stale_for"] >= 0
     assert 'metis_cluster_state{cluster="hpc",state="ok"} 1' in metrics
     assert 'metis_cluster_state{cluster="hpc",state="unreachable"} 0' in metrics
+
+
+async def test_an_outage_is_logged_once_not_at_each_failed_spool_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The spool reader meets the outage too (delivery ``both``, every batch cluster's
+    default): the cluster's change of health says it once, not a traceback a read."""
+    scheduler = Outage()
+    config = Config(server=ServerConfig(insecure_no_auth=True),
+                    clusters={"hpc": ClusterConfig(name="hpc", scheduler="slurm",
+                                                     delivery="both", spool_interval=0.01)},
+                    templates={"t": Template(name="t", cluster="hpc")})
+    service = JobService(config, MemoryBackend(), {"hpc": scheduler})
+    async with anyio.create_task_group() as tasks:
+        await service.run(tasks)
+        await service.create("t", {}, [], client="test")
+        await wait_polls(scheduler, 3)
+        scheduler.phase = "down"
+        with anyio.fail_after(5):
+            while scheduler.failed_spool_reads < 5:
+                await anyio.sleep(0.005)
+        scheduler.phase = "up"
+        await wait_polls(scheduler, 3)
+        tasks.cancel_scope.cancel()
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records
+              if r.levelno >= logging.WARNING]
+    assert len(logged) == 1, logged
+    assert logged[0][0] == "WARNING" and logged[0][1].startswith("cluster hpc: unreachable")
 
 
 def test_the_clusters_route_says_each_clusters_health(tmp_path: Path) -> None:

@@ -169,8 +169,39 @@ class TestCluster:
     def restart_sshd(self) -> None:
         """Stop sshd and start it again on the same address and port. Open SSH
         connections drop, as when a login node reboots."""
-        self._stop_sshd()
-        self._start_sshd()
+        self.stop_sshd()
+        self.start_sshd()
+
+    def stop_sshd(self) -> None:
+        """Stop sshd and every connection it serves: nothing reaches the cluster over SSH
+        (connection refused) until :meth:`start_sshd`. Jobs run on."""
+        # A connection's processes outlive the listener: end them too.
+        self.drop_connections()
+        _stop_process(self._procs.pop("sshd"))
+
+    def start_sshd(self) -> None:
+        """Start sshd (again) on the cluster's address and port; returns once it listens."""
+        self._procs["sshd"] = _spawn(self.in_cluster(self._sshd_argv), self.state_dir, "sshd")
+        _wait_for(lambda: _port_open(self.host, self.port), 10, "sshd to listen", self)
+
+    def stop_slurmctld(self) -> None:
+        """Stop slurmctld (it saves its state): Slurm's commands fail, as when the
+        controller is down, while running jobs go on under slurmd."""
+        _stop_process(self._procs.pop("slurmctld"))
+
+    def start_slurmctld(self) -> None:
+        """Start slurmctld (again) from its saved state; returns once it answers."""
+        self._spawn_slurmctld()
+
+        def answers() -> bool:
+            return self.run_as_user(["squeue", "-h"], timeout=10).returncode == 0
+
+        _wait_for(answers, 30, "slurmctld to answer", self)
+
+    def _spawn_slurmctld(self) -> None:
+        self._procs["slurmctld"] = _spawn(
+            self.in_cluster(["slurmctld", "-D", "-f", str(self.slurm_conf)]),
+            self.state_dir, "slurmctld")
 
     def drop_connections(self) -> None:
         """Cut every open SSH connection (as a network failure would); sshd keeps
@@ -179,15 +210,6 @@ class TestCluster:
         for process in descendants(self._procs["sshd"].pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGKILL)
-
-    def _stop_sshd(self) -> None:
-        # A connection's processes outlive the listener: end them too.
-        self.drop_connections()
-        _stop_process(self._procs.pop("sshd"))
-
-    def _start_sshd(self) -> None:
-        self._procs["sshd"] = _spawn(self.in_cluster(self._sshd_argv), self.state_dir, "sshd")
-        _wait_for(lambda: _port_open(self.host, self.port), 10, "sshd to listen", self)
 
     def forge_known_hosts(self, path: Path) -> Path:
         """Write a known_hosts file that lists a *different* key for this cluster's
@@ -239,7 +261,7 @@ class TestCluster:
                         break
                     time.sleep(0.2)
         if "sshd" in self._procs:
-            self._stop_sshd()
+            self.stop_sshd()
         for name in ("slurmd", "slurmctld", "munged"):
             if name in self._procs:
                 _stop_process(self._procs.pop(name))
@@ -296,7 +318,7 @@ def build_cluster(*, netns: bool = True) -> TestCluster:
         _write_slurm_conf(cluster, ctld_port, slurmd_port)
         _start_slurm(cluster)
         _setup_ssh(cluster)
-        cluster._start_sshd()
+        cluster.start_sshd()
     except BaseException as exc:
         logs = cluster.logs()
         cluster.stop()
@@ -432,12 +454,9 @@ PartitionName=short Nodes=localhost MaxTime=00:10:00 State=UP
 
 
 def _start_slurm(cluster: TestCluster) -> None:
-    conf = str(cluster.slurm_conf)
-    cluster._procs["slurmctld"] = _spawn(
-        cluster.in_cluster(["slurmctld", "-D", "-f", conf]), cluster.state_dir, "slurmctld"
-    )
+    cluster._spawn_slurmctld()
     cluster._procs["slurmd"] = _spawn(
-        cluster.in_cluster(["slurmd", "-D", "-N", "localhost", "-f", conf]),
+        cluster.in_cluster(["slurmd", "-D", "-N", "localhost", "-f", str(cluster.slurm_conf)]),
         cluster.state_dir,
         "slurmd",
     )
