@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import functools
 import os
 import shlex
@@ -194,10 +195,21 @@ def _run_server(config: Config) -> int:
     return 0
 
 
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, and the server's own messages (a cluster's change of health, a
+    spool's damage) at INFO through the same handler: without it only warnings would
+    reach the log."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["metis_stream"] = {"handlers": ["default"], "level": "INFO",
+                                         "propagate": False}
+    return config
+
+
 def _uvicorn_options(config: Config) -> dict[str, Any]:
     server = config.server
     return {
         "log_level": "info",
+        "log_config": _log_config(),
         "access_log": server.access_log,
         # uvicorn would take X-Forwarded-For from any loopback caller by default.
         "proxy_headers": bool(server.forwarded_allow_ips),

@@ -75,7 +75,11 @@ def after_poll(health: ClusterHealth, error: BaseException | None, now: float
             return replace(health, checked=now)
         return ClusterHealth(health.name, "ok", now, checked=now)
     state = state_of_failure(error)
-    words = "; caused by ".join(_described(link) for link in _chain(error))
+    words = ""
+    for link in _chain(error):
+        # A message that already quotes its cause's (as a scheduler's errors do) says it.
+        if str(link) not in words:
+            words += ("; caused by " if words else "") + _described(link)
     if state == health.state:
         return replace(health, last_error=words, checked=now)
     return ClusterHealth(health.name, state, now, words, checked=now)

@@ -70,3 +70,14 @@ def test_health_survives_json_and_refuses_an_unknown_state():
     assert ClusterHealth.from_json(health.as_json()) == health
     with pytest.raises(ValueError, match="unknown cluster state"):
         ClusterHealth.from_json({**health.as_json(), "state": "on fire"})
+
+
+def test_the_last_error_names_each_cause_once():
+    error = scheduler_error_from(SchedulerError("Problem loading jobs."))
+    assert after_poll(OK, error, now=1.0).last_error == (
+        "SchedulerError: squeue on metis: it failed; caused by SchedulerError: Problem "
+        "loading jobs.")
+    quoted = scheduler_error_from(ShellError("connection refused"))
+    quoted.args = ("squeue on metis: connection refused",)
+    assert after_poll(OK, quoted, now=1.0).last_error == (
+        "SchedulerError: squeue on metis: connection refused")

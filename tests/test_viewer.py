@@ -651,7 +651,11 @@ def test_a_stale_cluster_is_shown_until_it_recovers(browser: Browser, tmp_path: 
         view.expect_state("running")
         [cluster] = httpx.get(f"{server.url}/api/clusters", timeout=10).json()["clusters"]
         httpx.delete(f"{server.url}/api/jobs/{job['id']}", timeout=10)
+        log = server.log()
     assert cluster["state"] == "ok"
+    # The change of health is logged once each way, the recovery too (at INFO).
+    assert log.count("cluster hpc: degraded") == 1, log
+    assert log.count("cluster hpc: ok (polls work again)") == 1, log
 
 
 def test_server_restart_with_memory_backend_marks_the_job_lost(viewer: Viewer) -> None:
