@@ -70,7 +70,8 @@ REMOTE_SCRIPTS = {
     "quick.sh": '"$METIS_EMIT" completed\n',
     "true.sh": "exit 0\n",
     # Reports its parameters exactly (the trailing x keeps trailing newlines), and whether
-    # they arrived in the environment or had to be fetched from the spec.
+    # they arrived in the environment or had to be fetched from the spec (no longer
+    # needed since the launcher exports what -v could not carry; kept as a witness).
     "echo.sh": """\
 if [ -n "${WORD+set}" ]; then from=env; else from=spec; fi
 word=$("$METIS_EMIT" param word; echo x) || exit 1
@@ -611,14 +612,18 @@ def test_shell_metacharacters_reach_the_job_intact(env: Env, scheduler: str) -> 
     record(env, get_job(env.server, job["id"]))
     assert events[-1]["type"] == "completed", events
     result = next(e["data"] for e in events if e["type"] == "result")
-    assert result == {"word": word, "note": note, "from": "spec"}
+    # In the job's environment all the same: what cannot travel in -v goes through the
+    # job's folder (env/NAME, which the launcher exports; docs/spool.md).
+    assert result == {"word": word, "note": note, "from": "env"}
+    assert remote_exists(env.cluster, f"{env.job_dir(scheduler, job['id'])}/env/WORD")
     assert not remote_exists(env.cluster, marker)
     assert not Path(marker).exists()
-    # A plain value travels in the environment.
+    # A plain value travels in the environment list itself.
     plain = submit(env.server, f"echo_{scheduler}", {"word": "plain-word_1.2"})
     events = follow(env.server, plain["id"])
     result = next(e["data"] for e in events if e["type"] == "result")
     assert result == {"word": "plain-word_1.2", "note": "plain", "from": "env"}
+    assert not remote_exists(env.cluster, f"{env.job_dir(scheduler, plain['id'])}/env/WORD")
 
 
 def _slurm_saved_environment(cluster: TestCluster, scheduler_id: str) -> bytes:

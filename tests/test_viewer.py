@@ -822,7 +822,7 @@ def test_api_key_is_asked_for_then_used(browser: Browser, keyed_server: ServerPr
 
         page.locator("#api-key").fill("test-key-123")
         page.get_by_role("button", name="Save").click()
-        page.get_by_label("tokens").check()
+        page.locator("#template-tokens").check()
         page.get_by_label("text").fill("one two three")
         page.get_by_label("delay").fill("0")
         page.get_by_role("button", name="Submit").click()
@@ -850,14 +850,15 @@ def test_the_demos_address_gives_the_viewer_its_key_then_leaves_the_address_bar(
     try:
         assert len(demo.key) >= 32, demo.viewer_url
         page.goto(demo.viewer_url)
-        _expect(page.get_by_label("tokens")).to_be_visible()  # templates: the key worked
+        # The templates loaded: the key worked (the demo also has tokens-spool).
+        _expect(page.locator("#template-tokens")).to_be_visible()
         assert page.url == f"{demo.url}/#/"
         assert demo.key not in page.evaluate("location.href")
         assert page.evaluate("localStorage.getItem('metis-stream.api-key')") == demo.key
         _expect(page.locator("#api-key")).to_have_value(demo.key)
         _expect(page.locator("#notice")).to_be_hidden()
 
-        page.get_by_label("tokens").check()
+        page.locator("#template-tokens").check()
         page.get_by_label("text").fill("from the demo address")
         page.get_by_label("delay").fill("0")
         page.get_by_role("button", name="Submit").click()
