@@ -307,8 +307,8 @@ async def measure(target: Target, args: argparse.Namespace, results: Results) ->
             + "".join(f"; {p}" for p in run.problems()))
     if not args.flood:
         return
-    # What the server and redis-server spend with no job at all: the CPU runs take it
-    # off, with the fixed cost of a job (the empty job), to give the net cost per line.
+    # What the server and redis-server spend with no job at all (uvicorn's ticks, the
+    # monitor's polls, the Redis listener's pings), to compare with the paced jobs'.
     await asyncio.sleep(args.settle)
     assert target.server.process is not None
     pids = (target.server.process.pid, target.redis.pid)
@@ -437,17 +437,14 @@ LATENCY_HEADER = ("target", "job", "printed", "received", "lost/dup", "p50 ms", 
                   "srv->ws p50", "srv->ws p99", "log events", "lines/event")
 
 
-def cpu_rows(all_results: Sequence[Results], args: argparse.Namespace) -> list[list[str]]:
+def cpu_rows(all_results: Sequence[Results]) -> list[list[str]]:
     """One row per case: CPU summed over its runs, divided by the lines of all of them.
-    Net: less the idle server's CPU over each run's time and the empty job's cost above
-    idle."""
+    Net: less the empty job's mean CPU per run (the fixed cost of a job: submission,
+    the monitor's polls while it runs, its terminal event)."""
     rows = []
     for results in all_results:
         empty = results.cpu_runs.get("empty job", [])
-        cases = dict(results.cpu_runs)
-        if results.latency_runs:
-            cases[f"paced, {args.lines} lines / {1000 * args.every:g} ms"] = results.latency_runs
-        for label, runs in cases.items():
+        for label, runs in results.cpu_runs.items():
             printed = sum(r.count for r in runs)
             reached = sum(r.received for r in runs)
             events = sum(r.log_events for r in runs)
@@ -457,8 +454,7 @@ def cpu_rows(all_results: Sequence[Results], args: argparse.Namespace) -> list[l
             lat = [x for r in runs for x in r.latencies]
             cells = [results.target, f"{label} (x{len(runs)})", f"{printed:,}", f"{reached:,}",
                      f"{events:,}", f"{seconds:.1f}", f"{rate:,.0f}" if rate else "-"]
-            for name, idle in (("server_cpu", results.idle_server),
-                               ("redis_cpu", results.idle_redis)):
+            for name in ("server_cpu", "redis_cpu"):
                 cpu = sum(getattr(r, name) for r in runs)
                 cells.append(f"{1000 * cpu / len(runs):.0f}")
                 cells.append(f"{1e6 * cpu / reached:.2f}" if reached else "-")
@@ -466,12 +462,8 @@ def cpu_rows(all_results: Sequence[Results], args: argparse.Namespace) -> list[l
                     cells.append(f"{1e6 * cpu / printed:.2f}" if printed else "-")
                 net = "-"
                 if empty and label != "empty job" and reached:
-                    fixed = sum(getattr(r, name) - idle * r.seconds for r in empty) / len(empty)
-                    above = sum(getattr(r, name) - idle * r.seconds for r in runs)
-                    net = f"{1e6 * (above - fixed * len(runs)) / reached:.2f}"
-                elif label == "empty job":
-                    fixed = sum(getattr(r, name) - idle * r.seconds for r in runs) / len(runs)
-                    net = f"({1000 * fixed:.0f} ms/job)"
+                    fixed = sum(getattr(r, name) for r in empty) / len(empty)
+                    net = f"{1e6 * (cpu - fixed * len(runs)) / reached:.2f}"
                 cells.append(net)
             cells += [ms(lat, 0.5), ms(lat, 0.99)]
             rows.append(cells)
@@ -482,6 +474,23 @@ CPU_HEADER = ("target", "job", "printed", "reached srv", "log events", "job s", 
               "srv ms/job", "srv us/line reached", "srv us/line printed", "srv net us/line",
               "redis ms/job", "redis us/line reached", "redis net us/line", "p50 ms",
               "p99 ms")
+
+
+def rate_lines(all_results: Sequence[Results]) -> list[str]:
+    """CPU per second: the idle server's, and during the paced jobs (a few events a
+    second: too little CPU per line to see beside the idle cost, so no per-line figure)."""
+    out = []
+    for results in all_results:
+        runs = results.latency_runs
+        seconds = sum(r.seconds for r in runs)
+        if not runs or not seconds or not results.cpu_runs:
+            continue
+        out.append(f"{results.target}: idle: server {1000 * results.idle_server:.1f} ms/s, "
+                   f"redis-server {1000 * results.idle_redis:.1f} ms/s; during the paced "
+                   f"jobs: server {1000 * sum(r.server_cpu for r in runs) / seconds:.1f} "
+                   f"ms/s, redis-server {1000 * sum(r.redis_cpu for r in runs) / seconds:.1f} "
+                   f"ms/s (ms of CPU per second of wall time)")
+    return out
 
 
 def say(text: str) -> None:
@@ -577,9 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     say("\nLatency: print in the job -> websocket frame at the watcher, per line (ms)")
     say(table(LATENCY_HEADER, latency_rows(all_results, args)))
     if any(results.cpu_runs for results in all_results):
-        say("\nServer CPU per output line (flood: the job prints as fast as it can; paced: "
-            "the latency jobs above)")
-        say(table(CPU_HEADER, cpu_rows(all_results, args)))
+        say("\nServer CPU per output line (flood: the job prints as fast as it can)")
+        say(table(CPU_HEADER, cpu_rows(all_results)))
+        for line in rate_lines(all_results):
+            say(line)
     problems = [f"{r.target}: {p}" for r in all_results for p in r.errors]
     problems += [f"{r.target}: {run.template} job {run.job_id}: {p}" for r in all_results
                  for run in [*r.latency_runs, *(x for runs in r.cpu_runs.values() for x in runs)]
