@@ -20,7 +20,7 @@ def test_the_launcher_latency_bench_runs_and_finds_every_line(
         service_unavailable("redis-server is not installed")
     status = launcher_latency.main([
         "-t", "local", "--lines", "20", "--every", "0.01", "--runs", "1",
-        "--flood", "2000", "--flood-runs", "1", "--settle", "0.1",
+        "--flood", "2000", "--flood-runs", "1", "--settle", "0.1", "--idle", "0.2",
         "--workdir", str(tmp_path / "bench")])
     out = capsys.readouterr().out
     assert status == 0, out
