@@ -50,6 +50,7 @@ from websockets.asyncio.client import connect
 
 from bench.load import ROOT, RedisProc, cpu_seconds, percentile
 from metis_stream import tokens
+from metis_stream.jobs import JobState
 from metis_stream.templates import DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_MAX_EVENTS
 from tests.support.cluster import TestCluster, build_cluster
 from tests.support.server import ServerProcess, free_port
@@ -164,7 +165,8 @@ class JobRun:
         self.fanout.append((now_ns - appended_ns) / 1e6)
         for line in lines:
             parts = line.split(" ")
-            if len(parts) != 3 or parts[0] != "tick" or not parts[1].isdigit():
+            if (len(parts) != 3 or parts[0] != "tick" or not parts[1].isdigit()
+                    or not parts[2].isdigit()):
                 self.other_lines.append(line)
                 continue
             i, printed = int(parts[1]), int(parts[2])
@@ -244,9 +246,9 @@ class Target:
             return
         with httpx.Client(base_url=self.server.url, headers=self.headers, timeout=30) as client:
             for job_id in self.job_ids:
-                with contextlib.suppress(httpx.HTTPError):
-                    state = client.get(f"/api/jobs/{job_id}").json().get("state")
-                    if state not in ("completed", "failed", "cancelled"):
+                with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+                    state = client.get(f"/api/jobs/{job_id}").json()["state"]
+                    if not JobState(state).terminal:
                         client.delete(f"/api/jobs/{job_id}")
 
 
