@@ -13,6 +13,7 @@ from metis_stream.config import ClusterConfig, Config, ServerConfig
 from metis_stream.jobs import JobState
 from metis_stream.schedulers.base import JobFiles, SchedulerStatus, Submission
 from metis_stream.service import JobService
+from metis_stream.spool import Frames, SpoolRead
 from metis_stream.templates import Template
 
 
@@ -52,7 +53,13 @@ class SlowToCancel:
     async def read_job_files(self, job_id: str) -> JobFiles:
         return JobFiles(exit=b"143 SIGTERM\n")
 
-    async def release(self, job_id: str) -> None:
+    async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
+        return Frames([])
+
+    async def remove_old_spools(self, keep_seconds: float) -> None:
+        pass
+
+    async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         pass
 
 
