@@ -276,9 +276,9 @@ def test_the_sweeper_removes_only_old_spools_of_ended_jobs(tmp_path: Path, tools
         os.utime(path, (mtime, mtime))
         if has_token:
             (jobs / job / "token").write_text("t")
-    path = busybox_path(tmp_path / "bin") if tools == "busybox" else os.environ["PATH"]
+    search = busybox_path(tmp_path / "bin") if tools == "busybox" else os.environ["PATH"]
     argv = sweeper_argv(str(jobs), keep_seconds=1800)
     shell = ["sh"] if tools == "busybox" else [tools]
-    subprocess.run([*shell, *argv[1:]], check=True, timeout=30, env={"PATH": path})
+    subprocess.run([*shell, *argv[1:]], check=True, timeout=30, env={"PATH": search})
     assert sorted(p.parent.name for p in jobs.glob("*/events.ndjson")) == [
         "j_new_ended", "j_old_running"]
