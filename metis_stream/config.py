@@ -143,6 +143,11 @@ class ClusterConfig:
     spool_keep: float = 0.0
     """Seconds a job's spool stays after the job ended; 0: removed with its token."""
 
+    def __post_init__(self) -> None:
+        if not self.delivery:  # the default depends on the scheduler: set it here, once
+            default = "http" if self.scheduler == "local" else "both"
+            object.__setattr__(self, "delivery", default)
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -298,8 +303,6 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
     if cluster.scheduler != "local" and cluster.stop_jobs_on_exit:
         raise ConfigError(f"[clusters.{name}]: stop_jobs_on_exit is for the local scheduler; "
                           "a cluster's jobs outlive the server (cancel them to stop them)")
-    if not cluster.delivery:
-        cluster = replace(cluster, delivery="http" if cluster.scheduler == "local" else "both")
     if cluster.delivery not in DELIVERIES:
         raise ConfigError(f"[clusters.{name}] delivery must be one of {', '.join(DELIVERIES)}: "
                           "http (events over the network), spool (through the shared "

@@ -52,8 +52,14 @@ class Metrics:
             kind, text = HELP.get(name, ("untyped", name))
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             for labels, value in sorted(samples.items()) or [((), 0.0)]:
-                lines.append(f"{name}{_labels(dict(labels))} {value:g}")
+                lines.append(f"{name}{_labels(dict(labels))} {_number(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """A count exactly (``:g`` keeps 6 digits: 1234567 bytes would be 1.23457e+06, and a
+    rate over it would move in steps), a gauge's float as Python writes it."""
+    return str(value) if isinstance(value, int) else repr(float(value))
 
 
 def _labels(labels: Mapping[str, str]) -> str:

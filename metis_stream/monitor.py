@@ -159,10 +159,12 @@ class Monitor:
     async def _read_spools_forever(self, spool: SpoolReader) -> None:
         interval = self._spool_interval
         while True:
-            changed = False
+            changed = idle = False
             try:
                 if await self._leading():
-                    changed = await spool.read(await self._live_jobs())
+                    jobs = await self._live_jobs()
+                    idle = not any(job.scheduler_id for job in jobs)
+                    changed = await spool.read(jobs)
             except Exception as exc:
                 if (isinstance(exc, MetisError) and self._health is not None
                         and self._health.state != "ok"):
@@ -173,7 +175,10 @@ class Monitor:
                 else:
                     logger.exception("spool reader of cluster %s: read failed",
                                      self._scheduler.name)
-            interval = self._spool_interval if changed else min(
+            # Only a read that found nothing backs off: with no job to read, the next job
+            # is looked for every spool_interval, or its first events would wait for a
+            # reader that backed off while the cluster was idle (up to poll_interval).
+            interval = self._spool_interval if changed or idle else min(
                 interval * 2, max(self._scheduler.poll_interval, self._spool_interval))
             await anyio.sleep(interval)
 

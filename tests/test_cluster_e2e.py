@@ -612,10 +612,12 @@ def test_shell_metacharacters_reach_the_job_intact(env: Env, scheduler: str) -> 
     record(env, get_job(env.server, job["id"]))
     assert events[-1]["type"] == "completed", events
     result = next(e["data"] for e in events if e["type"] == "result")
-    # In the job's environment all the same: what cannot travel in -v goes through the
-    # job's folder (env/NAME, which the launcher exports; docs/spool.md).
+    # Too wild for qsub -v / sbatch --export: they came in files of the job's folder,
+    # env/NAME, which the launcher exports into the script's environment.
     assert result == {"word": word, "note": note, "from": "env"}
-    assert remote_exists(env.cluster, f"{env.job_dir(scheduler, job['id'])}/env/WORD")
+    job_dir = env.job_dir(scheduler, job["id"])
+    assert remote_exists(env.cluster, f"{job_dir}/env/WORD")
+    assert remote_exists(env.cluster, f"{job_dir}/env/NOTE")
     assert not remote_exists(env.cluster, marker)
     assert not Path(marker).exists()
     # A plain value travels in the environment list itself.

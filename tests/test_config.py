@@ -500,3 +500,10 @@ def test_bad_capture_settings_are_refused(tmp_path, env, line):
     path = write(tmp_path, minimal(template=line + "\n"))
     with pytest.raises(ConfigError, match=r"\[templates\.t\]"):
         load_config(path, env)
+
+
+def test_delivery_defaults_by_scheduler_however_the_config_is_made():
+    # Built in code as from a file: a cluster reads spools by default, the local one not.
+    assert ClusterConfig(name="hpc", scheduler="slurm").delivery == "both"
+    assert ClusterConfig(name="here").delivery == "http"
+    assert ClusterConfig(name="hpc", scheduler="pbs", delivery="spool").delivery == "spool"

@@ -13,7 +13,8 @@ from metis_stream.shells.local import LocalShell
 
 async def test_home_is_where_commands_run_and_relative_paths_lead(tmp_path: Path) -> None:
     shell = LocalShell(home=tmp_path)
-    assert await shell.run(["pwd"]) == CommandResult(0, f"{tmp_path}\n", "")
+    assert await shell.run(["pwd"]) == CommandResult.from_output(0, f"{tmp_path}\n".encode(),
+                                                                b"")
     await shell.write_file("jobs/token", b"s3cret")
     assert (tmp_path / "jobs" / "token").read_bytes() == b"s3cret"
     assert await shell.realpath("jobs/token") == str(tmp_path / "jobs" / "token")

@@ -1,15 +1,22 @@
-"""Unit tests of metis_stream.monitor.reconcile (pure)."""
+"""Unit tests of metis_stream.monitor: reconcile (pure), and the spool reader's schedule."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping, Sequence
+from typing import cast
+
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metis_stream.backends.memory import MemoryBackend
 from metis_stream.events import Event, NewEvent, parse_new_event
 from metis_stream.jobs import ACTIVE_STATES, TERMINAL_STATES, Job, JobState, apply_event
-from metis_stream.monitor import MISSES_BEFORE_VANISHED, reconcile
-from metis_stream.schedulers.base import JobFiles, SchedulerStatus
+from metis_stream.monitor import MISSES_BEFORE_VANISHED, Monitor, reconcile
+from metis_stream.schedulers.base import JobFiles, Scheduler, SchedulerStatus
+from metis_stream.spool_reader import SpoolReader
 
 S = JobState
 ENDED = SchedulerStatus("ended", exit_status=271, detail="F")
@@ -171,3 +178,54 @@ def test_without_an_exit_file_the_scheduler_s_word_stands():
 def test_a_job_that_has_ended_is_left_alone_whatever_its_files_say():
     for state in TERMINAL_STATES:
         assert reconcile(job_in(state), ENDED, 0, JobFiles(exit=b"0\n")) == []
+
+
+# The spool reader's schedule (Monitor._read_spools_forever)
+
+
+class FindsNothing:
+    """Stands in for the SpoolReader: notes when it read which jobs, finds nothing new."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[float, int]] = []
+
+    async def read(self, jobs: Sequence[Job]) -> bool:
+        self.reads.append((time.monotonic(), sum(1 for job in jobs if job.scheduler_id)))
+        return False
+
+
+class QuietScheduler:
+    name = "c"
+    poll_interval = 5.0
+    shared = False
+
+    async def poll(self, scheduler_ids: Sequence[str]) -> Mapping[str, SchedulerStatus]:
+        return {}
+
+
+async def test_the_reader_backs_off_only_while_reads_find_nothing_not_while_no_job_is_live():
+    """With no live job there is no read, and nothing to back off from: a job that comes
+    after an idle while is read within spool_interval, not after up to poll_interval."""
+    backend, reader = MemoryBackend(), FindsNothing()
+
+    async def append(job_id: str, events: list[NewEvent]) -> None:
+        await backend.append(job_id, events)
+
+    monitor = Monitor(backend, cast(Scheduler, QuietScheduler()), append,
+                      spool=cast(SpoolReader, reader), spool_interval=0.02)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(monitor.run)
+        await anyio.sleep(1.0)
+        idle = len(reader.reads)
+        job = Job(id="j_01HX3ZJ5K1ABCDEFGHJKMNPQRS", template="t", cluster="c")
+        await backend.create_job(job)
+        await backend.append(job.id, [NewEvent("starting"), NewEvent("submitted", "1.c")])
+        added = time.monotonic()
+        await anyio.sleep(1.0)
+        tasks.cancel_scope.cancel()
+    # Every 0.02 s while idle; backing off, 5 reads would have reached 0.62 s.
+    assert idle >= 20, reader.reads
+    first = next(at for at, jobs in reader.reads if jobs)
+    assert first - added < 0.2
+    # A live job whose reads find nothing: 0.02, 0.04, ... 1.28 s: 6 reads at most.
+    assert sum(1 for _, jobs in reader.reads if jobs) <= 7

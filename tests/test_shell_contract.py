@@ -113,7 +113,7 @@ async def listing(shell: Shell, folder: str) -> list[str]:
 async def test_a_command_runs_in_the_home_folder(shell: Shell) -> None:
     home = await shell.realpath(".")
     assert home.startswith("/")
-    assert await shell.run(["pwd"]) == CommandResult(0, f"{home}\n", "")
+    assert await shell.run(["pwd"]) == CommandResult.from_output(0, f"{home}\n".encode(), b"")
 
 
 async def test_the_exit_status_is_the_commands(shell: Shell) -> None:
@@ -180,7 +180,7 @@ async def test_a_command_past_its_timeout_is_killed_with_what_it_started(
     while running := [pid for pid in started_pids if await is_running(shell, pid)]:
         assert time.monotonic() < deadline, f"still running after the timeout: {running}"
         await anyio.sleep(0.1)
-    assert await shell.run(["echo", "next"]) == CommandResult(0, "next\n", "")
+    assert await shell.run(["echo", "next"]) == CommandResult.from_output(0, b"next\n", b"")
 
 
 async def is_running(shell: Shell, pid: str) -> bool:
@@ -222,7 +222,8 @@ async def test_hostile_arguments_arrive_intact(shell: Shell, folder: str) -> Non
     await shell.write_file(printer, b'#!/bin/sh\nprintf \'%s\\0\' "$@"\n', mode=0o700)
     arguments = [argument.replace("{folder}", folder) for argument in HOSTILE_ARGUMENTS]
     result = await shell.run([f"./{printer}", *arguments])
-    assert result == CommandResult(0, "".join(f"{arg}\0" for arg in arguments), "")
+    assert result == CommandResult.from_output(
+        0, "".join(f"{arg}\0" for arg in arguments).encode(), b"")
     assert await listing(shell, folder) == [printer.split("/")[1]]  # nothing was run
 
 
@@ -238,7 +239,8 @@ async def test_many_commands_at_once_each_get_their_own_output(shell: Shell) -> 
     async with anyio.create_task_group() as tasks:
         for n in range(count):
             tasks.start_soon(one, n)
-    assert results == {n: CommandResult(0, f"out {n}\n", f"err {n}\n") for n in range(count)}
+    assert results == {n: CommandResult.from_output(0, f"out {n}\n".encode(), f"err {n}\n".encode())
+                       for n in range(count)}
     # Side by side (a shell may bound how many at once), not one after the other.
     assert time.monotonic() - started < count * pause / 2
 

@@ -148,11 +148,26 @@ class TestCluster:
     def slurm_setting(self, name: str, value: str) -> Iterator[None]:
         """Change one line of ``slurm.conf`` (such as ``MinJobAge``) while the block runs,
         with ``scontrol reconfigure``; the old line comes back after it."""
-        before = self.slurm_conf.read_text()
         line = re.compile(rf"^{re.escape(name)}=.*$", re.MULTILINE)
-        if not line.search(before):
+        if not line.search(self.slurm_conf.read_text()):
             raise ClusterError(f"no {name} line in {self.slurm_conf}")
-        self.slurm_conf.write_text(line.sub(f"{name}={value}", before))
+        with self._slurm_conf_changed(lambda text: line.sub(f"{name}={value}", text)):
+            yield
+
+    @contextlib.contextmanager
+    def oversubscribed(self, jobs_per_cpu: int) -> Iterator[None]:
+        """While the block runs, up to ``jobs_per_cpu`` jobs share each CPU of the node
+        (``OverSubscribe=FORCE`` on the default partition): more jobs run at once than
+        this machine has CPUs (often 2)."""
+        line = re.compile(r"^(PartitionName=batch .*)$", re.MULTILINE)
+        with self._slurm_conf_changed(
+                lambda text: line.sub(rf"\1 OverSubscribe=FORCE:{jobs_per_cpu}", text)):
+            yield
+
+    @contextlib.contextmanager
+    def _slurm_conf_changed(self, change: Callable[[str], str]) -> Iterator[None]:
+        before = self.slurm_conf.read_text()
+        self.slurm_conf.write_text(change(before))
         try:
             self._reconfigure()
             yield
@@ -504,6 +519,8 @@ UsePAM no
 PermitRootLogin no
 MaxSessions 10
 MaxStartups 50:30:100
+# VERBOSE: a "Starting session: command" line for each command run, which tests count.
+LogLevel VERBOSE
 SetEnv SLURM_CONF={cluster.slurm_conf}
 Subsystem sftp internal-sftp
 """)
