@@ -656,7 +656,7 @@ def test_serve_without_api_keys_refuses_to_start_and_says_what_to_do(
                       + LOCAL_CLUSTER + EXAMPLE_TEMPLATES)
     done = cli("serve", "--config", str(config), *workers, timeout=30)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("metis-stream: refusing to serve without api_keys"), \
+    assert done.stderr.startswith("metis-stream: refusing to serve without API keys"), \
         done.stderr
     for hint in ("metis-stream new-key", "insecure_no_auth = true", "every user of this machine"):
         assert hint in done.stderr, done.stderr
