@@ -691,6 +691,22 @@ def test_serve_without_api_keys_refuses_to_start_and_says_what_to_do(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(("keys", "message"), [
+    ('api_keys = ["k"]\n[server.keys.web]\nkey = "k"\n',
+     "[server] api_keys and [server.keys.web] give the same key: a key has one name and one "
+     "role; remove one of them"),
+    ('[server.keys.web]\nkey = "k"\nrole = "owner"\n',
+     "[server.keys.web]: role must be one of client, admin, not 'owner': a client key sees "
+     "the jobs it created, an admin key every job"),
+])
+def test_serve_refuses_a_bad_key_and_says_which(tmp_path: Path, keys: str, message: str):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nport = {free_port()}\nstate_dir = "{tmp_path / "state"}"\n'
+                      + keys + LOCAL_CLUSTER + EXAMPLE_TEMPLATES)
+    done = cli("serve", "--config", str(config), timeout=30)
+    assert (done.returncode, done.stderr) == (2, f"metis-stream: {message}\n")
+
+
 def test_serve_with_insecure_no_auth_starts_and_says_so_loudly(tmp_path: Path):
     server = ServerProcess(state_dir=tmp_path / "server",
                            server_settings={"insecure_no_auth": True})
