@@ -119,7 +119,7 @@ def keyring(listed: Sequence[str], named: Iterable[ApiKey]) -> tuple[ApiKey, ...
     where: dict[str, str] = {}
     for key in ring:
         place = (f"[server.keys.{key.name}]" if KEY_NAME.match(key.name)
-                 else "[server] api_keys")
+                 else "[server] api_keys (or METIS_API_KEYS)")
         if key.key.startswith(tokens.API_KEY_HASH_PREFIX) and not HASHED_KEY.match(key.key):
             raise ConfigError(f"{place}: {key.key[:20]}... is not a sha256: form (sha256: and "
                               "64 lowercase hex digits); `metis-stream new-key` prints one")

@@ -693,8 +693,8 @@ def test_serve_without_api_keys_refuses_to_start_and_says_what_to_do(
 
 @pytest.mark.parametrize(("keys", "message"), [
     ('api_keys = ["k"]\n[server.keys.web]\nkey = "k"\n',
-     "[server] api_keys and [server.keys.web] give the same key: a key has one name and one "
-     "role; remove one of them"),
+     "[server] api_keys (or METIS_API_KEYS) and [server.keys.web] give the same key: a key "
+     "has one name and one role; remove one of them"),
     ('[server.keys.web]\nkey = "k"\nrole = "owner"\n',
      "[server.keys.web]: role must be one of client, admin, not 'owner': a client key sees "
      "the jobs it created, an admin key every job"),

@@ -61,12 +61,14 @@ def test_a_bad_named_key_is_refused_with_where_and_what(name, table, message):
 
 def test_a_key_may_not_be_given_twice():
     web = named_key("web", {"key": hash_api_key("k")})
-    with pytest.raises(ConfigError, match=r"\[server\] api_keys and \[server.keys.web\] give "
-                                          "the same key: a key has one name and one role"):
+    with pytest.raises(ConfigError, match=r"\[server\] api_keys \(or METIS_API_KEYS\) and "
+                                          r"\[server.keys.web\] give the same key: a key has "
+                                          "one name and one role"):
         keyring(["k"], [web])
     with pytest.raises(ConfigError, match=r"\[server.keys.web\] and \[server.keys.app\] give"):
         keyring([], [web, named_key("app", {"key": "k"})])
-    with pytest.raises(ConfigError, match=r"\[server\] api_keys lists the same key twice"):
+    with pytest.raises(ConfigError, match=r"\[server\] api_keys \(or METIS_API_KEYS\) lists "
+                                          "the same key twice"):
         keyring(["k", hash_api_key("k")], [])
 
 
