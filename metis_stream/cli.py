@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="a template parameter (repeatable)")
     submit.add_argument("-i", "--input", action="append", default=[], metavar="URL",
                         help="an input file's download link (repeatable)")
+    submit.add_argument("--user", help="the end user the job is for (your app's id for them)")
     submit.add_argument("--follow", action="store_true", help="then tail the job")
     submit.add_argument("--json", action="store_true", help="with --follow: one event a line")
 
@@ -96,8 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="only the job's output on this stream, line by line (how the "
                            "job ended goes to stderr and to the exit status)")
 
-    jobs = command("jobs", "list jobs, newest first", _jobs, client)
+    jobs = command("jobs", "list the jobs the key sees (a client key: its own), newest first",
+                   _jobs, client)
     jobs.add_argument("--state", help="only jobs in this state")
+    jobs.add_argument("--user", help="only the jobs of this end user")
     jobs.add_argument("--json", action="store_true", help="one job record a line, as JSON")
 
     cancel = command("cancel", "cancel a job", _cancel, client)
@@ -107,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                     _token, config)
     token.add_argument("job")
 
-    command("new-key", "print a new random API key, then the sha256: form of it to put in "
-                       "[server] api_keys (the key itself also serves as a secret)", _new_key)
+    command("new-key", "print a new random API key, then the sha256: form of it to put in a "
+                       "[server.keys.NAME] key or [server] api_keys (the key itself also "
+                       "serves as a secret)", _new_key)
 
     emit = command("emit", "post one event from inside a job (the Python twin of "
                            "scripts/metis-emit)", _emit)
@@ -244,7 +248,7 @@ def _submit(args: argparse.Namespace) -> int:
                 raise ClientError(422, f"no template named {args.template!r}; there are: "
                                        f"{', '.join(templates) or 'none'}")
             params = _parse_params(templates[args.template], args.param)
-            job = await client.submit(args.template, params, args.input)
+            job = await client.submit(args.template, params, args.input, user=args.user)
             if not args.follow:
                 print(job["id"])
                 return 0
@@ -308,14 +312,15 @@ async def _follow(client: Client, job_id: str, after: int, *, as_json: bool,
 def _jobs(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _client(args) as client:
-            for job in await client.jobs(args.state):
+            for job in await client.jobs(args.state, user=args.user):
                 if args.json:
                     print(json_line(job))
                 else:
                     created = time.strftime("%Y-%m-%d %H:%M:%S",
                                             time.localtime(job["created"]))
+                    user = f"  {job['user']}" if job.get("user") else ""
                     print(shown(f"{job['id']}  {job['state']:<10} {job['template']:<12} "
-                                 f"{created}"))
+                                 f"{created}{user}"))
         return 0
 
     return _run(run())

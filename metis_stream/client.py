@@ -73,17 +73,28 @@ class Client:
         return templates
 
     async def submit(self, template: str, params: Mapping[str, Any] | None = None,
-                     inputs: Sequence[str] = ()) -> dict[str, Any]:
-        return await self._request("POST", "/api/jobs", json={
-            "template": template, "params": dict(params or {}), "inputs": list(inputs)})
+                     inputs: Sequence[str] = (), *, user: str | None = None
+                     ) -> dict[str, Any]:
+        """Create a job; ``user``: the end user it is for, an opaque id of your app's (1 to
+        64 letters, digits, ``_`` or ``-``), which the job keeps and the cluster shows."""
+        body: dict[str, Any] = {"template": template, "params": dict(params or {}),
+                                "inputs": list(inputs)}
+        if user is not None:
+            body["user"] = user
+        return await self._request("POST", "/api/jobs", json=body)
 
     async def get(self, job_id: str) -> dict[str, Any]:
         return await self._request("GET", f"/api/jobs/{job_id}")
 
-    async def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    async def jobs(self, state: str | None = None, limit: int = 100, *,
+                   user: str | None = None) -> list[dict[str, Any]]:
+        """The jobs this client's key sees (a client key: its own), newest first; with
+        ``user``, only that end user's."""
         query: dict[str, str | int] = {"limit": limit}
         if state:
             query["state"] = state
+        if user is not None:
+            query["user"] = user
         jobs: list[dict[str, Any]] = (await self._request("GET", "/api/jobs", params=query))[
             "jobs"]
         return jobs

@@ -20,6 +20,7 @@ from metis_stream.backends.contract import DEFAULT_MAX_JOB_BYTES
 from metis_stream.errors import ConfigError, TemplateError
 from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 from metis_stream.files import write_private
+from metis_stream.keys import ApiKey, keyring, named_key
 from metis_stream.schedulers.dialects import SCHEDULERS
 from metis_stream.spool import DELIVERIES
 from metis_stream.templates import (
@@ -53,8 +54,12 @@ class ServerConfig:
     secret: str = ""
     redis_url: str = ""
     api_keys: tuple[str, ...] = ()
+    """Admin keys, each named after its hash (metis_stream.keys): what every key was
+    before keys had names and roles."""
+    keys: tuple[ApiKey, ...] = ()
+    """``[server.keys.NAME]``: keys with a name and a role (only in the file)."""
     insecure_no_auth: bool = False
-    """Serve without api_keys: anyone who can connect is a full client, and on loopback
+    """Serve without keys: anyone who can connect is a full client, and on loopback
     that is every user of this machine. A server refuses to start without one or the
     other (``check_auth``); for a machine that nobody else uses."""
     allowed_origins: tuple[str, ...] = ()
@@ -112,6 +117,12 @@ class ServerConfig:
     @property
     def events_base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def keyring(self) -> tuple[ApiKey, ...]:
+        """Every API key, ``api_keys`` and ``keys`` together; ConfigError for a key given
+        twice (``check_auth`` refuses such a configuration before a server starts)."""
+        return keyring(self.api_keys, self.keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,22 +212,24 @@ def check_auth(config: Config) -> None:
     (on a login node, every user of the cluster), and without keys each one is a client
     that submits jobs as this account and reads every job."""
     server = config.server
-    if server.api_keys:
+    if server.keyring:
         if server.insecure_no_auth:
-            raise ConfigError("[server] has both api_keys and insecure_no_auth = true: "
-                              "remove one")
+            raise ConfigError("[server] has both API keys (api_keys or [server.keys.*]) and "
+                              "insecure_no_auth = true: remove one")
         return
     if not server.insecure_no_auth:
         raise ConfigError(
-            "refusing to serve without api_keys: every user of this machine could submit "
-            "jobs as this account and read every job. Add api_keys to [server] (or "
+            "refusing to serve without API keys: every user of this machine could submit "
+            "jobs as this account and read every job. Add a [server.keys.NAME] table with "
+            'key = "sha256:..." and role = "client" or "admin", or api_keys to [server] (or '
             "METIS_API_KEYS; `metis-stream new-key` makes one), or, on a machine that nobody "
             "else uses, set insecure_no_auth = true in [server]")
     if not _is_loopback(server.host):
         raise ConfigError(
             f"refusing to listen on {server.host}: a server reachable from other machines "
-            "needs api_keys in [server] (or METIS_API_KEYS), whatever insecure_no_auth says; "
-            "without keys, anyone who can reach it could submit jobs to your cluster"
+            "needs API keys ([server.keys.NAME], or api_keys in [server], or METIS_API_KEYS), "
+            "whatever insecure_no_auth says; without keys, anyone who can reach it could "
+            "submit jobs to your cluster"
         )
 
 
@@ -237,9 +250,15 @@ def _refuse_unknown(table: Mapping[str, Any], known: set[str], where: str,
         raise ConfigError(f"{where}: unknown {what} {sorted(unknown)}")
 
 
+FILE_ONLY = frozenset({"keys"})
+"""``[server]`` keys that no environment variable sets: tables, not values."""
+
+
 def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in fields(ServerConfig):
+        if item.name in FILE_ONLY:
+            continue
         value = environ.get(f"METIS_{item.name.upper()}")
         if value is not None:
             overrides[item.name] = value
@@ -250,13 +269,22 @@ def _server_config(table: Mapping[str, Any]) -> ServerConfig:
     known = {f.name: f for f in fields(ServerConfig)}
     _refuse_unknown(table, set(known), "[server]")
     values: dict[str, Any] = {}
+    named = table.get("keys", {})
+    if not isinstance(named, Mapping):
+        raise ConfigError('[server] keys: give each key a table, [server.keys.NAME] with key = '
+                          '"sha256:..." and role = "client" or "admin"')
+    values["keys"] = tuple(named_key(name, entry) for name, entry in named.items())
     for name, value in table.items():
+        if name == "keys":
+            continue
         default = getattr(ServerConfig(), name)
         try:
             values[name] = _coerce(value, default)
         except (TypeError, ValueError):
             raise ConfigError(f"[server] {name}: cannot use {value!r}") from None
-    return ServerConfig(**values)
+    server = ServerConfig(**values)
+    keyring(server.api_keys, server.keys)  # refuses a key given twice, a malformed sha256:
+    return server
 
 
 def _coerce(value: Any, default: Any) -> Any:

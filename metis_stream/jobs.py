@@ -96,6 +96,12 @@ class Job:
     cluster: str
     params: dict[str, JsonValue] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
+    owner: str = ""
+    """The name of the API key that created the job (metis_stream.keys); empty for a job
+    created without a key, or before keys had names: only admin keys see those."""
+    user: str | None = None
+    """The end user the web app created the job for: its own opaque id, which the server
+    keeps, filters on and gives the scheduler, and never interprets."""
     state: JobState = JobState.CREATED
     created: float = 0.0
     updated: float = 0.0

@@ -29,6 +29,7 @@ from metis_stream.errors import (
     BackendUnavailable,
     BadInput,
     JobEnded,
+    JobNotFound,
     JobNotSubmitted,
     SchedulerError,
     TooManySubmissions,
@@ -37,11 +38,13 @@ from metis_stream.errors import (
 )
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState, new_job_id
+from metis_stream.keys import ApiKey
 from metis_stream.limits import RateLimiter
 from metis_stream.metrics import Metrics
 from metis_stream.monitor import Monitor
 from metis_stream.ndjson import NdjsonReader
 from metis_stream.schedulers.base import Scheduler, Submission
+from metis_stream.schedulers.dialect import END_USER, job_name
 from metis_stream.spool_reader import SpoolReader
 from metis_stream.templates import (
     DEFAULT_STDERR_TAIL_LINES,
@@ -123,10 +126,12 @@ class JobService:
         return template
 
     async def create(self, template_name: object, params: object, inputs: object, *,
-                     client: str) -> Job:
+                     client: str, owner: str = "", user: object = None) -> Job:
         """Validate, record the job with its ``starting`` event, and submit in the background.
 
-        ``client`` names who asks (an API key's hash, or an address) for the rate limit.
+        ``client`` names who asks (an API key's hash, or an address) for the rate limit;
+        ``owner`` is the name of its key, which the job keeps (metis_stream.keys); ``user``
+        the end user's id that the web app may give (see :func:`end_user`).
         """
         wait = self._submissions.acquire(self._rate_limit_keys(client), time.monotonic())
         if wait:
@@ -134,9 +139,11 @@ class JobService:
         template = self.template(template_name)
         values = validate_params(template, params)
         urls = validate_inputs(template, inputs)
+        label = end_user(user)
         now = time.time()
         job = Job(id=new_job_id(now), template=template.name, cluster=template.cluster,
-                  params=dict(values), inputs=urls, created=now, updated=now)
+                  params=dict(values), inputs=urls, owner=owner, user=label, created=now,
+                  updated=now)
         await self.backend.create_job(job)
         self.metrics.count("metis_jobs_created_total")
         await self._append(job.id, [NewEvent("starting", {"template": template.name})],
@@ -149,7 +156,7 @@ class JobService:
         """The buckets a submission takes from. Callers of a keyless server also share one:
         any local process can pick its source address among all of 127/8, so buckets per
         address alone bound nothing."""
-        if self.config.server.api_keys:
+        if self.config.server.keyring:
             return (client,)
         return (client, EVERY_KEYLESS_CALLER)
 
@@ -163,8 +170,9 @@ class JobService:
                "METIS_DELIVERY": self.config.clusters[template.cluster].delivery}
         for name, value in job.params.items():
             env[template.params[name].env_name()] = param_text(value)
-        submission = Submission(job_id=job.id, name=f"ms-{job.id[-12:]}", template=template,
-                                env=env, token=self.job_token(job.id), spec=self.spec(job))
+        submission = Submission(job_id=job.id, name=job_name(job.id, job.user),
+                                template=template, env=env, token=self.job_token(job.id),
+                                spec=self.spec(job), user=job.user)
         try:
             with anyio.fail_after(self.config.server.submit_timeout):
                 scheduler_id = await scheduler.submit(submission)
@@ -249,8 +257,10 @@ class JobService:
                         await live.next()
         raise BackendUnavailable(f"job {job_id} is still being submitted; retry")
 
-    async def cancel(self, job_id: str) -> Job:
-        job = await self.backend.get_job(job_id)
+    async def cancel(self, job_id: str, *, seen_by: ApiKey | None) -> Job:
+        """Cancel a job that ``seen_by`` sees (:meth:`get`): the scheduler's job, then a
+        ``cancelled`` event."""
+        job = await self.get(job_id, seen_by=seen_by)
         if job.state.terminal:
             raise JobEnded(job_id)
         # The job dies before `cancelled` is appended: meanwhile the monitor, which would
@@ -318,13 +328,22 @@ class JobService:
                               "checked": None})})
         return views
 
-    async def get(self, job_id: str) -> Job:
-        return await self.backend.get_job(job_id)
+    async def get(self, job_id: str, *, seen_by: ApiKey | None) -> Job:
+        """The job's record, if ``seen_by`` sees it: another key's job raises JobNotFound,
+        the answer for a job that does not exist, so that a key learns nothing of the jobs
+        it does not see. None: a caller that proved its right to this one job otherwise
+        (its watch token, its job token)."""
+        job = await self.backend.get_job(job_id)
+        if seen_by is not None and not seen_by.sees(job.owner):
+            raise JobNotFound(job_id)
+        return job
 
-    async def jobs(self, *, states: Collection[JobState] | None = None,
-                   limit: int = 100) -> list[Job]:
-        """Jobs, newest first."""
-        return await self.backend.list_jobs(states=states, limit=limit)
+    async def jobs(self, *, seen_by: ApiKey, states: Collection[JobState] | None = None,
+                   user: object = None, limit: int = 100) -> list[Job]:
+        """The jobs ``seen_by`` sees, newest first; with ``user``, only that end user's."""
+        return await self.backend.list_jobs(states=states, owner=seen_by.owner_filter,
+                                            user=None if user is None else end_user(user),
+                                            limit=limit)
 
     async def history(self, job_id: str, after: int = 0) -> list[Event]:
         """One page of a job's events with seq > ``after``."""
@@ -365,6 +384,18 @@ class JobService:
         except (SchedulerError, OSError) as exc:
             logger.warning("job %s: could not remove its token file: %s", job_id, exc)
 
+
+
+def end_user(user: object) -> str | None:
+    """An end user's id as a web app gives it, or BadInput that says what it may be: the id
+    goes to the cluster in the job's name (schedulers.dialect.END_USER)."""
+    if user is None:
+        return None
+    if not isinstance(user, str) or not END_USER.match(user):
+        raise BadInput("'user' must be 1 to 64 letters, digits, _ or -: the end user's id in "
+                       "your app, which the cluster shows in the job's name (an opaque id, "
+                       "not an email address or a name)")
+    return user
 
 
 def _in_state(monitor: Monitor, state: str) -> float:

@@ -1,4 +1,4 @@
-"""Secrets: job tokens, watch tokens and API keys. Pure code.
+"""Secrets: job tokens, watch tokens and API keys' hashed form. Pure code.
 
 A job token lets a batch job post events for its own job; a watch token lets a
 browser watch one job. Both are HMACs of the job id with the server's secret,
@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
 
 API_KEY_HASH_PREFIX = "sha256:"
 
@@ -39,18 +38,6 @@ def same_secret(expected: str, given: str) -> bool:
 
 
 def hash_api_key(key: str) -> str:
-    """The form to put in ``api_keys`` so that the configuration holds no usable key."""
+    """The form to put in ``api_keys`` or a ``[server.keys.NAME]`` key, so that the
+    configuration holds no usable key."""
     return API_KEY_HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
-
-
-def api_key_matches(configured: Iterable[str], given: str) -> bool:
-    """Whether ``given`` is one of the configured keys (each plain or ``sha256:<hex>``).
-
-    Every entry is compared, in constant time, so the time taken tells nothing.
-    """
-    hashed = hash_api_key(given)
-    found = False
-    for entry in configured:
-        expected = entry if entry.startswith(API_KEY_HASH_PREFIX) else hash_api_key(entry)
-        found |= hmac.compare_digest(expected.encode(), hashed.encode())
-    return found

@@ -9,6 +9,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -51,9 +52,11 @@ async def backend(make_backend: MakeBackend) -> AsyncIterator[Backend]:
     await started.close()
 
 
-async def new_job(backend: Backend, *, cluster: str = "local", submitted: bool = True) -> Job:
+async def new_job(backend: Backend, *, cluster: str = "local", submitted: bool = True,
+                  owner: str = "", user: str | None = None) -> Job:
     job = Job(id=new_job_id(), template="tokens", cluster=cluster,
-              params={"text": "héllo", "delay": 0.5}, inputs=["a.txt"], created=time.time())
+              params={"text": "héllo", "delay": 0.5}, inputs=["a.txt"], owner=owner,
+              user=user, created=time.time())
     await backend.create_job(job)
     if submitted:
         await backend.append(job.id, [NewEvent("starting"), NewEvent("submitted", "42.pbs")])
@@ -95,6 +98,40 @@ async def test_create_get_and_list_newest_first(backend: Backend) -> None:
                                                      limit=3)] == [third.id, second.id, first.id]
     assert [job.id for job in await backend.list_jobs(cluster="metis")] == [second.id]
     assert await backend.list_jobs(states=[JobState.RUNNING], cluster="metis") == []
+
+
+async def test_list_by_owner_and_end_user(backend: Backend) -> None:
+    """What a client key lists (its own jobs), and one end user's, with every other
+    filter; a job without an owner or end user is in no such listing."""
+    a1 = await new_job(backend, owner="a", user="u1")
+    b1 = await new_job(backend, owner="b", user="u1")
+    a2 = await new_job(backend, owner="a", user="u2", cluster="metis", submitted=False)
+    nobody = await new_job(backend)
+    a3 = await new_job(backend, owner="a")
+
+    async def listed(**filters: Any) -> list[str]:
+        return [job.id for job in await backend.list_jobs(**filters)]
+
+    record = await backend.get_job(a1.id)
+    assert (record.owner, record.user) == ("a", "u1")
+    assert (await backend.get_job(nobody.id)).owner == ""
+    assert (await backend.get_job(nobody.id)).user is None
+    assert await listed(owner="a") == [a3.id, a2.id, a1.id]
+    assert await listed(owner="b") == [b1.id]
+    assert await listed(owner="c") == []
+    assert await listed(user="u1") == [b1.id, a1.id]
+    assert await listed(owner="a", user="u1") == [a1.id]
+    assert await listed(owner="b", user="u2") == []
+    assert await listed(owner="a", limit=2) == [a3.id, a2.id]
+    assert await listed(owner="a", states=[JobState.CREATED]) == [a2.id]
+    assert await listed(owner="a", states=[JobState.QUEUED], user="u1") == [a1.id]
+    assert await listed(owner="a", cluster="metis") == [a2.id]
+    assert await listed(user="u2", cluster="local") == []
+    assert (await listed())[:5] == [a3.id, nobody.id, a2.id, b1.id, a1.id]
+    # The filters follow the job's state as it moves.
+    await backend.append(a1.id, [NewEvent("completed")])
+    assert await listed(owner="a", states=[JobState.QUEUED]) == [a3.id]
+    assert await listed(owner="a", user="u1", states=[JobState.COMPLETED]) == [a1.id]
 
 
 async def test_unknown_job(backend: Backend) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -300,6 +301,15 @@ async def test_slurm_submit(files: tuple[Path, Path]) -> None:
     assert argv[:3] == ["sbatch", "--parsable", "--job-name=j_1-x"]
     assert "--ntasks=1" in argv
     assert "--time=0-00:05:00" in argv
+
+
+async def test_the_end_user_reaches_sbatch_as_its_comment(files: tuple[Path, Path]) -> None:
+    script, emit = files
+    shell = FakeShell(ok("78\n"))
+    with_user = replace(submission(script), name="ms-1-u42", user="u42")
+    assert await make(shell, emit, slurm.DIALECT).submit(with_user) == "78"
+    argv = shell.commands[0]
+    assert argv[2] == "--job-name=ms-1-u42" and "--comment=u42" in argv
 
 
 async def test_cancel(files: tuple[Path, Path]) -> None:

@@ -426,6 +426,34 @@ def test_url_and_key_after_the_subcommand_and_from_the_environment(
     assert mixed.returncode == 0, mixed.stderr
 
 
+def test_submit_and_jobs_by_end_user_with_a_client_key(tmp_path: Path):
+    server = ServerProcess(state_dir=tmp_path / "named", server_settings={"keys": {
+        "a": {"key": hash_api_key("key-a")}, "b": {"key": hash_api_key("key-b")}}})
+    server.start()
+    try:
+        env = {"METIS_URL": server.url, "METIS_API_KEY": "key-a"}
+        submitted = cli("submit", "tokens", "-p", "text=for u9", "-p", "delay=0",
+                        "--user", "u9", "--follow", env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stderr.split()[1]
+        plain = cli("submit", "tokens", "-p", "text=for nobody", "-p", "delay=0",
+                    "--follow", env=env)
+        assert plain.returncode == 0, plain.stderr
+        listed = cli("jobs", "--user", "u9", env=env)
+        assert listed.returncode == 0, listed.stderr
+        [line] = listed.stdout.splitlines()
+        assert line.startswith(job_id) and line.endswith("  u9")
+        assert len(cli("jobs", env=env).stdout.splitlines()) == 2
+        theirs = cli("jobs", env={**env, "METIS_API_KEY": "key-b"})
+        assert (theirs.returncode, theirs.stdout) == (0, "")
+        refused = cli("tail", job_id, env={**env, "METIS_API_KEY": "key-b"})
+        assert refused.returncode == 1 and "unknown job" in refused.stderr
+        bad = cli("jobs", "--user", "u 9", env=env)
+        assert bad.returncode == 1 and "'user' must be" in bad.stderr
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("command", ["jobs", "tail"])
 def test_a_wrong_key_is_a_readable_error_and_exit_1(keyed_server: ServerProcess, command: str):
     job_id = submit(keyed_server, key="cli-key", text="x", delay=0)
@@ -656,11 +684,27 @@ def test_serve_without_api_keys_refuses_to_start_and_says_what_to_do(
                       + LOCAL_CLUSTER + EXAMPLE_TEMPLATES)
     done = cli("serve", "--config", str(config), *workers, timeout=30)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("metis-stream: refusing to serve without api_keys"), \
+    assert done.stderr.startswith("metis-stream: refusing to serve without API keys"), \
         done.stderr
     for hint in ("metis-stream new-key", "insecure_no_auth = true", "every user of this machine"):
         assert hint in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ('api_keys = ["k"]\n[server.keys.web]\nkey = "k"\n',
+     "[server] api_keys (or METIS_API_KEYS) and [server.keys.web] give the same key: a key "
+     "has one name and one role; remove one of them"),
+    ('[server.keys.web]\nkey = "k"\nrole = "owner"\n',
+     "[server.keys.web]: role must be one of client, admin, not 'owner': a client key sees "
+     "the jobs it created, an admin key every job"),
+])
+def test_serve_refuses_a_bad_key_and_says_which(tmp_path: Path, keys: str, message: str):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nport = {free_port()}\nstate_dir = "{tmp_path / "state"}"\n'
+                      + keys + LOCAL_CLUSTER + EXAMPLE_TEMPLATES)
+    done = cli("serve", "--config", str(config), timeout=30)
+    assert (done.returncode, done.stderr) == (2, f"metis-stream: {message}\n")
 
 
 def test_serve_with_insecure_no_auth_starts_and_says_so_loudly(tmp_path: Path):

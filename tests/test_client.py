@@ -171,6 +171,37 @@ async def test_a_wrong_key_is_401_and_the_right_one_works(keyed_server: ServerPr
             assert watched.value.status == 401, key
 
 
+async def test_a_client_key_sees_only_its_own_jobs_and_filters_by_end_user(tmp_path: Path):
+    server = ServerProcess(state_dir=tmp_path / "named", server_settings={"keys": {
+        "a": {"key": hash_api_key("key-a")}, "b": {"key": hash_api_key("key-b")}}})
+    server.start()
+    try:
+        async with Client(server.url, key="key-a") as a, Client(server.url, key="key-b") as b:
+            job = await a.submit("tokens", {"text": "mine", "delay": 0}, user="u-7")
+            other = await a.submit("tokens", {"text": "also mine", "delay": 0})
+            assert (job["owner"], job["user"]) == ("a", "u-7")
+            assert [j["id"] for j in await a.jobs(user="u-7")] == [job["id"]]
+            assert [j["id"] for j in await a.jobs()] == [other["id"], job["id"]]
+            assert await b.jobs() == [] and await b.jobs(user="u-7") == []
+            for call in (b.get(job["id"]), b.cancel(job["id"]), b.history(job["id"])):
+                with pytest.raises(ClientError) as caught:
+                    await call
+                assert (caught.value.status, caught.value.message) == (404, "unknown job")
+            with pytest.raises(ClientError) as watched:
+                async with asyncio.timeout(10):
+                    async for _ in b.watch(job["id"]):
+                        pass
+            assert watched.value.status == 404
+            with pytest.raises(ClientError) as refused:
+                await a.submit("tokens", user="not an id")
+            assert refused.value.status == 400
+            for done in (job, other):
+                assert_exactly_once([e async for e in a.watch(done["id"])],
+                                    "mine" if done is job else "also mine")
+    finally:
+        server.stop()
+
+
 def every_call(client: Client) -> list[Awaitable[Any]]:
     """One of each call that talks to the server, ``watch`` up to its first event."""
     return [client.templates(), client.submit("tokens"), client.get(UNKNOWN_JOB),

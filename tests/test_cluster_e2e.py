@@ -207,10 +207,10 @@ def make_server(cluster: TestCluster, folder: Path, config: str) -> ServerProces
 
 
 def submit(server: ServerProcess, template: str, params: dict[str, Any] | None = None,
-           inputs: list[str] | None = None) -> dict[str, Any]:
+           inputs: list[str] | None = None, **body: Any) -> dict[str, Any]:
     response = httpx.post(f"{server.url}/api/jobs", headers=HEADERS, timeout=30,
                           json={"template": template, "params": params or {},
-                                "inputs": inputs or []})
+                                "inputs": inputs or [], **body})
     assert response.status_code == 201, response.text
     job: dict[str, Any] = response.json()
     return job
@@ -445,6 +445,23 @@ def test_job_reports_fatal(env: Env, scheduler: str) -> None:
     record_ = get_job(env.server, job["id"])
     record(env, record_)
     assert record_["state"] == "failed"
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_the_end_user_is_in_the_jobs_name_on_the_cluster(env: Env, scheduler: str) -> None:
+    """A cluster account shared by a web app's users tells them apart: the job's name
+    (qsub -N through Slurm's wrappers, sbatch --job-name) ends with the end user's id, and
+    sbatch also gets it as the comment."""
+    job = submit(env.server, f"fatal_{scheduler}", user="u-42")
+    follow(env.server, job["id"])
+    record_ = get_job(env.server, job["id"])
+    record(env, record_)
+    assert record_["user"] == "u-42"
+    shown = env.cluster.run_as_user(["scontrol", "show", "job",
+                                     record_["scheduler_id"]]).stdout
+    assert f"JobName=ms-{job['id'][-12:]}-u-42" in shown
+    if scheduler == "slurm":
+        assert "Comment=u-42" in shown
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)

@@ -94,13 +94,13 @@ async def test_an_outage_ends_no_job_and_watchers_hear_of_it_once_each_way() -> 
         [down] = await service.clusters()
         scheduler.phase = "degraded"  # the same outage: no second stale
         await wait_polls(scheduler, 20)
-        assert (await service.get(job.id)).state is JobState.RUNNING
+        assert (await service.get(job.id, seen_by=None)).state is JobState.RUNNING
         scheduler.phase = "up"
         await wait_polls(scheduler, 3)
         [up] = await service.clusters()
         scheduler.phase = "ended"
         with anyio.fail_after(5):
-            while not (await service.get(job.id)).state.terminal:
+            while not (await service.get(job.id, seen_by=None)).state.terminal:
                 await anyio.sleep(0.01)
         metrics = service.metrics.render()
         tasks.cancel_scope.cancel()

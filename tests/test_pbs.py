@@ -9,7 +9,7 @@ import pytest
 
 from metis_stream.errors import SchedulerError, UnsafeValue
 from metis_stream.schedulers import pbs
-from metis_stream.schedulers.dialect import JobRequest, split_env
+from metis_stream.schedulers.dialect import JobRequest, job_name, split_env
 from tests.support.samples import ok, sample
 
 
@@ -42,6 +42,19 @@ def test_qsub_argv_has_everything_on_the_command_line() -> None:
         "/home/alice/metis-stream/scripts/0123456789abcdef-run.pbs",
     ]
     assert command.left_out == ()
+
+
+def test_the_end_user_ends_the_jobs_name() -> None:
+    """PBS has no comment a user may set (-A and -P are what the site bills, -W takes no
+    free text): the name carries the end user, and is in qstat and accounting's jobname.
+    PBS Pro takes letters, digits, _, - and + in a name, up to 236."""
+    name = job_name("j_01HX0000000000ABCDEFGHJKMN", "0c6f1e2a-9b1d-4f0e-8a77-5d2c3b4a1f00")
+    argv = pbs.submit_command(request(name=name, user="anything-here")).argv
+    assert argv[:3] == ["qsub", "-N", "ms-ABCDEFGHJKMN-0c6f1e2a-9b1d-4f0e-8a77-5d2c3b4a1f00"]
+    assert not any("anything-here" in arg for arg in argv)  # the name is the only carrier
+    assert pbs.qselect_argv(name) == ["qselect", "-N", name]
+    assert job_name("j_01HX0000000000ABCDEFGHJKMN") == "ms-ABCDEFGHJKMN"
+    assert len(job_name("j_01HX0000000000ABCDEFGHJKMN", "x" * 64)) == 80
 
 
 def test_qsub_torque_resources_and_no_empty_env() -> None:

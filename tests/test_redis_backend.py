@@ -59,8 +59,9 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def new_job(backend: RedisBackend) -> Job:
-    job = Job(id=new_job_id(), template="tokens", cluster="local", created=time.time())
+async def new_job(backend: RedisBackend, owner: str = "", user: str | None = None) -> Job:
+    job = Job(id=new_job_id(), template="tokens", cluster="local", owner=owner, user=user,
+              created=time.time())
     await backend.create_job(job)
     await backend.append(job.id, [NewEvent("starting"), NewEvent("submitted", "1.pbs")])
     return job
@@ -266,18 +267,49 @@ async def index_members(redis: Redis, prefix: str) -> dict[str, set[str]]:
 async def test_the_sweep_removes_the_index_entries_of_expired_jobs(
         make_backend: MakeBackend, redis: Redis, prefix: str) -> None:
     backend = await make_backend(retention=0.2, sweep_interval=0.2)
-    live = await new_job(backend)
-    ended = [await new_job(backend) for _ in range(3)]
+    live = await new_job(backend, owner="web")
+    ended = [await new_job(backend, owner=owner, user="u1") for owner in ("web", "app", "")]
     for job in ended:
         await backend.append(job.id, [NewEvent("completed")])
     await asyncio.sleep(0.3)  # the ended jobs' keys expire; their ids stay in the indexes
     assert not await redis.exists(f"{prefix}job:{ended[0].id}")
-    expected = {"jobs:cluster:local": {live.id}, "jobs:state:queued": {live.id}}
+    # Emptied indexes (jobs:owner:app, jobs:user:u1) are gone: Redis deletes an empty set.
+    expected = {"jobs:cluster:local": {live.id}, "jobs:state:queued": {live.id},
+                "jobs:owner:web": {live.id}}
     deadline = time.monotonic() + 5
     while (indexes := await index_members(redis, prefix)) != expected:
         assert time.monotonic() < deadline, indexes
         await asyncio.sleep(0.05)
     assert [job.id for job in await backend.list_jobs()] == [live.id]
+
+
+async def test_a_listing_pages_through_its_narrowest_index(
+        make_backend: MakeBackend, redis: Redis, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client key's listing reads its own jobs' records, not every job's: of the indexes
+    its filters name, the one with the fewest ids."""
+    backend = await make_backend()
+    others = [await new_job(backend, owner="big", user=f"u{n % 3}") for n in range(120)]
+    mine = [await new_job(backend, owner="small", user="u1") for _ in range(3)]
+    loaded: list[str] = []
+    load = backend._load
+
+    async def counting(sources: list[str], job_ids: list[str]) -> list[Job]:
+        loaded.extend(job_ids)
+        return await load(sources, job_ids)
+
+    monkeypatch.setattr(backend, "_load", counting)
+    listed = await backend.list_jobs(owner="small", states=[JobState.QUEUED])
+    assert [job.id for job in listed] == [job.id for job in reversed(mine)]
+    assert sorted(loaded) == sorted(job.id for job in mine)
+    loaded.clear()
+    listed = await backend.list_jobs(owner="big", user="u2", limit=1000)
+    assert len(listed) == 40 and len(loaded) == 40  # the user's index: 40, the owner's 120
+    loaded.clear()
+    listed = await backend.list_jobs(owner="small", user="u1")
+    assert len(listed) == 3 and len(loaded) == 3
+    listed = await backend.list_jobs(owner="big", limit=1000)
+    assert {job.id for job in listed} == {job.id for job in others}
 
 
 async def test_an_unfinished_job_past_the_maximum_lifetime_is_ended_and_then_expires(

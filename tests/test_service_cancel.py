@@ -53,9 +53,9 @@ async def test_a_cancelled_job_ends_cancelled_however_fast_the_monitor_sees_it_d
         await service.run(tasks)
         job = await service.create("t", {}, [], client="test")
         with anyio.fail_after(5):
-            while (await service.get(job.id)).state is not JobState.QUEUED:
+            while (await service.get(job.id, seen_by=None)).state is not JobState.QUEUED:
                 await anyio.sleep(0.01)
-        cancelled = await service.cancel(job.id)
+        cancelled = await service.cancel(job.id, seen_by=None)
         tasks.cancel_scope.cancel()
     assert scheduler.polls_after_kill >= 5, "the monitor saw the job dead meanwhile"
     assert cancelled.state is JobState.CANCELLED

@@ -6,7 +6,7 @@ import pytest
 
 from metis_stream.errors import SchedulerError, UnsafeValue
 from metis_stream.schedulers import slurm
-from metis_stream.schedulers.dialect import JobRequest
+from metis_stream.schedulers.dialect import JobRequest, job_name
 from tests.support.samples import ok, sample
 
 
@@ -39,6 +39,26 @@ def test_sbatch_argv() -> None:
         "/home/u/metis-stream/scripts/abc-run.sh",
     ]
     assert command.left_out == ("TEXT",)
+
+
+def test_the_end_user_is_the_jobs_comment_and_ends_its_name() -> None:
+    """A cluster account shared by a web app's users tells them apart: in the name (always
+    in sacct) and the comment (squeue %k; sacct with AccountingStoreFlags=job_comment)."""
+    name = job_name("j_01HX0000000000ABCDEFGHJKMN", "user-42")
+    assert name == "ms-ABCDEFGHJKMN-user-42"
+    argv = slurm.submit_command(request(name=name, user="user-42")).argv
+    assert argv[:4] == ["sbatch", "--parsable", "--job-name=ms-ABCDEFGHJKMN-user-42",
+                        "--comment=user-42"]
+    assert not any(arg.startswith("--comment") for arg in slurm.submit_command(request()).argv)
+
+
+@pytest.mark.parametrize("user", ["", "a b", "a;id", "$(id)", "a,b", "é", "a.b", "a@b",
+                                  "a\nb", "x" * 65])
+def test_an_unsafe_end_user_never_reaches_sbatch(user: str) -> None:
+    with pytest.raises(UnsafeValue, match="end user id"):
+        slurm.submit_command(request(user=user))
+    with pytest.raises(UnsafeValue, match="end user id"):
+        job_name("j_01HX0000000000ABCDEFGHJKMN", user)
 
 
 @pytest.mark.parametrize(

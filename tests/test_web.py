@@ -26,7 +26,7 @@ import pytest
 import websockets
 from starlette.requests import Request
 
-from metis_stream import tokens
+from metis_stream import keys, tokens
 from metis_stream.config import ServerConfig, load_config
 from metis_stream.errors import ConfigError
 from metis_stream.jobs import state_machine
@@ -457,7 +457,7 @@ async def test_metrics_count_what_this_process_did(server: ServerProcess):
 def test_create_app_refuses_a_config_without_keys_unless_it_says_insecure_no_auth(
         tmp_path: Path, caplog: pytest.LogCaptureFixture):
     config = load_config(None, {"METIS_STATE_DIR": str(tmp_path)})
-    with pytest.raises(ConfigError, match="refusing to serve without api_keys"):
+    with pytest.raises(ConfigError, match="refusing to serve without API keys"):
         create_app(config)
     create_app(replace(config, server=replace(config.server, api_keys=("k",))))
     assert "INSECURE" not in caplog.text
@@ -468,12 +468,13 @@ def test_create_app_refuses_a_config_without_keys_unless_it_says_insecure_no_aut
 def test_without_keys_or_insecure_no_auth_nobody_is_a_client():
     """Even past create_app (an app assembled by hand): no keys is no client."""
     request = Request({"type": "http", "headers": [], "query_string": b""})
-    assert not auth.is_client(request, ServerConfig())
-    assert auth.is_client(request, ServerConfig(insecure_no_auth=True))
+    assert auth.api_key(request, ServerConfig()) is None
+    assert auth.api_key(request, ServerConfig(insecure_no_auth=True)) == keys.KEYLESS
     keyed = Request({"type": "http", "query_string": b"",
                      "headers": [(b"authorization", b"Bearer k")]})
-    assert auth.is_client(keyed, ServerConfig(api_keys=("k",)))
-    assert not auth.is_client(request, ServerConfig(api_keys=("k",)))
+    listed = auth.api_key(keyed, ServerConfig(api_keys=("k",)))
+    assert listed is not None and listed.admin
+    assert auth.api_key(request, ServerConfig(api_keys=("k",))) is None
 
 
 def test_meta_serves_the_state_machine_even_without_a_key(tmp_path: Path):

@@ -83,8 +83,11 @@ class Backend(Protocol):
         ...
 
     async def list_jobs(self, *, states: Collection[JobState] | None = None,
-                        cluster: str | None = None, limit: int = 100) -> list[Job]:
-        """Jobs, newest first."""
+                        cluster: str | None = None, owner: str | None = None,
+                        user: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first: those in one of ``states``, on ``cluster``, created by the
+        key named ``owner`` and for the end user ``user``, each filter when given. A
+        listing costs about what its narrowest filter holds, never every job."""
         ...
 
     async def set_error_detail(self, job_id: str, detail: str) -> None:

@@ -60,11 +60,13 @@ class MemoryBackend:
         return replace(self._entry(job_id).job)
 
     async def list_jobs(self, *, states: Collection[JobState] | None = None,
-                        cluster: str | None = None, limit: int = 100) -> list[Job]:
+                        cluster: str | None = None, owner: str | None = None,
+                        user: str | None = None, limit: int = 100) -> list[Job]:
         jobs = []
         for entry in reversed(self._entries.values()):
             job = entry.job
-            if (states is None or job.state in states) and (cluster in (None, job.cluster)):
+            if ((states is None or job.state in states) and cluster in (None, job.cluster)
+                    and owner in (None, job.owner) and user in (None, job.user)):
                 jobs.append(replace(job))
                 if len(jobs) >= limit:
                     break

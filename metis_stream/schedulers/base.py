@@ -31,7 +31,7 @@ class Submission:
 
     job_id: str
     name: str
-    """The scheduler's job name: short, ``[A-Za-z0-9_-]``, unique per job."""
+    """The scheduler's job name: ``[A-Za-z0-9_-]``, unique per job (dialect.job_name)."""
     template: Template
     env: Mapping[str, str]
     """``METIS_JOB_ID``, ``METIS_EVENTS_URL`` and one variable per parameter. A scheduler
@@ -40,6 +40,8 @@ class Submission:
     """The job's secret: delivered in a file readable only by the job's user, never in env."""
     spec: Mapping[str, object] = field(default_factory=dict)
     """The job's full spec (params, inputs), for jobs whose values did not fit the env."""
+    user: str | None = None
+    """The end user the job is for (``Job.user``): already at the end of ``name``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,6 +129,7 @@ class BatchScheduler:
             queue=template.queue,
             account=template.account,
             resources=template.resources,
+            user=submission.user,
             env={
                 **submission.env,
                 "METIS_TOKEN_FILE": f"{job_dir}/token",

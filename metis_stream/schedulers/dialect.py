@@ -22,7 +22,13 @@ SAFE_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 SAFE_ENV_VALUE = re.compile(r"[A-Za-z0-9_./:@%+=-]*\Z")
 # Paths that we put on a command line and in -v: absolute, no spaces, no shell syntax.
 SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+@-]*\Z")
-JOB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}\Z")
+JOB_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,99}\Z")
+"""PBS Pro takes a first letter, then letters, digits, ``_``, ``-`` and ``+``, 236 in all
+(``check_job_name``); Torque 256 printable characters; Slurm any."""
+END_USER = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+"""An end user's id (``Job.user``), as the web app gives it: it ends the job's name on the
+cluster (:func:`job_name`) and is Slurm's ``--comment``, so it must be a valid part of a
+job name everywhere and safe in the shell string that Slurm's qsub wrapper builds."""
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 STAGED_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
@@ -45,6 +51,17 @@ def check(pattern: re.Pattern[str], value: str, what: str) -> str:
     if not pattern.match(value):
         raise UnsafeValue(f"{what} {value!r} is not allowed (must match {pattern.pattern})")
     return value
+
+
+def job_name(job_id: str, user: str | None = None) -> str:
+    """The job's name on the cluster: unique (the end of its id, 80 random bits and the
+    time), and ending with the end user's id when it has one, so that a cluster account
+    shared by a web app's users tells them apart in ``qstat``, ``squeue`` and accounting
+    (PBS's ``jobname``, Slurm's ``JobName``)."""
+    name = f"ms-{job_id[-12:]}"
+    if user is not None:
+        name += "-" + check(END_USER, user, "end user id")
+    return check(JOB_NAME, name, "job name")
 
 
 def split_env(env: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
@@ -74,6 +91,9 @@ class JobRequest:
     resources: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     """Every variable the job should get; unsafe ones are left out of the command."""
+    user: str | None = None
+    """The end user the job is for (``Job.user``), already in ``name``; a dialect with a
+    free-text field for it (Slurm's ``--comment``) puts it there too."""
 
 
 @dataclass(frozen=True, slots=True)

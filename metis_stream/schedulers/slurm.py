@@ -16,6 +16,7 @@ from metis_stream.errors import SchedulerError
 from metis_stream.schedulers.base import SchedulerStatus
 from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
+    END_USER,
     GONE,
     JOB_NAME,
     QUEUE_NAME,
@@ -77,6 +78,10 @@ def submit_command(request: JobRequest) -> SubmitCommand:
         argv.append("--partition=" + check(QUEUE_NAME, request.queue, "partition"))
     if request.account:
         argv.append("--account=" + check(ACCOUNT_NAME, request.account, "account"))
+    if request.user is not None:
+        # Also in the name; the comment is a field of its own in squeue (%k), scontrol and,
+        # with AccountingStoreFlags=job_comment, sacct.
+        argv.append("--comment=" + check(END_USER, request.user, "end user id"))
     for key, value in request.resources.items():
         argv += resource_options(key, value)
     argv += ["--output=" + check(SAFE_PATH, request.stdout, "output path"),

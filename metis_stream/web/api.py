@@ -47,15 +47,16 @@ def service_of(request: Request) -> JobService:
 
 
 def job_view(service: JobService, job: Job, *, for_client: bool) -> dict[str, Any]:
-    """The job's record as an answer: an API key holder also gets the watch token and
-    ``error_detail``; a watcher gets neither."""
+    """The job's record as an answer: an API key holder also gets the watch token,
+    ``error_detail`` and ``owner`` (the name of the key that created it); a watcher gets
+    none of them."""
     view = job.as_dict()
     view["watch_url"] = f"/ws/jobs/{job.id}"
     view["events_url"] = f"/api/jobs/{job.id}/events"
     if for_client:
         view["watch_token"] = service.watch_token(job.id)
     else:
-        del view["error_detail"]
+        del view["error_detail"], view["owner"]
     return view
 
 
@@ -130,26 +131,28 @@ def after_param(request: Request) -> int:
 
 async def create_job(request: Request) -> Response:
     service = service_of(request)
-    auth.require_client(request, service.config.server)
+    key = auth.require_client(request, service.config.server)
     if _content_type(request) != JSON_TYPE:
         # Also what keeps a web page from submitting cross-site as a "simple" request.
         raise UnsupportedMediaType("send the job as application/json")
     body = parse_submit_request(await read_body(request, MAX_SUBMIT_BYTES))
     job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
-                               client=auth.client_identity(request, service.config.server))
+                               client=auth.client_identity(request, service.config.server),
+                               owner=key.name, user=body.get("user"))
     return JSONResponse(job_view(service, job, for_client=True), status_code=201)
 
 
 async def list_jobs(request: Request) -> Response:
     service = service_of(request)
-    auth.require_client(request, service.config.server)
+    key = auth.require_client(request, service.config.server)
     state = request.query_params.get("state")
     if state is not None and state not in JobState.__members__.values():
         raise BadInput(f"'state' must be one of {', '.join(JobState)}")
     limit = whole_number(request.query_params.get("limit", "100"), "limit")
     if not 1 <= limit <= 1000:
         raise BadInput("'limit' must be a whole number from 1 to 1000")
-    jobs = await service.jobs(states=None if state is None else {JobState(state)}, limit=limit)
+    jobs = await service.jobs(seen_by=key, states=None if state is None else {JobState(state)},
+                              user=request.query_params.get("user"), limit=limit)
     return JSONResponse({"jobs": [job_view(service, job, for_client=True)
                                   for job in jobs]})
 
@@ -157,26 +160,25 @@ async def list_jobs(request: Request) -> Response:
 async def get_job(request: Request) -> Response:
     service = service_of(request)
     job_id = request.path_params["job_id"]
-    auth.require_watcher(request, service.config.server, job_id)
-    job = await service.get(job_id)
-    return JSONResponse(job_view(service, job,
-                                 for_client=auth.is_client(request, service.config.server)))
+    key = auth.require_watcher(request, service.config.server, job_id)
+    job = await service.get(job_id, seen_by=key)
+    return JSONResponse(job_view(service, job, for_client=key is not None))
 
 
 async def cancel_job(request: Request) -> Response:
     service = service_of(request)
     job_id = request.path_params["job_id"]
-    auth.require_client(request, service.config.server)
-    job = await service.cancel(job_id)
+    key = auth.require_client(request, service.config.server)
+    job = await service.cancel(job_id, seen_by=key)
     return JSONResponse(job_view(service, job, for_client=True))
 
 
 async def job_events(request: Request) -> Response:
     service = service_of(request)
     job_id = request.path_params["job_id"]
-    auth.require_watcher(request, service.config.server, job_id)
+    key = auth.require_watcher(request, service.config.server, job_id)
     after = after_param(request)
-    await service.get(job_id)
+    await service.get(job_id, seen_by=key)
     server = service.config.server
     client = auth.client_identity(request, server)
     with contextlib.ExitStack() as held:
@@ -251,7 +253,7 @@ async def no_such_route(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     service = service_of(request)
-    auth.require_client(request, service.config.server)
+    auth.require_admin(request, service.config.server)
     return PlainTextResponse(service.metrics.render(),
                              media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -317,7 +319,7 @@ async def _job_for_its_token(request: Request) -> Job:
     service = service_of(request)
     job_id = request.path_params["job_id"]
     auth.require_job_token(request, service.config.server, job_id)
-    job = await service.get(job_id)
+    job = await service.get(job_id, seen_by=None)
     if job.state.terminal:
         raise JobEnded(job_id)
     return job

@@ -58,8 +58,9 @@ def from_environment() -> Starlette:
 
 def create_app(config: Config, *, backend: Backend | None = None,
                schedulers: Mapping[str, Scheduler] | None = None) -> Starlette:
-    """The server's app. A config without ``api_keys`` is refused (ConfigError) unless it
-    says ``insecure_no_auth``: an embedder gets no keyless server by default either."""
+    """The server's app. A config without keys (``[server.keys.NAME]`` or ``api_keys``), or
+    with a key given twice, is refused (ConfigError), the first unless it says
+    ``insecure_no_auth``: an embedder gets no keyless server by default either."""
     check_auth(config)
     if config.server.insecure_no_auth:
         logger.warning("metis-stream: INSECURE: insecure_no_auth = true: no API keys, so every "

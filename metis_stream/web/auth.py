@@ -1,14 +1,17 @@
 """Who may do what: API keys for clients, watch tokens for one job's watchers, job tokens
 for a job's own events. Every check runs before the job is looked up, so a refusal
-never tells whether a job exists."""
+never tells whether a job exists. Which jobs a key sees is the service's business
+(``JobService.get`` with the key this module found): a job it does not see is, to it, a
+job that does not exist."""
 
 from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
-from metis_stream import tokens
+from metis_stream import keys, tokens
 from metis_stream.config import ServerConfig
 from metis_stream.errors import NotAllowed, NotAuthenticated
+from metis_stream.keys import ApiKey
 from metis_stream.web.hosts import ServerNames, host_name
 
 
@@ -19,12 +22,14 @@ def bearer(conn: HTTPConnection) -> str | None:
     return credentials.strip()
 
 
-def is_client(conn: HTTPConnection, server: ServerConfig) -> bool:
-    """A holder of an API key; anyone only on a server told ``insecure_no_auth``."""
-    if not server.api_keys:
-        return server.insecure_no_auth
-    key = bearer(conn)
-    return key is not None and tokens.api_key_matches(server.api_keys, key)
+def api_key(conn: HTTPConnection, server: ServerConfig) -> ApiKey | None:
+    """The API key the caller holds; on a server told ``insecure_no_auth``, anyone holds
+    ``keys.KEYLESS`` (an admin's). None: no key, or not one of the server's."""
+    ring = server.keyring
+    if not ring:
+        return keys.KEYLESS if server.insecure_no_auth else None
+    given = bearer(conn)
+    return None if given is None else keys.find(ring, given)
 
 
 def client_identity(conn: HTTPConnection, server: ServerConfig) -> str:
@@ -32,23 +37,37 @@ def client_identity(conn: HTTPConnection, server: ServerConfig) -> str:
     Bearer or ``?token=``), or its address on a keyless server. Call it once the
     credentials have been checked."""
     credentials = bearer(conn) or conn.query_params.get("token")
-    if server.api_keys and credentials:
+    if server.keyring and credentials:
         return tokens.hash_api_key(credentials)
     return conn.client.host if conn.client else "unknown"
 
 
-def require_client(conn: HTTPConnection, server: ServerConfig) -> None:
-    if not is_client(conn, server):
+def require_client(conn: HTTPConnection, server: ServerConfig) -> ApiKey:
+    key = api_key(conn, server)
+    if key is None:
         raise NotAuthenticated("a valid API key is required (Authorization: Bearer <key>)")
+    return key
 
 
-def require_watcher(conn: HTTPConnection, server: ServerConfig, job_id: str) -> None:
-    """A client, or the holder of this job's watch token (as Bearer or ``?token=``)."""
-    if is_client(conn, server):
-        return
+def require_admin(conn: HTTPConnection, server: ServerConfig) -> ApiKey:
+    """An admin key: for what tells of every key's jobs at once (the metrics)."""
+    key = require_client(conn, server)
+    if not key.admin:
+        raise NotAllowed("an admin key is required: this tells of every key's jobs")
+    return key
+
+
+def require_watcher(conn: HTTPConnection, server: ServerConfig, job_id: str) -> ApiKey | None:
+    """An API key, or this job's watch token (as Bearer or ``?token=``): the key, or None
+    for the watch token, which lets its holder read this one job whoever created it. A
+    request with an API key is judged by its key."""
+    key = api_key(conn, server)
+    if key is not None:
+        return key
     given = bearer(conn) or conn.query_params.get("token") or ""
     if not tokens.same_secret(tokens.watch_token(server.secret, job_id), given):
         raise NotAuthenticated("a valid API key or this job's watch token is required")
+    return None
 
 
 def require_job_token(conn: HTTPConnection, server: ServerConfig, job_id: str) -> None:
@@ -72,7 +91,7 @@ def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:
     if server.allowed_origins:
         if origin not in server.allowed_origins:
             raise NotAllowed(f"origin {origin[:100]} is not allowed")
-    elif not server.api_keys and not _own_page(origin, conn, server):
+    elif not server.keyring and not _own_page(origin, conn, server):
         raise NotAllowed(f"origin {origin[:100]} is not this server's; list it in "
                          "allowed_origins")
 

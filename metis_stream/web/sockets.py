@@ -22,6 +22,7 @@ from metis_stream.errors import (
     RequestTimeout,
     outcome_of,
 )
+from metis_stream.keys import ApiKey
 from metis_stream.service import JobService
 from metis_stream.web import auth
 from metis_stream.web.api import parse_submit_request, whole_number
@@ -44,16 +45,16 @@ async def submit_socket(websocket: WebSocket) -> None:
     with contextlib.ExitStack() as slot:
         try:
             auth.check_origin(websocket, server)
-            auth.require_client(websocket, server)
+            key = auth.require_client(websocket, server)
             slot.enter_context(slots_of(websocket).take("", auth.client_identity(websocket,
                                                                                  server)))
         except MetisError as error:
             await deny(websocket, error)
             return
-        await _submit_and_stream(websocket, service)
+        await _submit_and_stream(websocket, service, key)
 
 
-async def _submit_and_stream(websocket: WebSocket, service: JobService) -> None:
+async def _submit_and_stream(websocket: WebSocket, service: JobService, key: ApiKey) -> None:
     await websocket.accept()
     try:
         with anyio.fail_after(FIRST_FRAME_TIMEOUT):
@@ -61,7 +62,8 @@ async def _submit_and_stream(websocket: WebSocket, service: JobService) -> None:
         request = _submit_request(message)
         job = await service.create(
             request.get("template"), request.get("params"), request.get("inputs"),
-            client=auth.client_identity(websocket, service.config.server))
+            client=auth.client_identity(websocket, service.config.server), owner=key.name,
+            user=request.get("user"))
     except TimeoutError:
         await _close_with_error(websocket, RequestTimeout("no submit request received"))
         return
@@ -81,9 +83,9 @@ async def watch_socket(websocket: WebSocket) -> None:
     with contextlib.ExitStack() as slot:
         try:
             auth.check_origin(websocket, server)
-            auth.require_watcher(websocket, server, job_id)
+            key = auth.require_watcher(websocket, server, job_id)
             after = whole_number(websocket.query_params.get("after", "0"), "after")
-            await service.get(job_id)
+            await service.get(job_id, seen_by=key)
             slot.enter_context(slots_of(websocket).take(job_id, auth.client_identity(websocket,
                                                                                      server)))
         except MetisError as exc:

@@ -92,8 +92,10 @@ class ServerProcess:
         self.config_path = self.state_dir / "config.toml"
         self.log_path = self.state_dir / "server.log"
         # Most tests are about something else than authentication and call without a key:
-        # their servers say insecure_no_auth, as a server must. Tests of keys give api_keys.
-        auth = {} if "api_keys" in self.server_settings else {"insecure_no_auth": True}
+        # their servers say insecure_no_auth, as a server must. Tests of keys give api_keys
+        # or keys (name -> {"key": ..., "role": ...}).
+        keyed = {"api_keys", "keys"} & set(self.server_settings)
+        auth = {} if keyed else {"insecure_no_auth": True}
         # Access logs on: tests read them as evidence of which process served what.
         settings = {"host": self.host, "port": self.port, "state_dir": str(self.state_dir),
                     "access_log": True, **auth, **self.server_settings}
@@ -303,6 +305,8 @@ def _toml(value: object) -> str:
         return str(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml(k)} = {_toml(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -17,11 +17,15 @@ Per job (``P`` is the key prefix, ``metis:`` by default):
 Per cluster: ``P clusters:health``, HASH, cluster name -> its health as JSON
 (metis_stream.clusters.ClusterHealth), written by the process that polls it.
 
-Indexes: ``P jobs:state:<state>`` and ``P jobs:cluster:<cluster>``, sorted sets of
-job ids scored by ``order``. Ids of expired jobs are dropped when a listing meets them,
-and by the sweep: every ``sweep_interval``, whichever process holds the ``sweep`` lease
-removes the index entries of expired jobs and ends with a ``fatal`` event every unfinished
-job older than ``max_job_lifetime``, whose keys then expire like those of any ended job.
+Indexes: ``P jobs:state:<state>``, ``P jobs:cluster:<cluster>``, ``P jobs:owner:<key
+name>`` (jobs created by a named key: metis_stream.keys) and ``P jobs:user:<end user>``
+(jobs given one), sorted sets of job ids scored by ``order``. A listing pages through the
+smallest of the indexes its filters name (by ZCARD) and checks the other filters on each
+record, so a client key's listing costs about its own jobs, and one end user's about
+that user's. Ids of expired jobs are dropped when a listing meets them, and by the
+sweep: every ``sweep_interval``, whichever process holds the ``sweep`` lease removes the
+index entries of expired jobs and ends with a ``fatal`` event every unfinished job older
+than ``max_job_lifetime``, whose keys then expire like those of any ended job.
 
 One Lua script appends a whole batch (checks, seqs, log, job hash, index, expiry,
 PUBLISH) in one round trip: Redis runs it atomically, so every process sees the
@@ -173,15 +177,30 @@ class RedisBackend:
     def _cluster_index(self, cluster: str) -> str:
         return self._key("jobs:cluster", cluster)
 
+    def _owner_index(self, owner: str) -> str:
+        return self._key("jobs:owner", owner)
+
+    def _user_index(self, user: str) -> str:
+        return self._key("jobs:user", user)
+
+    def _indexes_of(self, job: Job) -> list[str]:
+        """The indexes besides the state's that list ``job``."""
+        indexes = [self._cluster_index(job.cluster)]
+        if job.owner:
+            indexes.append(self._owner_index(job.owner))
+        if job.user:
+            indexes.append(self._user_index(job.user))
+        return indexes
+
     # Job database
 
     async def create_job(self, job: Job) -> None:
         epoch = secrets.token_hex(8)
         record = job_to_hash(job) | {"epoch": epoch}
         keys = [*self._job_keys(job.id), self._key("jobs", "order"),
-                self._cluster_index(job.cluster), *map(self._state_index, STATES)]
-        args: list[str | int] = [job.id, STATES.index(job.state) + 1,
-                *(item for pair in record.items() for item in pair)]
+                *map(self._state_index, STATES), *self._indexes_of(job)]
+        args: list[str | int] = [job.id, STATES.index(job.state) + 1, len(STATES),
+                                 *(item for pair in record.items() for item in pair)]
         with unavailable_on_errors():
             await self._create_script(keys=keys, args=args)
         self._remember(job.id, epoch.encode())
@@ -218,26 +237,54 @@ class RedisBackend:
             raise JobNotFound(job_id)
 
     async def list_jobs(self, *, states: Collection[JobState] | None = None,
-                        cluster: str | None = None, limit: int = 100) -> list[Job]:
-        if states is not None:
-            sources = [self._state_index(JobState(state)) for state in set(states)]
-        elif cluster is not None:
-            sources = [self._cluster_index(cluster)]
-        else:
-            sources = [self._state_index(state) for state in STATES]
+                        cluster: str | None = None, owner: str | None = None,
+                        user: str | None = None, limit: int = 100) -> list[Job]:
         page = min(max(limit, 50), 1000)
         jobs: list[Job] = []
         below = "+inf"
         with unavailable_on_errors():
+            sources = await self._narrowest(states, cluster, owner, user)
             while len(jobs) < limit:
                 ids = await self._newest(sources, below, page)
                 for job in await self._load(sources, [job_id for job_id, _ in ids]):
-                    if (states is None or job.state in states) and cluster in (None, job.cluster):
+                    if ((states is None or job.state in states)
+                            and cluster in (None, job.cluster) and owner in (None, job.owner)
+                            and user in (None, job.user)):
                         jobs.append(job)
                 if len(ids) < page:
                     break
                 below = f"({ids[-1][1]!r}"
         return jobs[:limit]
+
+    async def _narrowest(self, states: Collection[JobState] | None, cluster: str | None,
+                         owner: str | None, user: str | None) -> list[str]:
+        """The indexes a listing pages through: of those that its filters name, the ones
+        that hold the fewest ids (every job's state indexes when it names none). A job
+        without an owner or end user is in no such index, so an empty one is no filter
+        to page by."""
+        choices: list[list[str]] = []
+        if states is not None:
+            choices.append([self._state_index(JobState(state)) for state in set(states)])
+        if cluster is not None:
+            choices.append([self._cluster_index(cluster)])
+        if owner:
+            choices.append([self._owner_index(owner)])
+        if user:
+            choices.append([self._user_index(user)])
+        if not choices:
+            return [self._state_index(state) for state in STATES]
+        if len(choices) == 1:
+            return choices[0]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for choice in choices:
+                for index in choice:
+                    pipe.zcard(index)
+            sizes: list[int] = await pipe.execute()
+        totals = []
+        for choice in choices:
+            totals.append(sum(sizes[:len(choice)]))
+            sizes = sizes[len(choice):]
+        return choices[totals.index(min(totals))]
 
     async def _newest(self, sources: list[str], below: str, page: int
                       ) -> list[tuple[str, float]]:
@@ -288,10 +335,11 @@ class RedisBackend:
         whose keys have expired. The lease holder runs it every ``sweep_interval``."""
         with unavailable_on_errors():
             ended = await self._end_overdue_jobs()
-            cluster_indexes = [key.decode() async for key in self._client.scan_iter(
-                match=self._cluster_index("*"), count=_SWEEP_PAGE)]
+            indexes = [key.decode() for kind in ("cluster", "owner", "user")
+                       async for key in self._client.scan_iter(
+                           match=self._key(f"jobs:{kind}", "*"), count=_SWEEP_PAGE)]
             pruned = 0
-            for index in [*map(self._state_index, STATES), *cluster_indexes]:
+            for index in [*map(self._state_index, STATES), *indexes]:
                 pruned += await self._prune(index)
         if ended or pruned:
             log.info("redis sweep: ended %d jobs past max_job_lifetime, removed %d index "

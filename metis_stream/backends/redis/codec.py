@@ -15,7 +15,7 @@ import orjson
 from metis_stream.events import NewEvent
 from metis_stream.jobs import Job, fields_set_by
 
-_TEXT_FIELDS = frozenset({"id", "template", "cluster", "state"})
+_TEXT_FIELDS = frozenset({"id", "template", "cluster", "state", "owner"})
 """Job fields stored as plain text; every other field is stored as JSON."""
 
 

@@ -128,14 +128,17 @@ return {seqs, fresh}
 """
 
 CREATE_LUA = """
--- KEYS: job hash, log stream, ids hash, order counter, cluster index, then every state index.
--- ARGV: job id, state index position (1-based, among the state indexes), field, value, ...
+-- KEYS: job hash, log stream, ids hash, order counter, then every state index, then the
+--       other indexes the job joins (its cluster's, and its owner's and end user's if any).
+-- ARGV: job id, its state index's position among the state indexes (1-based), the number
+--       of state indexes, then field, value, ...
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 local order = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'order', order, unpack(ARGV, 3))
-for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
-redis.call('ZADD', KEYS[5 + tonumber(ARGV[2])], order, ARGV[1])
-redis.call('ZADD', KEYS[5], order, ARGV[1])
+redis.call('HSET', KEYS[1], 'order', order, unpack(ARGV, 4))
+local states = tonumber(ARGV[3])
+for i = 5, 4 + states do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('ZADD', KEYS[4 + tonumber(ARGV[2])], order, ARGV[1])
+for i = 5 + states, #KEYS do redis.call('ZADD', KEYS[i], order, ARGV[1]) end
 """
 
 SET_FIELD_LUA = """
