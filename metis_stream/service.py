@@ -35,6 +35,7 @@ from metis_stream.config import Config
 from metis_stream.errors import (
     BackendUnavailable,
     BadInput,
+    EmbeddingError,
     JobEnded,
     JobNotFound,
     JobNotSubmitted,
@@ -113,7 +114,7 @@ class JobService:
     async def __aenter__(self) -> Self:
         """Start the service; it stops, its monitors first, when the block ends."""
         if self._lifetime is not None or self.running:
-            raise NotRunning("this metis-stream service is running already: enter it once")
+            raise EmbeddingError("this metis-stream service is running already: enter it once")
         lifetime = self._lifetime = self._run_for_a_while()
         try:
             await lifetime.__aenter__()
@@ -210,8 +211,6 @@ class JobService:
         ``owner`` is the name of its key, which the job keeps (metis_stream.keys); ``user``
         the end user's id that the web app may give (see :func:`end_user`).
         """
-        if self._tasks is None:
-            raise NotRunning(NOT_RUNNING)
         wait = self._submissions.acquire(self._rate_limit_keys(client), time.monotonic())
         if wait:
             raise TooManySubmissions(wait)

@@ -29,10 +29,19 @@ from websockets.http11 import Response as WebSocketResponse
 from websockets.sync.client import connect
 
 import metis_stream
-from metis_stream import Event, Job, JobService, JobState, NewEvent, create_app, load_config
+from metis_stream import (
+    Client,
+    Event,
+    Job,
+    JobService,
+    JobState,
+    NewEvent,
+    create_app,
+    load_config,
+)
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.config import ClusterConfig, Config, ServerConfig
-from metis_stream.errors import InvalidParams, NotRunning, UnknownTemplate
+from metis_stream.errors import EmbeddingError, InvalidParams, NotRunning, UnknownTemplate
 from metis_stream.schedulers.base import SchedulerStatus, Submission
 from metis_stream.templates import Template
 from metis_stream.tokens import job_token
@@ -212,6 +221,18 @@ def test_the_server_on_its_own_takes_any_public_url_path() -> None:
         assert created.json()["watch_url"].startswith("/ws/jobs/")
 
 
+async def test_the_python_client_takes_the_mount_in_its_url() -> None:
+    hpc, _ = embedded()
+    with serve_in_thread(host(hpc)) as url:
+        async with Client(f"{url}/hpc", key=KEY) as client:
+            job = await client.submit("t")
+            assert job["watch_url"] == f"/hpc/ws/jobs/{job['id']}"
+            async for event in client.watch(job["id"]):
+                assert event["type"] == "starting"
+                break
+            assert [template["name"] for template in await client.templates()] == ["t"]
+
+
 # The host's own check
 
 
@@ -318,7 +339,7 @@ async def test_a_service_runs_once_at_a_time_and_submits_only_while_it_runs() ->
     assert await service.jobs(seen_by=None) == []  # nothing half made
     async with service as entered:
         assert entered is service and running(service)
-        with pytest.raises(NotRunning, match="running already"):
+        with pytest.raises(EmbeddingError, match="running already"):
             async with service:
                 pass
         assert running(service)
