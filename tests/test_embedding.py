@@ -45,6 +45,7 @@ from metis_stream.errors import EmbeddingError, InvalidParams, NotRunning, Unkno
 from metis_stream.schedulers.base import SchedulerStatus, Submission
 from metis_stream.templates import Template
 from metis_stream.tokens import job_token
+from tests.support.embedded_host import example_file
 from tests.support.schedulers import SchedulerDouble
 from tests.support.server import serve_in_thread
 
@@ -233,6 +234,17 @@ async def test_the_python_client_takes_the_mount_in_its_url() -> None:
                 assert event["type"] == "starting"
                 break
             assert [template["name"] for template in await client.templates()] == ["t"]
+
+
+def test_the_starlette_example_of_the_docs_runs_its_service(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METIS_API_KEYS", KEY)
+    monkeypatch.setenv("METIS_STATE_DIR", str(tmp_path))
+    example: dict[str, Any] = {}
+    exec(compile(example_file("starlette_host.py"), "starlette_host.py", "exec"), example)
+    with serving(example["app"]) as (client, _):
+        assert client.get("/hpc/healthz").json() == {"ok": True}  # 500 unless it runs
+        assert client.get("/hpc/api/templates", headers=AUTH).status_code == 200
 
 
 # The host's own check
