@@ -11,9 +11,10 @@ from metis_stream.errors import ClientError, MetisError
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState
 from metis_stream.service import JobService
-from metis_stream.web.app import create_app
+from metis_stream.web.app import Authorize, create_app, lifespan
 
 __all__ = [
+    "Authorize",
     "Client",
     "ClientError",
     "Config",
@@ -24,5 +25,6 @@ __all__ = [
     "MetisError",
     "NewEvent",
     "create_app",
+    "lifespan",
     "load_config",
 ]

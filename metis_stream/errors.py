@@ -30,6 +30,9 @@ pick the right parent to be translated everywhere.
     ├── SchedulerError                502   the batch system failed (SubmitOutcomeUnknown)
     ├── ShellError                    502   commands could not run (CommandTimeout 504,
     │                                       HostKeyRefused)
+    ├── EmbeddingError                500   the program that embeds metis-stream set it up
+    │                                       wrong: a public_url outside the app's mount path,
+    │                                       or its service not started (NotRunning)
     └── ClientError                         a client's view of a refused or unreachable server
 
 Anything else that escapes is a bug: a 500, a 1011 close, exit 1, and a traceback in
@@ -59,6 +62,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "ConnectionLost",
+    "EmbeddingError",
     "EventLimitReached",
     "EventTooLarge",
     "Gone",
@@ -76,6 +80,7 @@ __all__ = [
     "NotAllowed",
     "NotAuthenticated",
     "NotFound",
+    "NotRunning",
     "Outcome",
     "RequestTimeout",
     "SchedulerError",
@@ -318,6 +323,18 @@ class ConnectionLost(ShellError):
 
 
 # The client side
+
+
+# The embedder's mistakes
+
+
+class EmbeddingError(MetisError):
+    """The program that embeds metis-stream (docs/embedding.md) has set it up wrong.
+    Retrying does not help (so not 503); the message says what to change."""
+
+
+class NotRunning(EmbeddingError):
+    """The job service is not running: it was never started, or has stopped."""
 
 
 class ClientError(MetisError):

@@ -2,7 +2,13 @@
 
 It creates jobs, submits them without blocking the event loop, takes their
 events, cancels them, and runs one monitor per cluster. The web layer is a thin
-translation of routes onto these methods.
+translation of routes onto these methods; a program that embeds metis-stream calls
+them itself (docs/embedding.md):
+
+    async with JobService.from_config(config) as service:
+        job = await service.submit("tokens", {"text": "hello"})
+        async for event in service.follow(job.id):
+            ...
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
@@ -28,15 +35,18 @@ from metis_stream.config import Config
 from metis_stream.errors import (
     BackendUnavailable,
     BadInput,
+    EmbeddingError,
     JobEnded,
     JobNotFound,
     JobNotSubmitted,
+    NotRunning,
     SchedulerError,
     TooManySubmissions,
     UnknownTemplate,
     plain_cause,
 )
 from metis_stream.events import Event, NewEvent
+from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.jobs import Job, JobState, new_job_id
 from metis_stream.keys import ApiKey
 from metis_stream.limits import RateLimiter
@@ -65,22 +75,75 @@ SUBMISSION_WAIT = 30.0
 EVERY_KEYLESS_CALLER = "*"
 """The rate limit's bucket shared by all callers of a server without API keys (no address
 or key hash is spelt so)."""
+NOT_RUNNING = ("the metis-stream service is not running: start it with `async with service:` "
+               "or, for an app mounted in a host app (whose Mount never runs the mounted "
+               "app's lifespan), with `async with metis_stream.lifespan(app):` in the host's "
+               "own lifespan (docs/embedding.md)")
 
 
 class JobService:
+    """What the server does with jobs. ``async with`` runs it (the backend, the
+    schedulers and their monitors) and closes it; the methods return typed records
+    (:class:`Job`, :class:`Event`)."""
+
     def __init__(self, config: Config, backend: Backend,
                  schedulers: Mapping[str, Scheduler]) -> None:
         self.config = config
         self.backend = backend
         self.schedulers = schedulers
         self._tasks: TaskGroup | None = None
+        self._lifetime: contextlib.AbstractAsyncContextManager[None] | None = None
         self._cancelling: set[str] = set()
         """Jobs whose cancel is under way (see cancel)."""
         self._submissions = RateLimiter(config.server.submissions_per_minute)
         self.metrics = Metrics()
 
+    @classmethod
+    def from_config(cls, config: Config) -> JobService:
+        """The service of ``config`` with the backend and the schedulers it names (Redis or
+        memory; SSH, local commands or the local scheduler), as ``serve`` builds them;
+        not running yet (``async with``)."""
+        return cls(config, build_backend(config), build_schedulers(config))
+
+    @property
+    def running(self) -> bool:
+        """Whether the service has been started (``async with``, or :meth:`run`) and not
+        stopped since."""
+        return self._tasks is not None
+
+    async def __aenter__(self) -> Self:
+        """Start the service; it stops, its monitors first, when the block ends."""
+        if self._lifetime is not None or self.running:
+            raise EmbeddingError("this metis-stream service is running already: enter it once")
+        lifetime = self._lifetime = self._run_for_a_while()
+        try:
+            await lifetime.__aenter__()
+        except BaseException:
+            self._lifetime = None
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, traceback: TracebackType | None) -> bool | None:
+        lifetime, self._lifetime = self._lifetime, None
+        assert lifetime is not None, "__aexit__ without __aenter__"
+        return await lifetime.__aexit__(exc_type, exc, traceback)
+
+    @contextlib.asynccontextmanager
+    async def _run_for_a_while(self) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            await self.run(tasks)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+                self._tasks = None
+                with anyio.CancelScope(shield=True):
+                    await self.close()
+
     async def run(self, task_group: TaskGroup) -> None:
-        """Start the backend, the schedulers and their monitors in ``task_group``."""
+        """Start the backend, the schedulers and their monitors in ``task_group`` (what
+        ``async with`` does, for a caller that keeps its own task group)."""
         await self.backend.start()
         for scheduler in self.schedulers.values():
             await scheduler.start()
@@ -125,9 +188,24 @@ class JobService:
             raise UnknownTemplate(str(name))
         return template
 
+    async def submit(self, template: str, params: Mapping[str, Any] | None = None, *,
+                     inputs: Sequence[str] = (), user: str | None = None,
+                     owner: str = "") -> Job:
+        """Create and submit a job from the program's own code: what ``POST /api/jobs``
+        does, without HTTP and without its rate limit. The job's record comes back at
+        once; its events follow (:meth:`follow`). Errors are those of the API
+        (UnknownTemplate, InvalidParams, BadInput for ``user``, ...).
+
+        ``owner``: the name of the API key whose client may see the job over HTTP as its
+        own; empty, only admin keys see it. ``user``: the end user's id (:func:`end_user`).
+        """
+        return await self._create(template, {} if params is None else params, list(inputs),
+                                  owner=owner, user=user)
+
     async def create(self, template_name: object, params: object, inputs: object, *,
                      client: str, owner: str = "", user: object = None) -> Job:
-        """Validate, record the job with its ``starting`` event, and submit in the background.
+        """Validate, record the job with its ``starting`` event, and submit in the background:
+        a request's submission, its values as the request gave them.
 
         ``client`` names who asks (an API key's hash, or an address) for the rate limit;
         ``owner`` is the name of its key, which the job keeps (metis_stream.keys); ``user``
@@ -136,6 +214,13 @@ class JobService:
         wait = self._submissions.acquire(self._rate_limit_keys(client), time.monotonic())
         if wait:
             raise TooManySubmissions(wait)
+        return await self._create(template_name, params, inputs, owner=owner, user=user)
+
+    async def _create(self, template_name: object, params: object, inputs: object, *,
+                      owner: str, user: object) -> Job:
+        tasks = self._tasks
+        if tasks is None:
+            raise NotRunning(NOT_RUNNING)
         template = self.template(template_name)
         values = validate_params(template, params)
         urls = validate_inputs(template, inputs)
@@ -148,8 +233,7 @@ class JobService:
         self.metrics.count("metis_jobs_created_total")
         await self._append(job.id, [NewEvent("starting", {"template": template.name})],
                            by="server")
-        assert self._tasks is not None, "the service is not running"
-        self._tasks.start_soon(self._submit, job, template)
+        tasks.start_soon(self._submit, job, template)
         return await self.backend.get_job(job.id)
 
     def _rate_limit_keys(self, client: str) -> tuple[str, ...]:
@@ -332,16 +416,18 @@ class JobService:
         """The job's record, if ``seen_by`` sees it: another key's job raises JobNotFound,
         the answer for a job that does not exist, so that a key learns nothing of the jobs
         it does not see. None: a caller that proved its right to this one job otherwise
-        (its watch token, its job token)."""
+        (its watch token, its job token), or the program's own code."""
         job = await self.backend.get_job(job_id)
         if seen_by is not None and not seen_by.sees(job.owner):
             raise JobNotFound(job_id)
         return job
 
-    async def jobs(self, *, seen_by: ApiKey, states: Collection[JobState] | None = None,
+    async def jobs(self, *, seen_by: ApiKey | None, states: Collection[JobState] | None = None,
                    user: object = None, limit: int = 100) -> list[Job]:
-        """The jobs ``seen_by`` sees, newest first; with ``user``, only that end user's."""
-        return await self.backend.list_jobs(states=states, owner=seen_by.owner_filter,
+        """The jobs ``seen_by`` sees (None: every job, for the program's own code), newest
+        first; with ``user``, only that end user's."""
+        owner = None if seen_by is None else seen_by.owner_filter
+        return await self.backend.list_jobs(states=states, owner=owner,
                                             user=None if user is None else end_user(user),
                                             limit=limit)
 
@@ -350,6 +436,8 @@ class JobService:
         return await self.backend.read(job_id, after)
 
     def follow(self, job_id: str, after: int = 0) -> AsyncIterator[Event]:
+        """The job's events with seq > ``after``, history then live, ending after its
+        terminal event (``completed``, ``fatal`` or ``cancelled``)."""
         return follow(self.backend, job_id, after)
 
     def _tail_lines(self, job: Job) -> int:

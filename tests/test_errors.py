@@ -75,6 +75,8 @@ EXPECTED = [
     (errors.ConnectionLost("x"), 502, 1011, 1),
     (CommandTimeout("x"), 504, 1011, 1),
     (HostKeyRefused("x"), 502, 1011, 1),
+    (errors.EmbeddingError("x"), 500, 1011, 1),
+    (errors.NotRunning("x"), 500, 1011, 1),
     (ClientError(404, "x"), 500, 1011, 1),
     (MetisError("x"), 500, 1011, 1),
 ]

@@ -29,6 +29,7 @@ from metis_stream.service import JobService
 from metis_stream.templates import param_text
 from metis_stream.web import auth
 from metis_stream.web.errors import JSONResponse, error_body
+from metis_stream.web.mount import check_public_url, root_path
 from metis_stream.web.slots import history_reads_of, slots_of
 from metis_stream.web.streaming import HeldStream
 
@@ -46,15 +47,16 @@ def service_of(request: Request) -> JobService:
     return service
 
 
-def job_view(service: JobService, job: Job, *, for_client: bool) -> dict[str, Any]:
+def job_view(request: Request, job: Job, *, for_client: bool) -> dict[str, Any]:
     """The job's record as an answer: an API key holder also gets the watch token,
     ``error_detail`` and ``owner`` (the name of the key that created it); a watcher gets
-    none of them."""
+    none of them. Its URLs are under the path the request came by (web/mount.py)."""
     view = job.as_dict()
-    view["watch_url"] = f"/ws/jobs/{job.id}"
-    view["events_url"] = f"/api/jobs/{job.id}/events"
+    prefix = root_path(request)
+    view["watch_url"] = f"{prefix}/ws/jobs/{job.id}"
+    view["events_url"] = f"{prefix}/api/jobs/{job.id}/events"
     if for_client:
-        view["watch_token"] = service.watch_token(job.id)
+        view["watch_token"] = service_of(request).watch_token(job.id)
     else:
         del view["error_detail"], view["owner"]
     return view
@@ -132,6 +134,7 @@ def after_param(request: Request) -> int:
 async def create_job(request: Request) -> Response:
     service = service_of(request)
     key = auth.require_client(request, service.config.server)
+    check_public_url(request, service.config.server)
     if _content_type(request) != JSON_TYPE:
         # Also what keeps a web page from submitting cross-site as a "simple" request.
         raise UnsupportedMediaType("send the job as application/json")
@@ -139,7 +142,7 @@ async def create_job(request: Request) -> Response:
     job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
                                client=auth.client_identity(request, service.config.server),
                                owner=key.name, user=body.get("user"))
-    return JSONResponse(job_view(service, job, for_client=True), status_code=201)
+    return JSONResponse(job_view(request, job, for_client=True), status_code=201)
 
 
 async def list_jobs(request: Request) -> Response:
@@ -153,7 +156,7 @@ async def list_jobs(request: Request) -> Response:
         raise BadInput("'limit' must be a whole number from 1 to 1000")
     jobs = await service.jobs(seen_by=key, states=None if state is None else {JobState(state)},
                               user=request.query_params.get("user"), limit=limit)
-    return JSONResponse({"jobs": [job_view(service, job, for_client=True)
+    return JSONResponse({"jobs": [job_view(request, job, for_client=True)
                                   for job in jobs]})
 
 
@@ -162,7 +165,7 @@ async def get_job(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     key = auth.require_watcher(request, service.config.server, job_id)
     job = await service.get(job_id, seen_by=key)
-    return JSONResponse(job_view(service, job, for_client=key is not None))
+    return JSONResponse(job_view(request, job, for_client=key is not None))
 
 
 async def cancel_job(request: Request) -> Response:
@@ -170,7 +173,7 @@ async def cancel_job(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     key = auth.require_client(request, service.config.server)
     job = await service.cancel(job_id, seen_by=key)
-    return JSONResponse(job_view(service, job, for_client=True))
+    return JSONResponse(job_view(request, job, for_client=True))
 
 
 async def job_events(request: Request) -> Response:

@@ -1,4 +1,9 @@
-"""The Starlette application: routes, lifespan, static viewer."""
+"""The Starlette application: routes, lifespan, static viewer.
+
+The app runs on its own (``metis-stream serve``), or mounted in a host ASGI app under a
+prefix; a Mount never runs the mounted app's lifespan, so the host enters
+:func:`lifespan` in its own (docs/embedding.md).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -25,14 +29,17 @@ from metis_stream.service import JobService
 from metis_stream.web import api, sockets
 from metis_stream.web.deadline import ABORT, find_abort
 from metis_stream.web.errors import handle_error, handle_starlette_error
+from metis_stream.web.guard import Authorize, Gate, HttpEndpoint
 from metis_stream.web.headers import SecurityHeaders
 from metis_stream.web.hosts import HostCheck, ServerNames
 from metis_stream.web.logs import redact_access_log
 from metis_stream.web.slots import HistoryReads, SocketSlots
 
 __all__ = [
+    "Authorize",
     "create_app",
     "from_environment",
+    "lifespan",
 ]
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -57,10 +64,15 @@ def from_environment() -> Starlette:
 
 
 def create_app(config: Config, *, backend: Backend | None = None,
-               schedulers: Mapping[str, Scheduler] | None = None) -> Starlette:
+               schedulers: Mapping[str, Scheduler] | None = None,
+               authorize: Authorize | None = None) -> Starlette:
     """The server's app. A config without keys (``[server.keys.NAME]`` or ``api_keys``), or
     with a key given twice, is refused (ConfigError), the first unless it says
-    ``insecure_no_auth``: an embedder gets no keyless server by default either."""
+    ``insecure_no_auth``: an embedder gets no keyless server by default either.
+
+    ``backend`` and ``schedulers``: instead of those the config names. ``authorize``: a
+    host app's own check of every client request, before metis-stream's (web/guard.py).
+    """
     check_auth(config)
     if config.server.insecure_no_auth:
         logger.warning("metis-stream: INSECURE: insecure_no_auth = true: no API keys, so every "
@@ -72,44 +84,40 @@ def create_app(config: Config, *, backend: Backend | None = None,
         schedulers if schedulers is not None else build_schedulers(config),
     )
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redact_access_log()
-        async with anyio.create_task_group() as tasks:
-            await service.run(tasks)
-            try:
-                yield
-            finally:
-                tasks.cancel_scope.cancel()
-                with anyio.CancelScope(shield=True):
-                    await service.close()
-
     names = ServerNames.of(config.server)
+    gate = Gate(service, authorize)
+    client, socket = gate.http, gate.socket
+
+    def its_job(endpoint: HttpEndpoint) -> HttpEndpoint:
+        """A route of the batch job's own, with its job token: never put to the host's
+        hook (the job holds no session of the host's)."""
+        return gate.http(endpoint, client=False)
+
     job = "/api/jobs/{job_id}"
     routes = [
-        Route("/healthz", api.healthz),
-        Route("/metrics", api.metrics),
-        Route("/api/meta", api.meta),
-        Route("/api/templates", api.list_templates),
-        Route("/api/clusters", api.list_clusters),
-        Route("/api/jobs", api.create_job, methods=["POST"]),
-        Route("/api/jobs", api.list_jobs, methods=["GET"]),
-        Route(job, api.get_job, methods=["GET"]),
-        Route(job, api.cancel_job, methods=["DELETE"]),
-        Route(job + "/events", api.job_events, methods=["GET"]),
-        Route(job + "/events", api.post_events, methods=["POST"]),
-        Route(job + "/spec", api.job_spec),
-        Route(job + "/spec/inputs", api.job_spec_inputs),
-        Route(job + "/spec/params/{name}", api.job_spec_param),
-        WebSocketRoute("/ws/jobs", sockets.submit_socket),
-        WebSocketRoute("/ws/jobs/{job_id}", sockets.watch_socket),
+        Route("/healthz", client(api.healthz)),
+        Route("/metrics", client(api.metrics)),
+        Route("/api/meta", client(api.meta)),
+        Route("/api/templates", client(api.list_templates)),
+        Route("/api/clusters", client(api.list_clusters)),
+        Route("/api/jobs", client(api.create_job), methods=["POST"]),
+        Route("/api/jobs", client(api.list_jobs), methods=["GET"]),
+        Route(job, client(api.get_job), methods=["GET"]),
+        Route(job, client(api.cancel_job), methods=["DELETE"]),
+        Route(job + "/events", client(api.job_events), methods=["GET"]),
+        Route(job + "/events", its_job(api.post_events), methods=["POST"]),
+        Route(job + "/spec", its_job(api.job_spec)),
+        Route(job + "/spec/inputs", its_job(api.job_spec_inputs)),
+        Route(job + "/spec/params/{name}", its_job(api.job_spec_param)),
+        WebSocketRoute("/ws/jobs", socket(sockets.submit_socket)),
+        WebSocketRoute("/ws/jobs/{job_id}", socket(sockets.watch_socket)),
         # Anything else under /api and /ws is a JSON 404, never the viewer's files.
-        Route("/api/{rest:path}", api.no_such_route,
+        Route("/api/{rest:path}", client(api.no_such_route),
               methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        WebSocketRoute("/ws/{rest:path}", sockets.no_such_route),
-        Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="viewer"),
+        WebSocketRoute("/ws/{rest:path}", socket(sockets.no_such_route)),
+        Mount("/", gate.app(StaticFiles(directory=STATIC_DIR, html=True)), name="viewer"),
     ]
-    app = _App(routes=routes, lifespan=lifespan,
+    app = _App(routes=routes, lifespan=_own_lifespan,
                middleware=[Middleware(SecurityHeaders, names=names),
                            Middleware(HostCheck, names=names)],
                exception_handlers={MetisError: handle_error,
@@ -121,3 +129,32 @@ def create_app(config: Config, *, backend: Backend | None = None,
     service.metrics.gauge("metis_open_streams", lambda: slots.open)
     app.state.history_reads = HistoryReads(config.server.max_history_reads_per_client)
     return app
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[JobService]:
+    """Run the job service of an app that :func:`create_app` built while the block lasts,
+    and give it (for the program's own submissions: ``JobService.submit``).
+
+    A host app that mounts the app enters this in its own lifespan: Starlette's and
+    FastAPI's ``Mount`` never run a mounted app's lifespan. Entered while the service runs
+    already (under a framework that does run them), it starts nothing a second time.
+    """
+    service = getattr(app.state, "service", None)
+    if not isinstance(service, JobService):
+        raise TypeError("metis_stream.lifespan() takes the app that create_app() returned, "
+                        f"not {app!r}")
+    # uvicorn's log lines carry the query strings of watch URLs: their tokens go.
+    redact_access_log()
+    if service.running:
+        yield service
+        return
+    async with service:
+        yield service
+
+
+@asynccontextmanager
+async def _own_lifespan(app: Starlette) -> AsyncIterator[None]:
+    """The app's lifespan when it is the server's own app (``metis-stream serve``)."""
+    async with lifespan(app):
+        yield

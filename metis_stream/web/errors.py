@@ -49,12 +49,24 @@ async def handle_starlette_error(request: Request, exc: Exception) -> Response:
 
 async def deny(websocket: WebSocket, error: MetisError) -> None:
     """Refuse a websocket handshake with the real HTTP status where the server supports it."""
+    await deny_with(websocket, error_response(error), outcome_of(error).close_code,
+                    error.message)
+
+
+async def deny_with(websocket: WebSocket, response: Response, close_code: int,
+                    message: str) -> None:
+    """Refuse a websocket handshake with ``response`` where the server supports it, else by
+    accepting it and closing with ``close_code`` and ``message``."""
     if DENIAL_EXTENSION in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(error_response(error))
+        await websocket.send_denial_response(response)
     else:
-        await websocket.close(outcome_of(error).close_code, close_reason(error))
+        await websocket.close(close_code, _fit_reason(message))
 
 
 def close_reason(error: MetisError) -> str:
+    return _fit_reason(error.message)
+
+
+def _fit_reason(message: str) -> str:
     """A close frame's reason may hold at most 123 bytes of UTF-8."""
-    return error.message.encode()[:123].decode(errors="ignore")
+    return message.encode()[:123].decode(errors="ignore")

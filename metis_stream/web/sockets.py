@@ -28,6 +28,7 @@ from metis_stream.web import auth
 from metis_stream.web.api import parse_submit_request, whole_number
 from metis_stream.web.deadline import sent_in_time
 from metis_stream.web.errors import close_reason, deny
+from metis_stream.web.mount import check_public_url
 from metis_stream.web.slots import slots_of
 
 FIRST_FRAME_TIMEOUT = 30.0
@@ -46,6 +47,7 @@ async def submit_socket(websocket: WebSocket) -> None:
         try:
             auth.check_origin(websocket, server)
             key = auth.require_client(websocket, server)
+            check_public_url(websocket, server)
             slot.enter_context(slots_of(websocket).take("", auth.client_identity(websocket,
                                                                                  server)))
         except MetisError as error:
