@@ -426,15 +426,16 @@ def keyed_server(tmp_path: Path) -> Iterator[ServerProcess]:
 def test_url_and_key_after_the_subcommand_and_from_the_environment(
         keyed_server: ServerProcess):
     job_id = submit(keyed_server, key="cli-key", text="keyed text", delay=0)
+    # Tailed to its end first: the two listings below must not race its state.
+    tail = cli("tail", job_id, "--key", "cli-key", "--url", keyed_server.url)
+    assert tail.returncode == 0, tail.stderr
+    assert_text_once(tail.stdout, "keyed text")
     by_options = cli("jobs", "--url", keyed_server.url, "--key", "cli-key")
     assert by_options.returncode == 0, by_options.stderr
     assert job_id in by_options.stdout
     by_env = cli("jobs", env={"METIS_URL": keyed_server.url, "METIS_API_KEY": "cli-key"})
     assert by_env.returncode == 0, by_env.stderr
     assert by_env.stdout == by_options.stdout
-    tail = cli("tail", job_id, "--key", "cli-key", "--url", keyed_server.url)
-    assert tail.returncode == 0, tail.stderr
-    assert_text_once(tail.stdout, "keyed text")
     # An option wins over the environment.
     mixed = cli("jobs", "--key", "cli-key", env={"METIS_URL": keyed_server.url,
                                                  "METIS_API_KEY": "stale-key"})
