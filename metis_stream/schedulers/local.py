@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -64,6 +65,12 @@ class LocalScheduler:
             async with anyio.create_task_group() as tasks:
                 for process in self._processes.values():
                     tasks.start_soon(_stop, process)
+        else:
+            for process in self._processes.values():
+                # Reaped when it ends, so that it is no zombie of a process that goes on
+                # (an app that closes a service and runs on, a test).
+                threading.Thread(target=process.wait, daemon=True,
+                                 name=f"reap-{process.pid}").start()
         self._processes.clear()
 
     async def submit(self, submission: Submission) -> str:

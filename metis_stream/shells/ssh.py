@@ -35,6 +35,8 @@ _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, ConnectionError, socket.t
 # Reconnect attempts after a failed one wait about 0.5 s, 1 s, 2 s, ... (with jitter) up to this.
 _MAX_BACKOFF = 30.0
 _READ_SIZE = 65536
+_SELECT_WAIT = 0.5
+"""Seconds a command's reader waits for output before it looks again (see _collect)."""
 # How long a command waits for the server to accept a new channel (see _SessionRefused).
 _SESSION_WAIT = 10.0
 
@@ -408,8 +410,11 @@ def _collect(channel: paramiko.Channel, deadline: float | None) -> tuple[bytes, 
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise CommandTimeout("still running after its timeout (killed); its outcome is unknown")
-        # The channel's file descriptor is readable when either stream has data or ends.
-        select([channel], [], [], remaining)
+        # The channel's file descriptor is readable when either stream has data or ends;
+        # the wait is bounded all the same, so that a wake-up lost in paramiko's emulated
+        # descriptor (a stall seen once under load) costs a moment, not the timeout.
+        select([channel], [], [], _SELECT_WAIT if remaining is None
+               else min(remaining, _SELECT_WAIT))
         while channel.recv_ready():
             stdout += channel.recv(_READ_SIZE)
         while channel.recv_stderr_ready():
