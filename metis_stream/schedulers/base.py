@@ -65,7 +65,16 @@ class JobFiles:
     stderr_cut: bool = False
     """True when ``stderr_tail`` may begin in the middle of a line."""
 
+    @classmethod
+    def as_read(cls, exit: bytes | None, stderr_tail: bytes | None) -> JobFiles:
+        """The files as a scheduler read them: at most EXIT_FILE_BYTES of ``exit`` and
+        the last STDERR_TAIL_BYTES of ``stderr``, which a full read may have cut."""
+        return cls(exit=exit, stderr_tail=stderr_tail,
+                   stderr_cut=stderr_tail is not None and len(stderr_tail) == STDERR_TAIL_BYTES)
 
+
+EXIT_FILE_BYTES = 64
+"""How much of the ``exit`` file is read: one short line."""
 STDERR_TAIL_BYTES = 64 * 1024
 """How much of the end of ``stderr`` is read: enough for a traceback's last lines."""
 

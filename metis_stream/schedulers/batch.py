@@ -25,6 +25,7 @@ from metis_stream.launcher import (
     launcher_script,
 )
 from metis_stream.schedulers.base import (
+    EXIT_FILE_BYTES,
     STDERR_TAIL_BYTES,
     JobFiles,
     SchedulerStatus,
@@ -261,14 +262,14 @@ class BatchScheduler:
     async def read_job_files(self, job_id: str) -> JobFiles:
         job_dir = f"{self._workdir}/jobs/{check(STAGED_JOB_ID, job_id, 'job id')}"
         try:
-            exit_file = await self._shell.read_file(f"{job_dir}/{EXIT_FILE}", max_bytes=64)
+            exit_file = await self._shell.read_file(f"{job_dir}/{EXIT_FILE}",
+                                                    max_bytes=EXIT_FILE_BYTES)
             tail = await self._shell.read_file(f"{job_dir}/{STDERR_FILE}",
                                                max_bytes=STDERR_TAIL_BYTES, tail=True)
         except ShellError as exc:
             raise SchedulerError(f"could not read the files of {job_id} on {self.name}: "
                                  f"{exc}") from exc
-        return JobFiles(exit=exit_file, stderr_tail=tail,
-                        stderr_cut=tail is not None and len(tail) == STDERR_TAIL_BYTES)
+        return JobFiles.as_read(exit_file, tail)
 
     async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
         for read in reads:

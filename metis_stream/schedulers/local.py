@@ -30,6 +30,7 @@ from metis_stream.errors import SchedulerError
 from metis_stream.files import make_private_dirs, write_private
 from metis_stream.launcher import EXIT_FILE, LAUNCHER_ERR, LAUNCHER_OUT, STDERR_FILE, launcher_env
 from metis_stream.schedulers.base import (
+    EXIT_FILE_BYTES,
     STDERR_TAIL_BYTES,
     JobFiles,
     SchedulerStatus,
@@ -136,9 +137,8 @@ class LocalScheduler:
         job_dir = self._jobs_dir / job_id
 
         def read() -> JobFiles:
-            tail = read_part(job_dir / STDERR_FILE, STDERR_TAIL_BYTES, True)
-            return JobFiles(exit=read_part(job_dir / EXIT_FILE, 64, False), stderr_tail=tail,
-                            stderr_cut=tail is not None and len(tail) == STDERR_TAIL_BYTES)
+            return JobFiles.as_read(read_part(job_dir / EXIT_FILE, EXIT_FILE_BYTES, False),
+                                    read_part(job_dir / STDERR_FILE, STDERR_TAIL_BYTES, True))
 
         try:
             return await anyio.to_thread.run_sync(read)
