@@ -13,6 +13,7 @@ import anyio.to_thread
 import pytest
 
 from metis_stream.errors import CommandTimeout, ConnectionLost, HostKeyRefused, ShellError
+from metis_stream.shells import ssh
 from metis_stream.shells.ssh import SSHShell
 from tests.support.cluster import TestCluster
 from tests.support.shells import ssh_shell
@@ -128,7 +129,21 @@ async def test_wrong_key_is_refused_then_backs_off(
     shell = ssh_shell(test_cluster, key_file=other)
     with pytest.raises(ShellError, match="authentication"):
         await shell.run(["true"])
-    # Right after a failure, callers are told at once instead of queueing on the host.
+    # The next attempt is due within a second: a caller waits for it and makes it.
+    with pytest.raises(ShellError, match="authentication"):
+        await shell.run(["true"])
+
+
+async def test_callers_are_told_at_once_while_the_next_attempt_is_far(
+    test_cluster: TestCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every attempt counts as far off, as after a long outage: nobody queues on the host.
+    monkeypatch.setattr(ssh, "_WAIT_FOR_ATTEMPT", 0.0)
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    shell = ssh_shell(test_cluster, key_file=other)
+    with pytest.raises(ShellError, match="authentication"):
+        await shell.run(["true"])
     with pytest.raises(ShellError, match="retrying in"):
         await shell.run(["true"])
 

@@ -34,6 +34,10 @@ T = TypeVar("T")
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, ConnectionError, socket.timeout)
 # Reconnect attempts after a failed one wait about 0.5 s, 1 s, 2 s, ... (with jitter) up to this.
 _MAX_BACKOFF = 30.0
+_WAIT_FOR_ATTEMPT = 2.0
+"""A caller that finds the next reconnect attempt due within this many seconds waits for
+it instead of failing at once: a background poll that met a restarting login node a
+moment ago must not make the submission that follows fail."""
 _READ_SIZE = 65536
 _SELECT_WAIT = 0.5
 """Seconds a command's reader waits for output before it looks again (see _collect)."""
@@ -84,7 +88,7 @@ class SSHShell:
     A dropped connection is replaced by the next command. When opening one fails, the
     next attempt is allowed after about 0.5 s, then 1 s, 2 s, ... (at most 30 s, with
     jitter); a command in between fails at once with the last error rather than
-    queueing on a dead host.
+    queueing on a dead host, unless the attempt is due within ``_WAIT_FOR_ATTEMPT``.
     """
 
     connections_opened: int
@@ -227,9 +231,12 @@ class SSHShell:
                 if _active(self._client):
                     return self._client  # another task reconnected while we waited
                 await self._drop(self._client)
-            # Fail fast during the backoff instead of queueing callers behind a dead
+            # Fail fast during a long backoff instead of queueing callers behind a dead
             # host: the scheduler's poller and the web requests will come back.
-            if self._reconnects.attempt and time.monotonic() < self._retry_at:
+            wait = self._retry_at - time.monotonic()
+            if self._reconnects.attempt and 0 < wait <= _WAIT_FOR_ATTEMPT:
+                await anyio.sleep(wait)
+            elif self._reconnects.attempt and wait > 0:
                 raise ShellError(
                     f"cannot connect to {self._where} (retrying in "
                     f"{self._retry_at - time.monotonic():.1f} s): {self._last_error}"
