@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Generator
 
 import pytest
@@ -16,6 +17,17 @@ pytest_plugins = [
     "tests.support.cluster",
     "tests.support.users",
 ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM ends the run as Ctrl-C does, fixtures torn down: `./dev test` stops its
+    # second pytest so when the first is interrupted, and a test cluster's daemons and
+    # jobs must not outlive the run.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @pytest.hookimpl(wrapper=True)
