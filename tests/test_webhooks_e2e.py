@@ -24,6 +24,7 @@ import pytest
 from standardwebhooks import Webhook as Receiver
 
 from metis_stream.jobs import JobState
+from metis_stream.tokens import hash_api_key
 from tests.support.redis_server import RedisServer
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
@@ -244,5 +245,51 @@ def test_every_webhook_arrives_signed_and_in_order_through_failures_an_outage_an
         assert letter["id"] not in {other["id"] for other in dead_letters(server)}
         assert cli(server, "webhooks", "replay", letter["id"]).returncode == 1  # gone: 404
         assert elapsed < 60
+    finally:
+        server.stop()
+
+
+def test_a_webhook_with_an_owner_sends_only_that_keys_jobs_and_letters_need_an_admin(
+        receivers: Callable[[], ReceiverProcess], tmp_path: Path) -> None:
+    receiver = receivers()
+    alice, root = "alice-key-of-the-webhooks-test", "root-key-of-the-webhooks-test"
+    server = ServerProcess(
+        state_dir=tmp_path / "server",
+        server_settings={"keys": {"alice": {"key": hash_api_key(alice), "role": "client"},
+                                  "root": {"key": hash_api_key(root), "role": "admin"}}},
+        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES + f"""
+[webhooks.alice]
+url = "{receiver.url}"
+secret = "{APP_SECRET}"
+events = ["terminal"]
+owner = "alice"
+""")
+    receiver.start()
+    server.start()
+    try:
+        others = submit(server, key=root, text="not alice's", delay=0)
+        own = submit(server, key=alice, text="alice's", delay=0)
+        admin = {"Authorization": f"Bearer {root}"}
+        for job_id in (others, own):
+            wait_for(lambda job_id=job_id: JobState(httpx.get(  # type: ignore[misc]
+                f"{server.url}/api/jobs/{job_id}", headers=admin, timeout=10).json()["state"]
+            ).terminal, 30, "the jobs to end")
+        wait_for(lambda: bool(receiver.requests()), 15, "alice's webhook")
+        time.sleep(1)  # time enough for the other job's, were it sent
+        sent = [Receiver(APP_SECRET).verify(request["body"], request["headers"])
+                for request in receiver.requests()]
+        assert [(body["data"]["job"]["id"], body["data"]["job"]["owner"]) for body in sent] == [
+            (own, "alice")]
+
+        client = {"Authorization": f"Bearer {alice}"}
+        for method, path in [("GET", "/api/webhooks/failed"),
+                             ("POST", "/api/webhooks/failed/alice:x.1/replay")]:
+            refused = httpx.request(method, server.url + path, headers=client, timeout=10)
+            assert refused.status_code == 403 and "admin key" in refused.json()["error"]
+        assert httpx.get(f"{server.url}/api/webhooks/failed", headers=admin,
+                         timeout=10).json() == {"failed": []}
+        missing = httpx.post(f"{server.url}/api/webhooks/failed/alice:x.1/replay",
+                             headers=admin, timeout=10)
+        assert missing.status_code == 404 and "webhooks failed" in missing.json()["error"]
     finally:
         server.stop()
