@@ -25,7 +25,7 @@ from urllib.parse import quote
 import orjson
 import uvicorn
 
-from metis_stream import tokens
+from metis_stream import tokens, webhooks
 from metis_stream.client import Client, post_event
 from metis_stream.config import Config, check_auth, load_config
 from metis_stream.errors import EXIT_FAILED, ClientError, ConfigError, MetisError, outcome_of
@@ -113,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
     command("new-key", "print a new random API key, then the sha256: form of it to put in a "
                        "[server.keys.NAME] key or [server] api_keys (the key itself also "
                        "serves as a secret)", _new_key)
+
+    hooks = commands.add_parser("webhooks", help="the webhooks' dead letters, and secrets",
+                                description="the webhooks' dead letters (an admin key), "
+                                            "and new secrets (docs/webhooks.md)")
+    hook_commands = hooks.add_subparsers(required=True, metavar="WEBHOOKS_COMMAND")
+    failed = hook_commands.add_parser("failed", parents=[client],
+                                      help="list the events no webhook could deliver")
+    failed.add_argument("--json", action="store_true", help="one dead letter a line, as JSON")
+    failed.set_defaults(run=_failed_webhooks)
+    replay = hook_commands.add_parser("replay", parents=[client],
+                                      help="send a dead letter once more, now")
+    replay.add_argument("letter", help="its id, as `webhooks failed` lists it")
+    replay.set_defaults(run=_replay_webhook)
+    hook_commands.add_parser("new-secret", help="print a new webhook secret (whsec_...)"
+                             ).set_defaults(run=_new_webhook_secret)
 
     emit = command("emit", "post one event from inside a job (the Python twin of "
                            "scripts/metis-emit)", _emit)
@@ -334,6 +349,36 @@ def _cancel(args: argparse.Namespace) -> int:
         return 0
 
     return _run(run())
+
+
+def _failed_webhooks(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            for letter in await client.failed_webhooks():
+                if args.json:
+                    print(json_line(letter))
+                else:
+                    failed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter["failed"]))
+                    print(shown(f"{letter['id']}  {letter['type']:<10} {failed}  "
+                                f"{letter['attempts']} attempts: {letter['error']}"))
+        return 0
+
+    return _run(run())
+
+
+def _replay_webhook(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            letter = await client.replay_webhook(args.letter)
+            print(f"{letter['id']} delivered")
+        return 0
+
+    return _run(run())
+
+
+def _new_webhook_secret(args: argparse.Namespace) -> int:
+    print(webhooks.new_secret())
+    return 0
 
 
 def _token(args: argparse.Namespace) -> int:

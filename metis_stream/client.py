@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -101,6 +102,19 @@ class Client:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self._request("DELETE", f"/api/jobs/{job_id}")
+
+    async def failed_webhooks(self) -> list[dict[str, Any]]:
+        """Every webhook's dead letters, oldest first (an admin key)."""
+        letters: list[dict[str, Any]] = (await self._request("GET", "/api/webhooks/failed"))[
+            "failed"]
+        return letters
+
+    async def replay_webhook(self, letter_id: str) -> dict[str, Any]:
+        """Send a dead letter once more; the letter, once its receiver took it (an admin
+        key). A receiver that still fails is ClientError 502."""
+        replayed: dict[str, Any] = (await self._request(
+            "POST", f"/api/webhooks/failed/{quote(letter_id, safe='')}/replay"))["replayed"]
+        return replayed
 
     async def history(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """The job's events with seq > ``after`` so far, every page of them."""

@@ -18,7 +18,7 @@ from typing import Any
 from metis_stream import tokens
 from metis_stream.backends.contract import DEFAULT_MAX_JOB_BYTES
 from metis_stream.errors import ConfigError, TemplateError
-from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
+from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES, TYPE_PATTERN
 from metis_stream.files import write_private
 from metis_stream.keys import ApiKey, keyring, named_key
 from metis_stream.schedulers.dialects import SCHEDULERS
@@ -29,6 +29,12 @@ from metis_stream.templates import (
     DEFAULT_STDERR_TAIL_LINES,
     Template,
     param_from_config,
+)
+from metis_stream.webhooks import (
+    EVENT_CLASSES,
+    WEBHOOK_NAME,
+    Webhook,
+    parse_secret,
 )
 
 __all__ = [
@@ -165,6 +171,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
     templates: Mapping[str, Template] = field(default_factory=dict)
+    webhooks: Mapping[str, Webhook] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -179,7 +186,8 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         raw = tomllib.loads(source.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    _refuse_unknown(raw, {"server", "clusters", "templates"}, f"{source}", "section(s)")
+    _refuse_unknown(raw, {"server", "clusters", "templates", "webhooks"}, f"{source}",
+                    "section(s)")
     server = _server_config({**raw.get("server", {}), **_environment_overrides(environ)})
     clusters = {name: _cluster_config(name, table)
                 for name, table in raw.get("clusters", {}).items()}
@@ -196,7 +204,9 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         # The default is half of the server's default limit: half of this server's, then.
         templates[name] = replace(template,
                                   log_max_events=max(2, server.max_events_per_job // 2))
-    config = Config(server=server, clusters=clusters, templates=templates)
+    webhooks = {name: _webhook(name, table, templates, server)
+                for name, table in raw.get("webhooks", {}).items()}
+    config = Config(server=server, clusters=clusters, templates=templates, webhooks=webhooks)
     if server.secret:
         _check_secret(server.secret, "[server] secret (or METIS_SECRET)",
                       "make one with `metis-stream new-key`, or leave it out to have one "
@@ -383,6 +393,69 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
         accepts_inputs=bool(table.get("accepts_inputs", True)), capture=capture,
         **budget,
     )
+
+
+WEBHOOK_SECONDS = ("timeout", "retry_period", "retry_base", "retry_cap")
+
+
+def _webhook(name: str, table: Any, templates: Mapping[str, Template],
+             server: ServerConfig) -> Webhook:
+    """A ``[webhooks.NAME]`` table (docs/webhooks.md)."""
+    where = f"[webhooks.{name}]"
+    if not WEBHOOK_NAME.match(name):
+        raise ConfigError(f"{where}: a webhook's name may have only letters, digits, _ and - "
+                          "(at most 64): it names the webhook in metrics and dead letters")
+    if not isinstance(table, Mapping):
+        raise ConfigError(f'{where} must be a table: url = "https://...", secret = "whsec_..."')
+    _refuse_unknown(table, {"url", "secret", "events", "types", "templates", "owner",
+                            *WEBHOOK_SECONDS}, where)
+    url = table.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f'{where} needs url = "https://...": where the events are POSTed')
+    secret = parse_secret(table.get("secret"), where)
+    events = _names(table, "events", where, ["state"] if "types" not in table else [])
+    unknown = events - set(EVENT_CLASSES)
+    if unknown:
+        raise ConfigError(f"{where} events may name {', '.join(EVENT_CLASSES)}, not "
+                          f"{', '.join(sorted(unknown))}; chosen event types go in types")
+    types = _names(table, "types", where, [])
+    bad_types = {name for name in types if not TYPE_PATTERN.match(name)}
+    if bad_types:
+        raise ConfigError(f"{where} types: {', '.join(sorted(bad_types))} cannot be event "
+                          "types ([a-z][a-z0-9_.-]{0,63})")
+    if not events and not types:
+        raise ConfigError(f"{where} sends nothing: give events (state, terminal, all) or "
+                          "types")
+    chosen = _names(table, "templates", where, [])
+    missing = chosen - set(templates)
+    if missing:
+        raise ConfigError(f"{where} templates: {', '.join(sorted(missing))} not configured")
+    owner = None
+    if "owner" in table:
+        owner = next((key for key in server.keyring if key.name == table["owner"]), None)
+        if owner is None:
+            raise ConfigError(f"{where} owner must name a [server.keys.NAME] key: the "
+                              "webhook then sends only the jobs that key sees")
+    seconds = {}
+    for key in WEBHOOK_SECONDS:
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{where} {key} must be a number of seconds above 0")
+            seconds[key] = float(value)
+    hook = Webhook(name=name, url=url, secret=secret, events=events, types=types,
+                   templates=chosen, owner=owner, **seconds)
+    if hook.retry_base > hook.retry_cap:
+        raise ConfigError(f"{where} retry_base must not be above retry_cap")
+    return hook
+
+
+def _names(table: Mapping[str, Any], key: str, where: str, default: list[str]
+           ) -> frozenset[str]:
+    value = table.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where} {key} must be a list of names")
+    return frozenset(value)
 
 
 def _check_secret(secret: str, where: str, remedy: str) -> None:

@@ -30,6 +30,7 @@ pick the right parent to be translated everywhere.
     ├── SchedulerError                502   the batch system failed (SubmitOutcomeUnknown)
     ├── ShellError                    502   commands could not run (CommandTimeout 504,
     │                                       HostKeyRefused)
+    ├── WebhookFailed                 502   a webhook's receiver did not take a delivery
     ├── EmbeddingError                500   the program that embeds metis-stream set it up
     │                                       wrong: a public_url outside the app's mount path,
     │                                       or its service not started (NotRunning)
@@ -95,6 +96,7 @@ __all__ = [
     "UnsafeArgument",
     "UnsafeValue",
     "UnsupportedMediaType",
+    "WebhookFailed",
     "outcome_of",
     "plain_cause",
 ]
@@ -322,6 +324,11 @@ class ConnectionLost(ShellError):
     status: the command may or may not have run (a ``qsub`` may have queued a job)."""
 
 
+class WebhookFailed(MetisError):
+    """A webhook's receiver could not be reached, did not answer in time, or answered
+    other than 2xx; the message says which."""
+
+
 # The client side
 
 
@@ -391,6 +398,7 @@ OUTCOMES: Mapping[type[MetisError], Outcome] = {
     BackendUnavailable: Outcome(503, WS_TRY_AGAIN, EXIT_FAILED),
     SchedulerError: Outcome(502, WS_SERVER_ERROR, EXIT_FAILED),
     ShellError: Outcome(502, WS_SERVER_ERROR, EXIT_FAILED),
+    WebhookFailed: Outcome(502, WS_SERVER_ERROR, EXIT_FAILED),
     CommandTimeout: Outcome(504, WS_SERVER_ERROR, EXIT_FAILED),
 }
 """Each family's outcome; a class without an entry takes its nearest ancestor's."""

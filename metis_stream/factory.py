@@ -19,12 +19,14 @@ from metis_stream.shells.ssh import SSHShell
 
 def build_backend(config: Config) -> Backend:
     server = config.server
+    # The journal of changes is for webhooks; it is kept as long as the events it points to.
+    changes_kept = server.event_retention if config.webhooks else 0.0
     if server.redis_url:
         return RedisBackend(server.redis_url, max_events_per_job=server.max_events_per_job,
                             max_job_bytes=server.max_job_bytes, retention=server.event_retention,
-                            max_job_lifetime=server.max_job_lifetime)
+                            max_job_lifetime=server.max_job_lifetime, changes_kept=changes_kept)
     return MemoryBackend(max_events_per_job=server.max_events_per_job,
-                         max_job_bytes=server.max_job_bytes)
+                         max_job_bytes=server.max_job_bytes, changes_kept=changes_kept)
 
 
 def build_schedulers(config: Config) -> dict[str, Scheduler]:

@@ -26,6 +26,13 @@ HELP = {
     "metis_spool_damage_total": ("counter", "Spool reads that skipped damage, by cluster."),
     "metis_spool_lag_seconds": ("gauge", "Seconds since the spool reader was last caught up "
                                 "with every live job of the cluster."),
+    "metis_webhook_delivered_total": ("counter", "Events a webhook's receiver took, by "
+                                      "webhook."),
+    "metis_webhook_failed_total": ("counter", "Events that became dead letters, by webhook."),
+    "metis_webhook_retrying": ("gauge", "Jobs whose next event waits to be tried again, by "
+                               "webhook (0 but in the process that sends it)."),
+    "metis_webhook_lag_seconds": ("gauge", "Seconds since the oldest event that a webhook has "
+                                  "yet to send happened (0 but in the process that sends it)."),
 }
 
 

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
+import httpx
 from anyio.abc import TaskGroup
 
 from metis_stream import tokens
@@ -32,13 +33,16 @@ from metis_stream.backends.follow import follow
 from metis_stream.backoff import Backoff
 from metis_stream.clusters import CLUSTER_STATES
 from metis_stream.config import Config
+from metis_stream.deliverer import Deliverer, send
 from metis_stream.errors import (
     BackendUnavailable,
     BadInput,
     EmbeddingError,
+    Gone,
     JobEnded,
     JobNotFound,
     JobNotSubmitted,
+    NotFound,
     NotRunning,
     SchedulerError,
     TooManySubmissions,
@@ -63,6 +67,7 @@ from metis_stream.templates import (
     validate_inputs,
     validate_params,
 )
+from metis_stream.webhooks import DeadLetter
 
 __all__ = [
     "JobService",
@@ -162,6 +167,8 @@ class JobService:
                 self.metrics.gauge("metis_cluster_state", functools.partial(
                     _in_state, monitor, state), cluster=cluster.name, state=state)
             task_group.start_soon(monitor.run)
+        for webhook in self.config.webhooks.values():
+            task_group.start_soon(Deliverer(self.backend, webhook, self.metrics).run)
         self._tasks = task_group
 
     async def close(self) -> None:
@@ -439,6 +446,39 @@ class JobService:
         """The job's events with seq > ``after``, history then live, ending after its
         terminal event (``completed``, ``fatal`` or ``cancelled``)."""
         return follow(self.backend, job_id, after)
+
+    # Webhooks
+
+    async def failed_webhooks(self) -> list[DeadLetter]:
+        """Every webhook's dead letters, oldest first."""
+        return await self.backend.dead_letters()
+
+    async def replay_webhook(self, letter_id: str) -> DeadLetter:
+        """Send a dead letter's event once more, now, and forget the letter once it arrived;
+        WebhookFailed (the letter stays) when it did not. A replay comes after the job's later
+        events: the receiver orders by the event's seq, and drops a repeated webhook-id."""
+        letter = next((letter for letter in await self.backend.dead_letters()
+                       if letter.id == letter_id), None)
+        if letter is None:
+            raise NotFound(f"no dead letter {letter_id[:200]!r}: `metis-stream webhooks failed` "
+                           "lists them")
+        webhook = self.config.webhooks.get(letter.webhook)
+        if webhook is None:
+            raise NotFound(f"webhook {letter.webhook} is no longer configured: add its "
+                           f"[webhooks.{letter.webhook}] table again to replay its letters")
+        try:
+            job = await self.backend.get_job(letter.job)
+            events = await self.backend.read(letter.job, letter.seq - 1, limit=1)
+        except JobNotFound:
+            events = []
+        if not events or events[0].seq != letter.seq:
+            await self.backend.remove_dead_letter(letter_id)
+            raise Gone(f"job {letter.job} and its events are no longer kept (event_retention): "
+                       "the dead letter cannot be replayed, and was removed")
+        async with httpx.AsyncClient(follow_redirects=False) as client:
+            await send(client, webhook, job, events[0])
+        self.metrics.count("metis_webhook_delivered_total", webhook=webhook.name)
+        return await self.backend.remove_dead_letter(letter_id)
 
     def _tail_lines(self, job: Job) -> int:
         template = self.config.templates.get(job.template)

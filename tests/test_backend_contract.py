@@ -21,10 +21,17 @@ from metis_stream.backends.hub import DEFAULT_SUBSCRIPTION_BUFFER
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.backends.redis import RedisBackend
 from metis_stream.clusters import ClusterHealth
-from metis_stream.errors import EventLimitReached, JobEnded, JobNotFound, JobNotSubmitted
+from metis_stream.errors import (
+    EventLimitReached,
+    JobEnded,
+    JobNotFound,
+    JobNotSubmitted,
+    NotFound,
+)
 from metis_stream.events import Event, NewEvent, encode_event
 from metis_stream.jobs import Job, JobState, apply_event, new_job_id
 from metis_stream.spool import SpoolCursor
+from metis_stream.webhooks import DeadLetter, HookProgress
 
 MakeBackend = Callable[..., Backend]
 SHARED_FIXTURE = settings(suppress_health_check=[HealthCheck.function_scoped_fixture],
@@ -38,7 +45,7 @@ def make_backend(request: pytest.FixtureRequest) -> MakeBackend:
     server = request.getfixturevalue("redis_server")
     prefix = f"test-{secrets.token_hex(4)}:"
 
-    def make(**options: int) -> Backend:
+    def make(**options: Any) -> Backend:
         return RedisBackend(server.url, key_prefix=prefix, socket_timeout=2.0,
                             health_check_interval=0.5, **options)
     return make
@@ -464,3 +471,69 @@ async def test_a_slow_watcher_loses_nothing(backend: Backend) -> None:
     await asyncio.sleep(0.2)  # let every live message reach the (overflowing) buffer
     rest = [event.seq async for event in stream]
     assert rest == list(range(2, count + 4))  # submitted, the tokens, completed
+
+
+# Webhooks: the journal of changes, each webhook's progress, the dead letters
+
+
+@pytest.fixture
+async def journaled(make_backend: MakeBackend) -> AsyncIterator[Backend]:
+    """A backend that keeps the journal of changes, as a server with webhooks builds it."""
+    started = make_backend(changes_kept=3600.0)
+    await started.start()
+    yield started
+    await started.close()
+
+
+async def test_the_journal_has_each_appended_batch_in_order(journaled: Backend) -> None:
+    start = await journaled.changes_end()
+    a = await new_job(journaled)
+    b = await new_job(journaled, submitted=False)
+    await journaled.append(b.id, [NewEvent("starting")])
+    await journaled.append(a.id, [NewEvent("step", id="once"), NewEvent("step")])
+    await journaled.append(a.id, [NewEvent("step", id="once")])  # a repeat: nothing new
+    changes = await journaled.changes(start)
+    assert [(change.job, change.first, change.last) for change in changes] == [
+        (a.id, 1, 2), (b.id, 1, 1), (a.id, 3, 4)]
+    assert await journaled.changes_end() == changes[-1].id
+    assert await journaled.changes(changes[-1].id) == []
+    assert await journaled.changes(start, limit=2) == changes[:2]
+    assert await journaled.changes(changes[0].id) == changes[1:]
+
+
+async def test_without_webhooks_no_journal_is_kept(backend: Backend) -> None:
+    start = await backend.changes_end()
+    await new_job(backend)
+    assert await backend.changes(start) == []
+
+
+async def test_webhook_progress_is_kept_per_webhook_and_forgotten(backend: Backend) -> None:
+    assert await backend.webhook_progress("app") == (None, {})
+    running = HookProgress(delivered=3, state=JobState.RUNNING)
+    failing = HookProgress(delivered=7, state=None, failing_since=12.5, attempts=2)
+    await backend.save_webhook_progress("app", cursor="5", jobs={"j_a": running,
+                                                                "j_b": failing})
+    await backend.save_webhook_progress("other", cursor="1")
+    assert await backend.webhook_progress("app") == ("5", {"j_a": running, "j_b": failing})
+    # Without a cursor the kept one stays; None forgets a job.
+    await backend.save_webhook_progress("app", jobs={"j_a": None, "j_c": HookProgress(0)})
+    assert await backend.webhook_progress("app") == ("5", {"j_b": failing,
+                                                           "j_c": HookProgress(0)})
+    assert await backend.webhook_progress("other") == ("1", {})
+
+
+async def test_dead_letters_are_listed_oldest_first_and_removed_once(backend: Backend) -> None:
+    def letter(webhook: str, seq: int, failed: float) -> DeadLetter:
+        return DeadLetter(webhook=webhook, job="j_a", seq=seq, type="step", attempts=4,
+                          error="HTTP 500", failed=failed)
+
+    assert await backend.dead_letters() == []
+    late, early = letter("app", 3, 20.0), letter("other", 3, 10.0)
+    await backend.add_dead_letter(late)
+    await backend.add_dead_letter(early)
+    await backend.add_dead_letter(late)  # once more: the same letter
+    assert await backend.dead_letters() == [early, late]
+    assert await backend.remove_dead_letter(late.id) == late
+    with pytest.raises(NotFound):
+        await backend.remove_dead_letter(late.id)
+    assert await backend.dead_letters() == [early]

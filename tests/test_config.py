@@ -507,3 +507,74 @@ def test_delivery_defaults_by_scheduler_however_the_config_is_made():
     assert ClusterConfig(name="hpc", scheduler="slurm").delivery == "both"
     assert ClusterConfig(name="here").delivery == "http"
     assert ClusterConfig(name="hpc", scheduler="pbs", delivery="spool").delivery == "spool"
+
+
+# webhooks
+
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+KEYS = ('[server.keys.alice]\nkey = "k-alice"\nrole = "client"\n'
+        '[server.keys.root]\nkey = "k-root"\nrole = "admin"\n')
+
+
+def webhook(lines: str = "") -> str:
+    return (KEYS + minimal() + '\n[webhooks.app]\nurl = "https://app.example.org/hook"\n'
+            f'secret = "{WEBHOOK_SECRET}"\n' + lines)
+
+
+def test_a_webhook_has_defaults(tmp_path, env):
+    hook = load_config(write(tmp_path, webhook()), env).webhooks["app"]
+    assert (hook.url, hook.events, hook.types, hook.templates, hook.owner) == (
+        "https://app.example.org/hook", frozenset({"state"}), frozenset(), frozenset(), None)
+    assert (hook.timeout, hook.retry_period, hook.retry_base, hook.retry_cap) == (
+        10.0, 24 * 3600.0, 1.0, 600.0)
+    assert len(hook.secret) == 24
+    assert load_config(write(tmp_path, minimal()), env).webhooks == {}
+
+
+def test_a_webhook_with_every_option(tmp_path, env):
+    hook = load_config(write(tmp_path, webhook(
+        'events = ["terminal"]\ntypes = ["step", "result"]\ntemplates = ["t"]\n'
+        'owner = "alice"\ntimeout = 2\nretry_period = 30.5\nretry_base = 0.1\n'
+        'retry_cap = 1\n')), env).webhooks["app"]
+    assert (hook.events, hook.types, hook.templates) == (
+        frozenset({"terminal"}), frozenset({"step", "result"}), frozenset({"t"}))
+    assert hook.owner is not None and (hook.owner.name, hook.owner.admin) == ("alice", False)
+    assert (hook.timeout, hook.retry_period, hook.retry_base, hook.retry_cap) == (
+        2.0, 30.5, 0.1, 1.0)
+
+
+def test_types_alone_send_only_those_types(tmp_path, env):
+    hook = load_config(write(tmp_path, webhook('types = ["step"]\n')), env).webhooks["app"]
+    assert (hook.events, hook.types) == (frozenset(), frozenset({"step"}))
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ('color = "red"\n', r"unknown key\(s\) \['color'\]"),
+    ('events = ["state", "step"]\n', "events may name state, terminal, all, not step; chosen "
+                                     "event types go in types"),
+    ('events = "state"\n', "events must be a list of names"),
+    ('events = []\n', "sends nothing"),
+    ('types = ["Step!"]\n', "Step! cannot be event types"),
+    ('templates = ["nope"]\n', "templates: nope not configured"),
+    ('owner = "mallory"\n', r"owner must name a \[server.keys.NAME\] key"),
+    ("timeout = 0\n", "timeout must be a number of seconds above 0"),
+    ('retry_period = "1d"\n', "retry_period must be a number of seconds"),
+    ("retry_base = 10\nretry_cap = 1\n", "retry_base must not be above retry_cap"),
+])
+def test_bad_webhooks_are_refused_with_where(tmp_path, env, lines, message):
+    with pytest.raises(ConfigError, match=rf"\[webhooks\.app\].*{message}"):
+        load_config(write(tmp_path, webhook(lines)), env)
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('[webhooks.app]\nsecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n', "needs url"),
+    ('[webhooks.app]\nurl = "ftp://x"\nsecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n',
+     "needs url"),
+    ('[webhooks.app]\nurl = "https://x"\n', "secret must be whsec_"),
+    ('[webhooks.app]\nurl = "https://x"\nsecret = "hunter2"\n', "secret must be whsec_"),
+    ('[webhooks."a b"]\nurl = "https://x"\n', "only letters, digits"),
+    ('[webhooks]\napp = 3\n', "must be a table"),
+])
+def test_a_webhook_needs_a_name_a_url_and_a_secret(tmp_path, env, table, message):
+    with pytest.raises(ConfigError, match=rf"\[webhooks\.[^]]+\].*{message}"):
+        load_config(write(tmp_path, minimal() + table), env)

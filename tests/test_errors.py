@@ -72,6 +72,7 @@ EXPECTED = [
     (errors.SubmitOutcomeUnknown("x"), 502, 1011, 1),
     (UnsafeValue("x"), 502, 1011, 1),
     (ShellError("x"), 502, 1011, 1),
+    (errors.WebhookFailed("x"), 502, 1011, 1),
     (errors.ConnectionLost("x"), 502, 1011, 1),
     (CommandTimeout("x"), 504, 1011, 1),
     (HostKeyRefused("x"), 502, 1011, 1),

@@ -8,7 +8,7 @@ reads any of them. Pure: a Protocol, its result record and the limits shared by 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,6 +19,7 @@ from metis_stream.errors import EventLimitReached
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState
 from metis_stream.spool import SpoolCursor
+from metis_stream.webhooks import Change, DeadLetter, HookProgress
 
 __all__ = [
     "AppendResult",
@@ -138,4 +139,42 @@ class Backend(Protocol):
         """Take or renew a lease that expires after ``ttl`` seconds unless renewed; False
         while another owner holds it. Several server processes use it so that only one
         polls each cluster."""
+        ...
+
+    # Webhooks (metis_stream.deliverer). Each webhook's deliverer keeps a cursor in a
+    # journal of appends (job, first and last seq: a few bytes a batch, written by the
+    # append itself) and reads the events from the job's log, rather than copying every
+    # event into an outbox per webhook: one write per batch whatever the number of
+    # webhooks, and the log stays the one copy of each event.
+
+    async def changes(self, after: str, limit: int = READ_PAGE) -> list[Change]:
+        """The appends after ``after`` (a change's id, or :meth:`changes_end`), oldest
+        first, at most ``limit``. Kept only by a backend built with ``changes_kept`` above
+        0 (a server with webhooks), for that many seconds."""
+        ...
+
+    async def changes_end(self) -> str:
+        """The id of the last change so far: where a new webhook starts."""
+        ...
+
+    async def webhook_progress(self, webhook: str) -> tuple[str | None, dict[str, HookProgress]]:
+        """The webhook's cursor in the changes (None: it never ran) and its progress with
+        each job that may still have events to send."""
+        ...
+
+    async def save_webhook_progress(self, webhook: str, *, cursor: str | None = None,
+                                    jobs: Mapping[str, HookProgress | None] | None = None
+                                    ) -> None:
+        """Keep, at once, the cursor (when given) and each job's progress (None: the job
+        has nothing left to send, and is forgotten)."""
+        ...
+
+    async def add_dead_letter(self, letter: DeadLetter) -> None: ...
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Every webhook's dead letters, oldest first."""
+        ...
+
+    async def remove_dead_letter(self, letter_id: str) -> DeadLetter:
+        """Take a dead letter out (it was replayed); raises NotFound."""
         ...

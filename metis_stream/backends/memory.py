@@ -7,7 +7,8 @@ use the Redis backend for that and for several processes.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections import deque
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 
@@ -21,10 +22,11 @@ from metis_stream.backends.contract import (
 )
 from metis_stream.backends.hub import Hub, Subscription
 from metis_stream.clusters import ClusterHealth
-from metis_stream.errors import JobEnded, JobNotFound, JobNotSubmitted
+from metis_stream.errors import JobEnded, JobNotFound, JobNotSubmitted, NotFound
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState, apply_event
 from metis_stream.spool import SpoolCursor
+from metis_stream.webhooks import Change, DeadLetter, HookProgress
 
 
 @dataclass
@@ -41,11 +43,17 @@ class _Entry:
 
 class MemoryBackend:
     def __init__(self, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB,
-                 max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> None:
+                 max_job_bytes: int = DEFAULT_MAX_JOB_BYTES, changes_kept: float = 0.0
+                 ) -> None:
         self.hub = Hub()
         self._entries: dict[str, _Entry] = {}
         self._health: dict[str, ClusterHealth] = {}
         self._limits = JobLimits(events=max_events_per_job, bytes=max_job_bytes)
+        self._changes_kept = changes_kept
+        self._changes: deque[tuple[float, Change]] = deque()
+        self._last_change = 0
+        self._webhooks: dict[str, tuple[str | None, dict[str, HookProgress]]] = {}
+        self._dead_letters: dict[str, DeadLetter] = {}
 
     async def start(self) -> None:
         return None
@@ -87,6 +95,8 @@ class MemoryBackend:
             entry.size += event.size
             apply_event(job, event)
         entry.seq_of_key.update(keys)
+        if appended and self._changes_kept > 0:
+            self._journal(job_id, appended[0].seq, appended[-1].seq)
         for event in appended:
             self.hub.publish(job_id, event)
         return AppendResult(events=appended, seqs=seqs)
@@ -154,6 +164,47 @@ class MemoryBackend:
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
         return True  # one process: nobody else to share with
+
+    def _journal(self, job_id: str, first: int, last: int) -> None:
+        now = time.time()
+        while self._changes and self._changes[0][0] < now - self._changes_kept:
+            self._changes.popleft()
+        self._last_change += 1
+        self._changes.append((now, Change(str(self._last_change), job_id, first, last)))
+
+    async def changes(self, after: str, limit: int = READ_PAGE) -> list[Change]:
+        position = int(after)
+        return [change for _, change in self._changes if int(change.id) > position][:limit]
+
+    async def changes_end(self) -> str:
+        return str(self._last_change)
+
+    async def webhook_progress(self, webhook: str) -> tuple[str | None, dict[str, HookProgress]]:
+        cursor, jobs = self._webhooks.get(webhook, (None, {}))
+        return cursor, dict(jobs)
+
+    async def save_webhook_progress(self, webhook: str, *, cursor: str | None = None,
+                                    jobs: Mapping[str, HookProgress | None] | None = None
+                                    ) -> None:
+        kept, progress = self._webhooks.setdefault(webhook, (None, {}))
+        for job_id, job in (jobs or {}).items():
+            if job is None:
+                progress.pop(job_id, None)
+            else:
+                progress[job_id] = job
+        self._webhooks[webhook] = (kept if cursor is None else cursor, progress)
+
+    async def add_dead_letter(self, letter: DeadLetter) -> None:
+        self._dead_letters[letter.id] = letter
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        return sorted(self._dead_letters.values(), key=lambda letter: letter.failed)
+
+    async def remove_dead_letter(self, letter_id: str) -> DeadLetter:
+        try:
+            return self._dead_letters.pop(letter_id)
+        except KeyError:
+            raise NotFound(f"no dead letter {letter_id[:200]!r}") from None
 
     def _entry(self, job_id: str) -> _Entry:
         try:

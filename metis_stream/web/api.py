@@ -250,6 +250,22 @@ async def list_clusters(request: Request) -> Response:
     return JSONResponse({"clusters": await service.clusters()})
 
 
+async def failed_webhooks(request: Request) -> Response:
+    """Every webhook's dead letters, for admin keys: webhooks are the operator's, and a
+    letter tells of any key's job."""
+    service = service_of(request)
+    auth.require_admin(request, service.config.server)
+    return JSONResponse({"failed": [letter.as_json()
+                                    for letter in await service.failed_webhooks()]})
+
+
+async def replay_webhook(request: Request) -> Response:
+    service = service_of(request)
+    auth.require_admin(request, service.config.server)
+    letter = await service.replay_webhook(request.path_params["letter_id"])
+    return JSONResponse({"replayed": letter.as_json()})
+
+
 async def no_such_route(request: Request) -> Response:
     raise NoSuchRoute()
 

@@ -50,7 +50,8 @@ def require_client(conn: HTTPConnection, server: ServerConfig) -> ApiKey:
 
 
 def require_admin(conn: HTTPConnection, server: ServerConfig) -> ApiKey:
-    """An admin key: for what tells of every key's jobs at once (the metrics)."""
+    """An admin key: for what tells of every key's jobs at once (the metrics, the webhooks'
+    dead letters)."""
     key = require_client(conn, server)
     if not key.admin:
         raise NotAllowed("an admin key is required: this tells of every key's jobs")

@@ -14,6 +14,13 @@ Per job (``P`` is the key prefix, ``metis:`` by default):
 - ``P ids:<id>``: HASH, idempotency id -> seq.
 - ``P ch:<id>``: the pub/sub channel that carries each new event's wire JSON.
 
+Webhooks (metis_stream.deliverer): ``P changes``, STREAM, one entry per appended batch
+(``j`` job id, ``f`` and ``l`` its first and last seq), written by the append script only
+on a server with webhooks and trimmed to ``changes_kept``; ``P webhook:<name>``, HASH,
+``cursor`` (the webhook's place in ``changes``) and ``job:<id>`` -> JSON of its progress
+with that job (metis_stream.webhooks.HookProgress); ``P webhooks:failed``, HASH, dead
+letter id -> JSON (metis_stream.webhooks.DeadLetter).
+
 Per cluster: ``P clusters:health``, HASH, cluster name -> its health as JSON
 (metis_stream.clusters.ClusterHealth), written by the process that polls it.
 
@@ -41,9 +48,9 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import orjson
@@ -83,10 +90,11 @@ from metis_stream.backends.redis.scripts import (
     STATES,
 )
 from metis_stream.clusters import ClusterHealth
-from metis_stream.errors import JobEnded, JobNotFound, LogLost, MetisError
+from metis_stream.errors import JobEnded, JobNotFound, LogLost, MetisError, NotFound
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState
 from metis_stream.spool import SpoolCursor
+from metis_stream.webhooks import Change, DeadLetter, HookProgress
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +125,7 @@ class RedisBackend:
                  max_job_lifetime: float = DEFAULT_MAX_JOB_LIFETIME,
                  sweep_interval: float = DEFAULT_SWEEP_INTERVAL, key_prefix: str = "metis:",
                  socket_timeout: float = 5.0, health_check_interval: float = 5.0,
-                 max_connections: int = 32) -> None:
+                 max_connections: int = 32, changes_kept: float = 0.0) -> None:
         self._limits = JobLimits(events=max_events_per_job, bytes=max_job_bytes)
         self._retention_ms = max(1, int(retention * 1000))
         self._max_lifetime = max_job_lifetime
@@ -125,6 +133,7 @@ class RedisBackend:
         self._sweeper: asyncio.Task[None] | None = None
         self._sweeping: anyio.CancelScope | None = None
         self._prefix = key_prefix
+        self._changes_kept_ms = max(0, int(changes_kept * 1000))
         name = f"metis-stream:{secrets.token_hex(4)}"
         self.client_name = name
         """CLIENT SETNAME of this instance's connections (its pub/sub one gets ``:pubsub``)."""
@@ -413,12 +422,13 @@ class RedisBackend:
         args: list[str | int] = [
             job_id, self._listener.channel(job_id).decode(), to_json(now), int(from_job),
             self._limits.events, self._limits.events + 1, self._retention_ms, head, len(events),
-            self._limits.bytes,
+            self._limits.bytes, self._changes_kept_ms,
         ]
         for new, tail in zip(events, tails, strict=True):
             patch = job_patch(new)
             args += [new.type, new.id or "", tail, len(patch) // 2, *patch]
-        keys = [*self._job_keys(job_id), *map(self._state_index, STATES)]
+        keys = [*self._job_keys(job_id), *map(self._state_index, STATES),
+                self._key("changes", "all")]
         try:
             with unavailable_on_errors():
                 seqs, fresh = await self._appends.call(keys, args)
@@ -509,6 +519,71 @@ class RedisBackend:
                        await self._client.hgetall(self._key("clusters", "health")))
         return {name.decode(): ClusterHealth.from_json(orjson.loads(value))
                 for name, value in raw.items()}
+
+    # Webhooks
+
+    async def changes(self, after: str, limit: int = READ_PAGE) -> list[Change]:
+        with unavailable_on_errors():
+            entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await self._client.xrange(
+                self._key("changes", "all"), f"({after}", "+", count=limit))
+        return [Change(entry_id.decode(), fields[b"j"].decode(), int(fields[b"f"]),
+                       int(fields[b"l"])) for entry_id, fields in entries]
+
+    async def changes_end(self) -> str:
+        with unavailable_on_errors():
+            last = cast(list[tuple[bytes, Any]], await self._client.xrevrange(
+                self._key("changes", "all"), "+", "-", count=1))
+        return last[0][0].decode() if last else "0-0"
+
+    async def webhook_progress(self, webhook: str) -> tuple[str | None, dict[str, HookProgress]]:
+        with unavailable_on_errors():
+            raw = cast(dict[bytes, bytes],
+                       await self._client.hgetall(self._key("webhook", webhook)))
+        cursor = raw.pop(b"cursor", None)
+        return (None if cursor is None else cursor.decode(),
+                {name.decode().removeprefix("job:"): HookProgress.from_json(orjson.loads(value))
+                 for name, value in raw.items()})
+
+    async def save_webhook_progress(self, webhook: str, *, cursor: str | None = None,
+                                    jobs: Mapping[str, HookProgress | None] | None = None
+                                    ) -> None:
+        jobs = jobs or {}
+        kept = {f"job:{job_id}": to_json(progress.as_json())
+                for job_id, progress in jobs.items() if progress is not None}
+        if cursor is not None:
+            kept["cursor"] = cursor
+        gone = [f"job:{job_id}" for job_id, progress in jobs.items() if progress is None]
+        key = self._key("webhook", webhook)
+        with unavailable_on_errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                if kept:
+                    pipe.hset(key, mapping=kept)  # type: ignore[arg-type]
+                if gone:
+                    pipe.hdel(key, *gone)
+                await pipe.execute()
+
+    async def add_dead_letter(self, letter: DeadLetter) -> None:
+        with unavailable_on_errors():
+            await self._client.hset(self._key("webhooks", "failed"), letter.id,
+                                    to_json(letter.as_json()))
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        with unavailable_on_errors():
+            raw = cast(dict[bytes, bytes],
+                       await self._client.hgetall(self._key("webhooks", "failed")))
+        letters = [DeadLetter.from_json(orjson.loads(value)) for value in raw.values()]
+        return sorted(letters, key=lambda letter: letter.failed)
+
+    async def remove_dead_letter(self, letter_id: str) -> DeadLetter:
+        key = self._key("webhooks", "failed")
+        with unavailable_on_errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hget(key, letter_id)
+                pipe.hdel(key, letter_id)
+                raw, _ = await pipe.execute()
+        if raw is None:
+            raise NotFound(f"no dead letter {letter_id[:200]!r}")
+        return DeadLetter.from_json(orjson.loads(raw))
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
         with unavailable_on_errors():

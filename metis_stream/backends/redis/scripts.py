@@ -38,20 +38,22 @@ def _lua_constants() -> str:
 
 
 APPEND_LUA = _lua_constants() + """
--- KEYS: job hash, log stream, ids hash, then one state index per entry of STATES.
+-- KEYS: job hash, log stream, ids hash, then one state index per entry of STATES, then
+--       the changes stream.
 -- ARGV: job id, channel, now (JSON), from_job (1/0), max events, stream cap, retention (ms),
---       wire head, event count, max bytes, then per event: type, idempotency id or '',
---       wire tail, patch pair count, field, value, ...
+--       wire head, event count, max bytes, changes kept (ms; 0: no journal of changes),
+--       then per event: type, idempotency id or '', wire tail, patch pair count, field,
+--       value, ...
 local job_key, log_key, ids_key = KEYS[1], KEYS[2], KEYS[3]
 local job_id, channel, now = ARGV[1], ARGV[2], ARGV[3]
 local max_events, cap, retention = tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local max_bytes = tonumber(ARGV[10])
+local max_bytes, changes_kept = tonumber(ARGV[10]), tonumber(ARGV[11])
 
 local state = redis.call('HGET', job_key, 'state')
 if not state then return redis.error_reply('METIS_NOT_FOUND') end
 if ARGV[4] == '1' and NOT_SUBMITTED[state] then return redis.error_reply('METIS_NOT_SUBMITTED') end
 
-local events, cursor = {}, 11
+local events, cursor = {}, 12
 for i = 1, tonumber(ARGV[9]) do
   local pairs_count = tonumber(ARGV[cursor + 3])
   local patch = {}
@@ -121,6 +123,15 @@ if TERMINAL_STATES[state] then
     redis.call('HSET', job_key, 'ended', now)
   end
   for _, key in ipairs({job_key, log_key, ids_key}) do redis.call('PEXPIRE', key, retention) end
+end
+if changes_kept > 0 then
+  -- The journal the webhooks read (backends/contract.py): entries older than changes_kept
+  -- go, by Redis's own clock, which also makes the entry's id.
+  local clock = redis.call('TIME')
+  local oldest = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) - changes_kept
+  redis.call('XADD', KEYS[4 + #STATES], 'MINID', '~', string.format('%d', math.max(oldest, 0)),
+             '*', 'j', job_id, 'f', string.format('%d', seqs[fresh[1]]),
+             'l', string.format('%d', seqs[fresh[#fresh]]))
 end
 -- One message for the whole batch: each event's JSON on its own line.
 redis.call('PUBLISH', channel, table.concat(wires, '\\n'))
