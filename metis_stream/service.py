@@ -409,7 +409,7 @@ class JobService:
                           "delivery": cluster.delivery,
                           **(seen.as_json() if seen is not None else {
                               "state": "unknown", "since": None, "last_error": "",
-                              "checked": None})})
+                              "checked": None, "flavour": "", "version": ""})})
         return views
 
     async def get(self, job_id: str, *, seen_by: ApiKey | None) -> Job:

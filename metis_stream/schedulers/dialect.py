@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from metis_stream.errors import UnsafeValue
 from metis_stream.schedulers.base import SchedulerStatus
+from metis_stream.schedulers.flavour import Flavour, FlavourProbe
 from metis_stream.shells.base import CommandResult
 
 # What survives `qsub -v` (Slurm's wrapper pastes it into a `sh -c` string, real PBS
@@ -121,7 +122,8 @@ class StatusProbe:
 
     name: str
     argv: Callable[[Sequence[str]], list[str]]
-    parse: Callable[[CommandResult, Sequence[str]], ProbeOutcome]
+    parse: Callable[[CommandResult, Sequence[str], Flavour | None], ProbeOutcome]
+    """Reads exit codes with the table of the flavour (None: not known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,8 @@ class Dialect:
     lookup_probes: Sequence[LookupProbe]
     scheduler_id: re.Pattern[str]
     """What a job id of this scheduler looks like; nothing else reaches the shell."""
+    flavour_probes: Sequence[FlavourProbe] = ()
+    """Tried in order once per connection: which batch system answers (flavour)."""
 
 
 def command_output(result: CommandResult) -> str:
