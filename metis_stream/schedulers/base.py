@@ -43,6 +43,10 @@ class Submission:
     """The job's full spec (params, inputs), for jobs whose values did not fit the env."""
     user: str | None = None
     """The end user the job is for (``Job.user``): already at the end of ``name``."""
+    after: tuple[str, ...] = ()
+    """Scheduler ids of jobs that must complete successfully before this one starts."""
+    after_any: tuple[str, ...] = ()
+    """Scheduler ids of jobs that must end, however, before this one starts."""
 
 
 @dataclass(frozen=True, slots=True)

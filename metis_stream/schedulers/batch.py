@@ -139,6 +139,8 @@ class BatchScheduler:
             account=template.account,
             resources=template.resources,
             user=submission.user,
+            after=submission.after,
+            after_any=submission.after_any,
             env={
                 **submission.env,
                 "METIS_TOKEN_FILE": f"{job_dir}/token",

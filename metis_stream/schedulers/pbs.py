@@ -30,6 +30,7 @@ from metis_stream.schedulers.dialect import (
     SubmitCommand,
     check,
     command_output,
+    dependency_list,
     signal_name,
     split_env,
 )
@@ -91,6 +92,10 @@ def submit_command(request: JobRequest) -> SubmitCommand:
                                 for key, value in request.resources.items())]
     argv += ["-o", check(SAFE_PATH, request.stdout, "output path"),
              "-e", check(SAFE_PATH, request.stderr, "error path")]
+    depend = dependency_list(request, JOB_ID)
+    if depend:
+        # Slurm's qsub wrapper passes -W depend= on as sbatch --dependency=.
+        argv += ["-W", f"depend={depend}"]
     # Never -V, which copies qsub's environment (the server's, for a cluster without host)
     # into the job; with -v alone PBS starts the job in the user's login environment, and
     # Slurm's qsub wrapper submits with --export=none plus the list.
@@ -186,8 +191,12 @@ def parse_qstat_text_result(result: CommandResult, ids: Sequence[str],
     jobs = parse_qstat_text(result.stdout)
     statuses = _match_ids(ids, {job: status_from_attributes(a, flavour)
                                 for job, a in jobs.items()})
-    ended_unknown = [i for i, s in statuses.items() if s.state == "ended" and s.exit_status is None]
-    return ProbeOutcome(statuses, tuple(ended_unknown))
+    follow_up = [i for i, s in statuses.items() if s.state == "ended" and s.exit_status is None]
+    if flavour == "slurm":
+        # The wrappers show a pending job as Q, without Slurm's reason: scontrol tells one
+        # that can never start (DependencyNeverSatisfied), which PBS Pro would delete.
+        follow_up += [i for i, s in statuses.items() if s.state == "queued"]
+    return ProbeOutcome(statuses, tuple(follow_up))
 
 
 def _raise_unless_only_gone(result: CommandResult) -> None:

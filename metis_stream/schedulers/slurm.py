@@ -30,6 +30,7 @@ from metis_stream.schedulers.dialect import (
     SubmitCommand,
     check,
     command_output,
+    dependency_list,
     signal_name,
     split_env,
 )
@@ -84,6 +85,9 @@ def submit_command(request: JobRequest) -> SubmitCommand:
         argv += resource_options(key, value)
     argv += ["--output=" + check(SAFE_PATH, request.stdout, "output path"),
              "--error=" + check(SAFE_PATH, request.stderr, "error path")]
+    depend = dependency_list(request, JOB_ID)
+    if depend:
+        argv.append("--dependency=" + depend)
     # --export splits on commas like qsub -v: only safe values go. Never ALL, which copies
     # sbatch's whole environment into the job (on a server without host, the server's:
     # its secret). A list, or NONE, makes Slurm start the job in the cluster user's login
