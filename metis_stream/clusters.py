@@ -42,18 +42,26 @@ class ClusterHealth:
     checked: float = 0.0
     """When the cluster was last polled: health that is not checked any more (no process
     polls the cluster) shows as old."""
+    flavour: str = ""
+    """Which batch system answers (``pbspro``, ``torque``, ``slurm``; metis_stream.
+    schedulers.flavour), as found when the poller connected; empty while not known."""
+    version: str = ""
+    """Its version, as it printed it."""
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "since": self.since,
-                "last_error": self.last_error, "checked": self.checked}
+                "last_error": self.last_error, "checked": self.checked,
+                "flavour": self.flavour, "version": self.version}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ClusterHealth:
         state = raw["state"]
         if state not in CLUSTER_STATES:
             raise ValueError(f"unknown cluster state {state!r}")
+        # Health kept by a version before flavours has none.
         return cls(name=str(raw["name"]), state=state, since=float(raw["since"]),
-                   last_error=str(raw["last_error"]), checked=float(raw["checked"]))
+                   last_error=str(raw["last_error"]), checked=float(raw["checked"]),
+                   flavour=str(raw.get("flavour", "")), version=str(raw.get("version", "")))
 
 
 def state_of_failure(error: BaseException) -> ClusterState:
@@ -73,7 +81,7 @@ def after_poll(health: ClusterHealth, error: BaseException | None, now: float
     if error is None:
         if health.state == "ok":
             return replace(health, checked=now)
-        return ClusterHealth(health.name, "ok", now, checked=now)
+        return replace(health, state="ok", since=now, last_error="", checked=now)
     state = state_of_failure(error)
     words = ""
     for link in _chain(error):
@@ -82,7 +90,7 @@ def after_poll(health: ClusterHealth, error: BaseException | None, now: float
             words += ("; caused by " if words else "") + _described(link)
     if state == health.state:
         return replace(health, last_error=words, checked=now)
-    return ClusterHealth(health.name, state, now, words, checked=now)
+    return replace(health, state=state, since=now, last_error=words, checked=now)
 
 
 def went_stale(before: ClusterHealth, after: ClusterHealth) -> bool:

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import anyio
 
@@ -82,7 +83,8 @@ def reconcile(job: Job, status: SchedulerStatus | None, misses: int,
             error = f"the job is no longer known to the scheduler: {record.describe()}"
     else:
         scheduler_state = status.detail
-        error = f"the job ended without reporting completion: {status.detail}"
+        error = status.outcome or (
+            f"the job ended without reporting completion: {status.detail}")
     if record is not None and record.status == 0:
         return [NewEvent("completed", {"exit_status": 0, "source": "monitor",
                                        "scheduler_state": scheduler_state})]
@@ -220,7 +222,9 @@ class Monitor:
                 continue  # another server process's child, or one from before a restart
             misses[job.id] = 0 if status is not None else self._misses.get(job.id, 0) + 1
             files = None
-            if has_ended(job, status, misses[job.id]):
+            if status is not None and status.never_runs and has_ended(job, status, 0):
+                await self._cancel_never_runs(job, scheduler_id)
+            elif has_ended(job, status, misses[job.id]):
                 if self._spool is not None:
                     # What the job spooled before it ended may be how it ended.
                     if not await self._drained(job):
@@ -241,6 +245,16 @@ class Monitor:
                     logger.info("monitor: job %s: %s", job.id, exc)
         self._misses = misses
 
+    async def _cancel_never_runs(self, job: Job, scheduler_id: str) -> None:
+        """A job that can never start stays queued on the cluster (Slurm without
+        ``kill_invalid_depend``): it is cancelled there before it is ended here."""
+        try:
+            await self._scheduler.cancel(scheduler_id)
+        except MetisError as exc:
+            # Ended here all the same: its user must not wait for a job that never starts.
+            logger.warning("monitor: job %s can never run, and cancelling %s failed: %s",
+                           job.id, scheduler_id, exc)
+
     async def _note_health(self, error: BaseException | None, jobs: list[Job]) -> None:
         """Keep the cluster's health after a poll; tell the watchers of its live jobs
         once that their news went stale, and once that it is fresh again."""
@@ -250,7 +264,11 @@ class Monitor:
             self._health = kept.get(self._scheduler.name,
                                     ClusterHealth(self._scheduler.name, "ok", since=now))
         before = self._health
-        self._health = after = after_poll(before, error, now)
+        after = after_poll(before, error, now)
+        detected = self._scheduler.flavour
+        if detected is not None:
+            after = replace(after, flavour=detected.flavour, version=detected.version)
+        self._health = after
         await self._backend.set_cluster_health(after)
         if after.state != before.state:
             log = logger.info if after.state == "ok" else logger.warning

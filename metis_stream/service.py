@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -84,6 +84,26 @@ NOT_RUNNING = ("the metis-stream service is not running: start it with `async wi
                "or, for an app mounted in a host app (whose Mount never runs the mounted "
                "app's lifespan), with `async with metis_stream.lifespan(app):` in the host's "
                "own lifespan (docs/embedding.md)")
+MAX_DEPENDENCIES = 64
+"""Jobs one job may wait for (``after`` and ``after_any`` together)."""
+DEPENDENCY_POLL = 0.2
+"""Seconds between looks at a parent whose submission is under way."""
+
+
+@dataclass(frozen=True, slots=True)
+class Waits:
+    """The jobs a job waits for: ``after`` must complete successfully, ``after_any`` end
+    however; by metis id when asked for, by scheduler id when submitted."""
+
+    after: tuple[str, ...] = ()
+    after_any: tuple[str, ...] = ()
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return self.after + self.after_any
+
+
+NO_WAITS = Waits()
 
 
 class JobService:
@@ -197,7 +217,8 @@ class JobService:
 
     async def submit(self, template: str, params: Mapping[str, Any] | None = None, *,
                      inputs: Sequence[str] = (), user: str | None = None,
-                     owner: str = "") -> Job:
+                     owner: str = "", after: Sequence[str] = (),
+                     after_any: Sequence[str] = ()) -> Job:
         """Create and submit a job from the program's own code: what ``POST /api/jobs``
         does, without HTTP and without its rate limit. The job's record comes back at
         once; its events follow (:meth:`follow`). Errors are those of the API
@@ -205,26 +226,35 @@ class JobService:
 
         ``owner``: the name of the API key whose client may see the job over HTTP as its
         own; empty, only admin keys see it. ``user``: the end user's id (:func:`end_user`).
+        ``after``, ``after_any``: ids of jobs of the same cluster that must complete, or
+        end however, before this one starts.
         """
         return await self._create(template, {} if params is None else params, list(inputs),
-                                  owner=owner, user=user)
+                                  owner=owner, user=user, after=list(after),
+                                  after_any=list(after_any), seen_by=None)
 
     async def create(self, template_name: object, params: object, inputs: object, *,
-                     client: str, owner: str = "", user: object = None) -> Job:
+                     client: str, owner: str = "", user: object = None,
+                     after: object = None, after_any: object = None,
+                     seen_by: ApiKey | None = None) -> Job:
         """Validate, record the job with its ``starting`` event, and submit in the background:
         a request's submission, its values as the request gave them.
 
         ``client`` names who asks (an API key's hash, or an address) for the rate limit;
         ``owner`` is the name of its key, which the job keeps (metis_stream.keys); ``user``
-        the end user's id that the web app may give (see :func:`end_user`).
+        the end user's id that the web app may give (see :func:`end_user`); ``after`` and
+        ``after_any`` the ids of jobs that ``seen_by`` sees, of the same cluster, that must
+        complete (or end, however) before this one starts.
         """
         wait = self._submissions.acquire(self._rate_limit_keys(client), time.monotonic())
         if wait:
             raise TooManySubmissions(wait)
-        return await self._create(template_name, params, inputs, owner=owner, user=user)
+        return await self._create(template_name, params, inputs, owner=owner, user=user,
+                                  after=after, after_any=after_any, seen_by=seen_by)
 
     async def _create(self, template_name: object, params: object, inputs: object, *,
-                      owner: str, user: object) -> Job:
+                      owner: str, user: object, after: object, after_any: object,
+                      seen_by: ApiKey | None) -> Job:
         tasks = self._tasks
         if tasks is None:
             raise NotRunning(NOT_RUNNING)
@@ -232,6 +262,8 @@ class JobService:
         values = validate_params(template, params)
         urls = validate_inputs(template, inputs)
         label = end_user(user)
+        waits = Waits(dependency_ids(after, "after"), dependency_ids(after_any, "after_any"))
+        await self._check_dependencies(template, waits, seen_by)
         now = time.time()
         job = Job(id=new_job_id(now), template=template.name, cluster=template.cluster,
                   params=dict(values), inputs=urls, owner=owner, user=label, created=now,
@@ -240,8 +272,55 @@ class JobService:
         self.metrics.count("metis_jobs_created_total")
         await self._append(job.id, [NewEvent("starting", {"template": template.name})],
                            by="server")
-        tasks.start_soon(self._submit, job, template)
+        tasks.start_soon(self._submit, job, template, waits)
         return await self.backend.get_job(job.id)
+
+    async def _check_dependencies(self, template: Template, waits: Waits,
+                                  seen_by: ApiKey | None) -> None:
+        """Refuse, before anything is recorded, a dependency on a job that ``seen_by`` does
+        not see (404, as for any job it does not see) or on another cluster's job."""
+        if not waits.all:
+            return
+        if self.config.clusters[template.cluster].scheduler == "local":
+            raise BadInput(f"cluster {template.cluster!r} runs jobs on this machine, without "
+                           "a batch system: 'after' and 'after_any' need a batch cluster")
+        if len(waits.all) > MAX_DEPENDENCIES:
+            raise BadInput(f"a job may wait for at most {MAX_DEPENDENCIES} jobs")
+        for job_id in waits.all:
+            parent = await self.get(job_id, seen_by=seen_by)
+            if parent.cluster != template.cluster:
+                raise BadInput(f"job {job_id} runs on cluster {parent.cluster!r}, template "
+                               f"{template.name!r} on {template.cluster!r}: a job can wait "
+                               "only for jobs of its own cluster")
+
+    async def _scheduler_waits(self, job_id: str, waits: Waits) -> Waits | None:
+        """The scheduler ids that ``job_id`` waits for (``waits`` names its parents by
+        metis id), once each parent is on the cluster. A parent that has ended counts as
+        met (the scheduler may have forgotten it), or, for ``after`` when it did not
+        complete, as never met: then ``job_id`` ends here, and None comes back."""
+        ids: dict[str, list[str]] = {"after": [], "after_any": []}
+        for kind, parents in (("after", waits.after), ("after_any", waits.after_any)):
+            for parent_id in parents:
+                parent = await self._submitted(parent_id)
+                if not parent.state.terminal and parent.scheduler_id is not None:
+                    ids[kind].append(parent.scheduler_id)
+                elif kind == "after" and parent.state != JobState.COMPLETED:
+                    how = "was cancelled" if parent.state == JobState.CANCELLED else "failed"
+                    with contextlib.suppress(JobEnded):
+                        await self._append(job_id, [NewEvent("fatal", {
+                            "error": f"will never run: job {parent_id} it depends on {how}"})],
+                            by="server")
+                    return None
+        return Waits(tuple(ids["after"]), tuple(ids["after_any"]))
+
+    async def _submitted(self, job_id: str) -> Job:
+        """The job once it is on the cluster (it has a scheduler id) or has ended: a job
+        submitted right after its parent may find the parent's submission under way."""
+        while True:
+            job = await self.backend.get_job(job_id)
+            if job.scheduler_id is not None or job.state.terminal:
+                return job
+            await anyio.sleep(DEPENDENCY_POLL)
 
     def _rate_limit_keys(self, client: str) -> tuple[str, ...]:
         """The buckets a submission takes from. Callers of a keyless server also share one:
@@ -255,16 +334,21 @@ class JobService:
         return {"job": job.id, "template": job.template, "params": job.params,
                 "inputs": job.inputs}
 
-    async def _submit(self, job: Job, template: Template) -> None:
+    async def _submit(self, job: Job, template: Template, waits: Waits = NO_WAITS) -> None:
         scheduler = self.schedulers[template.cluster]
         env = {"METIS_JOB_ID": job.id, "METIS_EVENTS_URL": self.events_url(job.id),
                "METIS_DELIVERY": self.config.clusters[template.cluster].delivery}
         for name, value in job.params.items():
             env[template.params[name].env_name()] = param_text(value)
-        submission = Submission(job_id=job.id, name=job_name(job.id, job.user),
-                                template=template, env=env, token=self.job_token(job.id),
-                                spec=self.spec(job), user=job.user)
         try:
+            with anyio.fail_after(self.config.server.submit_timeout):
+                on_cluster = await self._scheduler_waits(job.id, waits)
+            if on_cluster is None:
+                return
+            submission = Submission(job_id=job.id, name=job_name(job.id, job.user),
+                                    template=template, env=env, token=self.job_token(job.id),
+                                    spec=self.spec(job), user=job.user,
+                                    after=on_cluster.after, after_any=on_cluster.after_any)
             with anyio.fail_after(self.config.server.submit_timeout):
                 scheduler_id = await scheduler.submit(submission)
         except Exception as exc:  # any failure must end the job, never the server
@@ -416,7 +500,7 @@ class JobService:
                           "delivery": cluster.delivery,
                           **(seen.as_json() if seen is not None else {
                               "state": "unknown", "since": None, "last_error": "",
-                              "checked": None})})
+                              "checked": None, "flavour": "", "version": ""})})
         return views
 
     async def get(self, job_id: str, *, seen_by: ApiKey | None) -> Job:
@@ -512,6 +596,17 @@ class JobService:
         except (SchedulerError, OSError) as exc:
             logger.warning("job %s: could not remove its token file: %s", job_id, exc)
 
+
+
+def dependency_ids(value: object, name: str) -> tuple[str, ...]:
+    """A request's ``after`` or ``after_any``: a list of job ids, or BadInput."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+        raise BadInput(f"'{name}' must be a list of job ids")
+    if len(value) > MAX_DEPENDENCIES:
+        raise BadInput(f"'{name}' may name at most {MAX_DEPENDENCIES} jobs")
+    return tuple(dict.fromkeys(value))
 
 
 def end_user(user: object) -> str | None:

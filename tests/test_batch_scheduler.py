@@ -15,9 +15,17 @@ from metis_stream.schedulers import pbs, slurm
 from metis_stream.schedulers.base import JobFiles, Submission
 from metis_stream.schedulers.batch import BatchScheduler
 from metis_stream.schedulers.dialect import Dialect
+from metis_stream.schedulers.flavour import SchedulerFlavour
 from metis_stream.templates import Template
 from tests.support.samples import ok
 from tests.support.shells import HOME, FakeShell
+
+# What each flavour answers when asked which it is (metis_stream.schedulers.flavour).
+PBS_PRO = (ok("pbs_version = 2022.1.3\n"),)
+TORQUE = (ok("", "Version: 6.1.3\nCommit: 7f0b0d4\n"),)
+WRAPPERS = (ok("", "Unknown option: version\nUsage: qstat [-f]\n", 2), ok("slurm 22.05.8\n"))
+SLURM = (ok("slurm 22.05.8\n"),)
+ASKED_PBS = [["qstat", "--version"], ["sinfo", "--version"]]
 
 
 def broken() -> ShellError:
@@ -224,14 +232,15 @@ async def test_poll_falls_back_to_text_once_and_follows_up_with_scontrol(
     _, emit = files
     text = "Job Id:\t15\n\tjob_state = R\n\nJob Id:\t16\n\tjob_state = C\n"
     show = "JobId=16 JobName=x JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"
-    shell = FakeShell(ok("", "Unknown option: F\n", 2), ok(text), ok(show))
+    shell = FakeShell(*WRAPPERS, ok("", "Unknown option: F\n", 2), ok(text), ok(show))
     scheduler = make(shell, emit)
     statuses = await scheduler.poll(["15", "16", "17"])
     assert statuses["15"].state == "running"
     assert (statuses["16"].state, statuses["16"].exit_status) == ("ended", 143)
-    assert "walltime" in statuses["16"].detail
+    assert statuses["16"].outcome == "killed: ran past its walltime"
     assert "17" not in statuses
     assert shell.commands == [
+        *ASKED_PBS,
         ["qstat", "-f", "-F", "json", "-x", "15", "16", "17"],
         ["qstat", "-f", "15", "16", "17"],
         ["scontrol", "-o", "show", "job", "16"],
@@ -245,27 +254,72 @@ async def test_poll_pbs_pro_json_is_one_command(files: tuple[Path, Path]) -> Non
     _, emit = files
     json_out = ('{"Jobs": {"1.s": {"job_state": "F", "Exit_status": -29},'
                 ' "2.s": {"job_state": "Q"}}}')
-    shell = FakeShell(ok(json_out))
-    statuses = await make(shell, emit).poll(["1.s", "2.s", "2.s"])
-    assert len(shell.commands) == 1
-    assert statuses["1.s"].detail == "killed: walltime exceeded (Exit_status=-29)"
+    shell = FakeShell(*PBS_PRO, ok(json_out))
+    scheduler = make(shell, emit)
+    statuses = await scheduler.poll(["1.s", "2.s", "2.s"])
+    assert shell.commands[0] == ["qstat", "--version"]
+    assert len(shell.commands) == 2
+    assert statuses["1.s"].outcome == "killed: ran past its walltime"
     assert statuses["2.s"].state == "queued"
+    assert scheduler.flavour == SchedulerFlavour("pbspro", "2022.1.3")
+
+
+async def test_the_flavour_is_asked_once_and_picks_the_table(files: tuple[Path, Path]) -> None:
+    """-11 is a walltime kill on Torque (a rerun on PBS Pro)."""
+    _, emit = files
+    text = "Job Id: 1.t\n    job_state = C\n    exit_status = -11\n"
+    no_json = ok("", "qstat: invalid option -- 'F'\n", 2)
+    shell = FakeShell(*TORQUE, no_json, ok(text), ok(text))
+    scheduler = make(shell, emit)
+    first = await scheduler.poll(["1.t"])
+    assert first["1.t"].outcome == "killed: ran past its walltime"
+    assert scheduler.flavour == SchedulerFlavour("torque", "6.1.3")
+    await scheduler.poll(["1.t"])
+    assert shell.commands[0] == ["qstat", "--version"]
+    assert shell.commands[1:] == [["qstat", "-f", "-F", "json", "-x", "1.t"],
+                                  ["qstat", "-f", "1.t"], ["qstat", "-f", "1.t"]]
+
+
+async def test_a_flavour_no_probe_tells_is_not_asked_again(files: tuple[Path, Path]) -> None:
+    _, emit = files
+    text = "Job Id: 1.t\n    job_state = C\n    exit_status = -11\n"
+    shell = FakeShell(ok("", "qstat: no such option\n", 2), ok("", "not found\n", 127),
+                      ok("", "x", 2), ok(text), ok(text))
+    scheduler = make(shell, emit)
+    statuses = await scheduler.poll(["1.t"])
+    assert scheduler.flavour is None
+    assert statuses["1.t"].outcome == "the cluster could not run the job (code -11)"
+    await scheduler.poll(["1.t"])
+    assert shell.commands[-1] == ["qstat", "-f", "1.t"]
+
+
+async def test_a_connection_that_fails_leaves_the_flavour_for_the_next_poll(
+        files: tuple[Path, Path]) -> None:
+    _, emit = files
+    shell = FakeShell(broken(), broken())
+    scheduler = make(shell, emit)
+    with pytest.raises(SchedulerError):
+        await scheduler.poll(["1.s"])
+    shell.answers = [*PBS_PRO, ok('{"Jobs": {"1.s": {"job_state": "R"}}}')]
+    assert (await scheduler.poll(["1.s"]))["1.s"].state == "running"
+    assert scheduler.flavour == SchedulerFlavour("pbspro", "2022.1.3")
 
 
 async def test_poll_keeps_what_it_knows_when_a_follow_up_fails(files: tuple[Path, Path]) -> None:
     _, emit = files
-    shell = FakeShell(ok("", "x", 2), ok("Job Id:\t16\n\tjob_state = C\n"), broken())
+    shell = FakeShell(*WRAPPERS, ok("", "x", 2), ok("Job Id:\t16\n\tjob_state = C\n"),
+                      broken())
     statuses = await make(shell, emit).poll(["16"])
     assert (statuses["16"].state, statuses["16"].exit_status) == ("ended", None)
 
 
 async def test_poll_never_drops_jobs_because_a_command_failed(files: tuple[Path, Path]) -> None:
     _, emit = files
-    shell = FakeShell(ok("", "qstat: cannot connect to server\n", 1))
+    shell = FakeShell(*PBS_PRO, ok("", "qstat: cannot connect to server\n", 1))
     with pytest.raises(SchedulerError, match="cannot connect"):
         await make(shell, emit).poll(["1.s"])
     with pytest.raises(SchedulerError):
-        await make(FakeShell(broken()), emit).poll(["1.s"])
+        await make(FakeShell(broken(), broken()), emit).poll(["1.s"])
 
 
 async def test_poll_ignores_ids_that_are_not_job_ids(files: tuple[Path, Path]) -> None:
@@ -278,6 +332,7 @@ async def test_poll_ignores_ids_that_are_not_job_ids(files: tuple[Path, Path]) -
 async def test_slurm_poll_without_accounting_storage(files: tuple[Path, Path]) -> None:
     _, emit = files
     shell = FakeShell(
+        *SLURM,
         ok("101|RUNNING|None\n102|TIMEOUT|TimeLimit\n"),
         ok("", "Slurm accounting storage is disabled\n", 1),
         ok("JobId=102 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n"),
@@ -290,7 +345,8 @@ async def test_slurm_poll_without_accounting_storage(files: tuple[Path, Path]) -
     assert first["102"].exit_status == 143
     second = await scheduler.poll(["101", "102"])
     assert second == first
-    assert [c[0] for c in shell.commands] == ["squeue", "sacct", "scontrol", "squeue", "scontrol"]
+    assert [c[0] for c in shell.commands] == [
+        "sinfo", "squeue", "sacct", "scontrol", "squeue", "scontrol"]
 
 
 async def test_slurm_submit(files: tuple[Path, Path]) -> None:

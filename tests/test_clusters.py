@@ -66,10 +66,22 @@ def test_a_poll_that_works_again_recovers():
 
 
 def test_health_survives_json_and_refuses_an_unknown_state():
-    health = ClusterHealth("metis", "degraded", 1.5, "SchedulerError: x", checked=2.5)
+    health = ClusterHealth("metis", "degraded", 1.5, "SchedulerError: x", checked=2.5,
+                           flavour="torque", version="6.1.3")
     assert ClusterHealth.from_json(health.as_json()) == health
+    kept_before_flavours = {k: v for k, v in health.as_json().items()
+                            if k not in ("flavour", "version")}
+    assert ClusterHealth.from_json(kept_before_flavours) == ClusterHealth(
+        "metis", "degraded", 1.5, "SchedulerError: x", checked=2.5)
     with pytest.raises(ValueError, match="unknown cluster state"):
         ClusterHealth.from_json({**health.as_json(), "state": "on fire"})
+
+
+def test_the_flavour_outlives_changes_of_state():
+    known = ClusterHealth("metis", "ok", 1.0, checked=1.0, flavour="slurm", version="22.05.8")
+    down = after_poll(known, ConnectionLost("y"), now=2.0)
+    assert (down.state, down.flavour, down.version) == ("unreachable", "slurm", "22.05.8")
+    assert after_poll(down, None, now=3.0).flavour == "slurm"
 
 
 def test_the_last_error_names_each_cause_once():

@@ -310,8 +310,8 @@ def test_a_walltime_kill_is_fatal_with_its_cause_and_last_stderr_lines(
     end = events[-1]
     assert end["type"] == "fatal", events
     data = end["data"]
-    assert "walltime exceeded" in data["error"], data
-    assert "TIMEOUT" in data["scheduler_state"], data
+    assert data["error"] == "killed: ran past its 00:01:00 walltime", data
+    assert data["scheduler_state"].startswith("TIMEOUT, TimeLimit"), data
     assert (data["exit_status"], data["signal"]) == (143, "SIGTERM")
     assert data["stderr_tail"] == ["step 1 done", "step 2 is slow"]
     assert log_lines(events, "stderr") == ["step 1 done", "step 2 is slow"]

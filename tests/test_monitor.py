@@ -133,16 +133,55 @@ def test_an_ended_job_gets_its_real_status_and_last_stderr_lines():
         "stderr_tail": ['  File "train.py", line 3, in <module>', "ValueError: bad input"]})
 
 
-def test_a_walltime_kill_names_the_scheduler_s_cause_and_the_signal():
-    timeout = SchedulerStatus("ended", None, "killed: walltime exceeded (TIMEOUT, TimeLimit)")
+def test_a_walltime_kill_says_what_happened_in_words_and_the_signal():
+    timeout = SchedulerStatus("ended", None, "TIMEOUT, TimeLimit, ExitCode=0:15",
+                              "killed: ran past its 00:30:00 walltime")
     files = JobFiles(exit=b"143 SIGTERM\n", stderr_tail=b"epoch 3\nslow\n")
     [event] = reconcile(job_in(S.RUNNING), timeout, 0, files)
     assert event.data == {
-        "error": "the job ended without reporting completion: killed: walltime exceeded "
-                 "(TIMEOUT, TimeLimit)",
+        "error": "killed: ran past its 00:30:00 walltime",
         "exit_status": 143, "signal": "SIGTERM",
-        "scheduler_state": "killed: walltime exceeded (TIMEOUT, TimeLimit)",
+        "scheduler_state": "TIMEOUT, TimeLimit, ExitCode=0:15",
         "stderr_tail": ["epoch 3", "slow"]}
+
+
+class NeverRuns:
+    """A cluster that holds one job that can never start; notes what is cancelled."""
+
+    name = "c"
+    poll_interval = 5.0
+    shared = True
+    flavour = None
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    async def poll(self, scheduler_ids: Sequence[str]) -> Mapping[str, SchedulerStatus]:
+        return {"1.c": SchedulerStatus(
+            "ended", None, "PENDING, DependencyNeverSatisfied",
+            "will never run: a job it depends on did not end as required", never_runs=True)}
+
+    async def cancel(self, scheduler_id: str) -> None:
+        self.cancelled.append(scheduler_id)
+
+
+async def test_a_job_that_can_never_run_is_cancelled_there_and_ends_fatal_here():
+    backend, scheduler = MemoryBackend(), NeverRuns()
+
+    async def append(job_id: str, events: list[NewEvent]) -> None:
+        await backend.append(job_id, events)
+
+    job = Job(id="j_01HX3ZJ5K1ABCDEFGHJKMNPQRS", template="t", cluster="c")
+    await backend.create_job(job)
+    await backend.append(job.id, [NewEvent("starting"), NewEvent("submitted", "1.c")])
+    await Monitor(backend, cast(Scheduler, scheduler), append).poll_once()
+    assert scheduler.cancelled == ["1.c"]
+    events = await backend.read(job.id)
+    assert events[-1].type == "fatal"
+    assert (await backend.get_job(job.id)).state == S.FAILED
+    assert events[-1].data == {
+        "error": "will never run: a job it depends on did not end as required",
+        "exit_status": None, "scheduler_state": "PENDING, DependencyNeverSatisfied"}
 
 
 def test_a_vanished_job_ends_with_the_status_of_its_exit_file():

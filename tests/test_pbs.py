@@ -203,12 +203,14 @@ def test_text_running_job_with_wrapped_values() -> None:
 
 def test_text_history_with_walltime_kill() -> None:
     result = ok(sample("pbs/qstat-fx-history.txt"))
-    outcome = pbs.parse_qstat_text_result(result, ["1201.pbs01", "1202.pbs01", "1203.pbs01"])
+    outcome = pbs.parse_qstat_text_result(result, ["1201.pbs01", "1202.pbs01", "1203.pbs01"],
+                                          "pbspro")
     killed = outcome.statuses["1201.pbs01"]
     assert (killed.state, killed.exit_status) == ("ended", -29)
-    assert killed.detail == "killed: walltime exceeded (Exit_status=-29)"
+    assert killed.detail == "job_state=F, Exit_status=-29"
+    assert killed.outcome == "killed: ran past its walltime"  # no Resource_List.walltime
     assert outcome.statuses["1202.pbs01"].exit_status == 0
-    assert outcome.statuses["1202.pbs01"].detail == "completed (Exit_status=0)"
+    assert outcome.statuses["1202.pbs01"].outcome == "completed"
     assert outcome.statuses["1203.pbs01"].state == "queued"
     assert outcome.statuses["1203.pbs01"].detail == "held (job_state=H)"
     assert outcome.follow_up == ()
@@ -216,9 +218,10 @@ def test_text_history_with_walltime_kill() -> None:
 
 def test_text_torque_lowercase_exit_status() -> None:
     jobs = pbs.parse_qstat_text(sample("pbs/qstat-f-torque-completed.txt"))
-    status = pbs.status_from_attributes(jobs["881.torque-srv.example.org"])
+    status = pbs.status_from_attributes(jobs["881.torque-srv.example.org"], "torque")
     assert (status.state, status.exit_status) == ("ended", 3)
-    assert status.detail == "exited with status 3 (Exit_status=3)"
+    assert status.detail == "job_state=C, Exit_status=3"
+    assert status.outcome == "the script exited with status 3"
 
 
 def test_text_tab_indented_attributes_like_the_wrappers() -> None:
@@ -256,13 +259,16 @@ def test_a_broken_qstat_is_an_error() -> None:
 
 def test_json_finished_jobs_and_exit_codes() -> None:
     ids = ["1301.pbs01", "1302.pbs01", "1303.pbs01", "1304.pbs01", "1305.pbs01"]
-    outcome = pbs.parse_qstat_json_result(ok(sample("pbs/qstat-json-finished.json")), ids)
+    outcome = pbs.parse_qstat_json_result(ok(sample("pbs/qstat-json-finished.json")), ids,
+                                          "pbspro")
     s = outcome.statuses
-    assert (s["1301.pbs01"].exit_status, s["1301.pbs01"].detail) == (
-        271, "killed: walltime exceeded (Exit_status=271)")
-    assert s["1302.pbs01"].detail == "killed by signal 9 (SIGKILL) (Exit_status=265)"
+    # SIGTERM with no resources_used.walltime to show that the limit was reached.
+    assert (s["1301.pbs01"].exit_status, s["1301.pbs01"].outcome) == (
+        271, "cancelled on the cluster by qdel")
+    assert s["1302.pbs01"].outcome == "killed by signal 9 (SIGKILL)"
+    assert s["1302.pbs01"].detail == "job_state=F, Exit_status=265"
     assert s["1303.pbs01"].exit_status == 2  # a string in some versions
-    assert s["1304.pbs01"].detail == "killed: memory over the limit (Exit_status=-27)"
+    assert s["1304.pbs01"].outcome == "killed: used more memory than it asked for"
     assert s["1305.pbs01"].state == "queued"
     assert outcome.follow_up == ()
 
@@ -331,23 +337,25 @@ def test_job_states(state: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "detail"),
+    ("code", "outcome"),
     [
-        (0, "completed (Exit_status=0)"),
-        (-29, "killed: walltime exceeded (Exit_status=-29)"),
-        (271, "killed: walltime exceeded (Exit_status=271)"),
-        (-1, "job could not start (before files were staged) (Exit_status=-1)"),
-        (-99, "PBS could not run the job (Exit_status=-99)"),
-        (265, "killed by signal 9 (SIGKILL) (Exit_status=265)"),
-        (256 + 99, "killed by signal 99 (Exit_status=355)"),
-        (1, "exited with status 1 (Exit_status=1)"),
-        (137, "exited with status 137 (Exit_status=137)"),
-        (None, "ended without an exit status (job_state=F)"),
+        (0, "completed"),
+        (-29, "killed: ran past its walltime"),
+        (271, "cancelled on the cluster by qdel"),
+        (-1, "the cluster could not start the job"),
+        (-99, "the cluster could not run the job (code -99)"),
+        (265, "killed by signal 9 (SIGKILL)"),
+        (256 + 99, "killed by signal 99"),
+        (1, "the script exited with status 1"),
+        (137, "the script exited with status 137"),
+        (None, ""),
     ],
 )
-def test_exit_status_details(code: int | None, detail: str) -> None:
-    status = pbs.status_of("F", code)
-    assert (status.state, status.exit_status, status.detail) == ("ended", code, detail)
+def test_exit_status_outcomes(code: int | None, outcome: str) -> None:
+    status = pbs.status_of("F", code, "pbspro")
+    assert (status.state, status.exit_status, status.outcome) == ("ended", code, outcome)
+    assert status.detail == ("job_state=F, no Exit_status" if code is None
+                             else f"job_state=F, Exit_status={code}")
 
 
 def test_exit_status_as_text_is_tolerated() -> None:

@@ -154,7 +154,8 @@ def test_status_commands_batch_all_ids() -> None:
     assert slurm.squeue_argv(["1", "2"]) == [
         "squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", "1,2"]
     assert slurm.sacct_argv(["1", "2"]) == [
-        "sacct", "-n", "-P", "-X", "-j", "1,2", "-o", "JobID,State,ExitCode"]
+        "sacct", "-n", "-P", "-X", "-j", "1,2", "-o",
+        "JobID,State,ExitCode,Timelimit"]
     assert slurm.scontrol_argv(["1"]) == ["scontrol", "-o", "show", "job", "1"]
     assert slurm.scontrol_argv(["1", "2"]) == ["scontrol", "-o", "show", "job"]
 
@@ -181,17 +182,18 @@ def test_squeue_unknown_single_id() -> None:
 def test_sacct() -> None:
     ids = ["103", "105", "106", "107", "108", "109", "110"]
     s = slurm.parse_sacct_result(ok(sample("slurm/sacct.txt")), ids).statuses
-    assert s["103"].detail == "killed: walltime exceeded (TIMEOUT, ExitCode=0:0)"
+    assert (s["103"].detail, s["103"].outcome) == (
+        "TIMEOUT, ExitCode=0:0", "killed: ran past its walltime")  # no Timelimit column
     assert s["103"].exit_status is None
-    assert (s["105"].exit_status, s["105"].detail) == (
-        143, "cancelled (CANCELLED by 1000, ExitCode=0:15)")
-    assert (s["106"].exit_status, s["106"].detail) == (
-        2, "exited with status 2 (FAILED, ExitCode=2:0)")
-    assert s["107"].detail.startswith("killed: memory over the limit")
-    assert (s["108"].exit_status, s["108"].detail) == (
-        0, "completed (COMPLETED, ExitCode=0:0)")
+    assert (s["105"].exit_status, s["105"].detail, s["105"].outcome) == (
+        143, "CANCELLED by 1000, ExitCode=0:15",
+        "cancelled on the cluster by user id 1000 (scancel or qdel)")
+    assert (s["106"].exit_status, s["106"].outcome) == (2, "the script exited with status 2")
+    assert s["107"].outcome == "killed: used more memory than it asked for"
+    assert (s["108"].exit_status, s["108"].outcome) == (0, "completed")
     assert s["109"].exit_status is None  # 0:0 on a node failure is not a success
-    assert s["110"].detail == "killed by signal 9 (SIGKILL) (FAILED, ExitCode=0:9)"
+    assert s["109"].outcome == "the node failed"
+    assert s["110"].outcome == "killed by signal 9 (SIGKILL)"
     assert all(status.state == "ended" for status in s.values())
 
 
@@ -204,7 +206,8 @@ def test_scontrol_show_job() -> None:
     status = slurm.parse_scontrol_result(ok(sample("slurm/scontrol-show-job.txt")),
                                          ["15"]).statuses["15"]
     assert (status.state, status.exit_status) == ("ended", 137)
-    assert status.detail == "killed: walltime exceeded (TIMEOUT, TimeLimit, ExitCode=0:9)"
+    assert status.detail == "TIMEOUT, TimeLimit, ExitCode=0:9"
+    assert status.outcome == "killed: ran past its 00:01:00 walltime"
 
 
 def test_scontrol_one_line_records() -> None:

@@ -114,7 +114,8 @@ def test_scontrol_show_job(name: str, exit_status: int | None) -> None:
     if expected == "ended":
         assert status.exit_status == exit_status
     if state.group(1) == "TIMEOUT":
-        assert status.detail.startswith("killed: walltime exceeded (TIMEOUT, TimeLimit")
+        assert status.detail == "TIMEOUT, TimeLimit, ExitCode=0:15"
+        assert status.outcome == "killed: ran past its 00:01:00 walltime"
 
 
 def test_scontrol_unknown_job() -> None:

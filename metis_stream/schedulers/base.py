@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 import orjson
 
 from metis_stream.errors import SchedulerError, ShellError
+from metis_stream.schedulers.flavour import SchedulerFlavour
 from metis_stream.shells.base import Shell
 from metis_stream.spool import Frames, SpoolRead, parse_frames, reader_argv, sweeper_argv
 from metis_stream.templates import Template
@@ -42,6 +43,10 @@ class Submission:
     """The job's full spec (params, inputs), for jobs whose values did not fit the env."""
     user: str | None = None
     """The end user the job is for (``Job.user``): already at the end of ``name``."""
+    after: tuple[str, ...] = ()
+    """Scheduler ids of jobs that must complete successfully before this one starts."""
+    after_any: tuple[str, ...] = ()
+    """Scheduler ids of jobs that must end, however, before this one starts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +56,15 @@ class SchedulerStatus:
     state: SchedulerState
     exit_status: int | None = None
     detail: str = ""
-    """The scheduler's own words for the state, such as ``C`` or ``TIMEOUT``."""
+    """The scheduler's own words for the state, such as ``job_state=F, Exit_status=-29``
+    or ``TIMEOUT, TimeLimit, ExitCode=0:15``."""
+    outcome: str = ""
+    """How an ended job ended, in its user's words, from the flavour's exit code table
+    (exit_codes): ``killed: ran past its 00:30:00 walltime``. Empty when the scheduler
+    does not know (yet)."""
+    never_runs: bool = False
+    """Still queued on the cluster, but it can never start (a dependency that can never
+    be met): ``ended`` for the server, which cancels it there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +97,8 @@ class Scheduler(Protocol):
 
     name: str
     poll_interval: float
+    flavour: SchedulerFlavour | None
+    """Which batch system answers, once known (None: not known, or the local scheduler)."""
     shared: bool
     """True when every server process sees the same jobs (a cluster's batch system): one
     process at a time polls it. False for the local scheduler, whose jobs are children of

@@ -9,6 +9,7 @@ cluster (which status commands exist there) for the life of the process.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,8 +47,11 @@ from metis_stream.schedulers.dialect import (
     StatusProbe,
     check,
 )
+from metis_stream.schedulers.flavour import FLAVOUR_NAMES, SchedulerFlavour
 from metis_stream.shells.base import Shell
 from metis_stream.spool import SPOOL_FILE, Frames, SpoolRead
+
+logger = logging.getLogger(__name__)
 
 
 class BatchScheduler:
@@ -86,6 +90,10 @@ class BatchScheduler:
         self._unsupported: set[str] = set()
         """Probes this cluster lacks (``qstat -F json`` on Torque, ``sacct`` without
         accounting storage): learned once, never asked again."""
+        self.flavour: SchedulerFlavour | None = None
+        """Which batch system answers (PBS Pro, Torque, Slurm), found at the first poll;
+        None until then, or when no probe could tell."""
+        self._flavour_asked = False
 
     async def start(self) -> None:
         """Nothing to prepare: a cluster that is down at start-up must not stop the
@@ -131,6 +139,8 @@ class BatchScheduler:
             account=template.account,
             resources=template.resources,
             user=submission.user,
+            after=submission.after,
+            after_any=submission.after_any,
             env={
                 **submission.env,
                 "METIS_TOKEN_FILE": f"{job_dir}/token",
@@ -224,6 +234,8 @@ class BatchScheduler:
         """One command for all ids, then follow-ups only for the jobs that need them."""
         pattern = self.dialect.scheduler_id
         pending = [i for i in dict.fromkeys(scheduler_ids) if pattern.match(i)]
+        if pending:
+            await self._detect_flavour()
         statuses: dict[str, SchedulerStatus] = {}
         for probe in self.dialect.status_probes:
             if not pending:
@@ -249,7 +261,30 @@ class BatchScheduler:
         result = await self._shell.run(probe.argv(ids), timeout=self._timeout)
         if result.exit_status == COMMAND_NOT_FOUND:
             return ProbeOutcome(supported=False)
-        return probe.parse(result, ids)
+        return probe.parse(result, ids, self.flavour.flavour if self.flavour else None)
+
+    async def _detect_flavour(self) -> None:
+        """Ask once which batch system answers: exit codes differ between them
+        (metis_stream.schedulers.exit_codes). A connection that fails leaves the question
+        for the next poll; a cluster that no probe recognises is not asked again."""
+        if self._flavour_asked:
+            return
+        for probe in self.dialect.flavour_probes:
+            try:
+                result = await self._shell.run(probe.argv, timeout=self._timeout)
+            except ShellError:
+                return
+            found = probe.parse(result)
+            if found is not None:
+                self.flavour = found
+                logger.info("cluster %s: %s %s", self.name, FLAVOUR_NAMES[found.flavour],
+                            found.version)
+                break
+        else:
+            logger.warning("cluster %s: could not tell PBS Pro, Torque and Slurm apart "
+                           "(%s); exit codes are read without a flavour's table", self.name,
+                           ", ".join(" ".join(p.argv) for p in self.dialect.flavour_probes))
+        self._flavour_asked = True
 
     async def cancel(self, scheduler_id: str) -> None:
         argv = self.dialect.cancel(scheduler_id)

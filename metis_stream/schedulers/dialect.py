@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from metis_stream.errors import UnsafeValue
 from metis_stream.schedulers.base import SchedulerStatus
+from metis_stream.schedulers.flavour import Flavour, FlavourProbe
 from metis_stream.shells.base import CommandResult
 
 # What survives `qsub -v` (Slurm's wrapper pastes it into a `sh -c` string, real PBS
@@ -94,6 +95,10 @@ class JobRequest:
     user: str | None = None
     """The end user the job is for (``Job.user``), already in ``name``; a dialect with a
     free-text field for it (Slurm's ``--comment``) puts it there too."""
+    after: Sequence[str] = ()
+    """Scheduler ids of the jobs that must complete successfully first (``afterok``)."""
+    after_any: Sequence[str] = ()
+    """Scheduler ids of the jobs that must end first, however they end (``afterany``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +126,8 @@ class StatusProbe:
 
     name: str
     argv: Callable[[Sequence[str]], list[str]]
-    parse: Callable[[CommandResult, Sequence[str]], ProbeOutcome]
+    parse: Callable[[CommandResult, Sequence[str], Flavour | None], ProbeOutcome]
+    """Reads exit codes with the table of the flavour (None: not known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +156,19 @@ class Dialect:
     lookup_probes: Sequence[LookupProbe]
     scheduler_id: re.Pattern[str]
     """What a job id of this scheduler looks like; nothing else reaches the shell."""
+    flavour_probes: Sequence[FlavourProbe] = ()
+    """Tried in order once per connection: which batch system answers (flavour)."""
+
+
+def dependency_list(request: JobRequest, job_id: re.Pattern[str]) -> str:
+    """``afterok:A:B,afterany:C`` (PBS ``-W depend=``, Slurm ``--dependency=``, which
+    join ids alike), or "" without dependencies; every id must match ``job_id``."""
+    parts = []
+    for kind, ids in (("afterok", request.after), ("afterany", request.after_any)):
+        if ids:
+            parts.append(kind + "".join(
+                ":" + check(job_id, i, "dependency job id") for i in ids))
+    return ",".join(parts)
 
 
 def command_output(result: CommandResult) -> str:

@@ -39,6 +39,7 @@ from metis_stream.schedulers.base import (
     read_spools_with,
     remove_old_spools_with,
 )
+from metis_stream.schedulers.flavour import SchedulerFlavour
 from metis_stream.shells.local import LocalShell, read_part
 from metis_stream.spool import SPOOL_FILE, Frames, SpoolRead
 
@@ -48,6 +49,8 @@ SPOOL_COMMAND_TIMEOUT = 30.0
 
 class LocalScheduler:
     shared = False
+    flavour: SchedulerFlavour | None = None
+    """Not a batch system: no flavour, and no exit code but the script's own."""
 
     def __init__(self, name: str, *, jobs_dir: Path, emit_script: Path,
                  poll_interval: float = 0.5, stop_jobs_on_close: bool = False) -> None:

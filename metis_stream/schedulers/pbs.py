@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from collections.abc import Iterator, Mapping, Sequence
 
 from metis_stream.errors import SchedulerError
-from metis_stream.schedulers import slurm
+from metis_stream.schedulers import exit_codes, slurm
 from metis_stream.schedulers.base import SchedulerStatus
 from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
@@ -31,9 +30,11 @@ from metis_stream.schedulers.dialect import (
     SubmitCommand,
     check,
     command_output,
+    dependency_list,
     signal_name,
     split_env,
 )
+from metis_stream.schedulers.flavour import PBS_PROBES, Flavour
 from metis_stream.shells.base import CommandResult
 
 # `15` (Slurm's wrappers), `15.server`, `15[].server` (PBS Pro arrays), `15[3].server`.
@@ -72,44 +73,8 @@ QUEUED_STATES: Mapping[str, str] = {
 RUNNING_STATES: Mapping[str, str] = {"R": "running", "E": "exiting", "B": "array running"}
 ENDED_STATES: Mapping[str, str] = {"C": "completed", "F": "finished", "X": "subjob expired"}
 
-JOB_EXEC_KILL_WALLTIME = -29
 SIGNAL_BASE = 256
-"""PBS reports a job killed by signal N as 256 + N."""
-WALLTIME_SIGTERM = SIGNAL_BASE + signal.SIGTERM
-
-# From PBS's own job.h (JOB_EXEC_* codes), for the negative Exit_status values.
-EXEC_FAILURES: Mapping[int, str] = {
-    -1: "job could not start (before files were staged)",
-    -2: "job could not start (after files were staged)",
-    -3: "job could not start, to be retried",
-    -4: "aborted on MoM initialization",
-    -5: "aborted on MoM initialization (checkpoint, no migration)",
-    -6: "aborted on MoM initialization (checkpoint, migration)",
-    -7: "restart from checkpoint failed",
-    -8: "standard output/error could not be created",
-    -9: "the job's user has no home directory or cannot log in",
-    -10: "invalid user or group for the job",
-    -11: "job rerun",
-    -12: "checkpointed and killed",
-    -13: "bad password",
-    -14: "job rerun (sister node failure)",
-    -15: "requeued for restart from checkpoint",
-    -16: "rejected by a hook, requeued",
-    -17: "rejected by a hook, deleted",
-    -18: "requeued by a hook",
-    -19: "deleted by a hook",
-    -20: "lost contact with the primary execution host",
-    -21: "security breach in a PBS directory",
-    -22: "a hook failed or timed out",
-    -23: "no Kerberos credentials",
-    -24: "killed: CPU usage (burst) over the limit",
-    -25: "killed: CPU usage (sum) over the limit",
-    -26: "killed: virtual memory over the limit",
-    -27: "killed: memory over the limit",
-    -28: "killed: CPU time over the limit",
-    -30: "could not join the job's execution hosts",
-}
-
+"""PBS reports a job killed by signal N as 256 + N (exit_codes.PBS_PRO, TORQUE)."""
 
 # ---- submit ----------------------------------------------------------------------------
 
@@ -127,6 +92,10 @@ def submit_command(request: JobRequest) -> SubmitCommand:
                                 for key, value in request.resources.items())]
     argv += ["-o", check(SAFE_PATH, request.stdout, "output path"),
              "-e", check(SAFE_PATH, request.stderr, "error path")]
+    depend = dependency_list(request, JOB_ID)
+    if depend:
+        # Slurm's qsub wrapper passes -W depend= on as sbatch --dependency=.
+        argv += ["-W", f"depend={depend}"]
     # Never -V, which copies qsub's environment (the server's, for a cluster without host)
     # into the job; with -v alone PBS starts the job in the user's login environment, and
     # Slurm's qsub wrapper submits with --export=none plus the list.
@@ -196,7 +165,8 @@ def qstat_text_argv(ids: Sequence[str]) -> list[str]:
     return ["qstat", "-f", *(check(JOB_ID, i, "job id") for i in ids)]
 
 
-def parse_qstat_json_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutcome:
+def parse_qstat_json_result(result: CommandResult, ids: Sequence[str],
+                            flavour: Flavour | None = None) -> ProbeOutcome:
     if result.exit_status == 2 and not result.stdout.lstrip().startswith("{"):
         return ProbeOutcome(supported=False)
     _raise_unless_only_gone(result)
@@ -205,7 +175,8 @@ def parse_qstat_json_result(result: CommandResult, ids: Sequence[str]) -> ProbeO
     except ValueError:
         # Broken beyond repair: the text form of qstat has the same facts.
         return ProbeOutcome(follow_up=tuple(ids))
-    statuses = _match_ids(ids, {job: status_from_attributes(a) for job, a in jobs.items()})
+    statuses = _match_ids(ids, {job: status_from_attributes(a, flavour)
+                                for job, a in jobs.items()})
     missing = [i for i in ids if i not in statuses]
     # qstat exits 0 only if it knew every id: a job missing then is a qstat bug (some
     # versions print only the first job of several in JSON), so ask the text form.
@@ -214,12 +185,18 @@ def parse_qstat_json_result(result: CommandResult, ids: Sequence[str]) -> ProbeO
     return ProbeOutcome(statuses, tuple(follow_up))
 
 
-def parse_qstat_text_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutcome:
+def parse_qstat_text_result(result: CommandResult, ids: Sequence[str],
+                            flavour: Flavour | None = None) -> ProbeOutcome:
     _raise_unless_only_gone(result)
     jobs = parse_qstat_text(result.stdout)
-    statuses = _match_ids(ids, {job: status_from_attributes(a) for job, a in jobs.items()})
-    ended_unknown = [i for i, s in statuses.items() if s.state == "ended" and s.exit_status is None]
-    return ProbeOutcome(statuses, tuple(ended_unknown))
+    statuses = _match_ids(ids, {job: status_from_attributes(a, flavour)
+                                for job, a in jobs.items()})
+    follow_up = [i for i, s in statuses.items() if s.state == "ended" and s.exit_status is None]
+    if flavour == "slurm":
+        # The wrappers show a pending job as Q, without Slurm's reason: scontrol tells one
+        # that can never start (DependencyNeverSatisfied), which PBS Pro would delete.
+        follow_up += [i for i, s in statuses.items() if s.state == "queued"]
+    return ProbeOutcome(statuses, tuple(follow_up))
 
 
 def _raise_unless_only_gone(result: CommandResult) -> None:
@@ -251,16 +228,36 @@ def _match_ids(
     return matched
 
 
-def status_from_attributes(attributes: Mapping[str, object]) -> SchedulerStatus:
-    """Map ``job_state`` and ``Exit_status`` (Torque: ``exit_status``) to a status."""
+def status_from_attributes(attributes: Mapping[str, object],
+                           flavour: Flavour | None = None) -> SchedulerStatus:
+    """Map ``job_state`` and ``Exit_status`` (Torque: ``exit_status``) to a status, read
+    with ``flavour``'s table; the walltime asked and used tell a walltime kill."""
     state = str(attributes.get("job_state", "")).strip()
     code = attributes.get("Exit_status", attributes.get("exit_status"))
-    return status_of(state, _as_int(code))
+    return status_of(state, _as_int(code), flavour,
+                     walltime=_resource(attributes, "Resource_List", "walltime"),
+                     walltime_used=_resource(attributes, "resources_used", "walltime"))
 
 
-def status_of(state: str, exit_status: int | None) -> SchedulerStatus:
+def _resource(attributes: Mapping[str, object], group: str, name: str) -> str | None:
+    """``Resource_List.walltime`` in the text form, ``{"Resource_List": {"walltime"}}`` in
+    JSON."""
+    value = attributes.get(f"{group}.{name}")
+    nested = attributes.get(group)
+    if value is None and isinstance(nested, Mapping):
+        value = nested.get(name)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def status_of(state: str, exit_status: int | None, flavour: Flavour | None = None, *,
+              walltime: str | None = None, walltime_used: str | None = None
+              ) -> SchedulerStatus:
     if state in ENDED_STATES:
-        return SchedulerStatus("ended", exit_status, describe_exit(state, exit_status))
+        detail = f"job_state={state}"
+        if exit_status is None:
+            return SchedulerStatus("ended", None, f"{detail}, no Exit_status")
+        return SchedulerStatus("ended", exit_status, f"{detail}, Exit_status={exit_status}",
+                               describe_exit(exit_status, flavour, walltime, walltime_used))
     if state in RUNNING_STATES:
         return SchedulerStatus("running", None, f"{RUNNING_STATES[state]} (job_state={state})")
     words = QUEUED_STATES.get(state, "in an unknown state")
@@ -268,21 +265,13 @@ def status_of(state: str, exit_status: int | None) -> SchedulerStatus:
     return SchedulerStatus("queued", None, f"{words} (job_state={state})")
 
 
-def describe_exit(state: str, exit_status: int | None) -> str:
-    """A person's words for how the job ended, with PBS's own numbers."""
-    if exit_status is None:
-        return f"ended without an exit status (job_state={state})"
-    tag = f"(Exit_status={exit_status})"
-    if exit_status == 0:
-        return f"completed {tag}"
-    if exit_status in (JOB_EXEC_KILL_WALLTIME, WALLTIME_SIGTERM):
-        return f"killed: walltime exceeded {tag}"
-    if exit_status < 0:
-        reason = EXEC_FAILURES.get(exit_status, "PBS could not run the job")
-        return f"{reason} {tag}"
-    if exit_status > SIGNAL_BASE:
-        return f"killed by {signal_name(exit_status - SIGNAL_BASE)} {tag}"
-    return f"exited with status {exit_status} {tag}"
+def describe_exit(exit_status: int, flavour: Flavour | None, walltime: str | None = None,
+                  walltime_used: str | None = None) -> str:
+    """A person's words for an ``Exit_status``, from ``flavour``'s table."""
+    row = exit_codes.pbs_row(flavour, exit_status,
+                             at_walltime=exit_codes.walltime_reached(walltime_used, walltime))
+    signal = signal_name(exit_status - SIGNAL_BASE) if exit_status > SIGNAL_BASE else ""
+    return exit_codes.words(row, status=exit_status, signal=signal, walltime=walltime)
 
 
 def _as_int(value: object) -> int | None:
@@ -423,4 +412,5 @@ DIALECT = Dialect(
     status_probes=(QSTAT_JSON, QSTAT_TEXT, slurm.SCONTROL),
     lookup_probes=(LookupProbe("qselect -N", qselect_argv, parse_ids), slurm.SQUEUE_BY_NAME),
     scheduler_id=JOB_ID,
+    flavour_probes=PBS_PROBES,
 )

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from metis_stream.errors import SchedulerError
+from metis_stream.schedulers import exit_codes
 from metis_stream.schedulers.base import SchedulerStatus
 from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
@@ -29,9 +30,11 @@ from metis_stream.schedulers.dialect import (
     SubmitCommand,
     check,
     command_output,
+    dependency_list,
     signal_name,
     split_env,
 )
+from metis_stream.schedulers.flavour import SLURM_PROBES, Flavour
 from metis_stream.shells.base import CommandResult
 
 JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?\Z")
@@ -51,18 +54,14 @@ QUEUED_STATES = frozenset({
     "SPECIAL_EXIT", "SUSPENDED", "RESIZING",
 })
 RUNNING_STATES = frozenset({"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "STOPPED"})
-ENDED_STATES: Mapping[str, str] = {
-    "COMPLETED": "completed",
-    "FAILED": "failed",
-    "TIMEOUT": "killed: walltime exceeded",
-    "CANCELLED": "cancelled",
-    "NODE_FAIL": "a node failed",
-    "OUT_OF_MEMORY": "killed: memory over the limit",
-    "PREEMPTED": "preempted",
-    "BOOT_FAIL": "a node failed to boot",
-    "DEADLINE": "killed: deadline reached",
-    "REVOKED": "revoked (run by another cluster of the federation)",
-}
+ENDED_STATES = frozenset({
+    "COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+    "BOOT_FAIL", "DEADLINE", "REVOKED",
+})
+"""Each has its words in exit_codes.SLURM."""
+NEVER_RUNS_REASONS = frozenset({"DependencyNeverSatisfied"})
+"""A pending job with this reason can never start: Slurm keeps it pending unless
+``kill_invalid_depend`` is set (slurm.conf DependencyParameters)."""
 _STATE_RANK = {"running": 2, "queued": 1, "ended": 0}
 SHELL_SIGNAL_BASE = 128
 """A job killed by signal N is reported as 128 + N, as a shell's ``$?`` would say."""
@@ -86,6 +85,9 @@ def submit_command(request: JobRequest) -> SubmitCommand:
         argv += resource_options(key, value)
     argv += ["--output=" + check(SAFE_PATH, request.stdout, "output path"),
              "--error=" + check(SAFE_PATH, request.stderr, "error path")]
+    depend = dependency_list(request, JOB_ID)
+    if depend:
+        argv.append("--dependency=" + depend)
     # --export splits on commas like qsub -v: only safe values go. Never ALL, which copies
     # sbatch's whole environment into the job (on a server without host, the server's:
     # its secret). A list, or NONE, makes Slurm start the job in the cluster user's login
@@ -224,7 +226,8 @@ def squeue_argv(ids: Sequence[str]) -> list[str]:
 
 
 def sacct_argv(ids: Sequence[str]) -> list[str]:
-    return ["sacct", "-n", "-P", "-X", "-j", _id_list(ids), "-o", "JobID,State,ExitCode"]
+    return ["sacct", "-n", "-P", "-X", "-j", _id_list(ids), "-o",
+            "JobID,State,ExitCode,Timelimit"]
 
 
 def scontrol_argv(ids: Sequence[str]) -> list[str]:
@@ -238,7 +241,8 @@ def _id_list(ids: Sequence[str]) -> str:
     return ",".join(check(JOB_ID, i, "job id") for i in ids)
 
 
-def parse_squeue_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutcome:
+def parse_squeue_result(result: CommandResult, ids: Sequence[str],
+                        flavour: Flavour | None = None) -> ProbeOutcome:
     """``%i|%T|%r`` lines. Ended jobs (and jobs squeue has forgotten) are followed up,
     for the exit code."""
     if result.exit_status != 0:
@@ -252,12 +256,14 @@ def parse_squeue_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutco
             job, state, reason = fields
             found[job] = status_of(state, None, reason)
     statuses = _match_ids(ids, found)
-    follow_up = [i for i in ids if i not in statuses or statuses[i].state == "ended"]
+    follow_up = [i for i in ids if i not in statuses
+                 or (statuses[i].state == "ended" and not statuses[i].never_runs)]
     return ProbeOutcome(statuses, tuple(follow_up))
 
 
-def parse_sacct_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutcome:
-    """``JobID|State|ExitCode`` lines, such as ``12|CANCELLED by 1000|0:15``."""
+def parse_sacct_result(result: CommandResult, ids: Sequence[str],
+                       flavour: Flavour | None = None) -> ProbeOutcome:
+    """``JobID|State|ExitCode|Timelimit`` lines, such as ``12|CANCELLED by 1000|0:15|01:00:00``."""
     if result.exit_status != 0:
         if "accounting storage is disabled" in (result.stdout + result.stderr).lower():
             return ProbeOutcome(supported=False)
@@ -265,17 +271,18 @@ def parse_sacct_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutcom
     found: dict[str, SchedulerStatus] = {}
     for line in result.stdout.splitlines():
         fields = line.strip().split("|")
-        if len(fields) == 3:
-            job, state, exit_code = fields
-            found[job] = status_of(state, exit_code)
+        if len(fields) in (3, 4):
+            time_limit = fields[3] if len(fields) == 4 else None
+            found[fields[0]] = status_of(fields[1], fields[2], time_limit=time_limit)
     return ProbeOutcome(_match_ids(ids, found))
 
 
 _SCONTROL_RECORD = re.compile(r"^\s*JobId=", re.MULTILINE)
-_SCONTROL_FIELD = re.compile(r"(?:^|\s)(JobId|JobState|Reason|ExitCode)=(\S*)")
+_SCONTROL_FIELD = re.compile(r"(?:^|\s)(JobId|JobState|Reason|ExitCode|TimeLimit)=(\S*)")
 
 
-def parse_scontrol_result(result: CommandResult, ids: Sequence[str]) -> ProbeOutcome:
+def parse_scontrol_result(result: CommandResult, ids: Sequence[str],
+                          flavour: Flavour | None = None) -> ProbeOutcome:
     """``scontrol show job`` records (``-o``: one a line; without: several lines each)."""
     if result.exit_status != 0:
         if GONE.search(result.stdout + result.stderr):
@@ -287,7 +294,8 @@ def parse_scontrol_result(result: CommandResult, ids: Sequence[str]) -> ProbeOut
         fields = dict(_SCONTROL_FIELD.findall(result.stdout[start:end]))
         if "JobId" in fields and "JobState" in fields:
             found[fields["JobId"]] = status_of(
-                fields["JobState"], fields.get("ExitCode"), fields.get("Reason", ""))
+                fields["JobState"], fields.get("ExitCode"), fields.get("Reason", ""),
+                time_limit=fields.get("TimeLimit"))
     return ProbeOutcome({i: found[i] for i in ids if i in found})
 
 
@@ -307,28 +315,33 @@ def _match_ids(
     return matched
 
 
-def status_of(state: str, exit_code: str | None, reason: str = "") -> SchedulerStatus:
+def status_of(state: str, exit_code: str | None, reason: str = "", *,
+              time_limit: str | None = None) -> SchedulerStatus:
     """Map a Slurm state (``CANCELLED by 1000`` counts as ``CANCELLED``) and an
-    ``ExitCode`` of ``code:signal`` to a status."""
+    ``ExitCode`` of ``code:signal`` to a status, with exit_codes.SLURM's words."""
     base = state.split(" ", 1)[0].rstrip("+")
     words = f"{state}, {reason}" if reason and reason != "None" else state
     if base in RUNNING_STATES:
         return SchedulerStatus("running", None, f"running ({words})")
+    if base == "PENDING" and reason in NEVER_RUNS_REASONS:
+        row = exit_codes.slurm_row(base, 0, reason=reason)
+        return SchedulerStatus("ended", None, words, exit_codes.words(row), never_runs=True)
     if base not in ENDED_STATES:
         # PENDING and friends, and any state this code does not know: never an end.
         what = "queued" if base in QUEUED_STATES else "in an unknown state"
         return SchedulerStatus("queued", None, f"{what} ({words})")
-    exit_status = exit_status_of(base, exit_code)
-    return SchedulerStatus("ended", exit_status, describe_end(base, exit_code, words))
+    detail = f"{words}, ExitCode={exit_code}" if exit_code else words
+    return SchedulerStatus("ended", exit_status_of(base, exit_code), detail,
+                           describe_end(state, exit_code, time_limit))
 
 
 def exit_status_of(state: str, exit_code: str | None) -> int | None:
     """The script's exit code, or 128 + the signal that killed it. ``0:0`` counts only
     for COMPLETED: a cancelled or failed node job did not succeed."""
-    match = re.fullmatch(r"([0-9]+):([0-9]+)", exit_code or "")
-    if match is None:
+    parts = _exit_code_parts(exit_code)
+    if parts is None:
         return None
-    code, sig = int(match.group(1)), int(match.group(2))
+    code, sig = parts
     if sig:
         return SHELL_SIGNAL_BASE + sig
     if code == 0 and state != "COMPLETED":
@@ -336,16 +349,25 @@ def exit_status_of(state: str, exit_code: str | None) -> int | None:
     return code
 
 
-def describe_end(state: str, exit_code: str | None, words: str) -> str:
-    tag = f"({words}, ExitCode={exit_code})" if exit_code else f"({words})"
+def describe_end(state: str, exit_code: str | None, time_limit: str | None = None) -> str:
+    """A person's words for an end ``state`` (as sacct or scontrol print it) and its
+    ``ExitCode``, from exit_codes.SLURM."""
+    base = state.split(" ", 1)[0].rstrip("+")
+    code, sig = _exit_code_parts(exit_code) or (None, 0)
+    row = exit_codes.slurm_row(state.rstrip("+") if base == "CANCELLED" else base, sig,
+                               status=code)
+    limit = time_limit if time_limit and _TIME_LIMIT.match(time_limit) else None
+    return exit_codes.words(row, status=code, signal=signal_name(sig) if sig else "",
+                            walltime=limit, state=state.rstrip("+"))
+
+
+_TIME_LIMIT = re.compile(r"([0-9]+-)?[0-9]+(:[0-9]{2}){1,2}\Z")
+"""``TimeLimit`` as a duration; not ``UNLIMITED`` or ``Partition_Limit``."""
+
+
+def _exit_code_parts(exit_code: str | None) -> tuple[int, int] | None:
     match = re.fullmatch(r"([0-9]+):([0-9]+)", exit_code or "")
-    if state in ("COMPLETED", "FAILED") and match is not None:
-        code, sig = int(match.group(1)), int(match.group(2))
-        if sig:
-            return f"killed by {signal_name(sig)} {tag}"
-        if code:
-            return f"exited with status {code} {tag}"
-    return f"{ENDED_STATES[state]} {tag}"
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 # ---- the dialect -----------------------------------------------------------------------
@@ -364,4 +386,5 @@ DIALECT = Dialect(
     status_probes=(SQUEUE, SACCT, SCONTROL),
     lookup_probes=(SQUEUE_BY_NAME,),
     scheduler_id=JOB_ID,
+    flavour_probes=SLURM_PROBES,
 )

@@ -141,7 +141,8 @@ async def create_job(request: Request) -> Response:
     body = parse_submit_request(await read_body(request, MAX_SUBMIT_BYTES))
     job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
                                client=auth.client_identity(request, service.config.server),
-                               owner=key.name, user=body.get("user"))
+                               owner=key.name, user=body.get("user"), after=body.get("after"),
+                               after_any=body.get("after_any"), seen_by=key)
     return JSONResponse(job_view(request, job, for_client=True), status_code=201)
 
 

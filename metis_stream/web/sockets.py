@@ -65,7 +65,8 @@ async def _submit_and_stream(websocket: WebSocket, service: JobService, key: Api
         job = await service.create(
             request.get("template"), request.get("params"), request.get("inputs"),
             client=auth.client_identity(websocket, service.config.server), owner=key.name,
-            user=request.get("user"))
+            user=request.get("user"), after=request.get("after"),
+            after_any=request.get("after_any"), seen_by=key)
     except TimeoutError:
         await _close_with_error(websocket, RequestTimeout("no submit request received"))
         return

@@ -175,11 +175,53 @@ class TestCluster:
             self.slurm_conf.write_text(before)
             self._reconfigure()
 
+    @contextlib.contextmanager
+    def without_requeue(self) -> Iterator[None]:
+        """While the block runs, jobs submitted are not requeued when their node fails
+        (``JobRequeue=0``): they end NODE_FAIL, as on a site that requeues nothing;
+        Slurm's default would put them back in the queue."""
+        with self._slurm_conf_changed(lambda text: text + "JobRequeue=0\n"):
+            yield
+
+    @contextlib.contextmanager
+    def failed_node(self) -> Iterator[None]:
+        """While the block runs, the node has failed: slurmd is killed (SIGKILL, as in a
+        crash) and the node is set DOWN, which ends the jobs running on it NODE_FAIL at
+        once: Slurm's own verdict on an unresponsive node waits for SlurmdTimeout (300 s
+        by default), too long for a test. Its jobs' processes run on under slurmstepd
+        until slurmd is back: it then kills them, as orphans, and the node is resumed."""
+        slurmd = self._procs.pop("slurmd")
+        slurmd.kill()
+        slurmd.wait()
+        try:
+            self._admin(["scontrol", "update", "nodename=localhost", "state=down",
+                         "reason=metis-test node failure"])
+            yield
+        finally:
+            self._spawn_slurmd()
+            # With ReturnToService=2 a registering node may be back already: then resume
+            # is refused, and that is fine.
+            self._admin(["scontrol", "update", "nodename=localhost", "state=resume"],
+                        check=False)
+            _wait_for(self.node_idle, 60, "the Slurm node to be idle again", self)
+
+    def node_idle(self) -> bool:
+        out = self.run_as_user(["sinfo", "-h", "-o", "%T"], timeout=10).stdout.split()
+        return "idle" in out
+
+    def _admin(self, argv: Sequence[str], *, check: bool = True) -> None:
+        """A Slurm command as root (an administrator's)."""
+        subprocess.run(self.in_cluster(argv), check=check, capture_output=True, timeout=60,
+                       env={**os.environ, "SLURM_CONF": str(self.slurm_conf)})
+
+    def _spawn_slurmd(self) -> None:
+        self._procs["slurmd"] = _spawn(
+            self.in_cluster(["slurmd", "-D", "-N", "localhost", "-f", str(self.slurm_conf)]),
+            self.state_dir, "slurmd")
+
     def _reconfigure(self) -> None:
         """``scontrol reconfigure``, as root (an administrator's command)."""
-        subprocess.run(self.in_cluster(["scontrol", "reconfigure"]), check=True,
-                       env={**os.environ, "SLURM_CONF": str(self.slurm_conf)},
-                       capture_output=True, timeout=60)
+        self._admin(["scontrol", "reconfigure"])
 
     def restart_sshd(self) -> None:
         """Stop sshd and start it again on the same address and port. Open SSH
@@ -470,17 +512,8 @@ PartitionName=short Nodes=localhost MaxTime=00:10:00 State=UP
 
 def _start_slurm(cluster: TestCluster) -> None:
     cluster._spawn_slurmctld()
-    cluster._procs["slurmd"] = _spawn(
-        cluster.in_cluster(["slurmd", "-D", "-N", "localhost", "-f", str(cluster.slurm_conf)]),
-        cluster.state_dir,
-        "slurmd",
-    )
-
-    def node_idle() -> bool:
-        out = cluster.run_as_user(["sinfo", "-h", "-o", "%T"], timeout=10).stdout.split()
-        return "idle" in out
-
-    _wait_for(node_idle, 30, "the Slurm node to be idle", cluster)
+    cluster._spawn_slurmd()
+    _wait_for(cluster.node_idle, 30, "the Slurm node to be idle", cluster)
 
 
 def _setup_ssh(cluster: TestCluster) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from metis_stream.schedulers.base import JobFiles, SchedulerStatus, Submission
+from metis_stream.schedulers.flavour import SchedulerFlavour
 from metis_stream.spool import Frames, SpoolRead
 
 
@@ -13,6 +14,7 @@ class SchedulerDouble:
     name = "double"
     poll_interval = 0.01
     shared = True
+    flavour: SchedulerFlavour | None = None
 
     async def start(self) -> None:
         pass
