@@ -18,7 +18,15 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
@@ -36,6 +44,7 @@ from metis_stream.errors import (
     BackendUnavailable,
     BadInput,
     EmbeddingError,
+    InvalidParams,
     JobEnded,
     JobNotFound,
     JobNotSubmitted,
@@ -47,6 +56,7 @@ from metis_stream.errors import (
 )
 from metis_stream.events import Event, NewEvent
 from metis_stream.factory import build_backend, build_schedulers
+from metis_stream.job_folder import JobFolder
 from metis_stream.jobs import Job, JobState, new_job_id
 from metis_stream.keys import ApiKey
 from metis_stream.limits import RateLimiter
@@ -69,6 +79,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+Uploads = Callable[[JobFolder], Awaitable[None]]
+"""Stores a submission's input files in its job's folder, before the job exists (the web
+layer's multipart upload); on failure it leaves nothing behind and raises."""
 
 SUBMISSION_WAIT = 30.0
 """How long a job's first event waits for the server to record the submission."""
@@ -203,21 +217,25 @@ class JobService:
                                   owner=owner, user=user)
 
     async def create(self, template_name: object, params: object, inputs: object, *,
-                     client: str, owner: str = "", user: object = None) -> Job:
+                     client: str, owner: str = "", user: object = None,
+                     uploads: Uploads | None = None) -> Job:
         """Validate, record the job with its ``starting`` event, and submit in the background:
         a request's submission, its values as the request gave them.
 
         ``client`` names who asks (an API key's hash, or an address) for the rate limit;
         ``owner`` is the name of its key, which the job keeps (metis_stream.keys); ``user``
-        the end user's id that the web app may give (see :func:`end_user`).
+        the end user's id that the web app may give (see :func:`end_user`). ``uploads``
+        stores input files in the job's folder once the request is known to be valid and
+        before the job is recorded: a failed upload leaves no job.
         """
         wait = self._submissions.acquire(self._rate_limit_keys(client), time.monotonic())
         if wait:
             raise TooManySubmissions(wait)
-        return await self._create(template_name, params, inputs, owner=owner, user=user)
+        return await self._create(template_name, params, inputs, owner=owner, user=user,
+                                  uploads=uploads)
 
     async def _create(self, template_name: object, params: object, inputs: object, *,
-                      owner: str, user: object) -> Job:
+                      owner: str, user: object, uploads: Uploads | None = None) -> Job:
         tasks = self._tasks
         if tasks is None:
             raise NotRunning(NOT_RUNNING)
@@ -226,7 +244,12 @@ class JobService:
         urls = validate_inputs(template, inputs)
         label = end_user(user)
         now = time.time()
-        job = Job(id=new_job_id(now), template=template.name, cluster=template.cluster,
+        job_id = new_job_id(now)
+        if uploads is not None:
+            if not template.accepts_inputs:
+                raise InvalidParams({"files": f"template {template.name!r} takes no inputs"})
+            await uploads(self.schedulers[template.cluster].job_folder(job_id))
+        job = Job(id=job_id, template=template.name, cluster=template.cluster,
                   params=dict(values), inputs=urls, owner=owner, user=label, created=now,
                   updated=now)
         await self.backend.create_job(job)
@@ -439,6 +462,15 @@ class JobService:
         """The job's events with seq > ``after``, history then live, ending after its
         terminal event (``completed``, ``fatal`` or ``cancelled``)."""
         return follow(self.backend, job_id, after)
+
+    def job_folder(self, job: Job) -> JobFolder:
+        """The job's folder on its cluster (metis_stream.job_folder)."""
+        return self.schedulers[job.cluster].job_folder(job.id)
+
+    def is_output(self, job: Job) -> Callable[[str], bool]:
+        """Whether a path in the job's folder is one of its template's outputs."""
+        template = self.config.templates.get(job.template)
+        return template.is_output if template is not None else lambda path: False
 
     def _tail_lines(self, job: Job) -> int:
         template = self.config.templates.get(job.template)
