@@ -7,8 +7,13 @@ tests/test_files_cluster.py. The pure parts (paths, ranges, multipart) are teste
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import pty
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +23,8 @@ import httpx
 import pytest
 
 from metis_stream import tokens
-from metis_stream.errors import BadInput, RangeNotSatisfiable, UnsafePath
+from metis_stream.client import Client
+from metis_stream.errors import BadInput, ClientError, RangeNotSatisfiable, UnsafePath
 from metis_stream.job_folder import input_name, relative_path
 from metis_stream.multipart import Data, MultipartReader, PartEnd, PartStart, boundary_of
 from metis_stream.web.files import byte_range
@@ -390,3 +396,106 @@ def test_a_multipart_body_without_its_end_is_refused() -> None:
         reader.feed_eof()
     with pytest.raises(BadInput):
         boundary_of("multipart/form-data")
+
+
+# The CLI and the Python client
+
+
+def cli(server: ServerProcess, *args: str, **options: Any) -> subprocess.CompletedProcess[bytes]:
+    options.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run([sys.executable, "-m", "metis_stream.cli", *args, "--url", server.url,
+                           "--key", KEY], stdout=subprocess.PIPE, timeout=60, check=False,
+                          **options)
+
+
+def test_the_cli_lists_and_gets_files(server: ServerProcess, made: dict[str, Any],
+                                      tmp_path: Path) -> None:
+    listed = cli(server, "files", made["id"])
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.decode().splitlines()
+    assert any(line.endswith("* data.bin") and "2.9 MiB" in line for line in lines), lines
+    assert any(line.endswith("  results/note.txt") for line in lines), lines
+    as_json = [json.loads(line) for line in cli(server, "files", made["id"], "--json")
+               .stdout.splitlines()]
+    assert {entry["path"] for entry in as_json} >= {"data.bin", "results/note.txt"}
+    data = (job_dir(server, made) / "data.bin").read_bytes()
+    got = cli(server, "get", made["id"], "data.bin", "-o", str(tmp_path / "copy.bin"))
+    assert got.returncode == 0, got.stderr
+    assert got.stderr == b""  # not a terminal: no progress bar
+    assert (tmp_path / "copy.bin").read_bytes() == data
+    named = cli(server, "get", made["id"], "results/note.txt", cwd=tmp_path)
+    assert (named.returncode, (tmp_path / "note.txt").read_bytes()) == (0, b"hello\n")
+    to_stdout = cli(server, "get", made["id"], "results/note.txt", "-o", "-")
+    assert to_stdout.stdout == b"hello\n"
+    missing = cli(server, "get", made["id"], "nothing", "-o", str(tmp_path / "nothing"))
+    assert missing.returncode == 1
+    assert b"no such file (404)" in missing.stderr
+    assert not (tmp_path / "nothing").exists()
+    assert list(tmp_path.glob(".*.part")) == []
+
+
+def test_the_cli_shows_a_progress_bar_on_a_terminal(server: ServerProcess,
+                                                   made: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    leader, follower = pty.openpty()
+    try:
+        got = cli(server, "get", made["id"], "data.bin", "-o", str(tmp_path / "x"),
+                  stderr=follower)
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                piece = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not piece:
+                break
+            shown += piece
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert got.returncode == 0
+    assert b"100%" in shown and b"x  [" + b"#" * 30 + b"]" in shown, shown
+
+
+def test_the_cli_uploads_input_files(server: ServerProcess, tmp_path: Path) -> None:
+    upload_file = tmp_path / "in put.bin"
+    upload_file.write_bytes(secrets.token_bytes(500_000))
+    submitted = cli(server, "submit", "sums", "--input", str(upload_file),
+                    "--input", "https://example.org/x")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.decode().strip()
+    finished(server, {"id": job_id})
+    sums = cli(server, "get", job_id, "sums.txt", "-o", "-").stdout.decode()
+    assert sums == f"{hashlib.sha256(upload_file.read_bytes()).hexdigest()}  in put.bin\n"
+    absent = cli(server, "submit", "sums", "--input", str(tmp_path / "absent"))
+    assert absent.returncode == 1
+    assert b"no such file" in absent.stderr
+
+
+async def test_the_python_client_lists_downloads_and_uploads(server: ServerProcess,
+                                                             made: dict[str, Any],
+                                                             tmp_path: Path) -> None:
+    async with Client(server.url, key=KEY) as client:
+        listing = await client.files(made["id"])
+        assert {entry["path"] for entry in listing["files"]} >= {"data.bin", "inner"}
+        seen: list[tuple[int, int | None]] = []
+        buffer = io.BytesIO()
+        size = await client.download(made["id"], "data.bin", buffer,
+                                     progress=lambda done, total: seen.append((done, total)))
+        assert size == 3_000_000 and seen[-1] == (3_000_000, 3_000_000)
+        assert buffer.getvalue() == (job_dir(server, made) / "data.bin").read_bytes()
+        with pytest.raises(ClientError) as refused:
+            await client.download(made["id"], "/etc/passwd", io.BytesIO())
+        assert refused.value.status == 400
+        upload_file = tmp_path / "data.csv"
+        content = b"a,b\n1,2\n"
+        upload_file.write_bytes(content)
+        job = await client.submit("sums", files=[upload_file])
+        finished(server, job)
+        sums = io.BytesIO()
+        await client.download(job["id"], "sums.txt", sums)
+        assert sums.getvalue().decode() == (
+            f"{hashlib.sha256(content).hexdigest()}  data.csv\n")
