@@ -83,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("template")
     submit.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a template parameter (repeatable)")
-    submit.add_argument("-i", "--input", action="append", default=[], metavar="URL",
-                        help="an input file's download link (repeatable)")
+    submit.add_argument("-i", "--input", action="append", default=[], metavar="FILE|URL",
+                        help="an input: a local file, uploaded into the job's inputs/ "
+                             "folder, or an http(s) link the job downloads (repeatable)")
     submit.add_argument("--user", help="the end user the job is for (your app's id for them)")
     submit.add_argument("--follow", action="store_true", help="then tail the job")
     submit.add_argument("--json", action="store_true", help="with --follow: one event a line")
@@ -102,6 +103,16 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", help="only jobs in this state")
     jobs.add_argument("--user", help="only the jobs of this end user")
     jobs.add_argument("--json", action="store_true", help="one job record a line, as JSON")
+
+    files = command("files", "list a job's files (its folder on the cluster)", _files, client)
+    files.add_argument("job")
+    files.add_argument("--json", action="store_true", help="one file a line, as JSON")
+
+    get = command("get", "download one of a job's files", _get, client)
+    get.add_argument("job")
+    get.add_argument("path", help="the file's path in the job's folder (as `files` lists it)")
+    get.add_argument("-o", "--output", type=Path,
+                     help="where to write it (default: its name, in this folder; - for stdout)")
 
     cancel = command("cancel", "cancel a job", _cancel, client)
     cancel.add_argument("job")
@@ -263,7 +274,14 @@ def _submit(args: argparse.Namespace) -> int:
                 raise ClientError(422, f"no template named {args.template!r}; there are: "
                                        f"{', '.join(templates) or 'none'}")
             params = _parse_params(templates[args.template], args.param)
-            job = await client.submit(args.template, params, args.input, user=args.user)
+            links = [given for given in args.input if given.startswith(("http://", "https://"))]
+            uploads = [Path(given) for given in args.input if given not in links]
+            for path in uploads:
+                if not path.is_file():
+                    raise ClientError(400, f"--input {path}: no such file (a download link "
+                                           "starts with http:// or https://)")
+            job = await client.submit(args.template, params, links, user=args.user,
+                                      files=uploads)
             if not args.follow:
                 print(job["id"])
                 return 0
@@ -339,6 +357,86 @@ def _jobs(args: argparse.Namespace) -> int:
         return 0
 
     return _run(run())
+
+
+def _files(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            listing = await client.files(args.job)
+        for entry in listing["files"]:
+            if args.json:
+                print(json_line(entry))
+                continue
+            modified = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["modified"]))
+            mark = "*" if entry["output"] else " "
+            print(shown(f"{_size(entry['size']):>9}  {modified} {mark} {entry['path']}"))
+        if listing["truncated"]:
+            print("(more files than a listing shows)", file=sys.stderr)
+        return 0
+
+    return _run(run())
+
+
+def _get(args: argparse.Namespace) -> int:
+    output: Path = args.output or Path(args.path.rstrip("/").rsplit("/", 1)[-1])
+
+    async def run() -> int:
+        async with _client(args) as client:
+            if str(output) == "-":
+                await client.download(args.job, args.path, sys.stdout.buffer)
+                return 0
+            partial = output.with_name(f".{output.name}.part")
+            bar = ProgressBar(sys.stderr, output.name) if sys.stderr.isatty() else None
+            try:
+                with partial.open("wb") as file:
+                    await client.download(args.job, args.path, file,
+                                          progress=bar.show if bar else None)
+                partial.replace(output)
+            finally:
+                partial.unlink(missing_ok=True)
+                if bar is not None:
+                    bar.finish()
+        return 0
+
+    return _run(run())
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn at most ten times a second: bytes so far, the
+    share of the whole when it is known, and the rate."""
+
+    def __init__(self, stream: Any, name: str) -> None:
+        self.stream = stream
+        self.name = name
+        self.started = time.monotonic()
+        self.drawn = 0.0
+
+    def show(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.drawn < 0.1 and done != total:
+            return
+        self.drawn = now
+        rate = done / max(now - self.started, 1e-3)
+        if total:
+            filled = round(30 * done / total)
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * done // total:3d}%"
+        else:
+            bar = ""
+        self.stream.write(f"\r{shown(self.name)[:30]}  {bar} {_size(done)}  "
+                          f"{_size(rate)}/s\x1b[K")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 def _cancel(args: argparse.Namespace) -> int:

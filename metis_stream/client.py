@@ -14,13 +14,15 @@ error at once, for a watch as for every other call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import httpx
@@ -74,15 +76,27 @@ class Client:
         return templates
 
     async def submit(self, template: str, params: Mapping[str, Any] | None = None,
-                     inputs: Sequence[str] = (), *, user: str | None = None
-                     ) -> dict[str, Any]:
+                     inputs: Sequence[str] = (), *, user: str | None = None,
+                     files: Sequence[str | os.PathLike[str]] = ()) -> dict[str, Any]:
         """Create a job; ``user``: the end user it is for, an opaque id of your app's (1 to
-        64 letters, digits, ``_`` or ``-``), which the job keeps and the cluster shows."""
+        64 letters, digits, ``_`` or ``-``), which the job keeps and the cluster shows.
+        ``inputs`` are download links the job fetches; ``files`` are local files uploaded
+        with the submission (streamed, never read whole) into the job's ``inputs/`` folder,
+        each under its own name (docs/files.md)."""
         body: dict[str, Any] = {"template": template, "params": dict(params or {}),
                                 "inputs": list(inputs)}
         if user is not None:
             body["user"] = user
-        return await self._request("POST", "/api/jobs", json=body)
+        if not files:
+            return await self._request("POST", "/api/jobs", json=body)
+        with contextlib.ExitStack() as opened:
+            parts: list[tuple[str, Any]] = [("job", (None, orjson.dumps(body),
+                                                     "application/json"))]
+            for path in files:
+                file = opened.enter_context(open(path, "rb"))  # noqa: ASYNC230 - read as sent
+                parts.append(("file", (Path(path).name, file, "application/octet-stream")))
+            return await self._request("POST", "/api/jobs", files=parts,
+                                       timeout=httpx.Timeout(None, connect=self._connect_timeout))
 
     async def get(self, job_id: str) -> dict[str, Any]:
         return await self._request("GET", f"/api/jobs/{job_id}")
@@ -125,6 +139,35 @@ class Client:
             events += page["events"]
             if not page["more"]:
                 return events
+
+    async def files(self, job_id: str) -> dict[str, Any]:
+        """The job's files (``GET /api/jobs/{id}/files``): ``files``, each with its
+        ``path``, ``size``, ``modified``, ``output`` and ``url``; the template's
+        ``outputs``; ``truncated``."""
+        return await self._request("GET", f"/api/jobs/{job_id}/files")
+
+    async def download(self, job_id: str, path: str, destination: BinaryIO, *,
+                       progress: Callable[[int, int | None], None] | None = None) -> int:
+        """Write the job's file ``path`` (relative to its folder) to ``destination`` as it
+        arrives; the number of bytes. ``progress(done, total)`` is called after each piece
+        (``total``: None when the server does not say)."""
+        url = f"/api/jobs/{job_id}/files/{quote(path)}"
+        try:
+            async with self._http.stream("GET", url) as response:
+                if response.status_code >= 400:
+                    raise ClientError(response.status_code,
+                                      _error_text(await response.aread()))
+                length = response.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                done = 0
+                async for chunk in response.aiter_bytes(1 << 16):
+                    destination.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        return done
 
     async def meta(self) -> dict[str, Any]:
         """The server's job state machine (``GET /api/meta``), asked once: the client keeps

@@ -28,6 +28,7 @@ from metis_stream.templates import (
     DEFAULT_LOG_MAX_EVENTS,
     DEFAULT_STDERR_TAIL_LINES,
     Template,
+    output_pattern,
     param_from_config,
 )
 from metis_stream.webhooks import (
@@ -115,6 +116,14 @@ class ServerConfig:
     submissions_per_minute: float = 120.0
     """Per API key; on a server without keys, per client address and for all callers
     together. Beyond it, 429."""
+    max_download_bytes: int = 16 << 30
+    """The largest job file ``GET /api/jobs/{id}/files/PATH`` serves (413 beyond): a
+    download is streamed and costs no memory, but it does cost the cluster's login node
+    and the link to it."""
+    max_upload_file_bytes: int = 1 << 30
+    """The largest input file a submission may upload (413 beyond)."""
+    max_upload_bytes: int = 4 << 30
+    """All the input files of one submission together (413 beyond)."""
     forwarded_allow_ips: tuple[str, ...] = ()
     """Proxies (addresses or networks) whose ``X-Forwarded-For`` and
     ``X-Forwarded-Proto`` name the client; empty: the headers are ignored, so a caller
@@ -293,6 +302,9 @@ def _server_config(table: Mapping[str, Any]) -> ServerConfig:
         except (TypeError, ValueError):
             raise ConfigError(f"[server] {name}: cannot use {value!r}") from None
     server = ServerConfig(**values)
+    for limit in ("max_download_bytes", "max_upload_file_bytes", "max_upload_bytes"):
+        if getattr(server, limit) < 1:
+            raise ConfigError(f"[server] {limit} must be a positive number of bytes")
     keyring(server.api_keys, server.keys)  # refuses a key given twice, a malformed sha256:
     return server
 
@@ -359,7 +371,7 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
     where = f"[templates.{name}]"
     known = {"cluster", "script", "remote_script", "description", "queue", "account",
              "resources", "params", "accepts_inputs", "capture", "log_max_events",
-             "log_max_bytes", "stderr_tail_lines"}
+             "log_max_bytes", "stderr_tail_lines", "outputs"}
     _refuse_unknown(table, known, where)
     cluster = table.get("cluster", "")
     if cluster not in clusters:
@@ -386,12 +398,20 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
     if budget["log_max_events"] < 2:
         raise ConfigError(f"{where}: log_max_events must be at least 2 (one for the "
                           "notice that output was cut)")
+    outputs = table.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(glob, str) for glob in outputs):
+        raise ConfigError(f'{where}: outputs must be a list of globs, such as ["*.png"]')
+    for glob in outputs:
+        try:
+            output_pattern(glob)
+        except TemplateError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return Template(
         name=name, cluster=cluster, script=script, remote_script=table.get("remote_script"),
         description=table.get("description", ""), queue=table.get("queue"),
         account=table.get("account"), resources=resources, params=params,
         accepts_inputs=bool(table.get("accepts_inputs", True)), capture=capture,
-        **budget,
+        outputs=tuple(outputs), **budget,
     )
 
 

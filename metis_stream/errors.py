@@ -17,9 +17,11 @@ pick the right parent to be translated everywhere.
     │   ├── UnsupportedMediaType      415
     │   ├── RequestTimeout            408
     │   ├── UnsafeArgument                  a value that cannot travel to a shell or scheduler
+    │   ├── UnsafePath                      a file path a job's folder cannot hold
+    │   ├── RangeNotSatisfiable       416   a byte range past a file's end
     │   └── ConfigError                     the operator's configuration (TemplateError)
     ├── NotAuthenticated              401
-    ├── NotAllowed                    403
+    ├── NotAllowed                    403   (OutsideFolder)
     ├── NotFound                      404   (JobNotFound, NoSuchRoute)
     ├── Gone                          410   (LogLost)
     ├── Conflict                      409   (JobEnded, JobNotSubmitted)
@@ -83,6 +85,8 @@ __all__ = [
     "NotFound",
     "NotRunning",
     "Outcome",
+    "OutsideFolder",
+    "RangeNotSatisfiable",
     "RequestTimeout",
     "SchedulerError",
     "ShellError",
@@ -94,6 +98,7 @@ __all__ = [
     "TooManySubmissions",
     "UnknownTemplate",
     "UnsafeArgument",
+    "UnsafePath",
     "UnsafeValue",
     "UnsupportedMediaType",
     "WebhookFailed",
@@ -174,6 +179,23 @@ class UnsafeArgument(BadInput):
     (a NUL byte, a character the scheduler would misread)."""
 
 
+class UnsafePath(BadInput):
+    """A file path that must stay inside a job's folder and might not: ``..``, an absolute
+    path, a control character."""
+
+
+class RangeNotSatisfiable(BadInput):
+    """A ``Range`` that asks for no byte of the file; ``size`` is the file's."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
+
+
 class ConfigError(BadInput):
     """The configuration cannot be used; the message says where and why."""
 
@@ -191,6 +213,10 @@ class NotAuthenticated(MetisError):
 
 class NotAllowed(MetisError):
     """The credentials are fine, the action is not allowed (or the Origin, or the Host)."""
+
+
+class OutsideFolder(NotAllowed):
+    """A path that leads out of the folder it must stay in (a symbolic link)."""
 
 
 # Things that are not there, or no longer
@@ -388,6 +414,7 @@ OUTCOMES: Mapping[type[MetisError], Outcome] = {
     InvalidParams: _client_fault(422, EXIT_USAGE),
     UnsupportedMediaType: _client_fault(415, EXIT_USAGE),
     RequestTimeout: _client_fault(408, EXIT_USAGE),
+    RangeNotSatisfiable: _client_fault(416, EXIT_USAGE),
     NotAuthenticated: _client_fault(401),
     NotAllowed: _client_fault(403),
     NotFound: _client_fault(404),

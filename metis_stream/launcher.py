@@ -22,6 +22,7 @@ import re
 import signal
 from dataclasses import dataclass
 
+from metis_stream.job_folder import INPUTS_FOLDER
 from metis_stream.templates import Template
 
 STDOUT_FILE = "stdout"
@@ -75,6 +76,8 @@ def launcher_env(template: Template, job_dir: str) -> dict[str, str]:
     Every value is a path or a number: they travel on ``qsub -v`` intact."""
     return {
         "METIS_JOB_DIR": job_dir,
+        # Where a submission's uploaded files are (docs/files.md); absent without uploads.
+        "METIS_INPUTS_DIR": f"{job_dir}/{INPUTS_FOLDER}",
         "METIS_CAPTURE": "1" if template.capture else "0",
         "METIS_LOG_MAX_EVENTS": str(template.log_max_events),
         "METIS_LOG_MAX_BYTES": str(template.log_max_bytes),

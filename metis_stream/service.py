@@ -18,7 +18,15 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
@@ -39,6 +47,7 @@ from metis_stream.errors import (
     BadInput,
     EmbeddingError,
     Gone,
+    InvalidParams,
     JobEnded,
     JobNotFound,
     JobNotSubmitted,
@@ -51,6 +60,7 @@ from metis_stream.errors import (
 )
 from metis_stream.events import Event, NewEvent
 from metis_stream.factory import build_backend, build_schedulers
+from metis_stream.job_folder import JobFolder
 from metis_stream.jobs import Job, JobState, new_job_id
 from metis_stream.keys import ApiKey
 from metis_stream.limits import RateLimiter
@@ -74,6 +84,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+Uploads = Callable[[JobFolder], Awaitable[None]]
+"""Stores a submission's input files in its job's folder, before the job exists (the web
+layer's multipart upload); on failure it leaves nothing behind and raises."""
 
 SUBMISSION_WAIT = 30.0
 """How long a job's first event waits for the server to record the submission."""
@@ -236,7 +250,7 @@ class JobService:
     async def create(self, template_name: object, params: object, inputs: object, *,
                      client: str, owner: str = "", user: object = None,
                      after: object = None, after_any: object = None,
-                     seen_by: ApiKey | None = None) -> Job:
+                     seen_by: ApiKey | None = None, uploads: Uploads | None = None) -> Job:
         """Validate, record the job with its ``starting`` event, and submit in the background:
         a request's submission, its values as the request gave them.
 
@@ -244,17 +258,20 @@ class JobService:
         ``owner`` is the name of its key, which the job keeps (metis_stream.keys); ``user``
         the end user's id that the web app may give (see :func:`end_user`); ``after`` and
         ``after_any`` the ids of jobs that ``seen_by`` sees, of the same cluster, that must
-        complete (or end, however) before this one starts.
+        complete (or end, however) before this one starts. ``uploads`` stores input files
+        in the job's folder once the request is known to be valid and before the job is
+        recorded: a failed upload leaves no job.
         """
         wait = self._submissions.acquire(self._rate_limit_keys(client), time.monotonic())
         if wait:
             raise TooManySubmissions(wait)
         return await self._create(template_name, params, inputs, owner=owner, user=user,
-                                  after=after, after_any=after_any, seen_by=seen_by)
+                                  after=after, after_any=after_any, seen_by=seen_by,
+                                  uploads=uploads)
 
     async def _create(self, template_name: object, params: object, inputs: object, *,
                       owner: str, user: object, after: object, after_any: object,
-                      seen_by: ApiKey | None) -> Job:
+                      seen_by: ApiKey | None, uploads: Uploads | None = None) -> Job:
         tasks = self._tasks
         if tasks is None:
             raise NotRunning(NOT_RUNNING)
@@ -265,7 +282,12 @@ class JobService:
         waits = Waits(dependency_ids(after, "after"), dependency_ids(after_any, "after_any"))
         await self._check_dependencies(template, waits, seen_by)
         now = time.time()
-        job = Job(id=new_job_id(now), template=template.name, cluster=template.cluster,
+        job_id = new_job_id(now)
+        if uploads is not None:
+            if not template.accepts_inputs:
+                raise InvalidParams({"files": f"template {template.name!r} takes no inputs"})
+            await uploads(self.schedulers[template.cluster].job_folder(job_id))
+        job = Job(id=job_id, template=template.name, cluster=template.cluster,
                   params=dict(values), inputs=urls, owner=owner, user=label, created=now,
                   updated=now)
         await self.backend.create_job(job)
@@ -563,6 +585,17 @@ class JobService:
             await send(client, webhook, job, events[0])
         self.metrics.count("metis_webhook_delivered_total", webhook=webhook.name)
         return await self.backend.remove_dead_letter(letter_id)
+
+    # Files
+
+    def job_folder(self, job: Job) -> JobFolder:
+        """The job's folder on its cluster (metis_stream.job_folder)."""
+        return self.schedulers[job.cluster].job_folder(job.id)
+
+    def is_output(self, job: Job) -> Callable[[str], bool]:
+        """Whether a path in the job's folder is one of its template's outputs."""
+        template = self.config.templates.get(job.template)
+        return template.is_output if template is not None else lambda path: False
 
     def _tail_lines(self, job: Job) -> int:
         template = self.config.templates.get(job.template)

@@ -108,11 +108,48 @@ class Template:
     log_max_events: int = DEFAULT_LOG_MAX_EVENTS
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     stderr_tail_lines: int = DEFAULT_STDERR_TAIL_LINES
+    outputs: tuple[str, ...] = ()
+    """Globs of the files the job makes for its users, relative to its folder
+    (``output_pattern``): the files API marks them, the viewer shows them first."""
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "cluster": self.cluster,
                 "params": [p.public() for p in self.params.values()],
-                "accepts_inputs": self.accepts_inputs}
+                "accepts_inputs": self.accepts_inputs, "outputs": list(self.outputs)}
+
+    def is_output(self, path: str) -> bool:
+        """Whether ``path`` (relative to the job's folder) matches one of ``outputs``."""
+        return any(output_pattern(glob).fullmatch(path) for glob in self.outputs)
+
+
+def output_pattern(glob: str) -> re.Pattern[str]:
+    """A template's output glob as a regular expression over paths relative to the job's
+    folder: ``*`` and ``?`` stay within one folder, ``**/`` spans any number of them,
+    ``[...]`` is a set of characters. TemplateError for a glob that would leave the folder
+    (absolute, or with ``..``)."""
+    if not glob or glob.startswith("/") or ".." in glob.split("/"):
+        raise TemplateError(f"output {glob!r} must be a glob relative to the job's folder, "
+                            "without '..'")
+    regex, index = "", 0
+    while index < len(glob):
+        if glob.startswith("**/", index):
+            regex, index = regex + "(?:[^/]+/)*", index + 3
+        elif glob.startswith("**", index):
+            regex, index = regex + ".*", index + 2
+        elif glob[index] == "*":
+            regex, index = regex + "[^/]*", index + 1
+        elif glob[index] == "?":
+            regex, index = regex + "[^/]", index + 1
+        elif glob[index] == "[" and "]" in glob[index + 2:]:
+            end = glob.index("]", index + 2)
+            body = glob[index + 1:end]
+            negate = body.startswith("!")
+            members = re.escape(body[1:] if negate else body).replace("\\-", "-")
+            regex += f"[{'^' if negate else ''}{members}]"
+            index = end + 1
+        else:
+            regex, index = regex + re.escape(glob[index]), index + 1
+    return re.compile(regex)
 
 
 def param_from_config(name: str, raw: Mapping[str, Any]) -> Param:

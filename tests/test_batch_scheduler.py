@@ -95,7 +95,8 @@ async def test_submit_stages_files_and_passes_only_paths(files: tuple[Path, Path
         "METIS_JOB_ID=j_1,METIS_EVENTS_URL=http://10.0.0.5:8000/api/jobs/j_1/events,"
         f"DELAY=0.5,METIS_TOKEN_FILE={root}/jobs/j_1/token,"
         f"METIS_SPEC_FILE={root}/jobs/j_1/spec.json,METIS_EMIT={HOME}/{emit_path},"
-        f"METIS_SCRIPT={HOME}/{script_path},METIS_JOB_DIR={root}/jobs/j_1,METIS_CAPTURE=1,"
+        f"METIS_SCRIPT={HOME}/{script_path},METIS_JOB_DIR={root}/jobs/j_1,"
+        f"METIS_INPUTS_DIR={root}/jobs/j_1/inputs,METIS_CAPTURE=1,"
         "METIS_LOG_MAX_EVENTS=5000,METIS_LOG_MAX_BYTES=1048576,METIS_STDERR_TAIL_LINES=20"
     )
     assert all("s3cret-token" not in arg for arg in argv)

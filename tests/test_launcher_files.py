@@ -56,6 +56,7 @@ def test_launcher_env_carries_the_templates_settings():
     template = Template(name="t", cluster="c", capture=False, log_max_events=10,
                         log_max_bytes=2000, stderr_tail_lines=5)
     assert launcher_env(template, "/home/u/ms/jobs/j_1") == {
-        "METIS_JOB_DIR": "/home/u/ms/jobs/j_1", "METIS_CAPTURE": "0",
+        "METIS_JOB_DIR": "/home/u/ms/jobs/j_1",
+        "METIS_INPUTS_DIR": "/home/u/ms/jobs/j_1/inputs", "METIS_CAPTURE": "0",
         "METIS_LOG_MAX_EVENTS": "10", "METIS_LOG_MAX_BYTES": "2000",
         "METIS_STDERR_TAIL_LINES": "5"}

@@ -20,8 +20,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from metis_stream.errors import CommandTimeout, ShellError, UnsafeArgument
-from metis_stream.shells.base import CommandResult, Shell
+from metis_stream.errors import CommandTimeout, OutsideFolder, ShellError, UnsafeArgument
+from metis_stream.shells.base import CHUNK_BYTES, CommandResult, FileInfo, Shell
 from metis_stream.shells.local import LocalShell
 from tests.support.cluster import TestCluster
 from tests.support.shells import FakeShell, ssh_shell
@@ -373,6 +373,160 @@ async def test_file_failures_are_shell_errors(shell: Shell, folder: str) -> None
     assert await listing(shell, folder) == ["file"]
 
 
+# Streamed files: the files API (docs/files.md)
+
+
+async def make_folder(shell: Shell, folder: str, script: str) -> str:
+    """Run ``script`` in a new ``folder`` with sh; the folder's absolute path."""
+    result = await shell.run(["sh", "-c", f'mkdir -p "$1" && cd "$1" && {script}', "sh", folder])
+    assert result.exit_status == 0, result.stderr
+    return await shell.realpath(folder)
+
+
+async def test_list_folder_gives_lstat_of_each_entry(shell: Shell, folder: str) -> None:
+    await make_folder(shell, folder, "printf 12345 > file && mkdir sub && ln -s /etc link "
+                      "&& touch -d @1700000000 file")
+    entries = {entry.name: entry for entry in await shell.list_folder(folder) or []}
+    assert set(entries) == {"file", "sub", "link"}
+    assert entries["file"] == FileInfo("file", "file", 5, 1700000000.0)
+    assert entries["sub"].kind == "folder"
+    assert entries["link"].kind == "link"  # not what it points to
+
+
+async def test_listing_a_missing_folder_gives_none(any_shell: Shell, folder: str) -> None:
+    assert await any_shell.list_folder(f"{folder}/nothing") is None
+
+
+async def test_resolve_gives_the_stat_of_a_file_inside(shell: Shell, folder: str) -> None:
+    root = await make_folder(shell, folder, "mkdir sub && printf abc > sub/file "
+                             "&& ln -s sub/file inner-link")
+    found = await shell.resolve(f"{folder}/sub/file", within=folder)
+    assert found is not None
+    assert (found.name, found.kind, found.size) == (f"{root}/sub/file", "file", 3)
+    via_link = await shell.resolve(f"{folder}/inner-link", within=folder)
+    assert via_link is not None and via_link.name == f"{root}/sub/file"
+    assert await shell.resolve(f"{folder}/sub/../sub/file", within=f"{root}/sub") == found
+    assert await shell.resolve(f"{folder}/missing", within=folder) is None
+
+
+@pytest.mark.parametrize("link_target", ["/etc/passwd", "..", "../../", "/"])
+async def test_resolve_refuses_links_that_lead_outside(shell: Shell, folder: str,
+                                                       link_target: str) -> None:
+    await make_folder(shell, folder, f"mkdir job && ln -s '{link_target}' job/out")
+    with pytest.raises(OutsideFolder):
+        await shell.resolve(f"{folder}/job/out", within=f"{folder}/job")
+
+
+async def test_resolve_refuses_a_path_that_climbs_out(any_shell: Shell, folder: str) -> None:
+    await any_shell.write_file(f"{folder}/job/file", b"x")
+    await any_shell.write_file(f"{folder}/secret", b"x")
+    with pytest.raises(OutsideFolder):
+        await any_shell.resolve(f"{folder}/job/../secret", within=f"{folder}/job")
+
+
+async def test_resolve_follows_a_folder_that_is_itself_a_link(shell: Shell, folder: str) -> None:
+    root = await make_folder(shell, folder, "mkdir real && printf x > real/file "
+                             "&& ln -s real alias")
+    found = await shell.resolve(f"{folder}/alias/file", within=f"{folder}/alias")
+    assert found is not None and found.name == f"{root}/real/file"
+
+
+async def read_all(shell: Shell, path: str, **where: int) -> list[bytes]:
+    return [chunk async for chunk in shell.read_chunks(path, **where)]
+
+
+async def test_read_chunks_gives_the_bytes_asked_for(any_shell: Shell, folder: str) -> None:
+    data = secrets.token_bytes(CHUNK_BYTES * 2 + 1000)
+    await any_shell.write_file(f"{folder}/data", data)
+    chunks = await read_all(any_shell, f"{folder}/data")
+    assert b"".join(chunks) == data
+    assert all(len(chunk) <= CHUNK_BYTES for chunk in chunks)
+    for offset, length in [(0, 1), (5, 100), (CHUNK_BYTES - 3, 10), (len(data) - 7, 7),
+                           (1234, CHUNK_BYTES * 2)]:
+        got = b"".join(await read_all(any_shell, f"{folder}/data", offset=offset,
+                                      length=length))
+        assert got == data[offset:offset + length]
+    assert b"".join(await read_all(any_shell, f"{folder}/data", offset=len(data) - 2,
+                                   length=100)) == data[-2:]
+    assert await read_all(any_shell, f"{folder}/data", offset=len(data)) == []
+
+
+async def test_reading_chunks_of_a_missing_file_is_a_shell_error(any_shell: Shell,
+                                                                 folder: str) -> None:
+    with pytest.raises(ShellError):
+        await read_all(any_shell, f"{folder}/missing")
+
+
+async def test_chunks_of_many_files_read_at_once_stay_apart(shell: Shell, folder: str) -> None:
+    files = {f"{folder}/f{n}": secrets.token_bytes(CHUNK_BYTES * 3 + n) for n in range(6)}
+    for path, data in files.items():
+        await shell.write_file(path, data)
+    got: dict[str, bytes] = {}
+
+    async def read(path: str) -> None:
+        got[path] = b"".join(await read_all(shell, path))
+
+    async with anyio.create_task_group() as tasks:
+        for path in files:
+            tasks.start_soon(read, path)
+    assert got == files
+
+
+async def test_a_reader_that_stops_early_leaves_the_shell_usable(shell: Shell,
+                                                                 folder: str) -> None:
+    data = secrets.token_bytes(CHUNK_BYTES * 4)
+    await shell.write_file(f"{folder}/data", data)
+    async with contextlib.aclosing(shell.read_chunks(f"{folder}/data")) as chunks:
+        assert await anext(chunks) == data[:CHUNK_BYTES]
+    assert b"".join(await read_all(shell, f"{folder}/data")) == data
+
+
+async def pieces(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        await anyio.sleep(0)
+        yield part
+
+
+async def test_write_chunks_writes_a_private_file_whole(any_shell: Shell, folder: str) -> None:
+    parts = [secrets.token_bytes(100_000) for _ in range(7)]
+    written = await any_shell.write_chunks(f"{folder}/in/data", pieces(*parts))
+    assert written == 700_000
+    assert await any_shell.read_file(f"{folder}/in/data", max_bytes=10**6) == b"".join(parts)
+
+
+async def test_write_chunks_gives_the_mode_and_leaves_nothing_else(shell: Shell,
+                                                                   folder: str) -> None:
+    await shell.write_chunks(f"{folder}/inputs/a", pieces(b"x" * 10, b"y"), mode=0o640)
+    await shell.write_chunks(f"{folder}/inputs/empty", pieces())
+    assert await modes(shell, folder, f"{folder}/inputs", f"{folder}/inputs/a") == [
+        "700", "700", "640"]
+    assert await listing(shell, f"{folder}/inputs") == ["a", "empty"]
+    assert await cat(shell, f"{folder}/inputs/empty") == ""
+
+
+async def test_a_failing_source_leaves_no_file(shell: Shell, folder: str) -> None:
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"first part"
+        raise RuntimeError("the client went away")
+
+    await shell.write_file(f"{folder}/keep", b"")
+    with pytest.raises(RuntimeError, match="went away"):
+        await shell.write_chunks(f"{folder}/data", failing())
+    assert await listing(shell, folder) == ["keep"]
+
+
+async def test_file_hashes_survive_a_streamed_round_trip(shell: Shell, folder: str) -> None:
+    data = secrets.token_bytes(3 * 1024 * 1024 + 17)
+    parts = [data[n:n + 65536] for n in range(0, len(data), 65536)]
+    await shell.write_chunks(f"{folder}/data", pieces(*parts))
+    result = await shell.run(["sha256sum", f"{folder}/data"])
+    assert result.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    back = hashlib.sha256()
+    async for chunk in shell.read_chunks(f"{folder}/data"):
+        back.update(chunk)
+    assert back.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
 # Closing
 
 
@@ -386,6 +540,10 @@ async def test_a_closed_shell_refuses_every_call(any_shell: Shell, folder: str) 
         lambda: any_shell.remove_file(f"{folder}/file"),
         lambda: any_shell.read_file(f"{folder}/file", max_bytes=10),
         lambda: any_shell.realpath("."),
+        lambda: any_shell.list_folder("."),
+        lambda: any_shell.resolve(".", within="."),
+        lambda: read_all(any_shell, f"{folder}/file"),
+        lambda: any_shell.write_chunks(f"{folder}/file", pieces(b"x")),
     ]
     for call in calls:
         with pytest.raises(ShellError, match="closed"):

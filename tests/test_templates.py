@@ -533,7 +533,7 @@ def test_template_public_shape_hides_scripts_and_resources():
     assert tmpl.public() == {
         "name": "tokens", "description": "Stream", "cluster": "metis",
         "params": [{"name": "text", "type": "str", "required": False, "default": "hi"}],
-        "accepts_inputs": False,
+        "accepts_inputs": False, "outputs": [],
     }
 
 

@@ -599,4 +599,4 @@ def test_a_local_job_gets_nothing_of_the_servers_environment_beyond_the_allowlis
     assert environ["LC_TIME"] == "C" and environ["WORD"] == "plain"
     assert {name for name in environ if name.startswith("METIS_")} == {
         "METIS_JOB_ID", "METIS_EVENTS_URL", "METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT",
-        "METIS_JOB_DIR", "METIS_TERMINAL_FILE", "METIS_DELIVERY"}
+        "METIS_JOB_DIR", "METIS_INPUTS_DIR", "METIS_TERMINAL_FILE", "METIS_DELIVERY"}

@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 import orjson
 
 from metis_stream.errors import SchedulerError, ShellError
+from metis_stream.job_folder import JobFolder
 from metis_stream.schedulers.flavour import SchedulerFlavour
 from metis_stream.shells.base import Shell
 from metis_stream.spool import Frames, SpoolRead, parse_frames, reader_argv, sweeper_argv
@@ -138,6 +139,11 @@ class Scheduler(Protocol):
     async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         """The job has ended: remove its token file and anything else staged for it, and
         its spool unless ``keep_spool``."""
+        ...
+
+    def job_folder(self, job_id: str) -> JobFolder:
+        """The job's folder and the shell that reaches it, for the files API. Raises
+        UnsafeValue for an id that cannot name a folder."""
         ...
 
 

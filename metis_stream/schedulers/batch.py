@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 
 from metis_stream.errors import SchedulerError, ShellError, SubmitOutcomeUnknown, UnsafeValue
+from metis_stream.job_folder import JobFolder
 from metis_stream.launcher import (
     EXIT_FILE,
     LAUNCHER_ERR,
@@ -315,6 +316,10 @@ class BatchScheduler:
     async def remove_old_spools(self, keep_seconds: float) -> None:
         await remove_old_spools_with(self._shell, f"{self._workdir}/jobs", keep_seconds,
                                      self._timeout, self.name)
+
+    def job_folder(self, job_id: str) -> JobFolder:
+        return JobFolder(self._shell,
+                         f"{self._workdir}/jobs/{check(STAGED_JOB_ID, job_id, 'job id')}")
 
     async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         """Remove the job's secrets, and its spool unless told to keep it; its output

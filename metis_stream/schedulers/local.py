@@ -28,6 +28,7 @@ import anyio
 from metis_stream.environment import inherited
 from metis_stream.errors import SchedulerError
 from metis_stream.files import make_private_dirs, write_private
+from metis_stream.job_folder import JobFolder
 from metis_stream.launcher import EXIT_FILE, LAUNCHER_ERR, LAUNCHER_OUT, STDERR_FILE, launcher_env
 from metis_stream.schedulers.base import (
     EXIT_FILE_BYTES,
@@ -39,6 +40,7 @@ from metis_stream.schedulers.base import (
     read_spools_with,
     remove_old_spools_with,
 )
+from metis_stream.schedulers.dialect import STAGED_JOB_ID, check
 from metis_stream.schedulers.flavour import SchedulerFlavour
 from metis_stream.shells.local import LocalShell, read_part
 from metis_stream.spool import SPOOL_FILE, Frames, SpoolRead
@@ -155,6 +157,10 @@ class LocalScheduler:
     async def remove_old_spools(self, keep_seconds: float) -> None:
         await remove_old_spools_with(self._shell, str(self._jobs_dir), keep_seconds,
                                      SPOOL_COMMAND_TIMEOUT, self.name)
+
+    def job_folder(self, job_id: str) -> JobFolder:
+        # The shell's home is the jobs folder: a job's folder is its id there.
+        return JobFolder(self._shell, check(STAGED_JOB_ID, job_id, "job id"))
 
     async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         (self._jobs_dir / job_id / "token").unlink(missing_ok=True)

@@ -5,17 +5,27 @@ Every shell passes the same contract test (tests/test_shell_contract.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import stat
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from metis_stream.errors import UnsafeArgument
 
 __all__ = [
+    "CHUNK_BYTES",
     "CommandResult",
+    "FileInfo",
     "Shell",
     "check_argv",
+    "file_kind",
+    "inside",
 ]
+
+CHUNK_BYTES = 256 * 1024
+"""The most ``read_chunks`` gives at once: what a streamed download holds per reader."""
+
+FileKind = Literal["file", "folder", "link", "other"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +41,19 @@ class CommandResult:
     def from_output(cls, exit_status: int, stdout: bytes, stderr: bytes) -> CommandResult:
         return cls(exit_status, stdout.decode(errors="replace"),
                    stderr.decode(errors="replace"), stdout)
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """One file as the cluster sees it."""
+
+    name: str
+    """Its name in its folder (``list_folder``), or its resolved absolute path
+    (``resolve``)."""
+    kind: FileKind
+    size: int
+    modified: float
+    """Seconds since the epoch."""
 
 
 class Shell(Protocol):
@@ -76,9 +99,54 @@ class Shell(Protocol):
         """The absolute form of an existing ``path`` on the cluster."""
         ...
 
+    async def list_folder(self, path: str) -> list[FileInfo] | None:
+        """The entries of a folder (without ``.`` and ``..``) as ``lstat`` sees them: a
+        symbolic link is a ``link``, whatever it points to; None when there is no such
+        folder."""
+        ...
+
+    async def resolve(self, path: str, *, within: str) -> FileInfo | None:
+        """What ``path`` leads to once every symbolic link in it is followed, resolved
+        on the cluster itself: its ``stat``, named by its absolute path. None when nothing
+        is there. A path that leads outside ``within`` (itself resolved) raises
+        OutsideFolder, and nothing out there is looked at beyond resolving the path."""
+        ...
+
+    def read_chunks(self, path: str, *, offset: int = 0,
+                    length: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The bytes of a file from ``offset``, ``length`` of them (None: to its end), in
+        pieces of at most CHUNK_BYTES, each read when the caller asks for it: a slow
+        reader holds one piece, never the file. A missing file raises ShellError; a file
+        that shrinks meanwhile ends early."""
+        ...
+
+    async def write_chunks(self, path: str, chunks: AsyncIterable[bytes], *,
+                           mode: int = 0o600) -> int:
+        """Write a file from ``chunks`` as they arrive, under a temporary name put in
+        place at the end (as ``write_file``); the number of bytes written. When
+        ``chunks`` raises, the temporary file is removed and the error goes on."""
+        ...
+
     async def close(self) -> None:
         """Release the shell; closing it again does nothing."""
         ...
+
+
+def file_kind(mode: int) -> FileKind:
+    """What a ``stat`` mode says a file is."""
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "other"
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether the absolute ``path`` is ``folder`` or under it (both resolved)."""
+    folder = folder.rstrip("/") or "/"
+    return path == folder or path.startswith(folder if folder == "/" else folder + "/")
 
 
 def check_argv(argv: Sequence[str]) -> None:

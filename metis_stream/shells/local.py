@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import secrets
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import anyio
 import anyio.to_thread
 from anyio.abc import ByteReceiveStream, Process
 
 from metis_stream.environment import SCHEDULER_CLIENT_NAMES, inherited
-from metis_stream.errors import CommandTimeout, ShellError
-from metis_stream.files import write_private
-from metis_stream.shells.base import CommandResult, check_argv
+from metis_stream.errors import CommandTimeout, OutsideFolder, ShellError
+from metis_stream.files import make_private_dirs, write_private
+from metis_stream.shells.base import (
+    CHUNK_BYTES,
+    CommandResult,
+    FileInfo,
+    check_argv,
+    file_kind,
+    inside,
+)
 
 T = TypeVar("T")
 
@@ -82,6 +91,46 @@ class LocalShell:
     async def realpath(self, path: str) -> str:
         return await self._in_thread(lambda: os.path.realpath(self.home / path))
 
+    async def list_folder(self, path: str) -> list[FileInfo] | None:
+        return await self._in_thread(lambda: _list_folder(self.home / path))
+
+    async def resolve(self, path: str, *, within: str) -> FileInfo | None:
+        return await self._in_thread(lambda: _resolve(self.home / path, self.home / within))
+
+    async def read_chunks(self, path: str, *, offset: int = 0,
+                          length: int | None = None) -> AsyncGenerator[bytes, None]:
+        file = await self._in_thread(lambda: (self.home / path).open("rb"))
+        try:
+            remaining = length
+            while remaining is None or remaining > 0:
+                size = CHUNK_BYTES if remaining is None else min(CHUNK_BYTES, remaining)
+                chunk = await self._in_thread(
+                    functools.partial(os.pread, file.fileno(), size, offset))
+                if not chunk:
+                    return
+                offset += len(chunk)
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+        finally:
+            file.close()
+
+    async def write_chunks(self, path: str, chunks: AsyncIterable[bytes], *,
+                           mode: int = 0o600) -> int:
+        target = self.home / path
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        file = await self._in_thread(lambda: _create(temporary, mode))
+        written = 0
+        try:
+            with file:
+                async for chunk in chunks:
+                    await self._in_thread(functools.partial(file.write, chunk))
+                    written += len(chunk)
+            await self._in_thread(lambda: os.replace(temporary, target))
+        finally:
+            temporary.unlink(missing_ok=True)
+        return written
+
     async def close(self) -> None:
         """Refuse what comes next; nothing to release, every command is its own process."""
         self._closed = True
@@ -108,6 +157,46 @@ def read_part(path: Path, max_bytes: int, tail: bool) -> bytes | None:
             return file.read(max_bytes)
     except FileNotFoundError:
         return None
+
+
+def _create(path: Path, mode: int) -> BinaryIO:
+    """A new file with ``mode`` from its first moment, its parents made private."""
+    make_private_dirs(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.fchmod(fd, mode)  # the umask may have narrowed it
+    return os.fdopen(fd, "wb")
+
+
+def _list_folder(folder: Path) -> list[FileInfo] | None:
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    entries = []
+    for name in names:
+        try:
+            entries.append(_info(name, os.lstat(folder / name)))
+        except FileNotFoundError:
+            continue  # removed meanwhile
+    return entries
+
+
+def _resolve(path: Path, within: Path) -> FileInfo | None:
+    try:
+        resolved = os.path.realpath(path, strict=True)
+        root = os.path.realpath(within, strict=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not inside(resolved, root):
+        raise OutsideFolder("the path leads outside the folder it must stay in")
+    try:
+        return _info(resolved, os.stat(resolved))
+    except FileNotFoundError:
+        return None
+
+
+def _info(name: str, status: os.stat_result) -> FileInfo:
+    return FileInfo(name, file_kind(status.st_mode), status.st_size, status.st_mtime)
 
 
 async def _outputs(process: Process) -> tuple[bytes, bytes]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import posixpath
 import secrets
 import shlex
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
 from pathlib import Path
 from select import select
 from typing import NoReturn, TypeVar
@@ -25,8 +26,21 @@ import paramiko
 from paramiko.common import cMSG_CHANNEL_REQUEST
 
 from metis_stream.backoff import Backoff
-from metis_stream.errors import CommandTimeout, ConnectionLost, HostKeyRefused, ShellError
-from metis_stream.shells.base import CommandResult, check_argv
+from metis_stream.errors import (
+    CommandTimeout,
+    ConnectionLost,
+    HostKeyRefused,
+    OutsideFolder,
+    ShellError,
+)
+from metis_stream.shells.base import (
+    CHUNK_BYTES,
+    CommandResult,
+    FileInfo,
+    check_argv,
+    file_kind,
+    inside,
+)
 
 T = TypeVar("T")
 
@@ -187,6 +201,53 @@ class SSHShell:
 
     async def realpath(self, path: str) -> str:
         return await self._with_sftp(lambda sftp: sftp.normalize(path))
+
+    async def list_folder(self, path: str) -> list[FileInfo] | None:
+        return await self._with_sftp(lambda sftp: _list_folder(sftp, path))
+
+    async def resolve(self, path: str, *, within: str) -> FileInfo | None:
+        return await self._with_sftp(lambda sftp: _resolve(sftp, path, within))
+
+    async def read_chunks(self, path: str, *, offset: int = 0,
+                          length: int | None = None) -> AsyncGenerator[bytes, None]:
+        """Each piece is one turn on the SFTP channel: concurrent downloads take turns
+        piece by piece instead of one waiting for another's whole file."""
+        reader = _Reader(path)
+        try:
+            remaining = length
+            while remaining is None or remaining > 0:
+                size = CHUNK_BYTES if remaining is None else min(CHUNK_BYTES, remaining)
+                chunk = await self._with_sftp(
+                    functools.partial(reader.read, offset=offset, size=size))
+                if not chunk:
+                    return
+                offset += len(chunk)
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release(reader.close)
+
+    async def write_chunks(self, path: str, chunks: AsyncIterable[bytes], *,
+                           mode: int = 0o600) -> int:
+        writer = _Writer(path, mode)
+        try:
+            await self._with_sftp(writer.open)
+            async for chunk in chunks:
+                await self._with_sftp(functools.partial(writer.write, chunk=chunk))
+            await self._with_sftp(writer.finish)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._release(writer.discard)
+            raise
+        return writer.written
+
+    async def _release(self, operation: Callable[[paramiko.SFTPClient], None]) -> None:
+        """Clean up after a file operation, as far as the connection allows: a broken
+        one has released the remote handle already."""
+        with contextlib.suppress(ShellError):
+            await self._with_sftp(operation)
 
     async def _with_sftp(self, operation: Callable[[paramiko.SFTPClient], T]) -> T:
         """Run ``operation`` on the connection's one SFTP channel. File operations are
@@ -474,6 +535,117 @@ def _read_file(sftp: paramiko.SFTPClient, path: str, max_bytes: int, tail: bool)
             return data
     except FileNotFoundError:
         return None
+
+
+def _list_folder(sftp: paramiko.SFTPClient, path: str) -> list[FileInfo] | None:
+    try:
+        entries = sftp.listdir_attr(path)  # the server gives lstat's view
+    except FileNotFoundError:
+        return None
+    return [_info(entry.filename, entry) for entry in entries]
+
+
+def _resolve(sftp: paramiko.SFTPClient, path: str, within: str) -> FileInfo | None:
+    """Resolved by the SFTP server (its realpath), so that links are read where they are."""
+    try:
+        root = sftp.normalize(within)
+        resolved = sftp.normalize(path)
+    except FileNotFoundError:
+        return None
+    if not inside(resolved, root):
+        raise OutsideFolder("the path leads outside the folder it must stay in")
+    try:
+        return _info(resolved, sftp.stat(resolved))
+    except FileNotFoundError:
+        return None
+
+
+def _info(name: str, attributes: paramiko.SFTPAttributes) -> FileInfo:
+    return FileInfo(name, file_kind(attributes.st_mode or 0), attributes.st_size or 0,
+                    float(attributes.st_mtime or 0))
+
+
+class _Reader:
+    """One file being read piece by piece; opened again on the SFTP channel that
+    replaced a broken one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sftp: paramiko.SFTPClient | None = None
+        self._file: paramiko.SFTPFile | None = None
+        self._size = 0
+
+    def read(self, sftp: paramiko.SFTPClient, offset: int, size: int) -> bytes:
+        if self._file is None or self._sftp is not sftp:
+            try:
+                self._file = sftp.open(self.path, "rb")
+            except FileNotFoundError:
+                raise ShellError(f"no such file: {self.path}") from None
+            self._sftp = sftp
+            self._size = self._file.stat().st_size or 0
+        # Never past the end as it was at opening: the server answers a read there with
+        # EOF, which paramiko raises as EOFError, the mark of a broken connection.
+        size = min(size, self._size - offset)
+        if size <= 0:
+            return b""
+        # readv sends the piece's 32 KiB requests at once instead of one by one.
+        try:
+            return b"".join(self._file.readv([(offset, size)]))
+        except EOFError:
+            if sftp.sock.closed:
+                raise
+            return b""  # the file shrank
+
+    def close(self, sftp: paramiko.SFTPClient) -> None:
+        if self._file is not None and self._sftp is sftp:
+            self._file.close()
+        self._file = None
+
+
+class _Writer:
+    """One file written piece by piece under a temporary name (as _write_file). A broken
+    connection ends it: the pieces already sent cannot be sent again."""
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path = path
+        self.mode = mode
+        parent, name = posixpath.split(path)
+        self.temporary = posixpath.join(parent, f".{name}.{secrets.token_hex(6)}.tmp")
+        self.written = 0
+        self._sftp: paramiko.SFTPClient | None = None
+        self._file: paramiko.SFTPFile | None = None
+
+    def open(self, sftp: paramiko.SFTPClient) -> None:
+        parent = posixpath.dirname(self.path)
+        if parent:
+            _makedirs(sftp, parent)
+        self._file = sftp.open(self.temporary, "wb")
+        sftp.chmod(self.temporary, self.mode)
+        self._file.set_pipelined(True)
+        self._sftp = sftp
+
+    def write(self, sftp: paramiko.SFTPClient, chunk: bytes) -> None:
+        self._check(sftp).write(chunk)
+        self.written += len(chunk)
+
+    def finish(self, sftp: paramiko.SFTPClient) -> None:
+        self._check(sftp).close()  # waits for every pipelined write's answer
+        self._file = None
+        size = sftp.stat(self.temporary).st_size
+        if size != self.written:
+            raise ShellError(f"{self.path}: {size} bytes arrived of {self.written} sent")
+        sftp.posix_rename(self.temporary, self.path)
+
+    def discard(self, sftp: paramiko.SFTPClient) -> None:
+        if self._file is not None and self._sftp is sftp:
+            self._file.close()
+        self._file = None
+        _remove_file(sftp, self.temporary)
+
+    def _check(self, sftp: paramiko.SFTPClient) -> paramiko.SFTPFile:
+        if self._file is None or self._sftp is not sftp:
+            raise ShellError(f"the connection broke while {self.path} was being written")
+        return self._file
 
 
 def _remove_file(sftp: paramiko.SFTPClient, path: str) -> None:

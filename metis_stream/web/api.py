@@ -32,6 +32,7 @@ from metis_stream.web.errors import JSONResponse, error_body
 from metis_stream.web.mount import check_public_url, root_path
 from metis_stream.web.slots import history_reads_of, slots_of
 from metis_stream.web.streaming import HeldStream
+from metis_stream.web.uploads import MULTIPART_TYPE, read_with_files
 
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 JSON_TYPE = "application/json"
@@ -135,14 +136,23 @@ async def create_job(request: Request) -> Response:
     service = service_of(request)
     key = auth.require_client(request, service.config.server)
     check_public_url(request, service.config.server)
-    if _content_type(request) != JSON_TYPE:
+    uploads = None
+    if _content_type(request) == MULTIPART_TYPE:
+        # A form a web page may post cross-site: the API key in its header is what stops it.
+        raw, uploads = await read_with_files(request.headers["content-type"],
+                                             body_chunks(request, None),
+                                             service.config.server, MAX_SUBMIT_BYTES)
+    elif _content_type(request) == JSON_TYPE:
+        raw = await read_body(request, MAX_SUBMIT_BYTES)
+    else:
         # Also what keeps a web page from submitting cross-site as a "simple" request.
-        raise UnsupportedMediaType("send the job as application/json")
-    body = parse_submit_request(await read_body(request, MAX_SUBMIT_BYTES))
+        raise UnsupportedMediaType("send the job as application/json, or as "
+                                   "multipart/form-data with input files (docs/files.md)")
+    body = parse_submit_request(raw)
     job = await service.create(body.get("template"), body.get("params"), body.get("inputs"),
                                client=auth.client_identity(request, service.config.server),
                                owner=key.name, user=body.get("user"), after=body.get("after"),
-                               after_any=body.get("after_any"), seen_by=key)
+                               after_any=body.get("after_any"), seen_by=key, uploads=uploads)
     return JSONResponse(job_view(request, job, for_client=True), status_code=201)
 
 

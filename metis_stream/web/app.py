@@ -26,7 +26,7 @@ from metis_stream.errors import MetisError
 from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.schedulers.base import Scheduler
 from metis_stream.service import JobService
-from metis_stream.web import api, sockets
+from metis_stream.web import api, files, sockets
 from metis_stream.web.deadline import ABORT, find_abort
 from metis_stream.web.errors import handle_error, handle_starlette_error
 from metis_stream.web.guard import Authorize, Gate, HttpEndpoint
@@ -109,6 +109,8 @@ def create_app(config: Config, *, backend: Backend | None = None,
         Route(job, client(api.cancel_job), methods=["DELETE"]),
         Route(job + "/events", client(api.job_events), methods=["GET"]),
         Route(job + "/events", its_job(api.post_events), methods=["POST"]),
+        Route(job + "/files", client(files.list_job_files), methods=["GET"]),
+        Route(job + "/files/{path:path}", client(files.job_file), methods=["GET"]),
         Route(job + "/spec", its_job(api.job_spec)),
         Route(job + "/spec/inputs", its_job(api.job_spec_inputs)),
         Route(job + "/spec/params/{name}", its_job(api.job_spec_param)),

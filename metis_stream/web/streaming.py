@@ -23,10 +23,11 @@ class HeldStream(StreamingResponse):
     as the client is being sent to.
     """
 
-    def __init__(self, content: AsyncIterable[str], held: contextlib.ExitStack, *,
+    def __init__(self, content: AsyncIterable[str | bytes], held: contextlib.ExitStack, *,
                  send_timeout: float, media_type: str,
-                 headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(content, media_type=media_type, headers=headers)
+                 headers: Mapping[str, str] | None = None, status_code: int = 200) -> None:
+        super().__init__(content, media_type=media_type, headers=headers,
+                         status_code=status_code)
         self._held = held
         self._send_timeout = send_timeout
 

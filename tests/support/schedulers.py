@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from metis_stream.job_folder import JobFolder
 from metis_stream.schedulers.base import JobFiles, SchedulerStatus, Submission
 from metis_stream.schedulers.flavour import SchedulerFlavour
 from metis_stream.spool import Frames, SpoolRead
+from tests.support.shells import FakeShell
 
 
 class SchedulerDouble:
@@ -42,3 +44,6 @@ class SchedulerDouble:
 
     async def release(self, job_id: str, *, keep_spool: bool = False) -> None:
         pass
+
+    def job_folder(self, job_id: str) -> JobFolder:
+        return JobFolder(FakeShell(), f"jobs/{job_id}")

@@ -4,11 +4,11 @@ ssh_shell, an SSHShell connected to the test cluster."""
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from dataclasses import dataclass
 
-from metis_stream.errors import ShellError
-from metis_stream.shells.base import CommandResult, check_argv
+from metis_stream.errors import OutsideFolder, ShellError
+from metis_stream.shells.base import CHUNK_BYTES, CommandResult, FileInfo, check_argv, inside
 from metis_stream.shells.ssh import SSHShell
 from tests.support.cluster import TestCluster
 
@@ -84,6 +84,49 @@ class FakeShell:
 
     async def realpath(self, path: str) -> str:
         self._check_open()
+        return posixpath.normpath(posixpath.join(HOME, path))
+
+    async def list_folder(self, path: str) -> list[FileInfo] | None:
+        self._check_open()
+        folder = self._absolute(path)
+        names: dict[str, FileInfo] = {}
+        for absolute, data in self._contents().items():
+            if inside(absolute, folder) and absolute != folder:
+                first, _, rest = absolute[len(folder):].lstrip("/").partition("/")
+                names[first] = FileInfo(first, "folder" if rest else "file",
+                                        0 if rest else len(data), 0.0)
+        return list(names.values()) if names else None
+
+    async def resolve(self, path: str, *, within: str) -> FileInfo | None:
+        self._check_open()
+        absolute = self._absolute(path)
+        if not inside(absolute, self._absolute(within)):
+            raise OutsideFolder("the path leads outside the folder it must stay in")
+        data = self._contents().get(absolute)
+        return None if data is None else FileInfo(absolute, "file", len(data), 0.0)
+
+    async def read_chunks(self, path: str, *, offset: int = 0,
+                          length: int | None = None) -> AsyncGenerator[bytes, None]:
+        self._check_open()
+        data = self._contents().get(self._absolute(path))
+        if data is None:
+            raise ShellError(f"no such file: {path}")
+        end = len(data) if length is None else min(len(data), offset + length)
+        for start in range(offset, end, CHUNK_BYTES):
+            yield data[start:min(end, start + CHUNK_BYTES)]
+
+    async def write_chunks(self, path: str, chunks: AsyncIterable[bytes], *,
+                           mode: int = 0o600) -> int:
+        data = b"".join([chunk async for chunk in chunks])
+        await self.write_file(path, data, mode=mode)
+        return len(data)
+
+    def _contents(self) -> dict[str, bytes]:
+        """Each file by its absolute path."""
+        return {self._absolute(name): data for name, (data, _) in self.files.items()}
+
+    @staticmethod
+    def _absolute(path: str) -> str:
         return posixpath.normpath(posixpath.join(HOME, path))
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@
 import { rememberWatchToken, watchToken } from "./auth.js";
 import { $, announce, el, formatSeconds, linkify, showNotice } from "./dom.js";
 import { EVENT_HANDLERS } from "./event-handlers.js";
+import { FilesPanel } from "./files-panel.js";
 import { api, apiUrl } from "./http.js";
 import { LogPane } from "./log-pane.js";
 import { initialState, isTerminalState, isTerminalType, stateAfter } from "./meta.js";
@@ -47,6 +48,7 @@ export class JobView {
     }
     for (const id of ["steps", "chunks", "result", "events"]) $(id).replaceChildren();
     this.logs = new LogPane();
+    this.files = new FilesPanel(this.jobId, () => this.token);
     // The token text is ONE Text node that only ever grows (appendData): no
     // re-render, so selection, scrolling and screen readers stay put.
     this.text = document.createTextNode("");
@@ -82,7 +84,8 @@ export class JobView {
 
   async start() {
     this.setConnection("connecting");
-    await this.loadRecord();
+    const loaded = await this.loadRecord();
+    if (loaded === "ok") this.files.load();
     if (!this.stopped && this.connection !== "lost") this.connect();
   }
 
@@ -362,6 +365,7 @@ export class JobView {
     this.setConnection("ended");
     this.hideStale();
     $("cancel-job").hidden = true;
+    if (!this.stopped) this.files.load(); // what the job left
     // apply() has moved the state already; the announcement adds the error, if any.
     const ended = this.state;
     announce($("job-error").hidden ? `Job ${ended}.` : `Job ${ended}: ${$("job-error-text").textContent}`);
