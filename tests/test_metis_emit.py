@@ -376,7 +376,7 @@ NASTY_TEXTS = [
 def test_text_events_carry_the_text_exactly(stub: Stub, env: dict[str, str],
                                             shell: list[str]) -> None:
     for i, text in enumerate(NASTY_TEXTS):
-        kind = ("step", "token", "chunk", "log")[i % 4]
+        kind = ("step", "token", "log")[i % 3]
         stub.requests.clear()
         done = emit(env, kind, text, shell=shell)
         assert done.returncode == 0, done.stderr
@@ -397,7 +397,7 @@ def test_quote_prints_a_json_string(env: dict[str, str]) -> None:
 
 def test_event_of_64_kib_goes_through(stub: Stub, env: dict[str, str]) -> None:
     text = ('ab"\\\té' * 9000)[: 60 * 1024 // 2]
-    done = emit(env, "chunk", text)
+    done = emit(env, "token", text)
     assert done.returncode == 0, done.stderr
     assert only_event(stub)["data"] == text
 
@@ -672,11 +672,11 @@ def test_pipe_in_every_shell(stub: Stub, env: dict[str, str], shell: list[str]) 
 
 
 def test_pipe_of_nothing_and_of_many_lines(stub: Stub, env: dict[str, str]) -> None:
-    done = emit(env, "pipe", "chunk", stdin=b"")
+    done = emit(env, "pipe", "log", stdin=b"")
     assert done.returncode == 0, done.stderr
     assert stub.events == []
     many = [f"line {i} \"q\" \\ \t" for i in range(500)]
-    done = emit(env, "pipe", "chunk", stdin="".join(x + "\n" for x in many).encode())
+    done = emit(env, "pipe", "log", stdin="".join(x + "\n" for x in many).encode())
     assert done.returncode == 0, done.stderr
     assert [e["data"] for e in stub.events] == many
 
@@ -742,7 +742,7 @@ def test_pipe_replaces_each_ill_formed_part_as_python_does(
         stub: Stub, env: dict[str, str], shell: list[str]) -> None:
     # Short lines take the shell's path, long ones awk's.
     lines = NOT_UTF8 + [b"x" * 600 + line * 3 for line in NOT_UTF8] + [b"fine"]
-    done = emit(env, "pipe", "chunk", shell=shell, stdin=b"".join(x + b"\n" for x in lines))
+    done = emit(env, "pipe", "log", shell=shell, stdin=b"".join(x + b"\n" for x in lines))
     assert done.returncode == 0, done.stderr
     assert [e["data"] for e in stub.events] == [replaced(line) for line in lines]
     bad = sum("\ufffd" in replaced(line) for line in lines)
