@@ -29,7 +29,8 @@ from metis_stream import tokens, webhooks
 from metis_stream.client import Client, post_event
 from metis_stream.config import Config, check_auth, load_config
 from metis_stream.errors import EXIT_FAILED, ClientError, ConfigError, MetisError, outcome_of
-from metis_stream.events import OUTPUT_STREAMS
+from metis_stream.events import OUTPUT_STREAMS, parse_chunk
+from metis_stream.media import MediaSaver
 from metis_stream.terminal import EventPrinter, describe_end, json_line, shown
 from metis_stream.web.app import create_app
 from metis_stream.web.protocol import BoundedHttpToolsProtocol
@@ -94,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("job")
     tail.add_argument("--after", type=int, default=0, help="only events after this seq")
     tail.add_argument("--json", action="store_true", help="one event a line, as JSON")
+    tail.add_argument("--save", type=Path, metavar="DIR",
+                      help="write each media stream's chunks to a file in DIR (docs/media.md)")
     tail.add_argument("--stream", choices=OUTPUT_STREAMS,
                       help="only the job's output on this stream, line by line (how the "
                            "job ended goes to stderr and to the exit status)")
@@ -321,18 +324,26 @@ def _tail(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _client(args) as client:
             return await _follow(client, args.job, args.after, as_json=args.json,
-                                 stream=args.stream)
+                                 stream=args.stream, save=args.save)
 
     return _run(run())
 
 
 async def _follow(client: Client, job_id: str, after: int, *, as_json: bool,
-                  stream: str | None = None) -> int:
+                  stream: str | None = None, save: Path | None = None) -> int:
     printer = EventPrinter(sys.stdout, as_json=as_json, stream=stream)
+    saver = MediaSaver(save, sys.stderr) if save is not None else None
     final = None
-    async for event in client.watch(job_id, after):
-        printer.show(event)
-        final = event
+    try:
+        async for event in client.watch(job_id, after):
+            if saver is not None and event["type"] == "chunk":
+                saver.add(parse_chunk(event["data"]))
+            else:
+                printer.show(event)
+            final = event
+    finally:
+        if saver is not None:
+            saver.close()
     printer.finish()
     if final is not None and final["type"] == "completed":
         return 0

@@ -12,8 +12,8 @@ out (a streamed request appends them, since watchers may have seen them), and
 
 from __future__ import annotations
 
-from metis_stream.errors import EventTooLarge, InvalidEvent, MetisError, TooLarge
-from metis_stream.events import MAX_EVENT_BYTES, NewEvent, parse_event_json
+from metis_stream.errors import InvalidEvent, MetisError, TooLarge
+from metis_stream.events import MAX_EVENT_BYTES, NewEvent, event_too_large, parse_event_json
 
 DEFAULT_MAX_LINES = 10_000
 
@@ -44,7 +44,7 @@ class NdjsonReader:
         del self._buffer[:start]
         if self.error is None and len(self._buffer) > self.max_event_bytes:
             # Refused before the line ends: a line without end must not grow without bound.
-            self._fail(EventTooLarge(f"an event may be at most {self.max_event_bytes} bytes"),
+            self._fail(event_too_large(self.max_event_bytes),
                        self._lines + 1)
 
     def feed_eof(self) -> None:

@@ -13,7 +13,8 @@ from typing import Any, TextIO
 
 import orjson
 
-from metis_stream.events import OUTPUT_STREAMS, log_lines
+from metis_stream.errors import InvalidEvent
+from metis_stream.events import OUTPUT_STREAMS, log_lines, parse_chunk
 
 # Human output shows every C0 and C1 control but newline and tab, and DEL, as \xNN.
 _SHOWN_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f, *range(0x80, 0xa0))
@@ -124,7 +125,8 @@ class EventPrinter:
                 stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
                 kind = output.stream if output is not None else event["type"]
                 data = "\n".join(output.lines) if output is not None else event["data"]
-                self._out.write(shown(f"{stamp} {kind:<10} {_describe(data)}") + "\n")
+                described = _describe_chunk(data) if event["type"] == "chunk" else _describe(data)
+                self._out.write(shown(f"{stamp} {kind:<10} {described}") + "\n")
         self._out.flush()
 
     def finish(self) -> None:
@@ -171,3 +173,12 @@ def _describe(data: Any) -> str:
     if isinstance(data, str):
         return data
     return orjson.dumps(data).decode()
+
+
+def _describe_chunk(data: Any) -> str:
+    """A chunk as a line says it: its place and size, not its base64."""
+    try:
+        chunk = parse_chunk(data)
+    except InvalidEvent:
+        return _describe(data)
+    return f"{chunk.stream} #{chunk.index} {chunk.media_type}, {chunk.size} bytes"

@@ -8,6 +8,7 @@ The server runs with small limits so that "exactly at" and "one byte over" are c
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import json
 import time
@@ -22,6 +23,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from metis_stream import tokens
+from metis_stream.events import chunk_capacity
 from tests.support.server import (
     EXAMPLE_TEMPLATES,
     LOCAL_CLUSTER,
@@ -227,6 +229,39 @@ def test_an_event_of_exactly_max_event_bytes_is_taken_and_one_byte_more_is_413(
     taken = job.post(event_of_size(MAX_EVENT_BYTES))
     assert taken.status_code == 200, taken.text
     assert len(job.events()) == len(before.events or []) + 1
+
+
+def chunk_event(payload: bytes, **fields: Any) -> dict[str, Any]:
+    return {"type": "chunk", "data": {"stream": "audio", "index": 0, "media_type": "audio/wav",
+                                      "base64": base64.b64encode(payload).decode(), **fields}}
+
+
+def test_a_chunk_over_the_limit_is_413_with_the_chunk_size_and_appends_nothing(
+        server: ServerProcess, job: RunningJob):
+    before = snapshot(server, job)
+    capacity = chunk_capacity(MAX_EVENT_BYTES)
+    too_big = json.dumps(chunk_event(bytes(capacity + 700)))
+    assert_error(job.post(too_big), 413, f"a chunk may carry {capacity} bytes of media")
+    assert_error(job.post(json.dumps({"type": "step", "data": "x"}) + "\n" + too_big + "\n",
+                          NDJSON), 413, f"{capacity} bytes of media")
+    assert_nothing_changed(server, before, job)
+    taken = job.post_event(chunk_event(bytes(capacity)))
+    assert taken.status_code == 200, taken.text
+    assert job.events()[-1]["data"]["base64"] == base64.b64encode(bytes(capacity)).decode()
+
+
+@pytest.mark.parametrize("change", [{"media_type": "audio wav"}, {"media_type": "audio/"},
+                                    {"base64": "UklGR!=="}, {"base64": "UklGRg\n=="},
+                                    {"index": -1}, {"stream": "../x"}])
+def test_a_malformed_chunk_is_422_and_appends_nothing(server: ServerProcess, job: RunningJob,
+                                                      change: dict[str, Any]):
+    before = snapshot(server, job)
+    event = chunk_event(b"RIFF")
+    event["data"].update(change)
+    assert_error(job.post_event(event), 422, "chunk")
+    assert_error(job.post(json.dumps(chunk_event(b"ok")) + "\n" + json.dumps(event) + "\n",
+                          NDJSON), 422, "line 2")
+    assert_nothing_changed(server, before, job)
 
 
 def test_an_ndjson_line_over_max_event_bytes_is_413_and_appends_nothing(server: ServerProcess,

@@ -527,14 +527,14 @@ def test_emit_posts_an_event_from_inside_a_job_and_prints_its_seq(live_server: S
         assert token_file.exists(), "the local scheduler writes the job's token file"
         job_env = {"METIS_EVENTS_URL": f"{live_server.url}/api/jobs/{job_id}/events",
                    "METIS_TOKEN_FILE": str(token_file)}
-        as_json = cli("emit", "chunk", '{"rows": 3}', env=job_env)
+        as_json = cli("emit", "result", '{"rows": 3}', env=job_env)
         as_text = cli("emit", "log", "loaded 3 rows", env=job_env)
         for done in (as_json, as_text):
             assert done.returncode == 0, done.stderr
         seqs = [int(done.stdout) for done in (as_json, as_text)]
         events = history(live_server, job_id)
         assert (events[seqs[0] - 1]["type"], events[seqs[0] - 1]["data"]) == (
-            "chunk", {"rows": 3})
+            "result", {"rows": 3})
         assert (events[seqs[1] - 1]["type"], events[seqs[1] - 1]["data"]) == (
             "log", "loaded 3 rows")
         outside = cli("emit", "log", "nowhere")

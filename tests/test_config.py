@@ -113,7 +113,7 @@ def test_no_file_means_the_embedded_examples(env, state):
     assert config.clusters["local"].scheduler == "local"
     assert (config.clusters["spooled"].scheduler, config.clusters["spooled"].delivery) == (
         "local", "spool")
-    assert set(config.templates) == {"tokens", "tokens-spool", "download"}
+    assert set(config.templates) == {"tokens", "tokens-spool", "download", "audio"}
     tokens = config.templates["tokens"]
     assert set(tokens.params) == {"text", "delay"}
     assert tokens.params["delay"].type == "float"
@@ -133,7 +133,7 @@ def test_the_embedded_examples_file_parses():
 
     raw = tomllib.loads(EXAMPLES_FILE.read_text())
     assert raw["clusters"]["local"]["scheduler"] == "local"
-    assert set(raw["templates"]) == {"tokens", "tokens-spool", "download"}
+    assert set(raw["templates"]) == {"tokens", "tokens-spool", "download", "audio"}
     assert raw["templates"]["download"]["params"]["url"]["type"] == "url"
 
 

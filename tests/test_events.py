@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
 
@@ -12,13 +13,17 @@ from hypothesis import strategies as st
 
 from metis_stream.errors import EventTooLarge, InvalidEvent, MalformedEvent
 from metis_stream.events import (
+    CHUNK_OVERHEAD,
     MAX_EVENT_BYTES,
     SERVER_ONLY_TYPES,
     TERMINAL_TYPES,
+    Chunk,
     Event,
     NewEvent,
+    chunk_capacity,
     decode_event,
     encode_event,
+    parse_chunk,
     parse_event_json,
     parse_new_event,
     validate_type,
@@ -106,7 +111,8 @@ def test_server_only_types_are_exactly_the_documented_ones():
     assert {"completed", "fatal", "cancelled"} == TERMINAL_TYPES
 
 
-@pytest.mark.parametrize("job_type", [*BUILT_IN_JOB_TYPES, "my-custom.event"])
+@pytest.mark.parametrize("job_type", [t for t in [*BUILT_IN_JOB_TYPES, "my-custom.event"]
+                                      if t != "chunk"])
 def test_jobs_may_post_their_own_types(job_type):
     assert parse_new_event({"type": job_type}).type == job_type
 
@@ -226,6 +232,87 @@ def test_size_is_checked_before_parsing():
 def test_parse_event_json_refuses_server_only_types():
     with pytest.raises(InvalidEvent, match="only the server"):
         parse_event_json(body(type="submitted", data="123.pbs"))
+
+
+# chunk events: binary media (docs/media.md)
+
+
+def chunk_data(payload: bytes = b"RIFF\x00\xff", **fields: Any) -> dict[str, Any]:
+    return {"stream": "audio", "index": 0, "media_type": "audio/wav",
+            "base64": base64.b64encode(payload).decode(), **fields}
+
+
+@pytest.mark.parametrize("media_type", [
+    "audio/wav", "audio/ogg", "audio/pcm;rate=16000;channels=1", "audio/pcm; rate=16000",
+    "image/png", "application/octet-stream", "video/mp4;codecs=avc1.42E01E", "Audio/WAV"])
+def test_a_chunk_with_its_media_type_is_taken_as_sent(media_type):
+    data = chunk_data(media_type=media_type, stream="cam-1.left_0", index=41)
+    assert parse_new_event({"type": "chunk", "data": data}).data == data
+    assert parse_chunk(data).media_type == media_type
+
+
+@pytest.mark.parametrize("payload", [b"", b"a", b"ab", b"abc", bytes(range(256)) * 3])
+def test_a_chunks_size_and_payload_come_from_its_base64(payload):
+    chunk = parse_chunk(chunk_data(payload))
+    assert (chunk.size, chunk.payload()) == (len(payload), payload)
+
+
+def test_a_media_types_essence_and_parameters():
+    chunk = parse_chunk(chunk_data(media_type="Audio/PCM; Rate=16000;channels=1"))
+    assert chunk.essence == "audio/pcm"
+    assert chunk.params == {"rate": "16000", "channels": "1"}
+    assert parse_chunk(chunk_data()).params == {}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"media_type": "audio"}, "media_type"),
+    ({"media_type": "audio/wav;rate"}, "media_type"),
+    ({"media_type": "audio/wav\n"}, "media_type"),
+    ({"media_type": "audio/w a v"}, "media_type"),
+    ({"media_type": "audio/" + "x" * 250}, "media_type"),
+    ({"media_type": 7}, "media_type"),
+    ({"base64": "not base64!"}, "base64"),
+    ({"base64": "QUJD\nREVG"}, "base64"),
+    ({"base64": "QUJ"}, "base64"),
+    ({"base64": "Q==="}, "base64"),
+    ({"base64": "QUJD-_"}, "base64"),
+    ({"base64": None}, "base64"),
+    ({"stream": ""}, "stream"),
+    ({"stream": "Audio"}, "stream"),
+    ({"stream": "../etc"}, "stream"),
+    ({"stream": "a" * 65}, "stream"),
+    ({"index": -1}, "index"),
+    ({"index": 1.5}, "index"),
+    ({"index": True}, "index"),
+    ({"index": "3"}, "index"),
+    ({"extra": 1}, "unknown extra"),
+])
+def test_a_malformed_chunk_is_refused_with_what_is_wrong(change, message):
+    with pytest.raises(InvalidEvent, match=message) as caught:
+        parse_new_event({"type": "chunk", "data": {**chunk_data(), **change}})
+    assert type(caught.value) is InvalidEvent  # 422, not 400 (malformed JSON) or 413
+
+
+@pytest.mark.parametrize("data", [None, "text", [1], {"rows": 3}, {"stream": "audio"}])
+def test_a_chunk_needs_the_media_shape(data):
+    with pytest.raises(InvalidEvent, match="chunk"):
+        parse_new_event({"type": "chunk", "data": data})
+
+
+def test_a_chunk_of_the_capacity_fits_an_event_and_the_message_names_it():
+    payload = bytes(chunk_capacity(MAX_EVENT_BYTES))
+    longest_type = "audio/pcm;rate=48000;channels=2;x=" + "y" * 221
+    data = chunk_data(payload, media_type=longest_type, stream="s" * 64, index=2**53 - 1)
+    raw = orjson.dumps({"type": "chunk", "data": data, "id": "i" * 128})
+    assert len(longest_type) == 255
+    assert MAX_EVENT_BYTES - CHUNK_OVERHEAD < len(raw) <= MAX_EVENT_BYTES
+    assert parse_event_json(raw).data == data
+    with pytest.raises(EventTooLarge, match=f"a chunk may carry {chunk_capacity(len(raw) - 1)} "):
+        parse_event_json(raw, max_bytes=len(raw) - 1)
+
+
+def test_chunk_records_compare_by_value():
+    assert parse_chunk(chunk_data()) == Chunk("audio", 0, "audio/wav", "UklGRgD/")
 
 
 # Event, wire encoding, decode_event

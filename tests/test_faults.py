@@ -200,7 +200,7 @@ async def post_filler(http: httpx.AsyncClient, job: RunningJob, count: int) -> i
     """Many padded events at once, in NDJSON batches: enough to back the frozen client up."""
     last = 0
     for start in range(0, count, 100):
-        body = "".join(json.dumps({"type": "chunk", "data": PADDING}) + "\n"
+        body = "".join(json.dumps({"type": "log", "data": PADDING}) + "\n"
                        for _ in range(min(100, count - start)))
         answer = await http.post(job.url, content=body, headers={
             **job.headers, "Content-Type": "application/x-ndjson"})

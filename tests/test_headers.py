@@ -50,6 +50,7 @@ def test_every_response_carries_the_security_headers(live_server: ServerProcess,
     directives = policy(response)
     assert directives["frame-ancestors"] == "'none'"
     assert directives["default-src"] == "'self'"
+    assert directives["img-src"] == "'self' blob:"
     host = f"127.0.0.1:{live_server.port}"
     assert directives["connect-src"] == f"'self' ws://{host} wss://{host}"
 

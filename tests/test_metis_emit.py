@@ -8,6 +8,7 @@ end-to-end test against the real server lives elsewhere.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -376,7 +377,7 @@ NASTY_TEXTS = [
 def test_text_events_carry_the_text_exactly(stub: Stub, env: dict[str, str],
                                             shell: list[str]) -> None:
     for i, text in enumerate(NASTY_TEXTS):
-        kind = ("step", "token", "chunk", "log")[i % 4]
+        kind = ("step", "token", "log")[i % 3]
         stub.requests.clear()
         done = emit(env, kind, text, shell=shell)
         assert done.returncode == 0, done.stderr
@@ -397,7 +398,7 @@ def test_quote_prints_a_json_string(env: dict[str, str]) -> None:
 
 def test_event_of_64_kib_goes_through(stub: Stub, env: dict[str, str]) -> None:
     text = ('ab"\\\té' * 9000)[: 60 * 1024 // 2]
-    done = emit(env, "chunk", text)
+    done = emit(env, "token", text)
     assert done.returncode == 0, done.stderr
     assert only_event(stub)["data"] == text
 
@@ -672,11 +673,11 @@ def test_pipe_in_every_shell(stub: Stub, env: dict[str, str], shell: list[str]) 
 
 
 def test_pipe_of_nothing_and_of_many_lines(stub: Stub, env: dict[str, str]) -> None:
-    done = emit(env, "pipe", "chunk", stdin=b"")
+    done = emit(env, "pipe", "log", stdin=b"")
     assert done.returncode == 0, done.stderr
     assert stub.events == []
     many = [f"line {i} \"q\" \\ \t" for i in range(500)]
-    done = emit(env, "pipe", "chunk", stdin="".join(x + "\n" for x in many).encode())
+    done = emit(env, "pipe", "log", stdin="".join(x + "\n" for x in many).encode())
     assert done.returncode == 0, done.stderr
     assert [e["data"] for e in stub.events] == many
 
@@ -742,7 +743,7 @@ def test_pipe_replaces_each_ill_formed_part_as_python_does(
         stub: Stub, env: dict[str, str], shell: list[str]) -> None:
     # Short lines take the shell's path, long ones awk's.
     lines = NOT_UTF8 + [b"x" * 600 + line * 3 for line in NOT_UTF8] + [b"fine"]
-    done = emit(env, "pipe", "chunk", shell=shell, stdin=b"".join(x + b"\n" for x in lines))
+    done = emit(env, "pipe", "log", shell=shell, stdin=b"".join(x + b"\n" for x in lines))
     assert done.returncode == 0, done.stderr
     assert [e["data"] for e in stub.events] == [replaced(line) for line in lines]
     bad = sum("\ufffd" in replaced(line) for line in lines)
@@ -783,6 +784,118 @@ def test_pipe_stops_when_the_job_has_ended(stub: Stub, env: dict[str, str]) -> N
     done = emit(env, "pipe", "log", stdin=b"one\ntwo\n")
     assert done.returncode == 5, done.stderr
     assert b"already ended" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# Media: chunk and pipe-chunks (docs/media.md)
+
+
+def media(stub: Stub, stream: str | None = None) -> list[tuple[str, int, str, bytes]]:
+    """The chunk events the stub took: (stream, index, media type, bytes)."""
+    chunks = [e["data"] for e in stub.events if e["type"] == "chunk"]
+    return [(c["stream"], c["index"], c["media_type"], base64.b64decode(c["base64"]))
+            for c in chunks if stream is None or c["stream"] == stream]
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_pipe_chunks_cuts_binary_input_into_ordered_chunks_over_one_request(
+        stub: Stub, env: dict[str, str], shell: list[str]) -> None:
+    payload = bytes(range(256)) * 40 + b"\x00\n\r\"\\" + secrets.token_bytes(5003)
+    done = emit(env, "pipe-chunks", "audio/pcm;rate=16000;channels=1", "--size", "4000",
+                shell=shell, stdin=payload)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    chunks = media(stub)
+    assert [(name, index, kind) for name, index, kind, _ in chunks] == [
+        ("audio", i, "audio/pcm;rate=16000;channels=1") for i in range(4)]
+    assert [len(piece) for *_, piece in chunks] == [4000, 4000, 4000, 3248]
+    assert b"".join(piece for *_, piece in chunks) == payload
+    posts = stub.posts()
+    assert len(posts) == 1 and posts[0].chunked
+    assert posts[0].headers["content-type"] == "application/x-ndjson"
+    assert all(ID_RE.match(e["id"]) for e in stub.events)
+
+
+def test_pipe_chunks_sends_each_chunk_as_it_is_complete(stub: Stub,
+                                                        env: dict[str, str]) -> None:
+    # od hands on whole lines of 16 bytes: a chunk of a multiple of 16 leaves as soon as
+    # its last byte has come.
+    with subprocess.Popen(["dash", str(SCRIPT), "pipe-chunks", "--size", "1008", "--stream",
+                           "cam.0", "image/png"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(b"\x89PNG" * 252 + b"rest")
+            proc.stdin.flush()
+            assert stub.wait_for(lambda: len(stub.events) == 1), "first chunk not seen live"
+            assert media(stub) == [("cam.0", 0, "image/png", b"\x89PNG" * 252)]
+            proc.stdin.write(b"more")
+            out, err = finish(proc)
+        finally:
+            proc.kill()
+    assert (proc.returncode, out, err) == (0, b"", b"")
+    assert media(stub)[1] == ("cam.0", 1, "image/png", b"restmore")
+
+
+def test_chunk_sends_a_file_or_stdin_and_the_job_dir_counts_each_stream(
+        stub: Stub, env: dict[str, str], tmp_path: Path, job_dir: Path) -> None:
+    image = tmp_path / "frame.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + secrets.token_bytes(30_000))
+    counted = {**env, "METIS_JOB_DIR": str(job_dir)}
+    steps: list[tuple[tuple[str, ...], bytes]] = [
+        (("chunk", "image/png", str(image)), b""),
+        (("chunk", "audio/wav"), b"RIFF...."),
+        (("chunk", "image/png", "-"), b"second frame"),
+        (("pipe-chunks", "--size", "3", "audio/wav"), b"0123456"),
+        (("chunk", "--index", "40", "audio/wav"), b"given"),
+        (("chunk", "audio/wav"), b"after it"),
+        (("chunk", "--stream", "empty", "application/octet-stream"), b""),
+    ]
+    for args, stdin in steps:
+        done = emit(counted, *args, stdin=stdin)
+        assert (done.returncode, done.stderr) == (0, b""), args
+    assert media(stub, "image") == [
+        ("image", 0, "image/png", image.read_bytes()), ("image", 1, "image/png", b"second frame")]
+    assert [(index, piece) for _, index, _, piece in media(stub, "audio")] == [
+        (0, b"RIFF...."), (1, b"012"), (2, b"345"), (3, b"6"), (40, b"given"), (41, b"after it")]
+    assert media(stub, "empty") == [("empty", 0, "application/octet-stream", b"")]
+    # Without a job dir, nothing counts: chunk needs --index, pipe-chunks starts at 0.
+    done = emit(env, "chunk", "audio/wav", stdin=b"x")
+    assert done.returncode == 2 and b"--index" in done.stderr
+    assert emit(env, "pipe-chunks", "audio/wav", stdin=b"x").returncode == 0
+    assert media(stub)[-1] == ("audio", 0, "audio/wav", b"x")
+
+
+def test_chunks_go_to_the_spool_too(stub: Stub, env: dict[str, str], job_dir: Path) -> None:
+    payload = secrets.token_bytes(70_000)
+    done = emit(spool_env(env, job_dir, "spool"), "pipe-chunks", "audio/ogg", stdin=payload)
+    assert (done.returncode, done.stderr) == (0, b"")
+    done = emit(spool_env(env, job_dir, "both"), "chunk", "audio/ogg", stdin=b"tail")
+    assert (done.returncode, done.stderr) == (0, b"")
+    events = spooled(job_dir)
+    assert [(e["data"]["index"], len(e["data"]["base64"])) for e in events] == [
+        (0, 43692), (1, 43692), (2, 5952), (3, 8)]
+    assert b"".join(base64.b64decode(e["data"]["base64"]) for e in events) == payload + b"tail"
+    assert [e["id"] for e in stub.events] == [events[-1]["id"]]  # only `both` posted
+
+
+def test_chunk_usage_errors_and_a_chunk_too_large(stub: Stub, env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    for args in [("chunk",), ("chunk", "audio"), ("chunk", 'audio/"wav'),
+                 ("chunk", "audio/wav", "a", "b"), ("chunk", "--stream", "Bad", "audio/wav"),
+                 ("chunk", "--index", "-1", "audio/wav"), ("pipe-chunks", "--size", "0", "a/b"),
+                 ("pipe-chunks", "--size", "999999", "a/b"), ("pipe-chunks", "--bogus", "a/b"),
+                 ("chunk", "--index", "0", "audio/wav", str(tmp_path / "missing")),
+                 ("pipe", "chunk")]:
+        done = emit(env, *args, stdin=b"x")
+        assert done.returncode == 2, (args, done.stderr)
+    assert stub.requests == []
+    done = emit(env, "chunk", "--index", "0", "audio/wav", stdin=bytes(49_200))
+    assert done.returncode == 1
+    assert b"HTTP 413" in done.stderr and b"bytes of media" in done.stderr
+    done = emit(env, "chunk", "--index", "0", "audio/wav;rate", stdin=b"x")
+    assert done.returncode == 1
+    assert b"HTTP 422" in done.stderr and b"media_type" in done.stderr
+    assert stub.events == []
 
 
 # ---------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def test_reader_stops_at_a_bad_line_and_keeps_the_events_before_it():
 
 @st.composite
 def events_and_cuts(draw: st.DrawFn) -> tuple[list[tuple[str, object]], list[bytes]]:
-    items = draw(st.lists(st.tuples(st.sampled_from(["token", "chunk"]), json_values),
+    items = draw(st.lists(st.tuples(st.sampled_from(["token", "step"]), json_values),
                           max_size=8))
     raw = b"".join(orjson.dumps({"type": t, "data": d}) + draw(st.sampled_from(
         [b"\n", b"\r\n", b"\n\n"])) for t, d in items)

@@ -237,7 +237,7 @@ def test_metis_emit_pipe_rides_out_the_body_idle_timeout(
     token_file.write_text(job.token)
     env = {"METIS_EVENTS_URL": job.url, "METIS_TOKEN_FILE": str(token_file),
            "PATH": "/usr/bin:/bin"}
-    with subprocess.Popen([str(EMIT), "pipe", "chunk"], stdin=subprocess.PIPE,
+    with subprocess.Popen([str(EMIT), "pipe", "log"], stdin=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=env) as pipe:
         assert pipe.stdin is not None and pipe.stderr is not None
         pipe.stdin.write(b"before the silence\n")
@@ -246,5 +246,5 @@ def test_metis_emit_pipe_rides_out_the_body_idle_timeout(
         pipe.stdin.write(b"after the silence\n")
         pipe.stdin.close()
         assert pipe.wait(30) == 0, pipe.stderr.read()
-    chunks = [event["data"] for event in job.events() if event["type"] == "chunk"]
-    assert chunks == ["before the silence", "after the silence"]
+    logged = [event["data"] for event in job.events() if event["type"] == "log"]
+    assert logged == ["before the silence", "after the silence"]

@@ -12,11 +12,14 @@ not look green).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
 import shutil
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
+from metis_stream.config import JOBSCRIPTS_DIR
 from metis_stream.tokens import job_token
 from metis_stream.web.app import STATIC_DIR
 from tests.support import service_unavailable
@@ -301,7 +305,7 @@ def post_as_the_job(server: ServerProcess, job_id: str, *events: dict[str, Any])
         assert response.status_code == 200, response.text
 
 
-def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
+def test_logs_result_links_and_exit_status(viewer: Viewer) -> None:
     page = viewer.page
     job = submit_with_api(viewer.server, "tokens", text=TWELVE_WORDS, delay=2)
     viewer.open(f"#/jobs/{job['id']}")
@@ -311,8 +315,6 @@ def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
     _expect(page.locator("#progress-text")).to_have_text("1 / 12 (8%)")
     post_as_the_job(
         viewer.server, job["id"],
-        {"type": "chunk", "data": {"rows": 3}},
-        {"type": "chunk", "data": "<i>plain text chunk</i>"},
         {"type": "log", "data": "loaded 3 rows"},
         {"type": "progress", "data": {"current": 1, "total": 4, "label": "Tables"}},
         {"type": "result", "data": {"report": "https://example.org/report?id=7",
@@ -320,11 +322,6 @@ def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
         {"type": "fatal", "data": {"error": "out of memory", "exit_status": 137}},
     )
     viewer.expect_state("failed")
-    chunks = page.locator("#chunks li")
-    _expect(chunks).to_have_count(2)
-    _expect(chunks.nth(0).locator(".chunk-kind")).to_have_text("object")
-    _expect(chunks.nth(1).locator(".chunk-kind")).to_have_text("string")
-    _expect(chunks.nth(1).locator("pre")).to_have_text("<i>plain text chunk</i>")
     log_line = page.locator("#logs .log-line")
     _expect(log_line).to_have_text(["loaded 3 rows"])
     _expect(log_line).to_have_attribute("data-stream", "message")
@@ -334,8 +331,8 @@ def test_chunks_logs_result_links_and_exit_status(viewer: Viewer) -> None:
     _expect(links).to_have_attribute("href", "https://example.org/report?id=7")
     _expect(page.locator("#job-error")).to_contain_text("out of memory")
     _expect(page.locator("#job-exit-status")).to_have_text("(exit status 137)")
-    assert page.evaluate("document.querySelector('#chunks i, #output *') === null")
-    viewer.screenshot("chunks-logs-result-fatal")
+    assert page.evaluate("document.querySelector('#output *') === null")
+    viewer.screenshot("logs-result-fatal")
 
 
 # The log pane: a job's output, as the launcher streams it (docs/launcher.md)
@@ -875,3 +872,115 @@ def test_the_demos_address_gives_the_viewer_its_key_then_leaves_the_address_bar(
     finally:
         context.close()
         demo.stop()
+
+
+# Media: a job's chunk events played and shown (docs/media.md)
+
+AUDIO_NOTES = 12
+AUDIO_BOX = "#media .media-stream[data-stream='audio']"
+
+
+def png(width: int, height: int, shade: int) -> bytes:
+    """A real PNG of one grey, for the browser to decode."""
+    def part(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    rows = b"".join(b"\x00" + bytes([shade]) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + part(b"IHDR", header) + part(b"IDAT", zlib.compress(rows))
+            + part(b"IEND", b""))
+
+
+@pytest.fixture
+def media_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server with the embedded defaults' ``audio`` template, and ``idle``."""
+    audio = (f'\n[templates.audio]\ncluster = "local"\nscript = "{JOBSCRIPTS_DIR / "audio.pbs"}"\n'
+             'params.notes = { type = "int", min = 1, max = 120, default = 8 }\n'
+             'params.delay = { type = "float", min = 0, max = 5, default = 0.5 }\n')
+    scripts = script_templates(tmp_path / "scripts", {"idle": IDLE_SCRIPT})
+    with running(ServerProcess(state_dir=tmp_path / "server",
+                               extra_config=LOCAL_CLUSTER + scripts + audio)) as server:
+        yield server
+
+
+def wait_for_decoded(page: Page, seconds: float) -> None:
+    """Until the audio box has decoded at least ``seconds`` of audio."""
+    page.wait_for_function(
+        "([s, n]) => Number(document.querySelector(s).dataset.decodedSeconds) >= n",
+        arg=[AUDIO_BOX, seconds])
+
+
+def wait_for_width(page: Page, selector: str, width: int) -> None:
+    page.wait_for_function("([s, w]) => document.querySelector(s).naturalWidth === w",
+                           arg=[selector, width])
+
+
+def box_counts(view: Viewer, selector: str) -> dict[str, str]:
+    counts: dict[str, str] = view.page.eval_on_selector(selector, "node => ({...node.dataset})")
+    return counts
+
+
+def test_audio_plays_while_it_arrives_and_a_reload_resumes_without_a_gap(
+        browser: Browser, media_server: ServerProcess) -> None:
+    job = submit_with_api(media_server, "audio", notes=AUDIO_NOTES, delay=0.4)
+    with viewer_on(browser, media_server) as viewer:
+        page = viewer.page
+        viewer.open(f"#/jobs/{job['id']}")
+        box = page.locator(AUDIO_BOX)
+        _expect(box).to_have_attribute("data-kind", "audio")
+        # Headless Chromium lets a page play at once (a browser that wants a gesture first
+        # leaves it suspended, and the button says Play); the button pauses and plays.
+        button = page.locator(f"{AUDIO_BOX} button.play")
+        _expect(box).to_have_attribute("data-state", "running")
+        button.click()
+        _expect(box).to_have_attribute("data-state", "suspended")
+        _expect(button).to_have_text("Play")
+        button.click()
+        _expect(box).to_have_attribute("data-state", "running")
+        _expect(button).to_have_text("Pause")
+        # Decoded while the job runs, and heard: the level meter moves.
+        wait_for_decoded(page, 1)
+        assert page.locator("#job-state").text_content() == "running"
+        page.wait_for_function("s => document.querySelector(s).value > 0.01",
+                               arg=f"{AUDIO_BOX} meter")
+        # A dropped socket and then a reload in the middle: every chunk once, no gap.
+        viewer.page.evaluate("window.__metisViewer.dropConnection()")
+        wait_for_decoded(page, 2)
+        page.reload()
+        viewer.expect_state("completed")
+        result = wait_for_end(media_server, job["id"])
+        events = httpx.get(f"{media_server.url}/api/jobs/{job['id']}/events", timeout=10).json()
+        chunks = sum(e["type"] == "chunk" for e in events["events"])
+        assert result["state"] == "completed" and chunks == 1 + AUDIO_NOTES
+        _expect(box).to_have_attribute("data-chunks", str(chunks))
+        counts = box_counts(viewer, AUDIO_BOX)
+        assert (counts["nextIndex"], counts["gaps"]) == (str(chunks), "0")
+        assert float(counts["decodedSeconds"]) == pytest.approx(AUDIO_NOTES / 2, abs=1e-3)
+        _expect(page.locator(f"{AUDIO_BOX} .media-status")).to_contain_text("received")
+        viewer.screenshot("media-audio")
+
+
+def test_image_chunks_show_the_latest_frame_and_a_gallery(browser: Browser,
+                                                          media_server: ServerProcess) -> None:
+    job = RunningJob(media_server, "idle")
+    try:
+        with viewer_on(browser, media_server) as viewer:
+            page = viewer.page
+            viewer.open(f"#/jobs/{job.id}")
+            for index, (width, shade) in enumerate([(24, 40), (48, 200)]):
+                response = job.post_event({"type": "chunk", "data": {
+                    "stream": "frames", "index": index, "media_type": "image/png",
+                    "base64": base64.b64encode(png(width, 16, shade)).decode()}})
+                assert response.status_code == 200, response.text
+            box = "#media .media-stream[data-stream='frames']"
+            _expect(page.locator(f"{box} .media-gallery img")).to_have_count(2)
+            # The browser decoded the PNGs (a blob: image that the policy refused has none).
+            wait_for_width(page, f"{box} .media-latest", 48)
+            assert page.eval_on_selector_all(f"{box} .media-gallery img",
+                                             "imgs => imgs.map(i => i.naturalWidth)") == [24, 48]
+            page.locator(f"{box} .media-gallery button").first.click()
+            wait_for_width(page, f"{box} .media-latest", 24)
+            _expect(page.locator("#events li").last).to_contain_text("frames #1 image/png")
+            viewer.screenshot("media-images")
+    finally:
+        job.end()

@@ -38,6 +38,7 @@ from tests.support.server import (
     LOCAL_CLUSTER,
     RunningJob,
     ServerProcess,
+    running,
     script_templates,
 )
 from tests.test_cli_e2e import Demo
@@ -354,7 +355,7 @@ def sleepy_job_env(server: ServerProcess) -> tuple[str, dict[str, str]]:
 
 def test_metis_emit_pipe_streams_lines_live(server: ServerProcess):
     job_id, env = sleepy_job_env(server)
-    pipe = subprocess.Popen([str(EMIT), "pipe", "chunk"], stdin=subprocess.PIPE, env=env)
+    pipe = subprocess.Popen([str(EMIT), "pipe", "log"], stdin=subprocess.PIPE, env=env)
     assert pipe.stdin is not None
     pipe.stdin.write(b"first line\n")
     pipe.stdin.flush()
@@ -362,15 +363,15 @@ def test_metis_emit_pipe_streams_lines_live(server: ServerProcess):
     seen: list[Any] = []
     while time.monotonic() < deadline and "first line" not in seen:
         seen = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
-                if e["type"] == "chunk"]
+                if e["type"] == "log"]
         time.sleep(0.05)
     assert seen == ["first line"], "the first line must arrive before the pipe closes"
     pipe.stdin.write(b"second line\n")
     pipe.stdin.close()
     assert pipe.wait(20) == 0
-    chunks = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
-              if e["type"] == "chunk"]
-    assert chunks == ["first line", "second line"]
+    logged = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
+              if e["type"] == "log"]
+    assert logged == ["first line", "second line"]
     httpx.delete(f"{server.url}/api/jobs/{job_id}")
 
 
@@ -378,15 +379,38 @@ def test_metis_emit_pipe_keeps_the_lines_after_invalid_utf8(server: ServerProces
     # The server refuses an event that is not UTF-8 (400): metis-emit must repair the line
     # (half of a euro sign, as a byte-level tokenizer may cut it), not end the pipe there.
     job_id, env = sleepy_job_env(server)
-    done = subprocess.run([str(EMIT), "pipe", "chunk"], capture_output=True, env=env,
+    done = subprocess.run([str(EMIT), "pipe", "log"], capture_output=True, env=env,
                           input=b"line 1\nhalf a euro: \xe2\x82\nline 3 \xe2\x82\xac\n",
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr == b"metis-emit: replaced invalid UTF-8 in 1 line(s)\n"
-    chunks = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
-              if e["type"] == "chunk"]
-    assert chunks == ["line 1", "half a euro: \ufffd", "line 3 \u20ac"]
+    logged = [e["data"] for e in httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
+              if e["type"] == "log"]
+    assert logged == ["line 1", "half a euro: \ufffd", "line 3 \u20ac"]
     httpx.delete(f"{server.url}/api/jobs/{job_id}")
+
+
+def test_metis_emit_pipe_goes_on_past_the_servers_events_per_request(tmp_path: Path):
+    # The server takes at most max_lines_per_request events in one request: a long pipe
+    # spreads its lines over several requests instead of failing at the first line past it.
+    server = ServerProcess(
+        state_dir=tmp_path / "server", server_settings={"max_lines_per_request": 1500},
+        extra_config=LOCAL_CLUSTER + EXAMPLE_TEMPLATES + custom_templates(tmp_path / "scripts"))
+    with running(server):
+        job_id, env = sleepy_job_env(server)
+        lines = [f"line {n}" for n in range(4_000)]
+        done = subprocess.run([str(EMIT), "pipe", "log"], capture_output=True, env=env,
+                              input="".join(line + "\n" for line in lines).encode(),
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        httpx.delete(f"{server.url}/api/jobs/{job_id}")
+        logged: list[Any] = []
+        after = 0
+        while page := httpx.get(env["METIS_EVENTS_URL"], params={"after": after}).json()[
+                "events"]:
+            logged += [e["data"] for e in page if e["type"] == "log"]
+            after = page[-1]["seq"]
+        assert logged == lines
 
 
 async def test_watch_tokens_never_reach_the_access_log(server: ServerProcess):

@@ -23,7 +23,7 @@ from metis_stream.errors import (
     TooLarge,
     UnsupportedMediaType,
 )
-from metis_stream.events import Event, parse_event_json
+from metis_stream.events import Event, event_too_large, parse_event_json
 from metis_stream.jobs import Job, JobState, state_machine
 from metis_stream.service import JobService
 from metis_stream.templates import param_text
@@ -315,7 +315,10 @@ async def post_events(request: Request) -> Response:
             job_id, body_chunks(request, server.max_request_bytes if whole else None),
             whole=whole)
     elif content_type == JSON_TYPE:
-        body = await read_body(request, server.max_event_bytes)
+        try:
+            body = await read_body(request, server.max_event_bytes)
+        except TooLarge:
+            raise event_too_large(server.max_event_bytes) from None
         result = await service.ingest(job_id, [parse_event_json(body)])
     else:
         raise UnsupportedMediaType("send one event as application/json or several as "

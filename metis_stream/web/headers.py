@@ -13,8 +13,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from metis_stream.web.hosts import ServerNames, host_name
 
 RESPONSE_STARTS = frozenset({"http.response.start", "websocket.http.response.start"})
-POLICY = ("default-src 'self'; connect-src {connect}; object-src 'none'; base-uri 'none'; "
-          "form-action 'self'; frame-ancestors 'none'")
+POLICY = ("default-src 'self'; connect-src {connect}; img-src 'self' blob:; object-src 'none'; "
+          "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+"""``img-src blob:``: the viewer shows a job's image chunks from blobs that it made of their
+bytes itself (docs/media.md); no other origin's image ever loads."""
 
 
 def content_security_policy(host: str | None, names: ServerNames) -> str:

@@ -8,7 +8,7 @@ export const EVENT_HANDLERS = {
   step: (view, e) => view.addStep(typeof e.data === "string" ? e.data : JSON.stringify(e.data), e.time),
   progress: (view, e) => view.setProgress(e.data),
   token: (view, e) => view.appendToken(typeof e.data === "string" ? e.data : String(e.data ?? "")),
-  chunk: (view, e) => view.addChunk(e.data),
+  chunk: (view, e) => view.media.add(e.data),
   log: (view, e) => view.logs.add(e.data),
   result: (view, e) => view.showResult(e.data),
   completed: (view, e) => { if (e.data !== null && e.data !== undefined) view.showResult(e.data); },

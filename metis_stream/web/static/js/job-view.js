@@ -11,6 +11,7 @@ import { EVENT_HANDLERS } from "./event-handlers.js";
 import { FilesPanel } from "./files-panel.js";
 import { api, apiUrl } from "./http.js";
 import { LogPane } from "./log-pane.js";
+import { MediaPane } from "./media-pane.js";
 import { initialState, isTerminalState, isTerminalType, stateAfter } from "./meta.js";
 
 const BACKOFF_FIRST = 250; // ms: first retry after a dropped connection
@@ -43,12 +44,14 @@ export class JobView {
     $("job-error").hidden = true;
     $("cluster-stale").hidden = true;
     $("cancel-job").hidden = true;
-    for (const id of ["output-panel", "progress-panel", "steps-panel", "chunks-panel", "result-panel", "logs-panel"]) {
+    for (const id of ["output-panel", "progress-panel", "steps-panel", "result-panel", "logs-panel"]) {
       $(id).hidden = true;
     }
-    for (const id of ["steps", "chunks", "result", "events"]) $(id).replaceChildren();
+    for (const id of ["steps", "result", "events"]) $(id).replaceChildren();
     this.logs = new LogPane();
     this.files = new FilesPanel(this.jobId, () => this.token);
+    if (this.media) this.media.close();
+    this.media = new MediaPane();
     // The token text is ONE Text node that only ever grows (appendData): no
     // re-render, so selection, scrolling and screen readers stay put.
     this.text = document.createTextNode("");
@@ -93,6 +96,7 @@ export class JobView {
     this.stopped = true;
     clearTimeout(this.retryTimer);
     clearInterval(this.tickTimer);
+    this.media.close();
     if (this.socket) this.socket.close(1000, "page left");
   }
 
@@ -255,7 +259,9 @@ export class JobView {
   }
 
   listEvent(event) {
-    const summary = typeof event.data === "string" ? event.data : JSON.stringify(event.data);
+    const chunk = event.type === "chunk" && event.data && typeof event.data === "object" ? event.data : null;
+    const summary = chunk ? `${chunk.stream} #${chunk.index} ${chunk.media_type}`
+      : typeof event.data === "string" ? event.data : JSON.stringify(event.data);
     // How the event reached the server when not over HTTP (docs/spool.md): a badge.
     const via = event.via === "spool"
       ? el("span", { className: "via", title: "read from the job's spool on the shared filesystem" }, "spool")
@@ -316,14 +322,6 @@ export class JobView {
     bar.setAttribute("aria-valuetext", $("progress-text").textContent);
   }
 
-  addChunk(data) {
-    const kind = data === null ? "null" : Array.isArray(data) ? "array" : typeof data;
-    const body = kind === "string" ? data : JSON.stringify(data, null, 2);
-    $("chunks").append(el("li", { dataset: { kind } },
-      el("span", { className: "chunk-kind" }, kind), el("pre", {}, body)));
-    $("chunks-panel").hidden = false;
-  }
-
   showResult(data) {
     this.result = data;
     $("result").replaceChildren(...linkify(JSON.stringify(data, null, 2)));
@@ -359,6 +357,7 @@ export class JobView {
 
   finish(event) {
     this.ended = true;
+    this.media.finish();
     const open = this.steps[this.steps.length - 1];
     if (open && !open.closed) this.closeStep(open, event.time);
     clearInterval(this.tickTimer);
