@@ -56,6 +56,7 @@ the probe reports how it arrived."""
 PROBE_SPOOL_BYTES = 64 * 1024
 DEFAULT_TIMEOUT = 300.0
 POLL_SECONDS = 1.0
+REPORT_LOOKS = 5
 
 Progress = Callable[[str, float], None]
 """Told what the probe job is doing (``probe job 42 is queued``) and for how many seconds
@@ -77,6 +78,11 @@ async def diagnose(config: Config, cluster_name: str, *, timeout: float = DEFAUL
     assert isinstance(scheduler, BatchScheduler)
     try:
         await _examine(config, cluster, shell, scheduler, diagnosis, timeout, progress)
+    except MetisError as exc:
+        # The connection broke or the scheduler stopped answering half-way: what was
+        # found so far still stands.
+        diagnosis.add(Finding("cluster", "problem", f"stopped answering during the checks: "
+                              f"{exc.message}", "run doctor again once it answers"))
     finally:
         with anyio.CancelScope(shield=True):
             await scheduler.close()
@@ -241,7 +247,9 @@ async def _probe(config: Config, cluster: ClusterConfig, shell: Shell,
     template = Template(name="doctor", cluster=cluster.name, script=PROBE_SCRIPT,
                         capture=False)
     submission_spec = {"job": job_id, "template": template.name, "params": {}, "inputs": []}
-    submission = Submission(job_id=job_id, name=job_name(job_id), template=template, env=env,
+    # Named so that the cluster's admins can tell it in qstat: ms-...-doctor
+    submission = Submission(job_id=job_id, name=job_name(job_id[-12:], "doctor"),
+                            template=template, env=env,
                             token=tokens.job_token(config.server.secret, job_id),
                             spec=submission_spec)
     try:
@@ -297,7 +305,7 @@ async def _wait(scheduler: BatchScheduler, scheduler_id: str, timeout: float,
 async def _judge_probe(config: Config, cluster: ClusterConfig, shell: Shell,
                        scheduler: BatchScheduler, diagnosis: Diagnosis, job_id: str,
                        job_dir: str, scheduler_id: str) -> None:
-    raw = await shell.read_file(f"{job_dir}/{PROBE_REPORT}", max_bytes=4096)
+    raw = await _report(shell, f"{job_dir}/{PROBE_REPORT}")
     if raw is None:
         diagnosis.add(Finding("probe job", "problem", await _why_no_report(
             shell, scheduler, job_id, job_dir, scheduler_id),
@@ -318,6 +326,17 @@ async def _judge_probe(config: Config, cluster: ClusterConfig, shell: Shell,
     diagnosis.recommended_delivery = recommend_delivery(route.works, spool_works)
 
 
+async def _report(shell: Shell, path: str) -> bytes | None:
+    """The probe's report, waiting a little for it: an NFS client on the login node may
+    show a file that a compute node wrote only seconds later (its attribute cache)."""
+    for _ in range(REPORT_LOOKS - 1):
+        raw = await shell.read_file(path, max_bytes=4096)
+        if raw is not None:
+            return raw
+        await anyio.sleep(POLL_SECONDS)
+    return await shell.read_file(path, max_bytes=4096)
+
+
 def _environment_finding(report: ProbeReport, cluster: ClusterConfig) -> Finding:
     flag = "sbatch --export" if cluster.scheduler == "slurm" else "qsub -v"
     if report.value == PROBE_VALUE:
@@ -332,13 +351,21 @@ def _environment_finding(report: ProbeReport, cluster: ClusterConfig) -> Finding
 async def _spool_finding(scheduler: BatchScheduler, job_id: str, job_dir: str) -> Finding:
     """Read the probe's spool as the server reads every job's: one reader command over
     the kept connection, frames, then events."""
-    try:
-        frames = await scheduler.read_spools([SpoolRead(job_id, 0, -1, PROBE_SPOOL_BYTES)])
-    except MetisError as exc:
-        return Finding("spool", "problem", f"the spool reader failed on the login node: {exc}",
-                       "the reader needs sh, wc, awk, tail and head -c there (docs/spool.md)")
-    chunks = [chunk for chunk in frames.chunks if chunk.job_id == job_id]
-    if not chunks:
+    for look in range(REPORT_LOOKS):
+        if look:
+            await anyio.sleep(POLL_SECONDS)  # as for the report: a file seen late
+        try:
+            frames = await scheduler.read_spools([SpoolRead(job_id, 0, -1,
+                                                            PROBE_SPOOL_BYTES)])
+        except MetisError as exc:
+            return Finding("spool", "problem",
+                           f"the spool reader failed on the login node: {exc}",
+                           "the reader needs sh, wc, awk, tail and head -c there "
+                           "(docs/spool.md)")
+        chunks = [chunk for chunk in frames.chunks if chunk.job_id == job_id]
+        if chunks:
+            break
+    else:
         trouble = "; ".join(frames.problems) or "the job left no spool"
         return Finding("spool", "problem", f"no spool read back from {job_dir} ({trouble})",
                        "the job's metis-emit writes it with dd: check that the compute "
