@@ -7,7 +7,7 @@ themselves run in metis_stream.doctor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from metis_stream.errors import EXIT_FAILED
@@ -132,6 +132,20 @@ def judge_route(report: ProbeReport, url: str, cluster: str) -> Route:
 
 
 # ---------------------------------------------------------------------------- delivery
+
+
+def as_needed(finding: Finding, delivery: str, path: Literal["http", "spool"],
+              other_works: bool) -> Finding:
+    """A broken path (the route: ``http``; the spool) as it matters to the configured
+    ``delivery``: it blocks jobs only when they have no other path (``http`` needs the
+    route, ``spool`` the spool, ``both`` either); otherwise it is a warning."""
+    if finding.status != "problem":
+        return finding
+    needed = delivery == path or (delivery == "both" and not other_works)
+    if needed:
+        return finding
+    return replace(finding, status="warning",
+                   change=f'jobs do without it while delivery = "{delivery}" (see delivery)')
 
 
 def recommend_delivery(route: bool, spool: bool) -> str | None:

@@ -24,6 +24,7 @@ from metis_stream.diagnosis import (
     Diagnosis,
     Finding,
     ProbeReport,
+    as_needed,
     delivery_finding,
     judge_route,
     parse_probe_report,
@@ -318,10 +319,10 @@ async def _judge_probe(config: Config, cluster: ClusterConfig, shell: Shell,
                           f"{report.host or 'a compute node'}"))
     diagnosis.add(_environment_finding(report, cluster))
     route = judge_route(report, config.server.events_base_url, cluster.name)
-    diagnosis.add(route.finding)
     spool = await _spool_finding(scheduler, job_id, job_dir)
-    diagnosis.add(spool)
     spool_works = spool.status == "ok"
+    diagnosis.add(as_needed(route.finding, cluster.delivery, "http", spool_works))
+    diagnosis.add(as_needed(spool, cluster.delivery, "spool", route.works))
     diagnosis.add(delivery_finding(cluster.name, cluster.delivery, route.works, spool_works))
     diagnosis.recommended_delivery = recommend_delivery(route.works, spool_works)
 

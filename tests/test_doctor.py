@@ -14,6 +14,7 @@ from metis_stream.diagnosis import (
     Diagnosis,
     Finding,
     ProbeReport,
+    as_needed,
     delivery_finding,
     judge_route,
     parse_probe_report,
@@ -219,6 +220,21 @@ def test_a_configured_delivery_that_works_is_at_most_a_warning():
     only_spool = delivery_finding("m", "spool", route=True, spool=True)
     assert only_spool.status == "warning"
     assert only_spool.change == 'set [clusters.m] delivery = "both"'
+
+
+def test_a_broken_path_blocks_jobs_only_when_the_delivery_has_no_other():
+    broken = Finding("route", "problem", "cannot reach", "spool")
+    assert as_needed(broken, "http", "http", other_works=True) == broken
+    assert as_needed(broken, "spool", "http", other_works=True) == Finding(
+        "route", "warning", "cannot reach",
+        'jobs do without it while delivery = "spool" (see delivery)')
+    assert as_needed(broken, "both", "http", other_works=True).status == "warning"
+    assert as_needed(broken, "both", "http", other_works=False) == broken
+    spool = Finding("spool", "problem", "no spool", "dd")
+    assert as_needed(spool, "spool", "spool", other_works=True) == spool
+    assert as_needed(spool, "http", "spool", other_works=False).status == "warning"
+    fine = Finding("route", "ok", "reaches")
+    assert as_needed(fine, "http", "http", other_works=False) == fine
 
 
 # ---------------------------------------------------------------------------- rendering
