@@ -119,8 +119,8 @@ async def _connection(shell: Shell, cluster: ClusterConfig, diagnosis: Diagnosis
         return False
     except ShellError as exc:
         diagnosis.add(Finding("connection", "problem", f"cannot run commands there: {exc}",
-                              f"check host, port, user, key_file (key_passphrase, use_agent) "
-                              f"in {where}"))
+                              "check host, port, user, key_file, known_hosts (key_passphrase, "
+                              f"use_agent) in {where}"))
         return False
     if cluster.host:
         found = (f"{cluster.user}@{cluster.host} port {cluster.port}: logged in; its host key "
