@@ -28,10 +28,20 @@ import uvicorn
 from metis_stream import tokens, webhooks
 from metis_stream.client import Client, post_event
 from metis_stream.config import Config, check_auth, load_config
+from metis_stream.diagnosis import render_json, render_text
+from metis_stream.doctor import DEFAULT_TIMEOUT as DEFAULT_DOCTOR_TIMEOUT
+from metis_stream.doctor import diagnose
 from metis_stream.errors import EXIT_FAILED, ClientError, ConfigError, MetisError, outcome_of
 from metis_stream.events import OUTPUT_STREAMS, parse_chunk
 from metis_stream.media import MediaSaver
-from metis_stream.terminal import EventPrinter, describe_end, json_line, shown
+from metis_stream.terminal import (
+    EventPrinter,
+    StatusLine,
+    describe_end,
+    json_line,
+    shown,
+    writes_utf8,
+)
 from metis_stream.web.app import create_app
 from metis_stream.web.protocol import BoundedHttpToolsProtocol
 
@@ -142,6 +152,16 @@ def _parser() -> argparse.ArgumentParser:
     replay.set_defaults(run=_replay_webhook)
     hook_commands.add_parser("new-secret", help="print a new webhook secret (whsec_...)"
                              ).set_defaults(run=_new_webhook_secret)
+
+    doctor = command("doctor", "check a cluster from this machine with the server's "
+                               "configuration, with a probe job, and say what to change "
+                               "(docs/doctor.md); exits 1 when something blocks real jobs",
+                     _doctor, config)
+    doctor.add_argument("cluster", help="a [clusters.NAME] of the configuration")
+    doctor.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    doctor.add_argument("--timeout", type=float, default=DEFAULT_DOCTOR_TIMEOUT,
+                        help="seconds to wait for the probe job, queue included "
+                             f"(default {DEFAULT_DOCTOR_TIMEOUT:g})")
 
     emit = command("emit", "post one event from inside a job (the Python twin of "
                            "scripts/metis-emit)", _emit)
@@ -488,6 +508,21 @@ def _replay_webhook(args: argparse.Namespace) -> int:
 def _new_webhook_secret(args: argparse.Namespace) -> int:
     print(webhooks.new_secret())
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    if args.cluster not in config.clusters:
+        raise ConfigError(f"no cluster named {args.cluster!r} in the configuration; it has: "
+                          f"{', '.join(config.clusters) or 'none'}")
+    status = StatusLine(sys.stderr)
+    diagnosis = asyncio.run(diagnose(config, args.cluster, timeout=args.timeout,
+                                     progress=status.show))
+    if args.json:
+        print(json_line(render_json(diagnosis)))
+    else:
+        sys.stdout.write(render_text(diagnosis, utf8=writes_utf8(sys.stdout)))
+    return diagnosis.exit_status
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -133,6 +133,10 @@ class ServerConfig:
     def events_base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
+    def events_url(self, job_id: str) -> str:
+        """Where a job posts its events (``METIS_EVENTS_URL``)."""
+        return f"{self.events_base_url}/api/jobs/{job_id}/events"
+
     @property
     def keyring(self) -> tuple[ApiKey, ...]:
         """Every API key, ``api_keys`` and ``keys`` together; ConfigError for a key given

@@ -30,20 +30,24 @@ def build_backend(config: Config) -> Backend:
 
 
 def build_schedulers(config: Config) -> dict[str, Scheduler]:
-    return {name: _scheduler(config, cluster) for name, cluster in config.clusters.items()}
+    return {name: build_scheduler(config, cluster) for name, cluster in config.clusters.items()}
 
 
-def _scheduler(config: Config, cluster: ClusterConfig) -> Scheduler:
+def build_scheduler(config: Config, cluster: ClusterConfig, shell: Shell | None = None
+                    ) -> Scheduler:
+    """The cluster's scheduler; a batch system's over ``shell`` (which it then owns), or
+    over the shell the cluster's config names."""
     if cluster.scheduler == "local":
         return LocalScheduler(cluster.name, jobs_dir=config.state_dir / "jobs" / cluster.name,
                               emit_script=EMIT_SCRIPT, poll_interval=cluster.poll_interval,
                               stop_jobs_on_close=cluster.stop_jobs_on_exit)
-    return BatchScheduler(cluster.name, DIALECTS[cluster.scheduler], _shell(cluster),
+    return BatchScheduler(cluster.name, DIALECTS[cluster.scheduler],
+                          shell if shell is not None else build_shell(cluster),
                           workdir=cluster.workdir, poll_interval=cluster.poll_interval,
                           emit_script=EMIT_SCRIPT, command_timeout=cluster.command_timeout)
 
 
-def _shell(cluster: ClusterConfig) -> Shell:
+def build_shell(cluster: ClusterConfig) -> Shell:
     """SSH to the cluster's login node; with no host, the scheduler's commands run here
     (a server that runs on the login node itself)."""
     if not cluster.host:

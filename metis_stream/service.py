@@ -219,7 +219,7 @@ class JobService:
         return tokens.watch_token(self.config.server.secret, job_id)
 
     def events_url(self, job_id: str) -> str:
-        return f"{self.config.server.events_base_url}/api/jobs/{job_id}/events"
+        return self.config.server.events_url(job_id)
 
     # Jobs
 

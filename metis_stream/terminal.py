@@ -7,6 +7,7 @@ screen). Pure code over a text stream: the command line decides which stream.
 
 from __future__ import annotations
 
+import codecs
 import re
 import time
 from typing import Any, TextIO
@@ -182,3 +183,28 @@ def _describe_chunk(data: Any) -> str:
     except InvalidEvent:
         return _describe(data)
     return f"{chunk.stream} #{chunk.index} {chunk.media_type}, {chunk.size} bytes"
+
+
+class StatusLine:
+    """What a long wait is doing: redrawn in place on a terminal (with the seconds
+    waited), one line per change of text elsewhere (a log keeps no redraws). An empty
+    text clears it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._tty = out.isatty()
+        self._shown = ""
+
+    def show(self, text: str, seconds: float) -> None:
+        if self._tty:
+            self._out.write("\r\x1b[K" + (f"{shown(text)} ({seconds:.0f} s)" if text else ""))
+        elif text and text != self._shown:
+            self._out.write(shown(text) + "\n")
+        self._shown = text
+        self._out.flush()
+
+
+def writes_utf8(out: TextIO) -> bool:
+    """Whether ``out`` takes characters beyond ASCII (✓, ✗): not on a C locale."""
+    encoding = getattr(out, "encoding", None) or "ascii"
+    return codecs.lookup(encoding).name == "utf-8"

@@ -264,6 +264,11 @@ class BatchScheduler:
             return ProbeOutcome(supported=False)
         return probe.parse(result, ids, self.flavour.flavour if self.flavour else None)
 
+    async def detect_flavour(self) -> SchedulerFlavour | None:
+        """Which batch system answers: asked once (as a poll does), then known."""
+        await self._detect_flavour()
+        return self.flavour
+
     async def _detect_flavour(self) -> None:
         """Ask once which batch system answers: exit codes differ between them
         (metis_stream.schedulers.exit_codes). A connection that fails leaves the question
