@@ -36,7 +36,9 @@ from metis_stream.events import OUTPUT_STREAMS, parse_chunk
 from metis_stream.media import MediaSaver
 from metis_stream.terminal import (
     EventPrinter,
+    ProgressBar,
     StatusLine,
+    byte_size,
     describe_end,
     json_line,
     shown,
@@ -400,7 +402,7 @@ def _files(args: argparse.Namespace) -> int:
                 continue
             modified = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["modified"]))
             mark = "*" if entry["output"] else " "
-            print(shown(f"{_size(entry['size']):>9}  {modified} {mark} {entry['path']}"))
+            print(shown(f"{byte_size(entry['size']):>9}  {modified} {mark} {entry['path']}"))
         if listing["truncated"]:
             print("(more files than a listing shows)", file=sys.stderr)
         return 0
@@ -430,44 +432,6 @@ def _get(args: argparse.Namespace) -> int:
         return 0
 
     return _run(run())
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
-
-
-class ProgressBar:
-    """One line on a terminal, redrawn at most ten times a second: bytes so far, the
-    share of the whole when it is known, and the rate."""
-
-    def __init__(self, stream: Any, name: str) -> None:
-        self.stream = stream
-        self.name = name
-        self.started = time.monotonic()
-        self.drawn = 0.0
-
-    def show(self, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - self.drawn < 0.1 and done != total:
-            return
-        self.drawn = now
-        rate = done / max(now - self.started, 1e-3)
-        if total:
-            filled = round(30 * done / total)
-            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * done // total:3d}%"
-        else:
-            bar = ""
-        self.stream.write(f"\r{shown(self.name)[:30]}  {bar} {_size(done)}  "
-                          f"{_size(rate)}/s\x1b[K")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
 
 
 def _cancel(args: argparse.Namespace) -> int:

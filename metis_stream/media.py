@@ -16,6 +16,7 @@ from typing import BinaryIO, TextIO
 
 from metis_stream.errors import BadInput
 from metis_stream.events import Chunk
+from metis_stream.terminal import LiveLine
 
 PCM_SAMPLE_BYTES = 2
 """``audio/pcm`` is signed 16-bit little-endian samples, channels interleaved."""
@@ -96,8 +97,7 @@ class MediaSaver:
 
     def __init__(self, folder: Path, progress: TextIO) -> None:
         self._folder = folder
-        self._progress = progress
-        self._tty = progress.isatty()
+        self._line = LiveLine(progress)
         self._streams: dict[str, _Stream] = {}
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -118,9 +118,7 @@ class MediaSaver:
         stream.next_index = chunk.index + 1
         stream.chunks += 1
         stream.bytes += len(payload)
-        if self._tty:
-            self._progress.write("\r\x1b[K" + self._summary())
-            self._progress.flush()
+        self._line.draw(self._summary())
 
     def close(self) -> None:
         """Finish every file (a WAV's sizes) and say what was saved."""
@@ -133,13 +131,9 @@ class MediaSaver:
             elif stream.media_type in WAV_TYPES:
                 set_wav_sizes(stream.file)
             stream.file.close()
-        if self._tty and self._streams:
-            self._progress.write("\r\x1b[K")
         for stream in self._streams.values():
             where = stream.path if stream.file is not None else f"{stream.path}-*"
-            self._progress.write(f"saved {where}: {stream.chunks} chunks, "
-                                 f"{stream.bytes} bytes\n")
-        self._progress.flush()
+            self._line.print(f"saved {where}: {stream.chunks} chunks, {stream.bytes} bytes")
 
     def _open(self, chunk: Chunk) -> _Stream:
         essence = chunk.essence
@@ -160,7 +154,7 @@ class MediaSaver:
                                      for s in self._streams.values())
 
     def _warn(self, message: str) -> None:
-        self._progress.write(("\r\x1b[K" if self._tty else "") + f"warning: {message}\n")
+        self._line.print(f"warning: {message}")
 
 
 def _extension(chunk: Chunk) -> str:

@@ -185,23 +185,84 @@ def _describe_chunk(data: Any) -> str:
     return f"{chunk.stream} #{chunk.index} {chunk.media_type}, {chunk.size} bytes"
 
 
+class LiveLine:
+    """One line that shows how a long task is going, redrawn in place on a terminal
+    (carriage return, erase to the end of the line). Off a terminal (a pipe, a log) it
+    draws nothing, since the redraws would pile up; :meth:`print` lines still go out."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self.on_terminal = out.isatty()
+
+    def draw(self, text: str) -> None:
+        """Show ``text`` instead of what the line showed (an empty text clears it)."""
+        if self.on_terminal:
+            self._out.write("\r\x1b[K" + shown(text))
+            self._out.flush()
+
+    def keep(self) -> None:
+        """Leave what the line shows on the screen, and go on below it."""
+        if self.on_terminal:
+            self._out.write("\n")
+            self._out.flush()
+
+    def print(self, message: str) -> None:
+        """A line of its own, written over the live line (the next draw shows it again)."""
+        self._out.write(("\r\x1b[K" if self.on_terminal else "") + shown(message) + "\n")
+        self._out.flush()
+
+
 class StatusLine:
     """What a long wait is doing: redrawn in place on a terminal (with the seconds
     waited), one line per change of text elsewhere (a log keeps no redraws). An empty
     text clears it."""
 
     def __init__(self, out: TextIO) -> None:
-        self._out = out
-        self._tty = out.isatty()
+        self._line = LiveLine(out)
         self._shown = ""
 
     def show(self, text: str, seconds: float) -> None:
-        if self._tty:
-            self._out.write("\r\x1b[K" + (f"{shown(text)} ({seconds:.0f} s)" if text else ""))
+        if self._line.on_terminal:
+            self._line.draw(f"{text} ({seconds:.0f} s)" if text else "")
         elif text and text != self._shown:
-            self._out.write(shown(text) + "\n")
+            self._line.print(text)
         self._shown = text
-        self._out.flush()
+
+
+class ProgressBar:
+    """A transfer's progress on a terminal, redrawn at most ten times a second: bytes so
+    far, the share of the whole when it is known, and the rate. Nothing elsewhere."""
+
+    def __init__(self, out: TextIO, name: str) -> None:
+        self._line = LiveLine(out)
+        self._name = name
+        self._started = time.monotonic()
+        self._drawn = 0.0
+
+    def show(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self._drawn < 0.1 and done != total:
+            return
+        self._drawn = now
+        rate = done / max(now - self._started, 1e-3)
+        if total:
+            filled = round(30 * done / total)
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * done // total:3d}%"
+        else:
+            bar = ""
+        self._line.draw(f"{self._name[:30]}  {bar} {byte_size(done)}  {byte_size(rate)}/s")
+
+    def finish(self) -> None:
+        self._line.keep()
+
+
+def byte_size(count: float) -> str:
+    """``count`` bytes in words a person reads at a glance: 512 B, 1.5 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
 
 
 def writes_utf8(out: TextIO) -> bool:
