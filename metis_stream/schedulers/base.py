@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import orjson
@@ -66,6 +66,26 @@ class SchedulerStatus:
     never_runs: bool = False
     """Still queued on the cluster, but it can never start (a dependency that can never
     be met): ``ended`` for the server, which cancels it there."""
+    elements: Mapping[int, SchedulerStatus] = field(default_factory=dict)
+    """An array's elements that the scheduler listed, by index (a pending range counts
+    for each of its indices); empty for a job that is not an array. The array's own
+    status is :func:`array_status` of them."""
+
+
+_STATE_RANK = {"running": 2, "queued": 1, "ended": 0}
+
+
+def array_status(elements: Mapping[int, SchedulerStatus]) -> SchedulerStatus:
+    """An array as alive as its most alive element; once all of them ended, as ended as
+    its worst: one failed element fails the array, whichever the scheduler printed first."""
+    if not elements:
+        raise ValueError("an array status needs at least one element")
+    alive = max(elements.values(), key=lambda status: _STATE_RANK[status.state])
+    if alive.state != "ended":
+        return replace(alive, elements=elements)
+    failed = [s for s in elements.values() if s.exit_status != 0 or s.never_runs]
+    worst = failed[0] if failed else alive
+    return replace(worst, elements=elements)
 
 
 @dataclass(frozen=True, slots=True)
