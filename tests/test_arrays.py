@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from metis_stream import tokens
+from metis_stream.arrays import reconcile_array
 from metis_stream.errors import InvalidParams, TemplateError
+from metis_stream.events import Event, NewEvent, decode_event, element_event
+from metis_stream.jobs import Job, JobState, apply_event
 from metis_stream.schedulers import pbs, slurm
 from metis_stream.schedulers.base import SchedulerStatus, array_status
 from metis_stream.schedulers.dialect import JobRequest, index_list
@@ -147,3 +151,77 @@ def test_array_status() -> None:
     assert array_status({1: failed, 2: SchedulerStatus("queued")}).state == "queued"
     with pytest.raises(ValueError):
         array_status({})
+
+
+# ---- the tally and the verdict (metis_stream.arrays) ----------------------------------
+
+
+def _array_job(elements: dict[str, int] | None = None) -> Job:
+    return Job(id="j_1", template="t", cluster="c", array="1-5", elements=elements)
+
+
+def test_tally_while_the_array_runs() -> None:
+    status = array_status({2: SchedulerStatus("running"), 4: SchedulerStatus("running"),
+                           5: SchedulerStatus("queued")})
+    events = reconcile_array(_array_job(), status, False, {1: b"0\n", 2: None, 3: b"1\n"})
+    assert [(e.type, e.data) for e in events] == [
+        ("elements", {"queued": 1, "running": 2, "done": 1, "failed": 1})]
+    same = _array_job({"queued": 1, "running": 2, "done": 1, "failed": 1})
+    assert reconcile_array(same, status, False, {1: b"0\n", 2: None, 3: b"1\n"}) == []
+
+
+def test_an_array_completes_when_every_element_succeeded() -> None:
+    exits = {i: b"0\n" for i in range(1, 6)}
+    events = reconcile_array(_array_job(), None, True, exits)
+    assert [e.type for e in events] == ["elements", "completed"]
+    assert events[-1].data["elements"]["done"] == 5
+
+
+def test_an_array_fails_naming_its_failed_elements() -> None:
+    killed = SchedulerStatus("ended", 128 + 15, "TIMEOUT", "killed: ran past its walltime")
+    status = array_status({i: SchedulerStatus("ended", 0, "COMPLETED") for i in (1, 2, 4)}
+                          | {3: SchedulerStatus("ended", 1, "FAILED"), 5: killed})
+    exits: dict[int, bytes | None] = {1: b"0\n", 2: b"0\n", 3: b"1\n", 4: b"0\n", 5: None}
+    events = reconcile_array(_array_job(), status, True, exits)
+    fatal = events[-1]
+    assert fatal.type == "fatal"
+    assert fatal.data["error"] == ("2 of 5 elements failed: 3 (exit 1), "
+                                   "5 (killed: ran past its walltime)")
+    assert fatal.data["elements"] == {"queued": 0, "running": 0, "done": 3, "failed": 2}
+    assert [f["element"] for f in fatal.data["failed"]] == [3, 5]
+
+
+def test_an_element_that_never_started_fails_the_ended_array() -> None:
+    events = reconcile_array(_array_job(), None, True, {i: b"0\n" for i in range(1, 5)})
+    assert events[-1].data["error"] == "1 of 5 elements failed: 5 (never started)"
+
+
+# ---- element tokens and events ----------------------------------------------------------
+
+
+def test_element_tokens() -> None:
+    token = tokens.element_token("s", "j_1", 3)
+    assert token.startswith("3.")
+    assert tokens.element_of("s", "j_1", token) == 3
+    assert tokens.element_of("s", "j_2", token) is None
+    assert tokens.element_of("s", "j_1", "4" + token[1:]) is None
+    assert tokens.element_of("s", "j_1", tokens.job_token("s", "j_1")) is None
+
+
+def test_element_events_are_tagged_and_their_ends_renamed() -> None:
+    tagged = element_event(NewEvent("fatal", {"error": "x"}, id="a"), 3)
+    assert (tagged.type, tagged.element, tagged.id, tagged.terminal) == (
+        "element.fatal", 3, "a", False)
+    event = Event(job="j_1", seq=4, type=tagged.type, data=tagged.data, time=1.0,
+                  element=3)
+    assert decode_event(event.wire).element == 3
+    assert '"element":3' in event.wire
+    assert "element" not in Event(job="j_1", seq=5, type="log", data=None, time=1.0).wire
+
+
+def test_the_tally_is_kept_on_the_job() -> None:
+    job = _array_job()
+    apply_event(job, Event(job="j_1", seq=1, type="elements", time=1.0,
+                           data={"queued": 5, "running": 0, "done": 0, "failed": 0}))
+    assert job.elements == {"queued": 5, "running": 0, "done": 0, "failed": 0}
+    assert job.state == JobState.QUEUED

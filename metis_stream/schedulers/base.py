@@ -14,7 +14,7 @@ from metis_stream.job_folder import JobFolder
 from metis_stream.schedulers.flavour import SchedulerFlavour
 from metis_stream.shells.base import Shell
 from metis_stream.spool import Frames, SpoolRead, parse_frames, reader_argv, sweeper_argv
-from metis_stream.templates import Template
+from metis_stream.templates import ArrayRange, Template
 
 __all__ = [
     "JobFiles",
@@ -48,6 +48,10 @@ class Submission:
     """Scheduler ids of jobs that must complete successfully before this one starts."""
     after_any: tuple[str, ...] = ()
     """Scheduler ids of jobs that must end, however, before this one starts."""
+    array: ArrayRange | None = None
+    """Run the script once per index (docs/arrays.md); None: one job."""
+    element_tokens: Mapping[int, str] = field(default_factory=dict)
+    """An array's tokens, one per element (tokens.element_token), in place of ``token``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,11 @@ class Scheduler(Protocol):
         ended without reporting it. Raises SchedulerError when they cannot be read."""
         ...
 
+    async def read_element_exits(self, job_id: str) -> Mapping[int, bytes | None]:
+        """An array's elements that started, by index: each one's ``exit`` file, or None
+        while it has none. One command. Raises SchedulerError when it cannot run."""
+        ...
+
     async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
         """The new bytes of these jobs' spools, read with one command (metis_stream.spool).
         Raises SchedulerError when it cannot run."""
@@ -167,6 +176,15 @@ class Scheduler(Protocol):
         ...
 
 
+def token_file_data(submission: Submission) -> bytes:
+    """The job's ``token`` file: its token, or an array's line ``INDEX TOKEN`` per
+    element (docs/arrays.md)."""
+    if submission.array is None:
+        return submission.token.encode()
+    return "".join(f"{index} {token}\n"
+                   for index, token in submission.element_tokens.items()).encode()
+
+
 def job_files(submission: Submission, left_out: Sequence[str] = ()) -> dict[str, bytes]:
     """The files of a job's folder that the server writes besides its token, by name:
     ``spec.json``; ``env/NAME`` for each variable that could not travel in the
@@ -178,6 +196,38 @@ def job_files(submission: Submission, left_out: Sequence[str] = ()) -> dict[str,
     if isinstance(inputs, list) and inputs:
         files["input-urls"] = "".join(f"{url}\n" for url in inputs).encode()
     return files
+
+
+ELEMENT_EXITS_READER = """\
+cd "$1" 2>/dev/null || exit 0
+for element in [0-9]*; do
+    [ -d "$element" ] || continue
+    if [ -f "$element/exit" ]; then
+        printf '%s %s\\n' "$element" "$(head -c 64 "$element/exit" | tr -d '\\n')"
+    else
+        printf '%s -\\n' "$element"
+    fi
+done
+"""
+
+
+async def read_element_exits_with(shell: Shell, elements_dir: str, timeout: float,
+                                  cluster: str) -> dict[int, bytes | None]:
+    """Run ELEMENT_EXITS_READER over ``shell`` for one array's ``elements`` folder."""
+    try:
+        result = await shell.run(["sh", "-c", ELEMENT_EXITS_READER, "metis-elements",
+                                  elements_dir], timeout=timeout)
+    except ShellError as exc:
+        raise SchedulerError(f"could not read an array's elements on {cluster}: {exc}") from exc
+    if result.exit_status != 0:
+        raise SchedulerError(f"reading an array's elements on {cluster} failed with status "
+                             f"{result.exit_status}: {result.stderr.strip()[:300]}")
+    exits: dict[int, bytes | None] = {}
+    for line in result.stdout.splitlines():
+        index, _, rest = line.partition(" ")
+        if index.isdigit():
+            exits[int(index)] = None if rest == "-" else rest.encode()
+    return exits
 
 
 async def remove_old_spools_with(shell: Shell, jobs_dir: str, keep_seconds: float,
