@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import anyio
 
+from metis_stream.arrays import reconcile_array
 from metis_stream.backends.contract import Backend
 from metis_stream.clusters import (
     CAUSES,
@@ -222,6 +223,9 @@ class Monitor:
                 continue  # another server process's child, or one from before a restart
             misses[job.id] = 0 if status is not None else self._misses.get(job.id, 0) + 1
             files = None
+            if job.array is not None:
+                await self._reconcile_array(job, status, misses[job.id])
+                continue
             if status is not None and status.never_runs and has_ended(job, status, 0):
                 await self._cancel_never_runs(job, scheduler_id)
             elif has_ended(job, status, misses[job.id]):
@@ -244,6 +248,22 @@ class Monitor:
                 except MetisError as exc:
                     logger.info("monitor: job %s: %s", job.id, exc)
         self._misses = misses
+
+    async def _reconcile_array(self, job: Job, status: SchedulerStatus | None,
+                               misses: int) -> None:
+        """An array's tally and, once the scheduler says it ended, its verdict, from its
+        elements' exit files (metis_stream.arrays)."""
+        try:
+            exits = await self._scheduler.read_element_exits(job.id)
+        except MetisError as exc:
+            logger.warning("monitor: array %s: %s", job.id, exc)
+            return  # judged at a later poll: an array must not fail for a read that failed
+        events = reconcile_array(job, status, has_ended(job, status, misses), exits)
+        if events:
+            try:
+                await self._append(job.id, events)
+            except MetisError as exc:
+                logger.info("monitor: array %s: %s", job.id, exc)
 
     async def _cancel_never_runs(self, job: Job, scheduler_id: str) -> None:
         """A job that can never start stays queued on the cluster (Slurm without

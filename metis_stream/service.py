@@ -51,6 +51,7 @@ from metis_stream.errors import (
     JobEnded,
     JobNotFound,
     JobNotSubmitted,
+    NotAllowed,
     NotFound,
     NotRunning,
     SchedulerError,
@@ -58,7 +59,7 @@ from metis_stream.errors import (
     UnknownTemplate,
     plain_cause,
 )
-from metis_stream.events import Event, NewEvent
+from metis_stream.events import Event, NewEvent, element_event
 from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.job_folder import JobFolder
 from metis_stream.jobs import Job, JobState, new_job_id
@@ -74,6 +75,7 @@ from metis_stream.templates import (
     DEFAULT_STDERR_TAIL_LINES,
     Template,
     param_text,
+    parse_array,
     validate_inputs,
     validate_params,
 )
@@ -287,9 +289,10 @@ class JobService:
             if not template.accepts_inputs:
                 raise InvalidParams({"files": f"template {template.name!r} takes no inputs"})
             await uploads(self.schedulers[template.cluster].job_folder(job_id))
+        array = template.array_for(values)
         job = Job(id=job_id, template=template.name, cluster=template.cluster,
                   params=dict(values), inputs=urls, owner=owner, user=label, created=now,
-                  updated=now)
+                  updated=now, array=None if array is None else str(array))
         await self.backend.create_job(job)
         self.metrics.count("metis_jobs_created_total")
         await self._append(job.id, [NewEvent("starting", {"template": template.name})],
@@ -362,6 +365,14 @@ class JobService:
                "METIS_DELIVERY": self.config.clusters[template.cluster].delivery}
         for name, value in job.params.items():
             env[template.params[name].env_name()] = param_text(value)
+        array = template.array_for(job.params)
+        element_tokens: dict[int, str] = {}
+        if array is not None:
+            # One spool per job, and an array's elements are many writers of their own
+            # folders: they post over HTTP (docs/arrays.md).
+            env["METIS_DELIVERY"] = "http"
+            secret = self.config.server.secret
+            element_tokens = {i: tokens.element_token(secret, job.id, i) for i in array.indices}
         try:
             with anyio.fail_after(self.config.server.submit_timeout):
                 on_cluster = await self._scheduler_waits(job.id, waits)
@@ -370,7 +381,8 @@ class JobService:
             submission = Submission(job_id=job.id, name=job_name(job.id, job.user),
                                     template=template, env=env, token=self.job_token(job.id),
                                     spec=self.spec(job), user=job.user,
-                                    after=on_cluster.after, after_any=on_cluster.after_any)
+                                    after=on_cluster.after, after_any=on_cluster.after_any,
+                                    array=array, element_tokens=element_tokens)
             with anyio.fail_after(self.config.server.submit_timeout):
                 scheduler_id = await scheduler.submit(submission)
         except Exception as exc:  # any failure must end the job, never the server
@@ -414,17 +426,29 @@ class JobService:
                 logger.warning("job %s: backend unavailable, retrying in %.1fs", job_id, delay)
                 await anyio.sleep(delay)
 
-    async def ingest(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
-        """Append events that the job itself posted.
+    async def ingest(self, job_id: str, events: Sequence[NewEvent], *,
+                     element: int | None = None) -> AppendResult:
+        """Append events that the job itself posted (``element``: that array element, whose
+        token it used).
 
         A job can start before its scheduler's submit command has returned; its events
         then wait for the ``submitted`` event, so that watchers always see it first.
         """
         if not events:
             raise BadInput("no events in the request")
+        if element is not None:
+            await self._check_element(job_id, element)
+            events = [element_event(event, element) for event in events]
         result = await self._append_job_events(job_id, events)
         await self._appended(job_id, result, by="job", path="http")
         return result
+
+    async def _check_element(self, job_id: str, element: int) -> None:
+        """An element's token fits only its own array's indices (a token alone never tells
+        whether the job exists: this runs after the token was checked)."""
+        job = await self.backend.get_job(job_id)
+        if job.array is None or element not in parse_array(job.array).indices:
+            raise NotAllowed(f"job {job_id} has no array element {element}")
 
     async def _ingest_spooled(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
         """Append events read from the job's spool, as the job's own (docs/spool.md)."""
@@ -473,7 +497,7 @@ class JobService:
         return await self.backend.get_job(job_id)
 
     async def ingest_ndjson(self, job_id: str, chunks: AsyncIterable[bytes], *,
-                            whole: bool) -> AppendResult:
+                            whole: bool, element: int | None = None) -> AppendResult:
         """Append the events of an NDJSON body that a job posted.
 
         A ``whole`` body (one whose length was announced) is all or nothing. A streamed
@@ -490,7 +514,7 @@ class JobService:
         async def take() -> None:
             events = reader.events_received()
             if events and not (whole and reader.error):
-                result = await self.ingest(job_id, events)
+                result = await self.ingest(job_id, events, element=element)
                 appended.extend(result.events)
                 seqs.extend(result.seqs)
             if reader.error is not None:

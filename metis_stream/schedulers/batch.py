@@ -33,8 +33,10 @@ from metis_stream.schedulers.base import (
     SchedulerStatus,
     Submission,
     job_files,
+    read_element_exits_with,
     read_spools_with,
     remove_old_spools_with,
+    token_file_data,
 )
 from metis_stream.schedulers.dialect import (
     COMMAND_NOT_FOUND,
@@ -142,9 +144,11 @@ class BatchScheduler:
             user=submission.user,
             after=submission.after,
             after_any=submission.after_any,
+            array=None if submission.array is None else str(submission.array),
             env={
                 **submission.env,
                 "METIS_TOKEN_FILE": f"{job_dir}/token",
+                **({"METIS_ARRAY": str(submission.array)} if submission.array else {}),
                 "METIS_SPEC_FILE": f"{job_dir}/spec.json",
                 "METIS_EMIT": f"{root}/{emit}",
                 "METIS_SCRIPT": script if script.startswith("/") else f"{root}/{script}",
@@ -160,7 +164,8 @@ class BatchScheduler:
         if {"METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT", "METIS_SCRIPT",
                 "METIS_JOB_DIR"} & set(left_out):
             raise UnsafeValue(f"the workdir path on {self.name} cannot travel in the job's env")
-        await self._shell.write_file(f"{job_dir}/token", submission.token.encode(), mode=0o600)
+        await self._shell.write_file(f"{job_dir}/token", token_file_data(submission),
+                                     mode=0o600)
         for name, data in job_files(submission, left_out).items():
             await self._shell.write_file(f"{job_dir}/{name}", data, mode=0o600)
 
@@ -311,6 +316,11 @@ class BatchScheduler:
             raise SchedulerError(f"could not read the files of {job_id} on {self.name}: "
                                  f"{exc}") from exc
         return JobFiles.as_read(exit_file, tail)
+
+    async def read_element_exits(self, job_id: str) -> Mapping[int, bytes | None]:
+        job_dir = f"{self._workdir}/jobs/{check(STAGED_JOB_ID, job_id, 'job id')}"
+        return await read_element_exits_with(self._shell, f"{job_dir}/elements",
+                                             self._timeout, self.name)
 
     async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
         for read in reads:

@@ -305,7 +305,7 @@ async def post_events(request: Request) -> Response:
     service = service_of(request)
     server = service.config.server
     job_id = request.path_params["job_id"]
-    auth.require_job_token(request, server, job_id)
+    element = auth.require_job_token(request, server, job_id)
     content_type = _content_type(request)
     if content_type in NDJSON_TYPES:
         # A body of announced length is read whole (and is all or nothing); one sent in
@@ -313,13 +313,13 @@ async def post_events(request: Request) -> Response:
         whole = "content-length" in request.headers
         result = await service.ingest_ndjson(
             job_id, body_chunks(request, server.max_request_bytes if whole else None),
-            whole=whole)
+            whole=whole, element=element)
     elif content_type == JSON_TYPE:
         try:
             body = await read_body(request, server.max_event_bytes)
         except TooLarge:
             raise event_too_large(server.max_event_bytes) from None
-        result = await service.ingest(job_id, [parse_event_json(body)])
+        result = await service.ingest(job_id, [parse_event_json(body)], element=element)
     else:
         raise UnsupportedMediaType("send one event as application/json or several as "
                                    "application/x-ndjson")
