@@ -19,7 +19,7 @@ pick the right parent to be translated everywhere.
     │   ├── UnsafeArgument                  a value that cannot travel to a shell or scheduler
     │   └── ConfigError                     the operator's configuration (TemplateError)
     ├── NotAuthenticated              401
-    ├── NotAllowed                    403
+    ├── NotAllowed                    403   (LoginRefused: the cluster refused a login code)
     ├── NotFound                      404   (JobNotFound, NoSuchRoute)
     ├── Gone                          410   (LogLost)
     ├── Conflict                      409   (JobEnded, JobNotSubmitted)
@@ -29,7 +29,8 @@ pick the right parent to be translated everywhere.
     ├── BackendUnavailable            503   the store cannot be reached: retry
     ├── SchedulerError                502   the batch system failed (SubmitOutcomeUnknown)
     ├── ShellError                    502   commands could not run (CommandTimeout 504,
-    │                                       HostKeyRefused)
+    │   │                                   HostKeyRefused)
+    │   └── LoginNeeded               503   the cluster waits for an operator's second factor
     ├── WebhookFailed                 502   a webhook's receiver did not take a delivery
     ├── EmbeddingError                500   the program that embeds metis-stream set it up
     │                                       wrong: a public_url outside the app's mount path,
@@ -75,6 +76,8 @@ __all__ = [
     "JobNotSubmitted",
     "LimitExceeded",
     "LogLost",
+    "LoginNeeded",
+    "LoginRefused",
     "MalformedEvent",
     "MetisError",
     "NoSuchRoute",
@@ -191,6 +194,11 @@ class NotAuthenticated(MetisError):
 
 class NotAllowed(MetisError):
     """The credentials are fine, the action is not allowed (or the Origin, or the Host)."""
+
+
+class LoginRefused(NotAllowed):
+    """The cluster's login node refused the second factor that an operator gave
+    (``metis-stream login``): a wrong code, or one already used. Nothing changed."""
 
 
 # Things that are not there, or no longer
@@ -324,6 +332,12 @@ class ConnectionLost(ShellError):
     status: the command may or may not have run (a ``qsub`` may have queued a job)."""
 
 
+class LoginNeeded(ShellError):
+    """The cluster's login node asks for a second factor after the key, and the server has
+    no live connection: an operator must log in (``metis-stream login CLUSTER``,
+    docs/login.md). Nothing was sent to the cluster."""
+
+
 class WebhookFailed(MetisError):
     """A webhook's receiver could not be reached, did not answer in time, or answered
     other than 2xx; the message says which."""
@@ -400,6 +414,7 @@ OUTCOMES: Mapping[type[MetisError], Outcome] = {
     ShellError: Outcome(502, WS_SERVER_ERROR, EXIT_FAILED),
     WebhookFailed: Outcome(502, WS_SERVER_ERROR, EXIT_FAILED),
     CommandTimeout: Outcome(504, WS_SERVER_ERROR, EXIT_FAILED),
+    LoginNeeded: Outcome(503, WS_TRY_AGAIN, EXIT_FAILED),
 }
 """Each family's outcome; a class without an entry takes its nearest ancestor's."""
 
@@ -416,6 +431,7 @@ _PLAIN_CAUSES: Mapping[type[BaseException], str] = {
     HostKeyRefused: "the cluster's host key is not trusted",
     ConnectionLost: "the connection to the cluster broke",
     CommandTimeout: "the cluster did not answer in time",
+    LoginNeeded: "the cluster waits for an operator to log in",
     TimeoutError: "the cluster did not answer in time",
     SchedulerError: "the scheduler did not take the job",
     UnsafeValue: "a value of the job cannot be passed to the scheduler safely",

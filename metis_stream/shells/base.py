@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from metis_stream.errors import UnsafeArgument
+from metis_stream.errors import LoginNeeded, UnsafeArgument
 
 __all__ = [
     "CommandResult",
     "Shell",
+    "TakesLogin",
     "check_argv",
 ]
 
@@ -78,6 +79,22 @@ class Shell(Protocol):
 
     async def close(self) -> None:
         """Release the shell; closing it again does nothing."""
+        ...
+
+
+@runtime_checkable
+class TakesLogin(Protocol):
+    """A shell whose login node may ask for a second factor after the key (SSHShell), and
+    the scheduler that owns one: an operator's one-time code opens its connection
+    (docs/login.md)."""
+
+    def needs_login(self) -> LoginNeeded | None:
+        """The error a command meets now for want of a login; None when none is needed."""
+        ...
+
+    async def login(self, code: str) -> bool:
+        """Open the connection with ``code``: True, or False when one was open already
+        (the code unused). LoginRefused when the login node refuses the code."""
         ...
 
 
