@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -28,9 +29,13 @@ from metis_stream.shells.ssh import SSHShell
 from tests.support.cluster import TestCluster, test_cluster  # noqa: F401
 from tests.support.second_factor import SecondFactorSshd, mfa_sshd  # noqa: F401
 from tests.support.server import ServerProcess, script_templates
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 from tests.test_cluster_e2e import API_KEY, HEADERS, get_job, home_of, make_server, submit
 from tests.test_cluster_outage import cluster_health, polls_after, wait_for
 from tests.test_launcher_cluster import log_lines, watch
+from tests.test_viewer import browser, viewer_on  # noqa: F401
 
 pytestmark = pytest.mark.cluster
 
@@ -168,7 +173,8 @@ def metric(server: ServerProcess, state: str) -> str:
                 if line.startswith(f'metis_cluster_state{{cluster="{CLUSTER}",state="{state}"}}'))
 
 
-def test_a_second_factor_cluster_waits_for_a_login_and_keeps_it(env: Env) -> None:
+def test_a_second_factor_cluster_waits_for_a_login_and_keeps_it(
+        env: Env, browser: Browser) -> None:  # noqa: F811
     server, sshd, cluster = env.server, env.sshd, env.cluster
     # Before any login: shown as such, even without jobs, and submissions are refused.
     health = wait_for(lambda: (h := cluster_health(server, CLUSTER))["state"] == "login_needed"
@@ -195,27 +201,37 @@ def test_a_second_factor_cluster_waits_for_a_login_and_keeps_it(env: Env) -> Non
 
     job = submit(server, "waiter")
     wait_for(lambda: get_job(server, job["id"])["state"] == "running", 30, "the job to run")
+    from playwright.sync_api import expect  # the browser fixture found it
+
+    job_dir = f"{home_of(cluster)}/{env.base}/jobs/{job['id']}"
     watcher = _Watcher(server, job["id"])
     try:
-        sshd.drop_connections()
-        down = wait_for(lambda: (h := cluster_health(server, CLUSTER))["state"] != "ok" and h,
-                        15, "the lost login to be seen")
-        assert down["state"] == "login_needed", down
-        # Polls go on failing, and judge no job.
-        polls_after(server, CLUSTER, time.time(), 3, 30)
-        assert get_job(server, job["id"])["state"] == "running"
-        again = httpx.post(f"{server.url}/api/jobs", headers=HEADERS, timeout=10,
-                           json={"template": "waiter"})
-        assert again.status_code == 503 and "metis-stream login" in again.json()["error"]
+        with viewer_on(browser, server) as view:
+            view.open(f"#key={API_KEY}")
+            view.open(f"#/jobs/{job['id']}")
+            view.expect_state("running")
+            banner = view.page.locator("#cluster-stale")
+            sshd.drop_connections()
+            down = wait_for(lambda: (h := cluster_health(server, CLUSTER))["state"] != "ok" and h,
+                            15, "the lost login to be seen")
+            assert down["state"] == "login_needed", down
+            expect(banner).to_contain_text("mfa has waited for an operator to log in since")
+            expect(banner).to_contain_text("The job runs on")
+            # Polls go on failing, and judge no job.
+            polls_after(server, CLUSTER, time.time(), 3, 30)
+            assert get_job(server, job["id"])["state"] == "running"
+            again = httpx.post(f"{server.url}/api/jobs", headers=HEADERS, timeout=10,
+                               json={"template": "waiter"})
+            assert again.status_code == 503 and "metis-stream login" in again.json()["error"]
 
-        codes.append(sshd.fresh_code())
-        assert login(server, codes[1]).returncode == 0
-        assert state_of(server) == "ok"
-        cluster.run_as_user(["touch", f"{home_of(cluster)}/{env.base}/jobs/{job['id']}/go"],
-                            check=True)
-    except BaseException:
-        cluster.run_as_user(["touch", f"{home_of(cluster)}/{env.base}/jobs/{job['id']}/go"])
-        raise
+            codes.append(sshd.fresh_code())
+            assert login(server, codes[1]).returncode == 0
+            assert state_of(server) == "ok"
+            expect(banner).to_be_hidden()
+            view.expect_state("running")
+    finally:
+        # The job ends now, whatever happened above, and its watcher with it.
+        cluster.run_as_user(["touch", f"{job_dir}/go"])
     events = watcher.events()
     kinds = [e["type"] for e in events]
     assert kinds.count("stale") == 1 and kinds.count("recovered") == 1, kinds
