@@ -264,7 +264,7 @@ async def login_cluster(request: Request) -> Response:
     except orjson.JSONDecodeError as exc:
         raise BadInput(f"not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise BadInput('a login request is a JSON object: {"code": "123456"}')
+        raise BadInput('a login request is a JSON object: {"code": "..."}')
     name = request.path_params["name"]
     opened = await service.login(name, login_code(body.get("code")))
     return JSONResponse({"cluster": name, "connection": "opened" if opened else "already open"})
