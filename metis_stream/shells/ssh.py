@@ -297,7 +297,8 @@ class SSHShell:
                 if _active(self._client):
                     return False
                 await self._drop(self._client)
-            client, self._second_factor = await anyio.to_thread.run_sync(self._connect, code)
+            client, asked = await anyio.to_thread.run_sync(self._connect, code)
+            self._second_factor = self._second_factor or asked
             # A login is a person's explicit attempt: a backoff left by failures before it
             # must not hold the commands that follow.
             self._reconnects.reset()
