@@ -156,6 +156,9 @@ class ClusterConfig:
     key_passphrase: str = ""
     use_agent: bool = True
     known_hosts: str = "~/.ssh/known_hosts"
+    second_factor: bool = False
+    """The login node asks for a one-time code after the key: the server connects only when
+    an operator logs it in (``metis-stream login``, docs/login.md), in one server process."""
     workdir: str = "metis-stream"
     poll_interval: float = 10.0
     max_sessions: int = 8
@@ -353,6 +356,9 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
         raise ConfigError(f"[clusters.{name}] scheduler must be one of {', '.join(SCHEDULERS)}")
     if cluster.host and not cluster.user:
         raise ConfigError(f"[clusters.{name}]: a cluster reached over SSH needs a user")
+    if cluster.second_factor and not cluster.host:
+        raise ConfigError(f"[clusters.{name}]: second_factor is for a login node reached over "
+                          "SSH (host); remove it")
     if cluster.scheduler == "local" and cluster.host:
         raise ConfigError(f"[clusters.{name}]: the local scheduler runs jobs here; remove host")
     if cluster.scheduler != "local" and cluster.stop_jobs_on_exit:

@@ -28,6 +28,7 @@ from metis_stream.clusters import (
     ClusterHealth,
     after_poll,
     recovered,
+    state_of_failure,
     went_stale,
 )
 from metis_stream.errors import MetisError
@@ -35,6 +36,7 @@ from metis_stream.events import NewEvent
 from metis_stream.jobs import ACTIVE_STATES, Job, JobState
 from metis_stream.launcher import parse_exit, tail_lines
 from metis_stream.schedulers.base import JobFiles, Scheduler, SchedulerStatus
+from metis_stream.shells.base import TakesLogin
 from metis_stream.spool_reader import SpoolReader
 from metis_stream.templates import DEFAULT_STDERR_TAIL_LINES
 
@@ -169,8 +171,9 @@ class Monitor:
                     idle = not any(job.scheduler_id for job in jobs)
                     changed = await spool.read(jobs)
             except Exception as exc:
-                if (isinstance(exc, MetisError) and self._health is not None
-                        and self._health.state != "ok"):
+                if isinstance(exc, MetisError) and (
+                        (self._health is not None and self._health.state != "ok")
+                        or state_of_failure(exc) == "login_needed"):
                     # Logged with the cluster's change of health (the poll's); each read
                     # of an outage would only repeat it, with a traceback.
                     logger.debug("spool reader of cluster %s: read failed: %s",
@@ -207,7 +210,10 @@ class Monitor:
     async def poll_once(self) -> None:
         jobs = {job.scheduler_id: job for job in await self._live_jobs() if job.scheduler_id}
         if not jobs:
-            return  # nothing to ask, and nothing to be stale about
+            # Nothing to ask, and nothing to be stale about; but a lost login is shown all
+            # the same, before a submission meets it.
+            await self._note_login([])
+            return
         try:
             statuses = await self._scheduler.poll(list(jobs))
         except Exception as exc:
@@ -275,15 +281,37 @@ class Monitor:
             logger.warning("monitor: job %s can never run, and cancelling %s failed: %s",
                            job.id, scheduler_id, exc)
 
-    async def _note_health(self, error: BaseException | None, jobs: list[Job]) -> None:
-        """Keep the cluster's health after a poll; tell the watchers of its live jobs
-        once that their news went stale, and once that it is fresh again."""
-        now = time.time()
+    async def check_login(self) -> None:
+        """Note now whether the cluster waits for a login (docs/login.md): after a login
+        opened its connection, its jobs' watchers hear that their news is fresh again
+        without waiting for the next poll."""
+        if await self._leading():
+            await self._note_login(await self._live_jobs())
+
+    async def _note_login(self, jobs: list[Job]) -> None:
+        """``login_needed`` when the cluster's connection waits for a login, and back to
+        ``ok`` when a login opened it; nothing to note on a cluster without logins."""
+        if not isinstance(self._scheduler, TakesLogin):
+            return
+        needed = self._scheduler.needs_login()
+        waiting = (await self._known_health(time.time())).state == "login_needed"
+        if (needed is not None) != waiting:
+            await self._note_health(needed, jobs)
+
+    async def _known_health(self, now: float) -> ClusterHealth:
+        """The cluster's health as this process last noted it, or as the backend keeps it
+        (``ok`` since ``now`` when it keeps none)."""
         if self._health is None:
             kept = await self._backend.cluster_health()
             self._health = kept.get(self._scheduler.name,
                                     ClusterHealth(self._scheduler.name, "ok", since=now))
-        before = self._health
+        return self._health
+
+    async def _note_health(self, error: BaseException | None, jobs: list[Job]) -> None:
+        """Keep the cluster's health after a poll; tell the watchers of its live jobs
+        once that their news went stale, and once that it is fresh again."""
+        now = time.time()
+        before = await self._known_health(now)
         after = after_poll(before, error, now)
         detected = self._scheduler.flavour
         if detected is not None:

@@ -45,6 +45,7 @@ from metis_stream.deliverer import Deliverer, send
 from metis_stream.errors import (
     BackendUnavailable,
     BadInput,
+    Conflict,
     EmbeddingError,
     Gone,
     InvalidParams,
@@ -70,6 +71,7 @@ from metis_stream.monitor import Monitor
 from metis_stream.ndjson import NdjsonReader
 from metis_stream.schedulers.base import Scheduler, Submission
 from metis_stream.schedulers.dialect import END_USER, job_name
+from metis_stream.shells.base import TakesLogin
 from metis_stream.spool_reader import SpoolReader
 from metis_stream.templates import (
     DEFAULT_STDERR_TAIL_LINES,
@@ -104,6 +106,8 @@ MAX_DEPENDENCIES = 64
 """Jobs one job may wait for (``after`` and ``after_any`` together)."""
 DEPENDENCY_POLL = 0.2
 """Seconds between looks at a parent whose submission is under way."""
+MAX_LOGIN_CODE = 256
+"""Characters of a login code: a TOTP code has 6 to 8, a YubiKey OTP 44."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +142,7 @@ class JobService:
         """Jobs whose cancel is under way (see cancel)."""
         self._submissions = RateLimiter(config.server.submissions_per_minute)
         self.metrics = Metrics()
+        self._monitors: dict[str, Monitor] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> JobService:
@@ -202,6 +207,7 @@ class JobService:
             for state in CLUSTER_STATES:
                 self.metrics.gauge("metis_cluster_state", functools.partial(
                     _in_state, monitor, state), cluster=cluster.name, state=state)
+            self._monitors[cluster.name] = monitor
             task_group.start_soon(monitor.run)
         for webhook in self.config.webhooks.values():
             task_group.start_soon(Deliverer(self.backend, webhook, self.metrics).run)
@@ -283,6 +289,10 @@ class JobService:
         label = end_user(user)
         waits = Waits(dependency_ids(after, "after"), dependency_ids(after_any, "after_any"))
         await self._check_dependencies(template, waits, seen_by)
+        scheduler = self.schedulers[template.cluster]
+        if isinstance(scheduler, TakesLogin) and (needed := scheduler.needs_login()) is not None:
+            # Refused before anything is recorded: the submission could only fail.
+            raise needed
         now = time.time()
         job_id = new_job_id(now)
         if uploads is not None:
@@ -532,7 +542,27 @@ class JobService:
             raise BadInput("no events in the request")
         return AppendResult(events=appended, seqs=seqs)
 
-    # Reading
+    # Clusters
+
+    async def login(self, cluster: str, code: str) -> bool:
+        """Log the server in to ``cluster``, whose login node asks for a second factor,
+        with ``code``, a one-time code an operator typed (docs/login.md): True when the
+        connection opened, False when one was open already (the code unused). The code is
+        used once, and kept and logged nowhere. LoginRefused when the cluster refuses it.
+        """
+        if cluster not in self.schedulers:
+            raise NotFound(f"no cluster named {cluster[:64]!r}")
+        scheduler = self.schedulers[cluster]
+        if not isinstance(scheduler, TakesLogin):
+            raise Conflict(f"cluster {cluster} runs jobs on this machine: there is nothing to "
+                           "log in to")
+        opened = await scheduler.login(code)
+        logger.info("cluster %s: %s", cluster, "logged in by an operator" if opened
+                    else "a login came while the connection was open (its code was not used)")
+        monitor = self._monitors.get(cluster)
+        if monitor is not None:
+            await monitor.check_login()
+        return opened
 
     async def clusters(self) -> list[dict[str, Any]]:
         """Each cluster's configuration that clients may see, and its health as the
@@ -676,6 +706,15 @@ def end_user(user: object) -> str | None:
                        "your app, which the cluster shows in the job's name (an opaque id, "
                        "not an email address or a name)")
     return user
+
+
+def login_code(value: object) -> str:
+    """A login request's code, or BadInput that says what it may be."""
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_LOGIN_CODE
+            or not value.isprintable() or value != value.strip()):
+        raise BadInput(f"'code' must be the one-time code as text: 1 to {MAX_LOGIN_CODE} "
+                       "printable characters, without spaces around them")
+    return value
 
 
 def _in_state(monitor: Monitor, state: str) -> float:

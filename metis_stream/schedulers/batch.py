@@ -15,7 +15,14 @@ from pathlib import Path
 
 import anyio
 
-from metis_stream.errors import SchedulerError, ShellError, SubmitOutcomeUnknown, UnsafeValue
+from metis_stream.errors import (
+    Conflict,
+    LoginNeeded,
+    SchedulerError,
+    ShellError,
+    SubmitOutcomeUnknown,
+    UnsafeValue,
+)
 from metis_stream.job_folder import JobFolder
 from metis_stream.launcher import (
     EXIT_FILE,
@@ -51,7 +58,7 @@ from metis_stream.schedulers.dialect import (
     check,
 )
 from metis_stream.schedulers.flavour import FLAVOUR_NAMES, SchedulerFlavour
-from metis_stream.shells.base import Shell
+from metis_stream.shells.base import Shell, TakesLogin
 from metis_stream.spool import SPOOL_FILE, Frames, SpoolRead
 
 logger = logging.getLogger(__name__)
@@ -104,6 +111,16 @@ class BatchScheduler:
 
     async def close(self) -> None:
         await self._shell.close()
+
+    def needs_login(self) -> LoginNeeded | None:
+        return self._shell.needs_login() if isinstance(self._shell, TakesLogin) else None
+
+    async def login(self, code: str) -> bool:
+        """Log the shell in with an operator's one-time code (TakesLogin)."""
+        if not isinstance(self._shell, TakesLogin):
+            raise Conflict(f"cluster {self.name} runs its commands on this machine, without "
+                           "SSH: there is nothing to log in to")
+        return await self._shell.login(code)
 
     async def submit(self, submission: Submission) -> str:
         job_id = check(STAGED_JOB_ID, submission.job_id, "job id")
