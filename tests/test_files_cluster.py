@@ -187,6 +187,9 @@ def test_ten_downloads_at_once_all_complete(made: Made) -> None:
 @pytest.mark.parametrize(("path", "status"), [
     ("escape", 403), ("up/x", 403), ("%2E%2E/%2E%2E/x", 400), ("token", 404),
     ("missing", 404),
+    ("..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd", 400), ("%2Fetc%2Fpasswd", 400),
+    ("/etc/passwd", 400),
+    ("a%0Ab", 404),  # Starlette's path convertor does not take a newline
 ])
 def test_paths_out_of_the_folder_are_refused_on_the_cluster(made: Made, path: str,
                                                             status: int) -> None:
@@ -196,7 +199,7 @@ def test_paths_out_of_the_folder_are_refused_on_the_cluster(made: Made, path: st
 
 
 def test_uploaded_inputs_arrive_intact(made: Made, tmp_path: Path) -> None:
-    inputs = {"data.bin": secrets.token_bytes(3 * 1024 * 1024 + 5), "notes.txt": b"hello\n"}
+    inputs = {"data.bin": secrets.token_bytes(20 * 1024 * 1024 + 5), "notes.txt": b"hello\n"}
     parts: list[tuple[str, Any]] = [("job", (None, b'{"template": "sums"}', "application/json"))]
     parts += [("file", (name, data, "application/octet-stream"))
               for name, data in inputs.items()]
