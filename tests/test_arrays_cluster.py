@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.support.cluster import TestCluster, test_cluster  # noqa: F401
 from tests.support.server import ServerProcess, script_templates
-from tests.test_cluster_e2e import cluster_block, follow, get_job, make_server, submit
+from tests.test_cluster_e2e import API_KEY, cluster_block, follow, get_job, make_server, submit
+from tests.test_viewer import browser, viewer_on  # noqa: F401
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 pytestmark = pytest.mark.cluster
 
@@ -62,7 +66,8 @@ def by_element(events: list[dict[str, Any]]) -> dict[int, list[str]]:
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_an_array_with_a_failing_element_fails(env: Env, scheduler: str) -> None:
+def test_an_array_with_a_failing_element_fails(env: Env, scheduler: str,
+                                               browser: Browser) -> None:  # noqa: F811
     job = submit(env.server, f"array_{scheduler}", {"fail_at": 3})
     assert job["array"] == "1-5"
     events = follow(env.server, job["id"], timeout=120)
@@ -86,6 +91,14 @@ def test_an_array_with_a_failing_element_fails(env: Env, scheduler: str) -> None
     record = get_job(env.server, job["id"])
     assert record["state"] == "failed"
     assert record["elements"] == final["data"]["elements"]
+    # The viewer shows the tally as the job's progress.
+    with viewer_on(browser, env.server) as view:
+        view.open(f"#key={API_KEY}")
+        view.open(f"#/jobs/{job['id']}")
+        view.expect_state("failed")
+        from playwright.sync_api import expect  # the browser fixture found it
+        expect(view.page.locator("#progress-text")).to_have_text(
+            "elements ended (0 running, 1 failed): 5 / 5 (100%)")
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)

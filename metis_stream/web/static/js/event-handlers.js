@@ -14,6 +14,20 @@ export const EVENT_HANDLERS = {
   completed: (view, e) => { if (e.data !== null && e.data !== undefined) view.showResult(e.data); },
   fatal: (view, e) => view.showError(e.data),
   cancelled: (view, e) => view.showError(e.data ?? "cancelled"),
+  elements: (view, e) => view.setProgress(tallyProgress(e.data)),
   stale: (view, e) => view.showStale(e.data, e.time),
   recovered: (view) => view.hideStale(),
 };
+
+// An array's tally (docs/arrays.md) as the progress bar: the elements that have
+// ended, of all of them.
+function tallyProgress(tally) {
+  if (!tally || typeof tally !== "object") return null;
+  const count = (key) => (Number.isInteger(tally[key]) ? tally[key] : 0);
+  const ended = count("done") + count("failed");
+  return {
+    current: ended,
+    total: ended + count("queued") + count("running"),
+    label: `elements ended (${count("running")} running, ${count("failed")} failed)`,
+  };
+}
