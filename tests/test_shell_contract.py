@@ -28,7 +28,7 @@ import pytest
 from metis_stream.errors import CommandTimeout, OutsideFolder, ShellError, UnsafeArgument
 from metis_stream.shells.base import CHUNK_BYTES, CommandResult, FileInfo, Shell
 from metis_stream.shells.local import LocalShell
-from tests.support.agent import agent_shell
+from tests.support.agent import agent_link
 from tests.support.cluster import TestCluster
 from tests.support.redis_server import RedisServer
 from tests.support.shells import FakeShell, ssh_shell
@@ -82,9 +82,9 @@ async def opened(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
         shell = ssh_shell(cluster)
     elif kind == "agent":
         redis: RedisServer = request.getfixturevalue("redis_server")
-        async with agent_shell(tmp_path, redis.url, allow_commands=(*CONTRACT_COMMANDS,
-                                               *folder_commands(folder))) as shell:
-            yield shell
+        async with agent_link(tmp_path, redis.url, allow_commands=(
+                *CONTRACT_COMMANDS, *folder_commands(folder))) as link:
+            yield link.shell
         return
     else:
         shell = FakeShell()

@@ -115,12 +115,20 @@ def write_key_file(path: Path, key: str = AGENT_KEY) -> Path:
     return path
 
 
+@dataclass
+class AgentLink:
+    shell: AgentShell
+    server: ServerProcess
+    agent: AgentProcess
+    home: Path
+
+
 @contextlib.asynccontextmanager
-async def agent_shell(folder: Path, redis_url: str, *, allow_commands: Sequence[str] = (),
-                      wait: float = 10.0) -> AsyncIterator[AgentShell]:
+async def agent_link(folder: Path, redis_url: str, *, allow_commands: Sequence[str] = (),
+                     wait: float = 10.0, workdir: str = ".") -> AsyncIterator[AgentLink]:
     """An AgentShell of this process whose operations reach, through Redis, a real server
     process that a real metis-agent polls: the agent runs as this user, with
-    ``folder/home`` as its home and its work folder (``--workdir .``)."""
+    ``folder/home`` as its home, and ``workdir`` in it as its work folder."""
     cluster = f"agent{secrets.token_hex(4)}"  # a queue of its own in the shared Redis
     home = folder / "home"
     home.mkdir()
@@ -128,7 +136,7 @@ async def agent_shell(folder: Path, redis_url: str, *, allow_commands: Sequence[
                            extra_config=agent_cluster_config(cluster),
                            server_settings={"redis_url": redis_url})
     agent = AgentProcess(server.url, write_key_file(folder / "agent-key"),
-                         folder / "agent.log", workdir=".", allow_commands=allow_commands,
+                         folder / "agent.log", workdir=workdir, allow_commands=allow_commands,
                          env={"HOME": str(home), "PATH": os.environ["PATH"]}, cwd=home)
     backend = RedisBackend(redis_url)
     server.start()
@@ -138,7 +146,7 @@ async def agent_shell(folder: Path, redis_url: str, *, allow_commands: Sequence[
         await backend.start()
         shell = AgentShell(cluster, backend, wait=wait)
         try:
-            yield shell
+            yield AgentLink(shell, server, agent, home)
         finally:
             await shell.close()
             await backend.close()
