@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import copy
 import functools
+import getpass
 import os
 import shlex
 import sys
@@ -132,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     cancel = command("cancel", "cancel a job", _cancel, client)
     cancel.add_argument("job")
 
+    login = command("login", "log the server in to a cluster whose login node asks for a "
+                             "one-time code after the key (an admin key; docs/login.md)",
+                    _login, client)
+    login.add_argument("cluster")
+    login.add_argument("--code", help="the code (else asked for on the terminal, or read "
+                                      "from stdin; a code on the command line shows in ps)")
+
     token = command("token", "print a job's ingest token (needs the server's secret)",
                     _token, config)
     token.add_argument("job")
@@ -202,6 +210,14 @@ def _run_workers(config: Config, args: argparse.Namespace) -> int:
     if not config.server.redis_url:
         raise ConfigError("--workers needs redis_url: server processes share jobs and events "
                           "only through Redis")
+    second_factor = [name for name, cluster in config.clusters.items()
+                     if cluster.second_factor]
+    if second_factor:
+        raise ConfigError(
+            f"cluster {second_factor[0]} has second_factor = true: its connection lives in "
+            "the one server process that an operator logged in, and a login reaches one "
+            "process only. Serve it with --workers 1, or link the cluster with the agent "
+            "instead (docs/login.md)")
     if args.config:
         os.environ["METIS_CONFIG"] = str(args.config.resolve())
     os.environ.update(METIS_HOST=config.server.host, METIS_PORT=str(config.server.port))
@@ -442,6 +458,30 @@ def _cancel(args: argparse.Namespace) -> int:
         return 0
 
     return _run(run())
+
+
+def _login(args: argparse.Namespace) -> int:
+    code = args.code if args.code is not None else _read_code(args.cluster)
+
+    async def run() -> int:
+        async with _client(args) as client:
+            answer = await client.login(args.cluster, code)
+        if answer["connection"] == "opened":
+            print(f"logged in to {args.cluster}: the server keeps the connection open until "
+                  "it drops (then log in again)")
+        else:
+            print(f"{args.cluster}: the server's connection is open already (the code was "
+                  "not used)")
+        return 0
+
+    return _run(run())
+
+
+def _read_code(cluster: str) -> str:
+    """The code from the terminal without echo, or the first line of stdin (a script)."""
+    if sys.stdin.isatty():
+        return getpass.getpass(f"one-time code for {cluster}: ").strip()
+    return sys.stdin.readline().strip()
 
 
 def _failed_webhooks(args: argparse.Namespace) -> int:

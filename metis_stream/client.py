@@ -130,6 +130,13 @@ class Client:
             "POST", f"/api/webhooks/failed/{quote(letter_id, safe='')}/replay"))["replayed"]
         return replayed
 
+    async def login(self, cluster: str, code: str) -> dict[str, Any]:
+        """Log the server in to ``cluster`` with an operator's one-time code (an admin key,
+        docs/login.md): ``{"cluster": ..., "connection": "opened"}``, or ``"already
+        open"`` when the code was not needed. A refused code is ClientError 403."""
+        return await self._request("POST", f"/api/clusters/{quote(cluster, safe='')}/login",
+                                   json={"code": code})
+
     async def history(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """The job's events with seq > ``after`` so far, every page of them."""
         events: list[dict[str, Any]] = []

@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from metis_stream.errors import ShellError
+from metis_stream.errors import LoginNeeded, ShellError
 
-ClusterState = Literal["ok", "degraded", "unreachable"]
-CLUSTER_STATES: tuple[ClusterState, ...] = ("ok", "degraded", "unreachable")
+ClusterState = Literal["ok", "degraded", "unreachable", "login_needed"]
+CLUSTER_STATES: tuple[ClusterState, ...] = ("ok", "degraded", "unreachable", "login_needed")
 """``ok``: the last poll worked. ``degraded``: the connection works, the scheduler's
 commands fail (slurmctld or pbs_server down). ``unreachable``: no connection (sshd down,
-the network, a login that needs a person)."""
+the network). ``login_needed``: no connection, and opening one needs an operator's second
+factor (``metis-stream login``, docs/login.md)."""
 
 STALE = "stale"
 RECOVERED = "recovered"
@@ -26,6 +27,7 @@ RECOVERED = "recovered"
 CAUSES: dict[ClusterState, str] = {
     "degraded": "the cluster's scheduler does not answer",
     "unreachable": "the server cannot reach the cluster",
+    "login_needed": "the cluster waits for an operator to log in",
 }
 """What a job's watchers are told of an outage: plain words, no host or user names."""
 
@@ -102,13 +104,14 @@ class AgentPresence:
 
 
 def state_of_failure(error: BaseException) -> ClusterState:
-    """``unreachable`` when the connection failed (a ShellError anywhere in the chain of
-    causes), else ``degraded``: the cluster answered, its scheduler did not."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, ShellError):
-            return "unreachable"
-        seen = seen.__cause__
+    """``login_needed`` when the connection waits for an operator's login (LoginNeeded
+    anywhere in the chain of causes), ``unreachable`` when it failed otherwise (a
+    ShellError), else ``degraded``: the cluster answered, its scheduler did not."""
+    chain = _chain(error)
+    if any(isinstance(link, LoginNeeded) for link in chain):
+        return "login_needed"
+    if any(isinstance(link, ShellError) for link in chain):
+        return "unreachable"
     return "degraded"
 
 

@@ -28,6 +28,7 @@ from metis_stream.templates import (
     DEFAULT_LOG_MAX_EVENTS,
     DEFAULT_STDERR_TAIL_LINES,
     Template,
+    array_from_config,
     output_pattern,
     param_from_config,
 )
@@ -158,6 +159,9 @@ class ClusterConfig:
     key_passphrase: str = ""
     use_agent: bool = True
     known_hosts: str = "~/.ssh/known_hosts"
+    second_factor: bool = False
+    """The login node asks for a one-time code after the key: the server connects only when
+    an operator logs it in (``metis-stream login``, docs/login.md), in one server process."""
     workdir: str = "metis-stream"
     poll_interval: float = 10.0
     max_sessions: int = 8
@@ -364,6 +368,9 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
         raise ConfigError(f"[clusters.{name}] scheduler must be one of {', '.join(SCHEDULERS)}")
     if cluster.host and not cluster.user:
         raise ConfigError(f"[clusters.{name}]: a cluster reached over SSH needs a user")
+    if cluster.second_factor and not cluster.host:
+        raise ConfigError(f"[clusters.{name}]: second_factor is for a login node reached over "
+                          "SSH (host); remove it")
     if cluster.scheduler == "local" and cluster.host:
         raise ConfigError(f"[clusters.{name}]: the local scheduler runs jobs here; remove host")
     if cluster.scheduler != "local" and cluster.stop_jobs_on_exit:
@@ -408,7 +415,7 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
     where = f"[templates.{name}]"
     known = {"cluster", "script", "remote_script", "description", "queue", "account",
              "resources", "params", "accepts_inputs", "capture", "log_max_events",
-             "log_max_bytes", "stderr_tail_lines", "outputs"}
+             "log_max_bytes", "stderr_tail_lines", "outputs", "array"}
     _refuse_unknown(table, known, where)
     cluster = table.get("cluster", "")
     if cluster not in clusters:
@@ -443,12 +450,25 @@ def _template(name: str, table: Mapping[str, Any], base: Path,
             output_pattern(glob)
         except TemplateError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    array, array_param = None, None
+    if "array" in table:
+        if clusters[cluster].scheduler == "local":
+            raise ConfigError(f"{where}: array: the local scheduler runs no arrays; put the "
+                              "template on a pbs or slurm cluster (docs/arrays.md)")
+        if clusters[cluster].delivery == "spool":
+            raise ConfigError(f"{where}: array: an array's elements deliver over http; "
+                              f"cluster {cluster!r} has delivery = \"spool\": set "
+                              "\"both\" or \"http\" (docs/arrays.md)")
+        try:
+            array, array_param = array_from_config(table["array"], params)
+        except TemplateError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return Template(
         name=name, cluster=cluster, script=script, remote_script=table.get("remote_script"),
         description=table.get("description", ""), queue=table.get("queue"),
         account=table.get("account"), resources=resources, params=params,
         accepts_inputs=bool(table.get("accepts_inputs", True)), capture=capture,
-        outputs=tuple(outputs), **budget,
+        outputs=tuple(outputs), array=array, array_param=array_param, **budget,
     )
 
 

@@ -21,7 +21,7 @@ pick the right parent to be translated everywhere.
     │   ├── RangeNotSatisfiable       416   a byte range past a file's end
     │   └── ConfigError                     the operator's configuration (TemplateError)
     ├── NotAuthenticated              401
-    ├── NotAllowed                    403   (OutsideFolder)
+    ├── NotAllowed                    403   (OutsideFolder, LoginRefused: a refused login code)
     ├── NotFound                      404   (JobNotFound, NoSuchRoute)
     ├── Gone                          410   (LogLost)
     ├── Conflict                      409   (JobEnded, JobNotSubmitted)
@@ -31,7 +31,8 @@ pick the right parent to be translated everywhere.
     ├── BackendUnavailable            503   the store cannot be reached: retry
     ├── SchedulerError                502   the batch system failed (SubmitOutcomeUnknown)
     ├── ShellError                    502   commands could not run (CommandTimeout 504,
-    │                                       HostKeyRefused, AgentAway, OperationRefused)
+    │   │                                   HostKeyRefused, AgentAway, OperationRefused)
+    │   └── LoginNeeded               503   the cluster waits for an operator's second factor
     ├── WebhookFailed                 502   a webhook's receiver did not take a delivery
     ├── EmbeddingError                500   the program that embeds metis-stream set it up
     │                                       wrong: a public_url outside the app's mount path,
@@ -78,6 +79,8 @@ __all__ = [
     "JobNotSubmitted",
     "LimitExceeded",
     "LogLost",
+    "LoginNeeded",
+    "LoginRefused",
     "MalformedEvent",
     "MetisError",
     "NoSuchRoute",
@@ -221,6 +224,11 @@ class OutsideFolder(NotAllowed):
     """A path that leads out of the folder it must stay in (a symbolic link)."""
 
 
+class LoginRefused(NotAllowed):
+    """The cluster's login node refused the second factor that an operator gave
+    (``metis-stream login``): a wrong code, or one already used. Nothing changed."""
+
+
 # Things that are not there, or no longer
 
 
@@ -362,6 +370,12 @@ class OperationRefused(ShellError):
     outside its work folder (docs/agent.md). Nothing ran."""
 
 
+class LoginNeeded(ShellError):
+    """The cluster's login node asks for a second factor after the key, and the server has
+    no live connection: an operator must log in (``metis-stream login CLUSTER``,
+    docs/login.md). Nothing was sent to the cluster."""
+
+
 class WebhookFailed(MetisError):
     """A webhook's receiver could not be reached, did not answer in time, or answered
     other than 2xx; the message says which."""
@@ -439,6 +453,7 @@ OUTCOMES: Mapping[type[MetisError], Outcome] = {
     ShellError: Outcome(502, WS_SERVER_ERROR, EXIT_FAILED),
     WebhookFailed: Outcome(502, WS_SERVER_ERROR, EXIT_FAILED),
     CommandTimeout: Outcome(504, WS_SERVER_ERROR, EXIT_FAILED),
+    LoginNeeded: Outcome(503, WS_TRY_AGAIN, EXIT_FAILED),
 }
 """Each family's outcome; a class without an entry takes its nearest ancestor's."""
 
@@ -457,6 +472,7 @@ _PLAIN_CAUSES: Mapping[type[BaseException], str] = {
     AgentAway: "the cluster's agent is not connected",
     OperationRefused: "the cluster's agent refused an operation",
     CommandTimeout: "the cluster did not answer in time",
+    LoginNeeded: "the cluster waits for an operator to log in",
     TimeoutError: "the cluster did not answer in time",
     SchedulerError: "the scheduler did not take the job",
     UnsafeValue: "a value of the job cannot be passed to the scheduler safely",

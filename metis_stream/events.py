@@ -23,7 +23,8 @@ TYPE_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 
 TERMINAL_TYPES = frozenset({"completed", "fatal", "cancelled"})
-SERVER_ONLY_TYPES = frozenset({"starting", "submitted", "cancelled", "stale", "recovered"})
+SERVER_ONLY_TYPES = frozenset({"starting", "submitted", "cancelled", "stale", "recovered",
+                               "elements"})
 """Types that only the server appends: a job cannot claim it was submitted or cancelled, or
 speak for its cluster's health."""
 
@@ -48,6 +49,8 @@ class NewEvent:
     id: str | None = None
     via: str | None = None
     """How a job's event reached the server when not over HTTP: ``spool``."""
+    element: int | None = None
+    """The index of the array element that sent it (:func:`element_event`)."""
 
     @property
     def terminal(self) -> bool:
@@ -66,6 +69,9 @@ class Event:
     via: str | None = None
     """``spool`` for an event read from the job's spool (docs/spool.md); absent on the
     wire otherwise."""
+    element: int | None = None
+    """The index of the array element that sent it (docs/arrays.md); absent on the wire
+    for an event of the array itself, or of a job that is not an array."""
     wire: str = field(default="", compare=False, repr=False)
     """The JSON text of the event, encoded once and shared by every watcher."""
 
@@ -85,7 +91,7 @@ class Event:
     def as_dict(self) -> dict[str, JsonValue]:
         fields = {"job": self.job, "seq": self.seq, "type": self.type,
                   "data": self.data, "time": self.time}
-        return fields if self.via is None else {**fields, "via": self.via}
+        return {**fields, **tags(self.via, self.element)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +197,28 @@ def event_too_large(max_bytes: int, size: int | None = None) -> EventTooLarge:
                          f"{chunk_capacity(max_bytes)} bytes of media: send smaller chunks)")
 
 
+ELEMENT_END_PREFIX = "element."
+"""An element's ``completed`` or ``fatal`` is kept as ``element.completed`` or
+``element.fatal``: one element's end is not the array's (docs/arrays.md)."""
+
+
+def tags(via: str | None, element: int | None) -> dict[str, JsonValue]:
+    """The optional fields of an event's wire JSON, after ``time``."""
+    found: dict[str, JsonValue] = {}
+    if via is not None:
+        found["via"] = via
+    if element is not None:
+        found["element"] = element
+    return found
+
+
+def element_event(event: NewEvent, index: int) -> NewEvent:
+    """An event that array element ``index`` sent, tagged with its index; its end renamed
+    (ELEMENT_END_PREFIX), so that no watcher takes it for the array's."""
+    kind = ELEMENT_END_PREFIX + event.type if event.type in TERMINAL_TYPES else event.type
+    return NewEvent(type=kind, data=event.data, id=event.id, via=event.via, element=index)
+
+
 def encode_event(event: Event) -> str:
     return orjson.dumps(event.as_dict()).decode()
 
@@ -200,7 +228,8 @@ def decode_event(text: str | bytes) -> Event:
     raw = orjson.loads(text)
     wire = text if isinstance(text, str) else text.decode()
     return Event(job=raw["job"], seq=raw["seq"], type=raw["type"], data=raw["data"],
-                 time=raw["time"], via=raw.get("via"), wire=wire)
+                 time=raw["time"], via=raw.get("via"), element=raw.get("element"),
+                 wire=wire)
 
 
 def validate_type(event_type: object) -> str:

@@ -66,5 +66,6 @@ def build_shell(cluster: ClusterConfig, backend: Backend | None = None) -> Shell
         known_hosts=Path(cluster.known_hosts).expanduser(),
         key_file=Path(cluster.key_file).expanduser() if cluster.key_file else None,
         passphrase=cluster.key_passphrase or None, use_agent=cluster.use_agent,
-        max_sessions=cluster.max_sessions,
+        max_sessions=cluster.max_sessions, cluster=cluster.name,
+        second_factor=cluster.second_factor,
     )

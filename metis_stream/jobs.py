@@ -59,6 +59,8 @@ STATE_AFTER_EVENT: Mapping[str, JobState] = {
     # job's own progress. Forward-only rules never take a running job back to queued.
     "stale": JobState.QUEUED,
     "recovered": JobState.QUEUED,
+    # An array's tally (docs/arrays.md): its elements run, or not, by their own events.
+    "elements": JobState.QUEUED,
 }
 """The state each event type leads to; any other type leads to ``STATE_OTHERWISE``."""
 STATE_OTHERWISE = JobState.RUNNING
@@ -71,6 +73,9 @@ def state_after(state: JobState, event_type: str) -> JobState:
     target = STATE_AFTER_EVENT.get(event_type, STATE_OTHERWISE)
     return target if target.rank > state.rank else state
 
+
+TALLY_KEYS = ("queued", "running", "done", "failed")
+"""The counts of an array's ``elements`` event, kept as ``Job.elements``."""
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -114,6 +119,11 @@ class Job:
     """The full story of a failed submission (the SSH user, host, paths, the scheduler's
     own words), for API key holders only: never in an event, which watchers read."""
     exit_status: int | None = None
+    array: str | None = None
+    """An array's indices, ``FIRST-LAST[:STEP]`` (docs/arrays.md); None: not an array."""
+    elements: dict[str, int] | None = None
+    """An array's tally, from its last ``elements`` event: how many elements are
+    queued, running, done and failed."""
 
     def as_dict(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
@@ -134,6 +144,8 @@ def fields_set_by(event_type: str, data: JsonValue) -> dict[str, JsonValue]:
     memory one on a Job and the Redis one as HSET pairs inside its append script."""
     if event_type == "submitted" and isinstance(data, str):
         return {"scheduler_id": data}
+    if event_type == "elements" and isinstance(data, Mapping):
+        return {"elements": {key: data[key] for key in TALLY_KEYS if key in data}}
     if event_type == "result" or (event_type == "completed" and data is not None):
         return {"result": data}
     if event_type in ("fatal", "cancelled"):

@@ -20,7 +20,8 @@ HELP = {
     "metis_http_errors_total": ("counter", "Error responses, by HTTP status."),
     "metis_open_streams": ("gauge", "Websockets and Server-Sent Events streams open now."),
     "metis_cluster_state": ("gauge", "1 for the state each cluster is in, as this process's "
-                            "monitor saw it last (ok, degraded, unreachable)."),
+                            "monitor saw it last (ok, degraded, unreachable, "
+                            "login_needed)."),
     "metis_spool_reads_total": ("counter", "Spool reads (one command each), by cluster."),
     "metis_spool_bytes_total": ("counter", "Bytes read from spools, by cluster."),
     "metis_spool_damage_total": ("counter", "Spool reads that skipped damage, by cluster."),

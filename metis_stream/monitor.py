@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import anyio
 
+from metis_stream.arrays import reconcile_array
 from metis_stream.backends.contract import Backend
 from metis_stream.clusters import (
     CAUSES,
@@ -27,6 +28,7 @@ from metis_stream.clusters import (
     ClusterHealth,
     after_poll,
     recovered,
+    state_of_failure,
     went_stale,
 )
 from metis_stream.errors import MetisError
@@ -34,6 +36,7 @@ from metis_stream.events import NewEvent
 from metis_stream.jobs import ACTIVE_STATES, Job, JobState
 from metis_stream.launcher import parse_exit, tail_lines
 from metis_stream.schedulers.base import JobFiles, Scheduler, SchedulerStatus
+from metis_stream.shells.base import TakesLogin
 from metis_stream.spool_reader import SpoolReader
 from metis_stream.templates import DEFAULT_STDERR_TAIL_LINES
 
@@ -168,8 +171,9 @@ class Monitor:
                     idle = not any(job.scheduler_id for job in jobs)
                     changed = await spool.read(jobs)
             except Exception as exc:
-                if (isinstance(exc, MetisError) and self._health is not None
-                        and self._health.state != "ok"):
+                if isinstance(exc, MetisError) and (
+                        (self._health is not None and self._health.state != "ok")
+                        or state_of_failure(exc) == "login_needed"):
                     # Logged with the cluster's change of health (the poll's); each read
                     # of an outage would only repeat it, with a traceback.
                     logger.debug("spool reader of cluster %s: read failed: %s",
@@ -206,7 +210,10 @@ class Monitor:
     async def poll_once(self) -> None:
         jobs = {job.scheduler_id: job for job in await self._live_jobs() if job.scheduler_id}
         if not jobs:
-            return  # nothing to ask, and nothing to be stale about
+            # Nothing to ask, and nothing to be stale about; but a lost login is shown all
+            # the same, before a submission meets it.
+            await self._note_login([])
+            return
         try:
             statuses = await self._scheduler.poll(list(jobs))
         except Exception as exc:
@@ -222,6 +229,9 @@ class Monitor:
                 continue  # another server process's child, or one from before a restart
             misses[job.id] = 0 if status is not None else self._misses.get(job.id, 0) + 1
             files = None
+            if job.array is not None:
+                await self._reconcile_array(job, status, misses[job.id])
+                continue
             if status is not None and status.never_runs and has_ended(job, status, 0):
                 await self._cancel_never_runs(job, scheduler_id)
             elif has_ended(job, status, misses[job.id]):
@@ -245,6 +255,22 @@ class Monitor:
                     logger.info("monitor: job %s: %s", job.id, exc)
         self._misses = misses
 
+    async def _reconcile_array(self, job: Job, status: SchedulerStatus | None,
+                               misses: int) -> None:
+        """An array's tally and, once the scheduler says it ended, its verdict, from its
+        elements' exit files (metis_stream.arrays)."""
+        try:
+            exits = await self._scheduler.read_element_exits(job.id)
+        except MetisError as exc:
+            logger.warning("monitor: array %s: %s", job.id, exc)
+            return  # judged at a later poll: an array must not fail for a read that failed
+        events = reconcile_array(job, status, has_ended(job, status, misses), exits)
+        if events:
+            try:
+                await self._append(job.id, events)
+            except MetisError as exc:
+                logger.info("monitor: array %s: %s", job.id, exc)
+
     async def _cancel_never_runs(self, job: Job, scheduler_id: str) -> None:
         """A job that can never start stays queued on the cluster (Slurm without
         ``kill_invalid_depend``): it is cancelled there before it is ended here."""
@@ -255,15 +281,37 @@ class Monitor:
             logger.warning("monitor: job %s can never run, and cancelling %s failed: %s",
                            job.id, scheduler_id, exc)
 
-    async def _note_health(self, error: BaseException | None, jobs: list[Job]) -> None:
-        """Keep the cluster's health after a poll; tell the watchers of its live jobs
-        once that their news went stale, and once that it is fresh again."""
-        now = time.time()
+    async def check_login(self) -> None:
+        """Note now whether the cluster waits for a login (docs/login.md): after a login
+        opened its connection, its jobs' watchers hear that their news is fresh again
+        without waiting for the next poll."""
+        if await self._leading():
+            await self._note_login(await self._live_jobs())
+
+    async def _note_login(self, jobs: list[Job]) -> None:
+        """``login_needed`` when the cluster's connection waits for a login, and back to
+        ``ok`` when a login opened it; nothing to note on a cluster without logins."""
+        if not isinstance(self._scheduler, TakesLogin):
+            return
+        needed = self._scheduler.needs_login()
+        waiting = (await self._known_health(time.time())).state == "login_needed"
+        if (needed is not None) != waiting:
+            await self._note_health(needed, jobs)
+
+    async def _known_health(self, now: float) -> ClusterHealth:
+        """The cluster's health as this process last noted it, or as the backend keeps it
+        (``ok`` since ``now`` when it keeps none)."""
         if self._health is None:
             kept = await self._backend.cluster_health()
             self._health = kept.get(self._scheduler.name,
                                     ClusterHealth(self._scheduler.name, "ok", since=now))
-        before = self._health
+        return self._health
+
+    async def _note_health(self, error: BaseException | None, jobs: list[Job]) -> None:
+        """Keep the cluster's health after a poll; tell the watchers of its live jobs
+        once that their news went stale, and once that it is fresh again."""
+        now = time.time()
+        before = await self._known_health(now)
         after = after_poll(before, error, now)
         detected = self._scheduler.flavour
         if detected is not None:

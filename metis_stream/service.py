@@ -45,12 +45,14 @@ from metis_stream.deliverer import Deliverer, send
 from metis_stream.errors import (
     BackendUnavailable,
     BadInput,
+    Conflict,
     EmbeddingError,
     Gone,
     InvalidParams,
     JobEnded,
     JobNotFound,
     JobNotSubmitted,
+    NotAllowed,
     NotFound,
     NotRunning,
     SchedulerError,
@@ -58,7 +60,7 @@ from metis_stream.errors import (
     UnknownTemplate,
     plain_cause,
 )
-from metis_stream.events import Event, NewEvent
+from metis_stream.events import Event, NewEvent, element_event
 from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.job_folder import JobFolder
 from metis_stream.jobs import Job, JobState, new_job_id
@@ -69,11 +71,13 @@ from metis_stream.monitor import Monitor
 from metis_stream.ndjson import NdjsonReader
 from metis_stream.schedulers.base import Scheduler, Submission
 from metis_stream.schedulers.dialect import END_USER, job_name
+from metis_stream.shells.base import TakesLogin
 from metis_stream.spool_reader import SpoolReader
 from metis_stream.templates import (
     DEFAULT_STDERR_TAIL_LINES,
     Template,
     param_text,
+    parse_array,
     validate_inputs,
     validate_params,
 )
@@ -102,6 +106,8 @@ MAX_DEPENDENCIES = 64
 """Jobs one job may wait for (``after`` and ``after_any`` together)."""
 DEPENDENCY_POLL = 0.2
 """Seconds between looks at a parent whose submission is under way."""
+MAX_LOGIN_CODE = 256
+"""Characters of a login code: a TOTP code has 6 to 8, a YubiKey OTP 44."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,7 @@ class JobService:
         """Jobs whose cancel is under way (see cancel)."""
         self._submissions = RateLimiter(config.server.submissions_per_minute)
         self.metrics = Metrics()
+        self._monitors: dict[str, Monitor] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> JobService:
@@ -201,6 +208,7 @@ class JobService:
             for state in CLUSTER_STATES:
                 self.metrics.gauge("metis_cluster_state", functools.partial(
                     _in_state, monitor, state), cluster=cluster.name, state=state)
+            self._monitors[cluster.name] = monitor
             task_group.start_soon(monitor.run)
         for webhook in self.config.webhooks.values():
             task_group.start_soon(Deliverer(self.backend, webhook, self.metrics).run)
@@ -282,15 +290,20 @@ class JobService:
         label = end_user(user)
         waits = Waits(dependency_ids(after, "after"), dependency_ids(after_any, "after_any"))
         await self._check_dependencies(template, waits, seen_by)
+        scheduler = self.schedulers[template.cluster]
+        if isinstance(scheduler, TakesLogin) and (needed := scheduler.needs_login()) is not None:
+            # Refused before anything is recorded: the submission could only fail.
+            raise needed
         now = time.time()
         job_id = new_job_id(now)
         if uploads is not None:
             if not template.accepts_inputs:
                 raise InvalidParams({"files": f"template {template.name!r} takes no inputs"})
             await uploads(self.schedulers[template.cluster].job_folder(job_id))
+        array = template.array_for(values)
         job = Job(id=job_id, template=template.name, cluster=template.cluster,
                   params=dict(values), inputs=urls, owner=owner, user=label, created=now,
-                  updated=now)
+                  updated=now, array=None if array is None else str(array))
         await self.backend.create_job(job)
         self.metrics.count("metis_jobs_created_total")
         await self._append(job.id, [NewEvent("starting", {"template": template.name})],
@@ -363,6 +376,14 @@ class JobService:
                "METIS_DELIVERY": self.config.clusters[template.cluster].delivery}
         for name, value in job.params.items():
             env[template.params[name].env_name()] = param_text(value)
+        array = template.array_for(job.params)
+        element_tokens: dict[int, str] = {}
+        if array is not None:
+            # One spool per job, and an array's elements are many writers of their own
+            # folders: they post over HTTP (docs/arrays.md).
+            env["METIS_DELIVERY"] = "http"
+            secret = self.config.server.secret
+            element_tokens = {i: tokens.element_token(secret, job.id, i) for i in array.indices}
         try:
             with anyio.fail_after(self.config.server.submit_timeout):
                 on_cluster = await self._scheduler_waits(job.id, waits)
@@ -371,7 +392,8 @@ class JobService:
             submission = Submission(job_id=job.id, name=job_name(job.id, job.user),
                                     template=template, env=env, token=self.job_token(job.id),
                                     spec=self.spec(job), user=job.user,
-                                    after=on_cluster.after, after_any=on_cluster.after_any)
+                                    after=on_cluster.after, after_any=on_cluster.after_any,
+                                    array=array, element_tokens=element_tokens)
             with anyio.fail_after(self.config.server.submit_timeout):
                 scheduler_id = await scheduler.submit(submission)
         except Exception as exc:  # any failure must end the job, never the server
@@ -415,17 +437,29 @@ class JobService:
                 logger.warning("job %s: backend unavailable, retrying in %.1fs", job_id, delay)
                 await anyio.sleep(delay)
 
-    async def ingest(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
-        """Append events that the job itself posted.
+    async def ingest(self, job_id: str, events: Sequence[NewEvent], *,
+                     element: int | None = None) -> AppendResult:
+        """Append events that the job itself posted (``element``: that array element, whose
+        token it used).
 
         A job can start before its scheduler's submit command has returned; its events
         then wait for the ``submitted`` event, so that watchers always see it first.
         """
         if not events:
             raise BadInput("no events in the request")
+        if element is not None:
+            await self._check_element(job_id, element)
+            events = [element_event(event, element) for event in events]
         result = await self._append_job_events(job_id, events)
         await self._appended(job_id, result, by="job", path="http")
         return result
+
+    async def _check_element(self, job_id: str, element: int) -> None:
+        """An element's token fits only its own array's indices (a token alone never tells
+        whether the job exists: this runs after the token was checked)."""
+        job = await self.backend.get_job(job_id)
+        if job.array is None or element not in parse_array(job.array).indices:
+            raise NotAllowed(f"job {job_id} has no array element {element}")
 
     async def _ingest_spooled(self, job_id: str, events: Sequence[NewEvent]) -> AppendResult:
         """Append events read from the job's spool, as the job's own (docs/spool.md)."""
@@ -474,7 +508,7 @@ class JobService:
         return await self.backend.get_job(job_id)
 
     async def ingest_ndjson(self, job_id: str, chunks: AsyncIterable[bytes], *,
-                            whole: bool) -> AppendResult:
+                            whole: bool, element: int | None = None) -> AppendResult:
         """Append the events of an NDJSON body that a job posted.
 
         A ``whole`` body (one whose length was announced) is all or nothing. A streamed
@@ -491,7 +525,7 @@ class JobService:
         async def take() -> None:
             events = reader.events_received()
             if events and not (whole and reader.error):
-                result = await self.ingest(job_id, events)
+                result = await self.ingest(job_id, events, element=element)
                 appended.extend(result.events)
                 seqs.extend(result.seqs)
             if reader.error is not None:
@@ -509,7 +543,27 @@ class JobService:
             raise BadInput("no events in the request")
         return AppendResult(events=appended, seqs=seqs)
 
-    # Reading
+    # Clusters
+
+    async def login(self, cluster: str, code: str) -> bool:
+        """Log the server in to ``cluster``, whose login node asks for a second factor,
+        with ``code``, a one-time code an operator typed (docs/login.md): True when the
+        connection opened, False when one was open already (the code unused). The code is
+        used once, and kept and logged nowhere. LoginRefused when the cluster refuses it.
+        """
+        if cluster not in self.schedulers:
+            raise NotFound(f"no cluster named {cluster[:64]!r}")
+        scheduler = self.schedulers[cluster]
+        if not isinstance(scheduler, TakesLogin):
+            raise Conflict(f"cluster {cluster} runs jobs on this machine: there is nothing to "
+                           "log in to")
+        opened = await scheduler.login(code)
+        logger.info("cluster %s: %s", cluster, "logged in by an operator" if opened
+                    else "a login came while the connection was open (its code was not used)")
+        monitor = self._monitors.get(cluster)
+        if monitor is not None:
+            await monitor.check_login()
+        return opened
 
     async def clusters(self) -> list[dict[str, Any]]:
         """Each cluster's configuration that clients may see, and its health as the
@@ -658,6 +712,15 @@ def end_user(user: object) -> str | None:
                        "your app, which the cluster shows in the job's name (an opaque id, "
                        "not an email address or a name)")
     return user
+
+
+def login_code(value: object) -> str:
+    """A login request's code, or BadInput that says what it may be."""
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_LOGIN_CODE
+            or not value.isprintable() or value != value.strip()):
+        raise BadInput(f"'code' must be the one-time code as text: 1 to {MAX_LOGIN_CODE} "
+                       "printable characters, without spaces around them")
+    return value
 
 
 def _in_state(monitor: Monitor, state: str) -> float:

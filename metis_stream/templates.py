@@ -57,6 +57,50 @@ DEFAULT_LOG_MAX_BYTES = 1 << 20
 # compiler's last errors.
 DEFAULT_STDERR_TAIL_LINES = 20
 
+MAX_ARRAY_ELEMENTS = 1000
+"""The most elements an array may have: each has its token, and the monitor reads each
+one's end (docs/arrays.md)."""
+MAX_ARRAY_INDEX = 100_000
+"""The highest index an array may use; a site's own limit may be lower (Slurm's default
+MaxArraySize allows indices up to 1000)."""
+_ARRAY_RANGE = re.compile(r"([0-9]{1,6})-([0-9]{1,6})(?::([0-9]{1,6}))?\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayRange:
+    """An array's element indices: ``first`` to ``last`` by ``step``, the one form that
+    PBS Pro (``qsub -J``), Slurm (``--array``) and Slurm's qsub wrapper all take."""
+
+    first: int
+    last: int
+    step: int = 1
+
+    @property
+    def indices(self) -> range:
+        return range(self.first, self.last + 1, self.step)
+
+    def __str__(self) -> str:
+        text = f"{self.first}-{self.last}"
+        return text if self.step == 1 else f"{text}:{self.step}"
+
+
+def parse_array(text: object) -> ArrayRange:
+    """``"1-10"`` or ``"1-10:2"`` as an ArrayRange; ValueError says what is wrong."""
+    match = _ARRAY_RANGE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{text!r:.40} is not FIRST-LAST or FIRST-LAST:STEP, such as "
+                         "\"1-10\" or \"0-98:2\"")
+    first, last, step = int(match.group(1)), int(match.group(2)), int(match.group(3) or 1)
+    if first > last or step < 1:
+        raise ValueError(f"{text}: FIRST must not exceed LAST, and STEP must be at least 1")
+    if last > MAX_ARRAY_INDEX:
+        raise ValueError(f"{text}: indices go up to {MAX_ARRAY_INDEX}")
+    found = ArrayRange(first, last, step)
+    if len(found.indices) > MAX_ARRAY_ELEMENTS:
+        raise ValueError(f"{text}: at most {MAX_ARRAY_ELEMENTS} elements, "
+                         f"got {len(found.indices)}")
+    return found
+
 
 @dataclass(frozen=True, slots=True)
 class Param:
@@ -111,11 +155,28 @@ class Template:
     outputs: tuple[str, ...] = ()
     """Globs of the files the job makes for its users, relative to its folder
     (``output_pattern``): the files API marks them, the viewer shows them first."""
+    array: ArrayRange | None = None
+    """Run the script once per index, as one job (docs/arrays.md)."""
+    array_param: str | None = None
+    """The int parameter whose value N makes the array's indices 1 to N."""
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "cluster": self.cluster,
                 "params": [p.public() for p in self.params.values()],
-                "accepts_inputs": self.accepts_inputs, "outputs": list(self.outputs)}
+                "accepts_inputs": self.accepts_inputs, "outputs": list(self.outputs),
+                **({"array": str(self.array)} if self.array else {}),
+                **({"array_param": self.array_param} if self.array_param else {})}
+
+    def array_for(self, values: Mapping[str, ParamValue]) -> ArrayRange | None:
+        """The array a submission with these (validated) parameter values runs; None for
+        a template that is not an array."""
+        if self.array_param is not None:
+            count = values.get(self.array_param)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise InvalidParams({self.array_param: "must be a whole number from 1: the "
+                                     "array's size"})
+            return parse_array(f"1-{count}")
+        return self.array
 
     def is_output(self, path: str) -> bool:
         """Whether ``path`` (relative to the job's folder) matches one of ``outputs``."""
@@ -150,6 +211,28 @@ def output_pattern(glob: str) -> re.Pattern[str]:
         else:
             regex, index = regex + re.escape(glob[index]), index + 1
     return re.compile(regex)
+
+
+def array_from_config(raw: object, params: Mapping[str, Param]
+                      ) -> tuple[ArrayRange | None, str | None]:
+    """A template's ``array``: ``"1-10"``, ``"1-10:2"``, or ``{ param = "NAME" }`` for an
+    int parameter whose value N makes the indices 1 to N (its min at least 1, its max
+    at most MAX_ARRAY_ELEMENTS). Returns (range, param name)."""
+    if isinstance(raw, Mapping):
+        if set(raw) != {"param"} or not isinstance(raw["param"], str):
+            raise TemplateError('array must be "FIRST-LAST[:STEP]" or { param = "NAME" }')
+        param = params.get(raw["param"])
+        if param is None or param.type != "int":
+            raise TemplateError(f"array: {raw['param']!r} must be an int parameter")
+        if param.min is None or param.min < 1 or param.max is None or (
+                param.max > MAX_ARRAY_ELEMENTS):
+            raise TemplateError(f"array: parameter {param.name!r} needs min >= 1 and "
+                                f"max <= {MAX_ARRAY_ELEMENTS} (the array's size)")
+        return None, param.name
+    try:
+        return parse_array(raw), None
+    except ValueError as exc:
+        raise TemplateError(f"array: {exc}") from None
 
 
 def param_from_config(name: str, raw: Mapping[str, Any]) -> Param:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import codecs
 import re
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
 
 from metis_stream.errors import InvalidEvent
 from metis_stream.events import OUTPUT_STREAMS, log_lines, parse_chunk
+from metis_stream.jobs import TALLY_KEYS
 
 # Human output shows every C0 and C1 control but newline and tab, and DEL, as \xNN.
 _SHOWN_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f, *range(0x80, 0xa0))
@@ -118,16 +120,20 @@ class EventPrinter:
             self._clear_bar()
             self._end_line()
             output = log_lines(event["data"]) if event["type"] == "log" else None
+            # An array element's events say which element they come from (docs/arrays.md).
+            element = event.get("element")
+            tag = f"[{element}] " if isinstance(element, int) else ""
             if output is not None and output.stream in OUTPUT_STREAMS:
                 stderr = output.stream == "stderr"
                 for line in output.lines:
-                    self._out.write(output_line(line, colours=self._tty, stderr=stderr) + "\n")
+                    self._out.write(shown(tag) + output_line(line, colours=self._tty,
+                                                             stderr=stderr) + "\n")
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
                 kind = output.stream if output is not None else event["type"]
                 data = "\n".join(output.lines) if output is not None else event["data"]
-                described = _describe_chunk(data) if event["type"] == "chunk" else _describe(data)
-                self._out.write(shown(f"{stamp} {kind:<10} {described}") + "\n")
+                described = _DESCRIBERS.get(event["type"], _describe)(data)
+                self._out.write(shown(f"{stamp} {tag}{kind:<10} {described}") + "\n")
         self._out.flush()
 
     def finish(self) -> None:
@@ -183,6 +189,23 @@ def _describe_chunk(data: Any) -> str:
     except InvalidEvent:
         return _describe(data)
     return f"{chunk.stream} #{chunk.index} {chunk.media_type}, {chunk.size} bytes"
+
+
+def _describe_tally(data: Any) -> str:
+    """An array's tally in words: ``3 done, 1 failed, 1 running of 5``."""
+    if not isinstance(data, dict) or not all(
+            isinstance(data.get(key), int) for key in TALLY_KEYS):
+        return _describe(data)
+    counts = ", ".join(f"{data[key]} {key}" for key in TALLY_ORDER if data[key])
+    return f"{counts or 'none'} of {sum(data[key] for key in TALLY_KEYS)}"
+
+
+TALLY_ORDER = ("done", "failed", "running", "queued")
+_DESCRIBERS: dict[str, Callable[[Any], str]] = {
+    "chunk": _describe_chunk,
+    "elements": _describe_tally,
+}
+"""How a line describes the data of the event types that need more than their JSON."""
 
 
 class LiveLine:

@@ -29,6 +29,20 @@ def job_token(secret: str, job_id: str) -> str:
     return _mac(secret, "job", job_id)
 
 
+def element_token(secret: str, job_id: str, index: int) -> str:
+    """Array element ``index``'s job token: ``INDEX.MAC``, so that the server knows, from
+    the token alone, which element sent an event (docs/arrays.md)."""
+    return f"{index}.{_mac(secret, 'element', f'{job_id}[{index}]')}"
+
+
+def element_of(secret: str, job_id: str, given: str) -> int | None:
+    """The element whose token ``given`` is (None: not an element's token, or a wrong one)."""
+    index, dot, _ = given.partition(".")
+    if not dot or not index.isdigit() or len(index) > 7:
+        return None
+    return int(index) if same_secret(element_token(secret, job_id, int(index)), given) else None
+
+
 def watch_token(secret: str, job_id: str) -> str:
     return _mac(secret, "watch", job_id)
 

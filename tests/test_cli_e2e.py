@@ -4,6 +4,7 @@ and where the URL and key come from (and a URL where nothing listens)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -169,6 +170,23 @@ def test_tail_exits_1_after_fatal(live_server: ServerProcess):
     assert as_json.returncode == 1
     events = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert events == history(live_server, job_id)
+
+
+def test_the_demos_download_job_hashes_the_files_uploaded_with_it(
+        live_server: ServerProcess, tmp_path: Path):
+    # docs/files.md's upload, tried on the demo as a newcomer would: the CLI uploads a
+    # local file with the submission, and the job reports what it received.
+    upload = tmp_path / "weights one.bin"
+    upload.write_bytes(os.urandom(300_000))
+    done = cli("submit", "download", "-p", f"url={live_server.url}/healthz",
+               "--input", str(upload), "--url", live_server.url)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[-1]
+    assert cli("tail", job_id, "--url", live_server.url).returncode == 0
+    [end] = [e for e in history(live_server, job_id) if e["type"] == "completed"]
+    assert end["data"]["uploaded"] == [{
+        "name": "weights one.bin", "bytes": 300_000,
+        "sha256": hashlib.sha256(upload.read_bytes()).hexdigest()}]
 
 
 def test_tail_exits_1_after_cancelled(live_server: ServerProcess):

@@ -11,7 +11,7 @@ from metis_stream.clusters import (
     state_of_failure,
     went_stale,
 )
-from metis_stream.errors import ConnectionLost, SchedulerError, ShellError
+from metis_stream.errors import ConnectionLost, LoginNeeded, SchedulerError, ShellError
 
 OK = ClusterHealth("metis", "ok", 100.0)
 
@@ -29,9 +29,21 @@ def scheduler_error_from(cause: BaseException) -> SchedulerError:
     (SchedulerError("squeue: slurm_load_jobs error: Unable to contact slurm controller"),
      "degraded"),
     (scheduler_error_from(ValueError("bad output")), "degraded"),
+    (LoginNeeded("metis asks for a second factor"), "login_needed"),
+    (scheduler_error_from(LoginNeeded("metis asks for a second factor")), "login_needed"),
 ])
 def test_a_failure_is_unreachable_when_the_connection_failed_else_degraded(error, state):
     assert state_of_failure(error) == state
+
+
+def test_a_lost_login_makes_news_stale_and_a_new_one_fresh_again():
+    waiting = after_poll(OK, scheduler_error_from(LoginNeeded("run metis-stream login")),
+                         now=200.0)
+    assert (waiting.state, waiting.since) == ("login_needed", 200.0)
+    assert "run metis-stream login" in waiting.last_error
+    assert went_stale(OK, waiting)
+    back = after_poll(waiting, None, now=260.0)
+    assert recovered(waiting, back) and back.state == "ok" and back.last_error == ""
 
 
 def test_a_failed_poll_changes_the_state_and_says_since_when_and_why():

@@ -297,6 +297,19 @@ def test_cluster_validation(tmp_path, env, cluster, message):
         load_config(path, env)
 
 
+@pytest.mark.parametrize(("cluster", "message"), [
+    ('scheduler = "local"', "the local scheduler runs no arrays"),
+    ('scheduler = "slurm"\nhost = "h"\nuser = "u"\ndelivery = "spool"',
+     "an array's elements deliver over http"),
+])
+def test_an_array_is_refused_where_its_elements_cannot_run_or_report(tmp_path, env, cluster,
+                                                                      message):
+    path = write(tmp_path, f"[clusters.hpc]\n{cluster}\n\n[templates.sweep]\ncluster = 'hpc'\n"
+                           "script = 'jobs/tokens.pbs'\narray = '1-5'\n")
+    with pytest.raises(ConfigError, match=rf"sweep.*{message}"):
+        load_config(path, env)
+
+
 def test_a_local_cluster_needs_no_host(tmp_path, env):
     path = write(tmp_path, "[clusters.here]\nscheduler = 'local'\n")
     cluster = load_config(path, env).clusters["here"]

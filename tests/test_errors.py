@@ -81,6 +81,8 @@ EXPECTED = [
     (HostKeyRefused("x"), 502, 1011, 1),
     (errors.AgentAway("x"), 502, 1011, 1),
     (errors.OperationRefused("x"), 502, 1011, 1),
+    (errors.LoginNeeded("x"), 503, 1013, 1),
+    (errors.LoginRefused("x"), 403, 4403, 1),
     (errors.EmbeddingError("x"), 500, 1011, 1),
     (errors.NotRunning("x"), 500, 1011, 1),
     (ClientError(404, "x"), 500, 1011, 1),
@@ -113,11 +115,14 @@ def test_an_unlisted_subclass_takes_its_nearest_ancestors_outcome():
 
 def test_every_exception_metis_stream_defines_lives_in_errors_under_one_root():
     """One module, one root: only the SSH shell keeps private control-flow exceptions
-    that never leave it, and paramiko's policy hook needs its own base class; metis-agent
-    runs alone on a cluster, without metis_stream, and its refusals travel as replies."""
+    that never leave it, and paramiko's policy hook and auth strategy need their own base
+    class; metis-agent runs alone on a cluster, without metis_stream, and its refusals
+    travel as replies."""
     private_allowed = {("metis_stream.shells.ssh", "_NotSent"),
                        ("metis_stream.shells.ssh", "_SessionRefused"),
                        ("metis_stream.shells.ssh", "_UnknownHostKey"),
+                       ("metis_stream.shells.ssh", "_CodeNeeded"),
+                       ("metis_stream.shells.ssh", "_CodeRefused"),
                        ("metis_stream.metis_agent", "Refused"),
                        ("metis_stream.metis_agent", "Failed")}
     found = set()

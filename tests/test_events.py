@@ -107,7 +107,8 @@ def test_server_only_types_are_refused_from_jobs(server_type):
 
 
 def test_server_only_types_are_exactly_the_documented_ones():
-    assert {"starting", "submitted", "cancelled", "stale", "recovered"} == SERVER_ONLY_TYPES
+    assert {"starting", "submitted", "cancelled", "stale", "recovered",
+            "elements"} == SERVER_ONLY_TYPES
     assert {"completed", "fatal", "cancelled"} == TERMINAL_TYPES
 
 

@@ -112,7 +112,7 @@ def test_state_only_moves_forward(start, types):
 
 def test_state_table_covers_the_named_types():
     assert set(STATE_AFTER_EVENT) == {"starting", "submitted", "queued", "completed", "fatal",
-                                      "cancelled", "stale", "recovered"}
+                                      "cancelled", "stale", "recovered", "elements"}
 
 
 @pytest.mark.parametrize("state", [JobState.QUEUED, JobState.RUNNING])
@@ -346,7 +346,8 @@ def test_the_state_machine_as_data_is_the_one_state_after_uses():
         "state_after_event": {"starting": "submitting", "submitted": "queued",
                               "queued": "queued", "completed": "completed",
                               "fatal": "failed", "cancelled": "cancelled",
-                              "stale": "queued", "recovered": "queued"},
+                              "stale": "queued", "recovered": "queued",
+                              "elements": "queued"},
         "state_otherwise": "running",
         "rank": {"created": 0, "submitting": 1, "queued": 2, "running": 3, "completed": 4,
                  "failed": 4, "cancelled": 4},

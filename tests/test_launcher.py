@@ -61,6 +61,9 @@ def test_an_unmodified_script_streams_its_lines_and_completes(
             'i=$((i + 1)); done\nprintf "no newline at the end"\n')
     done = launch(env, tmp_path, body, shell=shell)
     assert done.returncode == 0, done.stderr
+    # Nothing of the launcher's own (its stderr is the scheduler's launcher.err): a
+    # shell's "Killed" for a helper it stopped there once worried users.
+    assert done.stderr == b""
     job = tmp_path / "job"
     stdout = "".join(f"line {i}\n" for i in range(1, 21)) + "no newline at the end"
     assert (job / "stdout").read_text() == stdout

@@ -332,3 +332,20 @@ def test_a_stderr_lines_own_reset_goes_back_to_red():
 ])
 def test_describe_end(event, line):
     assert describe_end(event) == line
+
+
+def test_an_array_elements_events_say_which_element_and_the_tally_reads_as_words():
+    out = io.StringIO()
+    printer = EventPrinter(out, as_json=False)
+    printer.show({**ev("step", "loading", seq=1), "element": 3})
+    printer.show({**ev("log", {"stream": "stdout", "lines": ["epoch 1"]}, seq=2), "element": 3})
+    printer.show(ev("elements", {"queued": 1, "running": 1, "done": 2, "failed": 1}, seq=3))
+    printer.show(ev("elements", {"queued": 0, "running": 0, "done": 0, "failed": 0}, seq=4))
+    printer.show(ev("elements", {"queued": "?"}, seq=5))
+    assert out.getvalue() == (
+        f"{stamp()} [3] step       loading\n"
+        "[3] epoch 1\n"
+        f"{stamp()} elements   2 done, 1 failed, 1 running, 1 queued of 5\n"
+        f"{stamp()} elements   none of 0\n"
+        f'{stamp()} elements   {{"queued":"?"}}\n'
+    )

@@ -353,6 +353,24 @@ def sleepy_job_env(server: ServerProcess) -> tuple[str, dict[str, str]]:
                     "METIS_TOKEN_FILE": str(token_file), "PATH": "/usr/bin:/bin"}
 
 
+def test_an_element_token_posts_nothing_to_a_job_without_that_element(server: ServerProcess):
+    # A token of the right form and MAC, for an element the job does not have (it is no
+    # array): refused, and nothing appended.
+    job_id, env = sleepy_job_env(server)
+    secret = load_config(server.config_path).server.secret
+    before = httpx.get(env["METIS_EVENTS_URL"]).json()["events"]
+    forged = tokens.element_token(secret, job_id, 2)
+    answer = httpx.post(env["METIS_EVENTS_URL"], json={"type": "step", "data": "forged"},
+                        headers={"Authorization": f"Bearer {forged}"})
+    assert answer.status_code == 403, answer.text
+    assert f"job {job_id} has no array element 2" in answer.json()["error"]
+    wrong_mac = httpx.post(env["METIS_EVENTS_URL"], json={"type": "step", "data": "forged"},
+                           headers={"Authorization": "Bearer 2.AAAA"})
+    assert wrong_mac.status_code == 401, wrong_mac.text
+    assert httpx.get(env["METIS_EVENTS_URL"]).json()["events"] == before
+    httpx.delete(f"{server.url}/api/jobs/{job_id}")
+
+
 def test_metis_emit_pipe_streams_lines_live(server: ServerProcess):
     job_id, env = sleepy_job_env(server)
     pipe = subprocess.Popen([str(EMIT), "pipe", "log"], stdin=subprocess.PIPE, env=env)

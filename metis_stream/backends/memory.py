@@ -144,7 +144,7 @@ class MemoryBackend:
             if ended:
                 raise JobEnded(job.id)
             event = Event(job=job.id, seq=job.last_seq + len(fresh) + 1, type=new.type,
-                          data=new.data, time=now, via=new.via)
+                          data=new.data, time=now, via=new.via, element=new.element)
             size += event.size
             if not new.terminal:
                 if len(entry.log) + len(fresh) >= self._limits.events:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import orjson
@@ -21,7 +21,7 @@ from metis_stream.spool import (
     sweep_minutes,
     sweeper_argv,
 )
-from metis_stream.templates import Template
+from metis_stream.templates import ArrayRange, Template
 
 __all__ = [
     "JobFiles",
@@ -55,6 +55,10 @@ class Submission:
     """Scheduler ids of jobs that must complete successfully before this one starts."""
     after_any: tuple[str, ...] = ()
     """Scheduler ids of jobs that must end, however, before this one starts."""
+    array: ArrayRange | None = None
+    """Run the script once per index (docs/arrays.md); None: one job."""
+    element_tokens: Mapping[int, str] = field(default_factory=dict)
+    """An array's tokens, one per element (tokens.element_token), in place of ``token``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,26 @@ class SchedulerStatus:
     never_runs: bool = False
     """Still queued on the cluster, but it can never start (a dependency that can never
     be met): ``ended`` for the server, which cancels it there."""
+    elements: Mapping[int, SchedulerStatus] = field(default_factory=dict)
+    """An array's elements that the scheduler listed, by index (a pending range counts
+    for each of its indices); empty for a job that is not an array. The array's own
+    status is :func:`array_status` of them."""
+
+
+_STATE_RANK = {"running": 2, "queued": 1, "ended": 0}
+
+
+def array_status(elements: Mapping[int, SchedulerStatus]) -> SchedulerStatus:
+    """An array as alive as its most alive element; once all of them ended, as ended as
+    its worst: one failed element fails the array, whichever the scheduler printed first."""
+    if not elements:
+        raise ValueError("an array status needs at least one element")
+    alive = max(elements.values(), key=lambda status: _STATE_RANK[status.state])
+    if alive.state != "ended":
+        return replace(alive, elements=elements)
+    failed = [s for s in elements.values() if s.exit_status != 0 or s.never_runs]
+    worst = failed[0] if failed else alive
+    return replace(worst, elements=elements)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +157,11 @@ class Scheduler(Protocol):
         ended without reporting it. Raises SchedulerError when they cannot be read."""
         ...
 
+    async def read_element_exits(self, job_id: str) -> Mapping[int, bytes | None]:
+        """An array's elements that started, by index: each one's ``exit`` file, or None
+        while it has none. One command. Raises SchedulerError when it cannot run."""
+        ...
+
     async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
         """The new bytes of these jobs' spools, read with one command (metis_stream.spool).
         Raises SchedulerError when it cannot run."""
@@ -154,6 +183,15 @@ class Scheduler(Protocol):
         ...
 
 
+def token_file_data(submission: Submission) -> bytes:
+    """The job's ``token`` file: its token, or an array's line ``INDEX TOKEN`` per
+    element (docs/arrays.md)."""
+    if submission.array is None:
+        return submission.token.encode()
+    return "".join(f"{index} {token}\n"
+                   for index, token in submission.element_tokens.items()).encode()
+
+
 def job_files(submission: Submission, left_out: Sequence[str] = ()) -> dict[str, bytes]:
     """The files of a job's folder that the server writes besides its token, by name:
     ``spec.json``; ``env/NAME`` for each variable that could not travel in the
@@ -165,6 +203,38 @@ def job_files(submission: Submission, left_out: Sequence[str] = ()) -> dict[str,
     if isinstance(inputs, list) and inputs:
         files["input-urls"] = "".join(f"{url}\n" for url in inputs).encode()
     return files
+
+
+ELEMENT_EXITS_READER = """\
+cd "$1" 2>/dev/null || exit 0
+for element in [0-9]*; do
+    [ -d "$element" ] || continue
+    if [ -f "$element/exit" ]; then
+        printf '%s %s\\n' "$element" "$(head -c 64 "$element/exit" | tr -d '\\n')"
+    else
+        printf '%s -\\n' "$element"
+    fi
+done
+"""
+
+
+async def read_element_exits_with(shell: Shell, elements_dir: str, timeout: float,
+                                  cluster: str) -> dict[int, bytes | None]:
+    """Run ELEMENT_EXITS_READER over ``shell`` for one array's ``elements`` folder."""
+    try:
+        result = await shell.run(["sh", "-c", ELEMENT_EXITS_READER, "metis-elements",
+                                  elements_dir], timeout=timeout)
+    except ShellError as exc:
+        raise SchedulerError(f"could not read an array's elements on {cluster}: {exc}") from exc
+    if result.exit_status != 0:
+        raise SchedulerError(f"reading an array's elements on {cluster} failed with status "
+                             f"{result.exit_status}: {result.stderr.strip()[:300]}")
+    exits: dict[int, bytes | None] = {}
+    for line in result.stdout.splitlines():
+        index, _, rest = line.partition(" ")
+        if index.isdigit():
+            exits[int(index)] = None if rest == "-" else rest.encode()
+    return exits
 
 
 async def remove_old_spools_with(shell: Shell, jobs_dir: str, keep_seconds: float,

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import anyio
 
-from metis_stream.errors import SchedulerError, ShellError, SubmitOutcomeUnknown, UnsafeValue
+from metis_stream.errors import (
+    Conflict,
+    LoginNeeded,
+    SchedulerError,
+    ShellError,
+    SubmitOutcomeUnknown,
+    UnsafeValue,
+)
 from metis_stream.job_folder import JobFolder
 from metis_stream.launcher import (
     EXIT_FILE,
@@ -33,8 +40,10 @@ from metis_stream.schedulers.base import (
     SchedulerStatus,
     Submission,
     job_files,
+    read_element_exits_with,
     read_spools_with,
     remove_old_spools_with,
+    token_file_data,
 )
 from metis_stream.schedulers.dialect import (
     COMMAND_NOT_FOUND,
@@ -49,7 +58,7 @@ from metis_stream.schedulers.dialect import (
     check,
 )
 from metis_stream.schedulers.flavour import FLAVOUR_NAMES, SchedulerFlavour
-from metis_stream.shells.base import Shell
+from metis_stream.shells.base import Shell, TakesLogin
 from metis_stream.spool import SPOOL_FILE, Frames, SpoolRead
 
 logger = logging.getLogger(__name__)
@@ -103,6 +112,16 @@ class BatchScheduler:
     async def close(self) -> None:
         await self._shell.close()
 
+    def needs_login(self) -> LoginNeeded | None:
+        return self._shell.needs_login() if isinstance(self._shell, TakesLogin) else None
+
+    async def login(self, code: str) -> bool:
+        """Log the shell in with an operator's one-time code (TakesLogin)."""
+        if not isinstance(self._shell, TakesLogin):
+            raise Conflict(f"cluster {self.name} runs its commands on this machine, without "
+                           "SSH: there is nothing to log in to")
+        return await self._shell.login(code)
+
     async def submit(self, submission: Submission) -> str:
         job_id = check(STAGED_JOB_ID, submission.job_id, "job id")
         job_dir = f"{self._workdir}/jobs/{job_id}"
@@ -142,9 +161,11 @@ class BatchScheduler:
             user=submission.user,
             after=submission.after,
             after_any=submission.after_any,
+            array=None if submission.array is None else str(submission.array),
             env={
                 **submission.env,
                 "METIS_TOKEN_FILE": f"{job_dir}/token",
+                **({"METIS_ARRAY": str(submission.array)} if submission.array else {}),
                 "METIS_SPEC_FILE": f"{job_dir}/spec.json",
                 "METIS_EMIT": f"{root}/{emit}",
                 "METIS_SCRIPT": script if script.startswith("/") else f"{root}/{script}",
@@ -160,7 +181,8 @@ class BatchScheduler:
         if {"METIS_TOKEN_FILE", "METIS_SPEC_FILE", "METIS_EMIT", "METIS_SCRIPT",
                 "METIS_JOB_DIR"} & set(left_out):
             raise UnsafeValue(f"the workdir path on {self.name} cannot travel in the job's env")
-        await self._shell.write_file(f"{job_dir}/token", submission.token.encode(), mode=0o600)
+        await self._shell.write_file(f"{job_dir}/token", token_file_data(submission),
+                                     mode=0o600)
         for name, data in job_files(submission, left_out).items():
             await self._shell.write_file(f"{job_dir}/{name}", data, mode=0o600)
 
@@ -311,6 +333,11 @@ class BatchScheduler:
             raise SchedulerError(f"could not read the files of {job_id} on {self.name}: "
                                  f"{exc}") from exc
         return JobFiles.as_read(exit_file, tail)
+
+    async def read_element_exits(self, job_id: str) -> Mapping[int, bytes | None]:
+        job_dir = f"{self._workdir}/jobs/{check(STAGED_JOB_ID, job_id, 'job id')}"
+        return await read_element_exits_with(self._shell, f"{job_dir}/elements",
+                                             self._timeout, self.name)
 
     async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
         for read in reads:

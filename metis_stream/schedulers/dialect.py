@@ -47,6 +47,23 @@ GONE = re.compile(
 )
 
 
+ARRAY_RANGE = re.compile(r"[0-9]{1,6}-[0-9]{1,6}(:[0-9]{1,6})?\Z")
+
+
+def index_list(text: str) -> list[int]:
+    """The indices of an array's element list as schedulers print it: ``4``, ``5-9``,
+    ``1,3,5-7``, ``5-9%2`` (at most 2 at once) or ``1-9:2``. ValueError for anything else."""
+    indices: list[int] = []
+    for part in text.split("%", 1)[0].split(","):
+        match = re.fullmatch(r"([0-9]{1,7})(?:-([0-9]{1,7})(?::([0-9]{1,7}))?)?", part)
+        if match is None:
+            raise ValueError(f"not an array's index list: {text!r:.60}")
+        first = int(match.group(1))
+        last = int(match.group(2) or first)
+        indices += range(first, last + 1, int(match.group(3) or 1) or 1)
+    return indices
+
+
 def check(pattern: re.Pattern[str], value: str, what: str) -> str:
     """``value`` if it matches ``pattern`` in full; otherwise UnsafeValue naming ``what``."""
     if not pattern.match(value):
@@ -99,6 +116,8 @@ class JobRequest:
     """Scheduler ids of the jobs that must complete successfully first (``afterok``)."""
     after_any: Sequence[str] = ()
     """Scheduler ids of the jobs that must end first, however they end (``afterany``)."""
+    array: str | None = None
+    """An array's indices, ``FIRST-LAST[:STEP]`` (templates.ArrayRange); None: one job."""
 
 
 @dataclass(frozen=True, slots=True)

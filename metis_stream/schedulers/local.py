@@ -37,6 +37,7 @@ from metis_stream.schedulers.base import (
     SchedulerStatus,
     Submission,
     job_files,
+    read_element_exits_with,
     read_spools_with,
     remove_old_spools_with,
 )
@@ -149,6 +150,12 @@ class LocalScheduler:
             return await anyio.to_thread.run_sync(read)
         except OSError as exc:
             raise SchedulerError(f"cannot read the files of job {job_id}: {exc}") from exc
+
+    async def read_element_exits(self, job_id: str) -> Mapping[int, bytes | None]:
+        """Never an array here (config refuses them): the same reader all the same."""
+        elements = self._jobs_dir / check(STAGED_JOB_ID, job_id, "job id") / "elements"
+        return await read_element_exits_with(self._shell, str(elements),
+                                             SPOOL_COMMAND_TIMEOUT, self.name)
 
     async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
         return await read_spools_with(self._shell, str(self._jobs_dir), reads,

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 
 from metis_stream.errors import SchedulerError
 from metis_stream.schedulers import exit_codes, slurm
-from metis_stream.schedulers.base import SchedulerStatus
+from metis_stream.schedulers.base import SchedulerStatus, array_status
 from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
+    ARRAY_RANGE,
     GONE,
     JOB_NAME,
     QUEUE_NAME,
@@ -39,6 +41,8 @@ from metis_stream.shells.base import CommandResult
 
 # `15` (Slurm's wrappers), `15.server`, `15[].server` (PBS Pro arrays), `15[3].server`.
 JOB_ID = re.compile(r"[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_.-]+)?\Z")
+_ELEMENT_ID = re.compile(r"([0-9]+)\[([0-9]+)\](\..*)?\Z")
+"""A PBS Pro array's element (subjob), as ``qstat -t`` prints it: ``15[3].server``."""
 
 _TIME = r"[0-9]{1,7}(:[0-9]{1,2}){0,2}(\.[0-9]{1,3})?"
 _SIZE = r"[0-9]{1,12}([kKmMgGtTpP]?[bBwW])?"
@@ -96,6 +100,10 @@ def submit_command(request: JobRequest) -> SubmitCommand:
     if depend:
         # Slurm's qsub wrapper passes -W depend= on as sbatch --dependency=.
         argv += ["-W", f"depend={depend}"]
+    if request.array is not None:
+        # PBS Pro's -J; Slurm's qsub wrapper takes it as sbatch --array (Torque's -t
+        # takes no :STEP, and is not used).
+        argv += ["-J", check(ARRAY_RANGE, request.array, "array")]
     # Never -V, which copies qsub's environment (the server's, for a cluster without host)
     # into the job; with -v alone PBS starts the job in the user's login environment, and
     # Slurm's qsub wrapper submits with --export=none plus the list.
@@ -158,7 +166,11 @@ def parse_ids(result: CommandResult) -> list[str] | None:
 
 
 def qstat_json_argv(ids: Sequence[str]) -> list[str]:
-    return ["qstat", "-f", "-F", "json", "-x", *(check(JOB_ID, i, "job id") for i in ids)]
+    """With an array (``15[].server``) among them, ``-t``: its subjobs too, each with
+    its own state and Exit_status."""
+    subjobs = ["-t"] if any("[" in i for i in ids) else []
+    return ["qstat", "-f", "-F", "json", "-x", *subjobs,
+            *(check(JOB_ID, i, "job id") for i in ids)]
 
 
 def qstat_text_argv(ids: Sequence[str]) -> list[str]:
@@ -213,18 +225,35 @@ def _match_ids(
     asked: Sequence[str], found: Mapping[str, SchedulerStatus]
 ) -> dict[str, SchedulerStatus]:
     """Key the statuses by the ids we asked about: qstat may print ``15.server.domain``
-    for ``15.server`` (or ``15`` for ``15.server``), so match on the sequence number."""
+    for ``15.server`` (or ``15`` for ``15.server``), so match on the sequence number.
+    An array's subjobs (``15[3].server``) count for ``15[].server``, whose status is
+    theirs together (base.array_status)."""
     by_number: dict[str, list[str]] = {}
     for job in asked:
         by_number.setdefault(job.split(".", 1)[0], []).append(job)
     matched: dict[str, SchedulerStatus] = {}
+    elements: dict[str, dict[int, SchedulerStatus]] = {}
     for job, status in found.items():
+        element = _ELEMENT_ID.match(job)
+        if element is not None:
+            candidates = by_number.get(f"{element.group(1)}[]", [])
+            if len(candidates) == 1:
+                elements.setdefault(candidates[0], {})[int(element.group(2))] = status
+            if job not in asked:
+                continue
         if job in asked:
             matched[job] = status
             continue
         candidates = by_number.get(job.split(".", 1)[0], [])
         if len(candidates) == 1 and candidates[0] not in found:
             matched[candidates[0]] = status
+    for job, of_array in elements.items():
+        together = array_status(of_array)
+        own = matched.get(job)
+        # The parent (state B) stays alive while subjobs that qstat did not list wait.
+        if own is not None and own.state != "ended" and together.state == "ended":
+            together = replace(own, elements=of_array)
+        matched[job] = together
     return matched
 
 

@@ -14,9 +14,10 @@ from collections.abc import Mapping, Sequence
 
 from metis_stream.errors import SchedulerError
 from metis_stream.schedulers import exit_codes
-from metis_stream.schedulers.base import SchedulerStatus
+from metis_stream.schedulers.base import SchedulerStatus, array_status
 from metis_stream.schedulers.dialect import (
     ACCOUNT_NAME,
+    ARRAY_RANGE,
     END_USER,
     GONE,
     JOB_NAME,
@@ -31,6 +32,7 @@ from metis_stream.schedulers.dialect import (
     check,
     command_output,
     dependency_list,
+    index_list,
     signal_name,
     split_env,
 )
@@ -39,6 +41,9 @@ from metis_stream.shells.base import CommandResult
 
 JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?\Z")
 """A job (or one array element); sbatch --parsable prints ``12345`` or ``12345;cluster``."""
+ELEMENT_ID = re.compile(r"([0-9]+)_(?:([0-9]+)|\[([0-9,:%-]+)\])\Z")
+"""An array's element as squeue, sacct and scontrol print it: ``123_4``, or a pending
+range ``123_[5-9]`` (``123_[5-9%2]``: at most 2 at once; ``123_[1,3,5-7]``)."""
 _PARSABLE = re.compile(r"([0-9]+)(;[A-Za-z0-9_-]+)?\Z")
 
 _PBS_TIME = re.compile(r"([0-9]{1,7})(?::([0-9]{1,2}))?(?::([0-9]{1,2}))?(\.[0-9]{1,3})?\Z")
@@ -62,7 +67,6 @@ ENDED_STATES = frozenset({
 NEVER_RUNS_REASONS = frozenset({"DependencyNeverSatisfied"})
 """A pending job with this reason can never start: Slurm keeps it pending unless
 ``kill_invalid_depend`` is set (slurm.conf DependencyParameters)."""
-_STATE_RANK = {"running": 2, "queued": 1, "ended": 0}
 SHELL_SIGNAL_BASE = 128
 """A job killed by signal N is reported as 128 + N, as a shell's ``$?`` would say."""
 
@@ -88,6 +92,8 @@ def submit_command(request: JobRequest) -> SubmitCommand:
     depend = dependency_list(request, JOB_ID)
     if depend:
         argv.append("--dependency=" + depend)
+    if request.array is not None:
+        argv.append("--array=" + check(ARRAY_RANGE, request.array, "array"))
     # --export splits on commas like qsub -v: only safe values go. Never ALL, which copies
     # sbatch's whole environment into the job (on a server without host, the server's:
     # its secret). A list, or NONE, makes Slurm start the job in the cluster user's login
@@ -278,7 +284,8 @@ def parse_sacct_result(result: CommandResult, ids: Sequence[str],
 
 
 _SCONTROL_RECORD = re.compile(r"^\s*JobId=", re.MULTILINE)
-_SCONTROL_FIELD = re.compile(r"(?:^|\s)(JobId|JobState|Reason|ExitCode|TimeLimit)=(\S*)")
+_SCONTROL_FIELD = re.compile(
+    r"(?:^|\s)(JobId|ArrayJobId|ArrayTaskId|JobState|Reason|ExitCode|TimeLimit)=(\S*)")
 
 
 def parse_scontrol_result(result: CommandResult, ids: Sequence[str],
@@ -293,25 +300,39 @@ def parse_scontrol_result(result: CommandResult, ids: Sequence[str],
     for start, end in zip(starts, [*starts[1:], len(result.stdout)], strict=True):
         fields = dict(_SCONTROL_FIELD.findall(result.stdout[start:end]))
         if "JobId" in fields and "JobState" in fields:
-            found[fields["JobId"]] = status_of(
+            # An element's JobId is its own number: it is the array's by ArrayJobId.
+            job = fields["JobId"]
+            if fields.get("ArrayJobId") and fields.get("ArrayTaskId"):
+                job = f"{fields['ArrayJobId']}_[{fields['ArrayTaskId']}]"
+            found[job] = status_of(
                 fields["JobState"], fields.get("ExitCode"), fields.get("Reason", ""),
                 time_limit=fields.get("TimeLimit"))
-    return ProbeOutcome({i: found[i] for i in ids if i in found})
+    return ProbeOutcome(_match_ids(ids, found))
 
 
 def _match_ids(
     asked: Sequence[str], found: Mapping[str, SchedulerStatus]
 ) -> dict[str, SchedulerStatus]:
-    """Statuses for the ids asked; an array's elements (``12_3``) count for ``12``, which
-    is as alive as its most alive element."""
+    """Statuses for the ids asked; an array's elements (``12_3``, ``12_[4-9]``) count for
+    ``12``, whose status is theirs together (base.array_status)."""
     matched: dict[str, SchedulerStatus] = {}
+    elements: dict[str, dict[int, SchedulerStatus]] = {}
     for job, status in found.items():
-        key = job if job in asked else job.split("_", 1)[0]
-        if key not in asked:
+        element = ELEMENT_ID.match(job)
+        if element is None or job in asked:
+            if job in asked:
+                matched[job] = status
             continue
-        current = matched.get(key)
-        if current is None or _STATE_RANK[status.state] > _STATE_RANK[current.state]:
-            matched[key] = status
+        if element.group(1) not in asked:
+            continue
+        try:
+            indices = index_list(element.group(2) or element.group(3))
+        except ValueError:
+            continue
+        of_array = elements.setdefault(element.group(1), {})
+        of_array.update(dict.fromkeys(indices, status))
+    for job, of_array in elements.items():
+        matched[job] = array_status(of_array)
     return matched
 
 

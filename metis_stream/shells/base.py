@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from metis_stream.errors import UnsafeArgument
+from metis_stream.errors import LoginNeeded, UnsafeArgument
 
 __all__ = [
     "CHUNK_BYTES",
@@ -18,6 +18,7 @@ __all__ = [
     "FileInfo",
     "Shell",
     "SpoolReading",
+    "TakesLogin",
     "check_argv",
     "file_kind",
     "inside",
@@ -166,6 +167,22 @@ def inside(path: str, folder: str) -> bool:
     """Whether the absolute ``path`` is ``folder`` or under it (both resolved)."""
     folder = folder.rstrip("/") or "/"
     return path == folder or path.startswith(folder if folder == "/" else folder + "/")
+
+
+@runtime_checkable
+class TakesLogin(Protocol):
+    """A shell whose login node may ask for a second factor after the key (SSHShell), and
+    the scheduler that owns one: an operator's one-time code opens its connection
+    (docs/login.md)."""
+
+    def needs_login(self) -> LoginNeeded | None:
+        """The error a command meets now for want of a login; None when none is needed."""
+        ...
+
+    async def login(self, code: str) -> bool:
+        """Open the connection with ``code``: True, or False when one was open already
+        (the code unused). LoginRefused when the login node refuses the code."""
+        ...
 
 
 def check_argv(argv: Sequence[str]) -> None:

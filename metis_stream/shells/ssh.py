@@ -3,6 +3,10 @@
 One SSH connection per shell is opened on first use and kept alive; every command gets
 its own channel on it, so a command costs one round trip instead of a new handshake.
 paramiko is blocking: each call into it runs in a worker thread, never on the event loop.
+
+A login node may ask for a second factor after the key (keyboard-interactive, a one-time
+code): then only :meth:`SSHShell.login`, with a code that an operator typed, opens the
+connection, and every command meanwhile fails with LoginNeeded (docs/login.md).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import secrets
 import shlex
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterator, Sequence
 from pathlib import Path
 from select import select
 from typing import NoReturn, TypeVar
@@ -23,6 +27,7 @@ from typing import NoReturn, TypeVar
 import anyio
 import anyio.to_thread
 import paramiko
+from paramiko.auth_strategy import AuthSource, AuthStrategy, InMemoryPrivateKey, SourceResult
 from paramiko.common import cMSG_CHANNEL_REQUEST
 
 from metis_stream.backoff import Backoff
@@ -30,6 +35,9 @@ from metis_stream.errors import (
     CommandTimeout,
     ConnectionLost,
     HostKeyRefused,
+    LoginNeeded,
+    LoginRefused,
+    MetisError,
     OutsideFolder,
     ShellError,
 )
@@ -103,6 +111,11 @@ class SSHShell:
     next attempt is allowed after about 0.5 s, then 1 s, 2 s, ... (at most 30 s, with
     jitter); a command in between fails at once with the last error rather than
     queueing on a dead host, unless the attempt is due within ``_WAIT_FOR_ATTEMPT``.
+
+    Not so on a login node that asks for a second factor after the key
+    (``second_factor``, or learned when it first asks): a connection is opened only by
+    :meth:`login`, and a command without one fails at once with LoginNeeded, which names
+    ``cluster`` in the command an operator must run.
     """
 
     connections_opened: int
@@ -121,6 +134,8 @@ class SSHShell:
         max_sessions: int = 8,
         connect_timeout: float = 10,
         keepalive: float = 30,
+        cluster: str = "",
+        second_factor: bool = False,
     ) -> None:
         if key_file is None and not use_agent:
             raise ValueError("SSHShell needs a key_file, the SSH agent (use_agent), or both")
@@ -143,6 +158,10 @@ class SSHShell:
         self._retry_at = 0.0
         self._last_error = ""
         self._closed = False
+        self._cluster = cluster
+        self._second_factor = second_factor
+        """Whether the login node asks for a second factor after the key: then only login()
+        opens a connection."""
 
     @property
     def _where(self) -> str:
@@ -292,6 +311,10 @@ class SSHShell:
                 if _active(self._client):
                     return self._client  # another task reconnected while we waited
                 await self._drop(self._client)
+            if self._second_factor:
+                # Without a code the attempt could only fail, and each one is a failed
+                # login in the node's logs (where fail2ban may count it).
+                raise self._login_needed()
             # Fail fast during a long backoff instead of queueing callers behind a dead
             # host: the scheduler's poller and the web requests will come back.
             wait = self._retry_at - time.monotonic()
@@ -303,18 +326,60 @@ class SSHShell:
                     f"{self._retry_at - time.monotonic():.1f} s): {self._last_error}"
                 )
             try:
-                client = await anyio.to_thread.run_sync(self._connect)
+                # Without a code, a node that asks for one raises LoginNeeded.
+                opened, _ = await anyio.to_thread.run_sync(self._connect)
+            except LoginNeeded:
+                self._second_factor = True
+                raise
             except ShellError as exc:
                 self._last_error = str(exc)
                 self._retry_at = time.monotonic() + self._reconnects.next_delay()
                 raise
             self._reconnects.reset()
+            self._client = opened
+            self.connections_opened += 1
+            return opened
+
+    async def login(self, code: str) -> bool:
+        """Open the connection with the key and then ``code``, the answer to the login
+        node's keyboard-interactive prompts (a one-time code that an operator typed); the
+        connection is kept alive until it drops, and then the next one needs a new login.
+        False when a connection is open already (``code`` is not used). LoginRefused when
+        the node refuses the code. The code is used once and kept nowhere."""
+        async with self._connect_lock:
+            if self._closed:
+                raise ShellError(f"the SSH shell for {self._where} is closed")
+            if self._client is not None:
+                if _active(self._client):
+                    return False
+                await self._drop(self._client)
+            client, asked = await anyio.to_thread.run_sync(self._connect, code)
+            self._second_factor = self._second_factor or asked
+            # A login is a person's explicit attempt: a backoff left by failures before it
+            # must not hold the commands that follow.
+            self._reconnects.reset()
+            self._retry_at = 0.0
             self._client = client
             self.connections_opened += 1
-            return client
+            return True
 
-    def _connect(self) -> paramiko.SSHClient:
-        """Open and authenticate a connection (blocking: runs in a worker thread)."""
+    def needs_login(self) -> LoginNeeded | None:
+        """The error a command meets now for want of a login: None while a connection is
+        open, or while the login node has not asked for a second factor."""
+        if not self._second_factor or (self._client is not None and _active(self._client)):
+            return None
+        return self._login_needed()
+
+    def _login_needed(self) -> LoginNeeded:
+        cluster = self._cluster or "CLUSTER"
+        return LoginNeeded(
+            f"{self._where} asks for a second factor after the key (keyboard-interactive), "
+            f"and no connection is open: an operator must log in with `metis-stream login "
+            f"{cluster}` and type the code (docs/login.md)")
+
+    def _connect(self, code: str | None = None) -> tuple[paramiko.SSHClient, bool]:
+        """Open and authenticate a connection (blocking: runs in a worker thread); and
+        whether the login node asked for a second factor."""
         client = paramiko.SSHClient()
         try:
             # Only this file: never the user's own ~/.ssh/known_hosts behind the config's back.
@@ -331,29 +396,53 @@ class SSHShell:
             raise ShellError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         # Without it every round trip stalls ~40 ms (Nagle against delayed ACKs).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        agent: paramiko.Agent | None = None
         try:
+            agent = paramiko.Agent() if self._use_agent else None
+            keys = [*self._key_files(), *(agent.get_keys() if agent is not None else ())]
+            strategy = _KeyThenCode(self.user, keys, code)
             client.connect(
                 self.host,
                 self.port,
                 username=self.user,
                 sock=sock,
-                key_filename=str(self.key_file) if self.key_file else None,
-                passphrase=self._passphrase,
-                allow_agent=self._use_agent,
-                look_for_keys=False,
                 timeout=self._connect_timeout,
                 banner_timeout=self._connect_timeout,
                 auth_timeout=self._connect_timeout,
+                auth_strategy=strategy,
             )
         except BaseException as exc:
             client.close()
             sock.close()
+            if isinstance(exc, MetisError):
+                raise
             raise self._connect_error(exc) from exc
+        finally:
+            if agent is not None:
+                agent.close()  # its keys sign only while logging in
         transport = client.get_transport()
         assert transport is not None  # connect() succeeded
-        # Keepalives notice a dead peer and keep NAT and firewall state from expiring.
+        # Keepalives notice a dead peer and keep NAT and firewall state from expiring; on a
+        # login node that asks for a second factor they also keep the one login alive.
         transport.set_keepalive(max(1, round(self._keepalive)))
-        return client
+        return client, strategy.asked_for_code
+
+    def _key_files(self) -> list[paramiko.PKey]:
+        """The key file's key, as SSHClient would load it (``PKey.from_path`` takes no
+        str passphrase)."""
+        if self.key_file is None:
+            return []
+        failure: Exception | None = None
+        for key_class in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+            try:
+                return [key_class.from_private_key_file(str(self.key_file), self._passphrase)]
+            except paramiko.SSHException as exc:
+                failure = exc
+            except OSError as exc:
+                raise ShellError(f"cannot read the key file {self.key_file}: "
+                                 f"{exc.strerror}") from None
+        raise ShellError(f"cannot use the key file {self.key_file} (not an Ed25519, ECDSA or "
+                         f"RSA private key, or a wrong key_passphrase): {failure}")
 
     def _connect_error(self, exc: BaseException) -> BaseException:
         name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
@@ -372,6 +461,13 @@ class SSHShell:
                 f"intercepting the connection. If the change is expected, remove the old key "
                 f"with `ssh-keygen -R '{name}' -f {self.known_hosts}` and add the new one"
             )
+        if isinstance(exc, _CodeNeeded):
+            return self._login_needed()
+        if isinstance(exc, _CodeRefused):
+            return LoginRefused(
+                f"{name} refused the code (keyboard-interactive): {exc}. Nothing changed. A "
+                f"code is taken once and only within its time step (about 30 s): wait for "
+                f"the next one and log in again")
         if isinstance(exc, paramiko.AuthenticationException):
             how = f"key {self.key_file}" if self.key_file else "the SSH agent"
             return ShellError(f"authentication as {self.user} on {name} with {how} failed: {exc}")
@@ -391,6 +487,78 @@ class SSHShell:
             self._closed = True
             if self._client is not None:
                 await self._drop(self._client)
+
+
+class _CodeNeeded(paramiko.AuthenticationException):
+    """The key was accepted, and the login node asks for a code, which there is none of."""
+
+
+class _CodeRefused(paramiko.AuthenticationException):
+    """The login node refused the code."""
+
+
+class _KeyThenCode(AuthStrategy):
+    """How SSHShell logs in, as a paramiko AuthStrategy: each key in turn (the key file's,
+    then the agent's), and when the login node accepts one but asks for keyboard-interactive
+    after it (a second factor), ``code`` as the answer to every prompt of its first
+    question; _CodeNeeded without a code. SSHClient's own way would ask for the code on
+    the server's stdin."""
+
+    def __init__(self, user: str, keys: Sequence[paramiko.PKey], code: str | None) -> None:
+        super().__init__(ssh_config=paramiko.SSHConfig())
+        self._user = user
+        self._keys = keys
+        self._code = code
+        self.asked_for_code = False
+
+    def get_sources(self) -> Iterator[AuthSource]:
+        for key in self._keys:
+            yield InMemoryPrivateKey(self._user, key)
+
+    def authenticate(self, transport: paramiko.Transport) -> list[SourceResult]:
+        failure: paramiko.AuthenticationException | None = None
+        for source in self.get_sources():
+            try:
+                remaining = source.authenticate(transport)
+            except paramiko.AuthenticationException as exc:
+                failure = exc  # the next key, then
+                continue
+            if remaining:
+                self._second_factor(transport, remaining)
+            return [SourceResult(source, [])]
+        raise failure or paramiko.AuthenticationException("no key to offer (no key_file, and "
+                                                          "the SSH agent has none)")
+
+    def _second_factor(self, transport: paramiko.Transport, methods: list[str]) -> None:
+        if "keyboard-interactive" not in methods:
+            raise paramiko.AuthenticationException(
+                f"the key was accepted, but the login node also asks for {', '.join(methods)}; "
+                "only keyboard-interactive (a one-time code) can follow the key")
+        self.asked_for_code = True
+        if self._code is None:
+            raise _CodeNeeded("the login node asks for a second factor")
+        code = self._code
+        asked = False
+
+        def answer(title: str, instructions: str, prompts: list[tuple[str, bool]]
+                   ) -> list[str]:
+            # The first question takes the code (OpenSSH's PAM then sends one without
+            # prompts); a second question is answered blank, and so refused: there is
+            # one code.
+            nonlocal asked
+            if not prompts:
+                return []
+            answers = ["" if asked else code] * len(prompts)
+            asked = True
+            return answers
+
+        try:
+            remaining = transport.auth_interactive(self._user, answer)
+        except paramiko.AuthenticationException as exc:
+            raise _CodeRefused(str(exc) or "authentication failed") from None
+        if remaining:
+            raise paramiko.AuthenticationException(
+                f"after the code, the login node still asks for {', '.join(remaining)}")
 
 
 class _UnknownHostKey(paramiko.SSHException):

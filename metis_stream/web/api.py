@@ -25,7 +25,7 @@ from metis_stream.errors import (
 )
 from metis_stream.events import Event, event_too_large, parse_event_json
 from metis_stream.jobs import Job, JobState, state_machine
-from metis_stream.service import JobService
+from metis_stream.service import JobService, login_code
 from metis_stream.templates import param_text
 from metis_stream.web import auth
 from metis_stream.web.errors import JSONResponse, error_body
@@ -38,6 +38,7 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
 JSON_TYPE = "application/json"
 MAX_SUBMIT_BYTES = 64 * 1024
 SSE_KEEPALIVE = 15.0
+MAX_LOGIN_BYTES = 4096
 HISTORY_CHUNK = 64 * 1024
 """A history page is sent in pieces of about this many characters."""
 WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
@@ -261,6 +262,24 @@ async def list_clusters(request: Request) -> Response:
     return JSONResponse({"clusters": await service.clusters()})
 
 
+async def login_cluster(request: Request) -> Response:
+    """An operator's one-time code for a cluster whose login node asks for a second factor
+    (docs/login.md), for admin keys: the connection it opens runs every key's jobs."""
+    service = service_of(request)
+    auth.require_admin(request, service.config.server)
+    if _content_type(request) != JSON_TYPE:
+        raise UnsupportedMediaType('send {"code": "..."} as application/json')
+    try:
+        body = orjson.loads(await read_body(request, MAX_LOGIN_BYTES))
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadInput('a login request is a JSON object: {"code": "..."}')
+    name = request.path_params["name"]
+    opened = await service.login(name, login_code(body.get("code")))
+    return JSONResponse({"cluster": name, "connection": "opened" if opened else "already open"})
+
+
 async def failed_webhooks(request: Request) -> Response:
     """Every webhook's dead letters, for admin keys: webhooks are the operator's, and a
     letter tells of any key's job."""
@@ -305,7 +324,7 @@ async def post_events(request: Request) -> Response:
     service = service_of(request)
     server = service.config.server
     job_id = request.path_params["job_id"]
-    auth.require_job_token(request, server, job_id)
+    element = auth.require_job_token(request, server, job_id)
     content_type = _content_type(request)
     if content_type in NDJSON_TYPES:
         # A body of announced length is read whole (and is all or nothing); one sent in
@@ -313,13 +332,13 @@ async def post_events(request: Request) -> Response:
         whole = "content-length" in request.headers
         result = await service.ingest_ndjson(
             job_id, body_chunks(request, server.max_request_bytes if whole else None),
-            whole=whole)
+            whole=whole, element=element)
     elif content_type == JSON_TYPE:
         try:
             body = await read_body(request, server.max_event_bytes)
         except TooLarge:
             raise event_too_large(server.max_event_bytes) from None
-        result = await service.ingest(job_id, [parse_event_json(body)])
+        result = await service.ingest(job_id, [parse_event_json(body)], element=element)
     else:
         raise UnsupportedMediaType("send one event as application/json or several as "
                                    "application/x-ndjson")

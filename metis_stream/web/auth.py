@@ -71,10 +71,15 @@ def require_watcher(conn: HTTPConnection, server: ServerConfig, job_id: str) -> 
     return None
 
 
-def require_job_token(conn: HTTPConnection, server: ServerConfig, job_id: str) -> None:
+def require_job_token(conn: HTTPConnection, server: ServerConfig, job_id: str) -> int | None:
+    """The job's token, or one of its array elements' (then that element's index)."""
     given = bearer(conn) or ""
-    if not tokens.same_secret(tokens.job_token(server.secret, job_id), given):
+    if tokens.same_secret(tokens.job_token(server.secret, job_id), given):
+        return None
+    element = tokens.element_of(server.secret, job_id, given)
+    if element is None:
         raise NotAuthenticated("a valid job token is required (Authorization: Bearer <token>)")
+    return element
 
 
 def check_origin(conn: HTTPConnection, server: ServerConfig) -> None:

@@ -36,6 +36,9 @@ class SchedulerDouble:
     async def read_job_files(self, job_id: str) -> JobFiles:
         return JobFiles()
 
+    async def read_element_exits(self, job_id: str) -> Mapping[int, bytes | None]:
+        return {}
+
     async def read_spools(self, reads: Sequence[SpoolRead]) -> Frames:
         return Frames([])
 

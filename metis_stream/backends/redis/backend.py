@@ -448,6 +448,7 @@ class RedisBackend:
             raise make_error(job_id, self._limits) from None
         appended = [Event(job=job_id, seq=seqs[i - 1], type=events[i - 1].type,
                           data=events[i - 1].data, time=now, via=events[i - 1].via,
+                          element=events[i - 1].element,
                           wire=head + str(seqs[i - 1]) + tails[i - 1])
                     for i in fresh]
         for event in appended:

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from metis_stream.events import NewEvent
+from metis_stream.events import NewEvent, tags
 from metis_stream.jobs import Job, fields_set_by
 
 _TEXT_FIELDS = frozenset({"id", "template", "cluster", "state", "owner"})
@@ -48,7 +48,7 @@ def wire_head(job_id: str) -> str:
 def wire_tail(new: NewEvent, now: float) -> str:
     """The wire JSON after the seq; head + seq + tail is exactly what ``encode_event`` gives."""
     fields = {"type": new.type, "data": new.data, "time": now}
-    return "," + to_json(fields if new.via is None else {**fields, "via": new.via})[1:]
+    return "," + to_json({**fields, **tags(new.via, new.element)})[1:]
 
 
 def job_patch(new: NewEvent) -> list[str]:

@@ -334,8 +334,11 @@ export class JobView {
     const cluster = data && typeof data.cluster === "string" ? data.cluster : "the cluster";
     const cause = data && typeof data.cause === "string" ? `: ${data.cause}` : "";
     const since = new Date(time * 1000).toLocaleTimeString();
-    $("cluster-stale-text").textContent =
-      `${cluster} has not answered since ${since}${cause}. The job runs on; its news may be old.`;
+    // A lost login is no failure of the cluster's: it waits for an operator.
+    const what = data && data.state === "login_needed"
+      ? `${cluster} has waited for an operator to log in since ${since}`
+      : `${cluster} has not answered since ${since}${cause}`;
+    $("cluster-stale-text").textContent = `${what}. The job runs on; its news may be old.`;
     $("cluster-stale").hidden = false;
   }
 
