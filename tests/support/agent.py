@@ -57,6 +57,8 @@ class AgentProcess:
     allow_commands: Sequence[str] = ()
     allow_http: Sequence[str] = ()
     script: Path = AGENT_SCRIPT
+    interpreter: str = sys.executable
+    """The Python that runs it: the cluster user cannot reach this one's, in root's home."""
     launcher: Sequence[str] = ()
     """What runs the agent (``nsenter ... setpriv ...``: as the cluster user, in its
     namespace); empty: this user, here."""
@@ -65,7 +67,7 @@ class AgentProcess:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        argv = [*self.launcher, sys.executable, "-I", "-S", str(self.script),
+        argv = [*self.launcher, self.interpreter, "-I", "-S", str(self.script),
                 "--server", self.server_url, "--key-file", str(self.key_file),
                 "--workdir", self.workdir]
         for name in self.allow_commands:
