@@ -16,6 +16,7 @@ import contextlib
 import logging
 import posixpath
 import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from typing import Any
 
@@ -46,6 +47,10 @@ REPLY_MARGIN = 30.0
 """Seconds, past a command's own timeout, that its reply may take to come back."""
 UNTIMED_OPERATION = 300.0
 """Seconds a taken operation without a timeout of its own (a file) may take."""
+PRESENCE_CHECK = 2.0
+"""Seconds between looks at the agent's presence while a taken operation runs: an agent
+killed mid-operation never replies, and its cluster must not wait out the whole limit to
+show unreachable."""
 INBOX_WAIT = 1.0
 
 
@@ -177,16 +182,37 @@ class AgentShell:
                         f"within {self._wait:g} s: it is not connected (start metis-agent "
                         "on the cluster: docs/agent.md); nothing ran") from None
                 limit = (timeout if timeout is not None else UNTIMED_OPERATION) + REPLY_MARGIN
-                try:
-                    async with asyncio.timeout(limit):
-                        reply = await future
-                except TimeoutError:
-                    raise ConnectionLost(
-                        f"the agent of cluster {self.cluster} took {operation} but sent no "
-                        f"reply within {limit:g} s: it may or may not have run") from None
+                reply = await self._reply(future, operation, limit)
         finally:
             self._waiting.pop(operation_id, None)
         return self._result(operation, what, reply)
+
+    async def _reply(self, future: asyncio.Future[dict[str, Any]], operation: str,
+                     limit: float) -> dict[str, Any]:
+        """The reply to an operation the agent took: within ``limit`` seconds, and only
+        while the agent is connected (its presence); ConnectionLost otherwise."""
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionLost(
+                    f"the agent of cluster {self.cluster} took {operation} but sent no "
+                    f"reply within {limit:g} s: it may or may not have run")
+            try:
+                async with asyncio.timeout(min(PRESENCE_CHECK, left)):
+                    return await asyncio.shield(future)
+            except TimeoutError:
+                if not await self._agent_connected():
+                    raise ConnectionLost(
+                        f"the agent of cluster {self.cluster} took {operation} and lost its "
+                        "link before it replied: it may or may not have run") from None
+
+    async def _agent_connected(self) -> bool:
+        try:
+            presence = (await self._backend.agent_presence()).get(self.cluster)
+        except BackendUnavailable:
+            return True  # no news of it is no news that it left: wait on to the limit
+        return presence is not None and presence.connected(time.time())
 
     async def _send(self, payload: bytes) -> None:
         try:
