@@ -185,3 +185,49 @@ def test_a_job_cancelled_outside_the_server_ends_fatal_with_the_right_words(
     assert last["data"]["error"] == "cancelled on the cluster (scancel or qdel)", last
     assert last["data"]["scheduler_state"].startswith("CANCELLED"), last
     assert get_job(env.server, job_id)["state"] == "failed"
+
+
+def test_the_agent_killed_mid_job_is_an_outage_not_a_death(env: Env) -> None:
+    """SIGKILL (no goodbye) while the job keeps writing to its spool: the cluster shows
+    unreachable, watchers get stale, nothing fails; the agent back, they get recovered
+    and every event the job wrote meanwhile, once and in order."""
+    job_id = submit(env.server, "beat")["id"]
+    follow(env.server, job_id, timeout=30, until=lambda e: e["data"] == "beat 5")
+    env.agent.kill()
+    # An operation the agent had taken fails once its presence lapses
+    # (clusters.AGENT_AWAY_AFTER), not at the operation's own limit.
+    wait_until(lambda: env.cluster_status()["state"] == "unreachable", 30,
+               "the cluster to show unreachable")
+    # AgentAway (an operation nobody took) or ConnectionLost (one the agent took).
+    assert f"the agent of cluster {CLUSTER}" in env.cluster_status()["last_error"]
+    wait_until(lambda: env.cluster_status()["agent"]["connected"] is False, 30,
+               "the agent's presence to lapse")
+    wait_until(lambda: "stale" in [e["type"] for e in all_events(env.server, job_id)], 20,
+               "watchers to be told their news is stale")
+    assert get_job(env.server, job_id)["state"] == "running"
+    during = beats(all_events(env.server, job_id))
+    # The issue's agent comes back "a minute later"; two poll intervals show the same
+    # (the monitor keeps failing, nothing ends the job) and keep the suite short.
+    time.sleep(2 * POLL_INTERVAL)
+    assert get_job(env.server, job_id)["state"] == "running"
+    env.agent.start()
+    env.agent.wait_connected()
+    wait_until(lambda: "recovered" in [e["type"] for e in all_events(env.server, job_id)],
+               20, "watchers to be told the cluster recovered")
+    assert env.cluster_status()["state"] == "ok"
+    env.touch(job_id, "stop")
+    events = follow(env.server, job_id, timeout=30)
+    assert events == all_events(env.server, job_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    kinds = [e["type"] for e in events]
+    assert kinds.count("stale") == 1 and kinds.count("recovered") == 1, kinds
+    assert kinds.index("stale") < kinds.index("recovered")
+    assert kinds[-1] == "completed" and "fatal" not in kinds, kinds
+    written = beats(events)
+    assert written == [f"beat {n}" for n in range(1, len(written) + 1)]
+    assert len(written) > len(during) + 20, "the job wrote on through the outage"
+    notices = ("stale", "recovered")  # the server's own
+    assert all(e.get("via") == "spool" for e in from_the_job(events)
+               if e["type"] not in notices)
+    # And the link works again: a cancel reaches the scheduler.
+    test_cancel_through_the_api_reaches_the_scheduler_through_the_agent(env)

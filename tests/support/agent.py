@@ -65,6 +65,7 @@ class AgentProcess:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    _log_start: int = 0
 
     def start(self) -> None:
         argv = [*self.launcher, self.interpreter, "-I", "-S", str(self.script),
@@ -75,14 +76,16 @@ class AgentProcess:
         for host in self.allow_http:
             argv += ["--allow-http", host]
         with open(self.log_path, "ab") as log:
+            self._log_start = log.tell()
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                             env=dict(self.env), cwd=self.cwd)
 
     def wait_connected(self, timeout: float = 20.0) -> None:
-        """Until the agent says it connected (its log), or fail with its log."""
+        """Until the agent started last says it connected (its log since), or fail with
+        its log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "connected to" in self.log():
+            if b"connected to" in self._log_bytes()[self._log_start:]:
                 return
             if self.process is not None and self.process.poll() is not None:
                 break
@@ -105,10 +108,13 @@ class AgentProcess:
         self.stop(signal.SIGKILL)
 
     def log(self) -> str:
+        return self._log_bytes().decode(errors="replace")
+
+    def _log_bytes(self) -> bytes:
         try:
-            return self.log_path.read_text()
+            return self.log_path.read_bytes()
         except FileNotFoundError:
-            return ""
+            return b""
 
 
 def write_key_file(path: Path, key: str = AGENT_KEY) -> Path:
