@@ -6,9 +6,13 @@ test_shell_contract.py; the test cluster's end-to-end runs are in test_agent_clu
 from __future__ import annotations
 
 import ast
+import asyncio
+import base64
 import hashlib
+import json
 import secrets
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -17,8 +21,9 @@ import pytest
 
 from metis_stream import metis_agent
 from metis_stream.backends.memory import MemoryBackend
+from metis_stream.clusters import AGENT_AWAY_AFTER, AgentPresence
 from metis_stream.config import AGENT_SCRIPT
-from metis_stream.errors import AgentAway, OperationRefused, OutsideFolder
+from metis_stream.errors import AgentAway, ConnectionLost, OperationRefused, OutsideFolder
 from metis_stream.shells.agent import AgentShell
 from metis_stream.shells.local import LocalShell
 from metis_stream.spool import SpoolRead, reader_argv
@@ -140,5 +145,36 @@ async def test_an_operation_no_agent_takes_is_withdrawn_and_fails_clearly() -> N
             await shell.run(["qsub", "job.sh"], idempotent=False)
         # An agent that connects later finds nothing to run.
         assert await backend.agent_take("metis", wait=0.05, limit=10) == []
+    finally:
+        await shell.close()
+
+
+async def test_an_operation_taken_by_an_agent_that_leaves_fails_once_it_is_away() -> None:
+    """The backend plays the agent's poll: it takes the operation. While the agent's
+    presence is fresh, the call waits for the reply; once it lapses, ConnectionLost
+    comes within seconds, not at the operation's own limit (60 s + the margin)."""
+    backend = MemoryBackend()
+    shell = AgentShell("metis", backend, wait=0.3)
+    try:
+        await backend.set_agent_presence(AgentPresence("metis", seen=time.time()))
+        call = asyncio.create_task(shell.run(["squeue"], timeout=60))
+        [raw] = await backend.agent_take("metis", wait=5, limit=10)
+        operation = json.loads(raw)
+        await asyncio.sleep(2.5)  # past `wait` and a look at the presence: it waits on
+        assert not call.done()
+        await backend.agent_reply(operation["reply_to"], json.dumps({
+            "id": operation["id"], "result": {
+                "exit": 0, "stdout": base64.b64encode(b"queued").decode(),
+                "stderr": ""}}).encode())
+        assert (await asyncio.wait_for(call, 5)).stdout == "queued"
+
+        call = asyncio.create_task(shell.run(["squeue"], timeout=60))
+        assert len(await backend.agent_take("metis", wait=5, limit=10)) == 1
+        await backend.set_agent_presence(
+            AgentPresence("metis", seen=time.time() - AGENT_AWAY_AFTER - 1))
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match=r"lost its link.*may or may not have run"):
+            await asyncio.wait_for(call, 10)
+        assert time.monotonic() - started < 5
     finally:
         await shell.close()
