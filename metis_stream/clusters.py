@@ -66,6 +66,43 @@ class ClusterHealth:
                    flavour=str(raw.get("flavour", "")), version=str(raw.get("version", "")))
 
 
+AGENT_AWAY_AFTER = 15.0
+"""Seconds without news of an agent (a poll held open tells every few seconds) after which
+it counts as disconnected."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPresence:
+    """What the server knows of a cluster's agent (``link = "agent"``, docs/agent.md)."""
+
+    name: str
+    """The cluster's."""
+    seen: float = 0.0
+    """When a poll of the agent last held the line (seconds since the epoch)."""
+    since: float = 0.0
+    """When it connected, after it had been away."""
+    last_error: str = ""
+    """Why its link broke last, in the agent's own words, as it said when it came back."""
+
+    def connected(self, now: float) -> bool:
+        return now - self.seen < AGENT_AWAY_AFTER
+
+    def view(self, now: float) -> dict[str, Any]:
+        """For the cluster status: connected or not, since when, and the last error."""
+        connected = self.connected(now)
+        return {"connected": connected, "since": self.since if connected else self.seen,
+                "last_error": self.last_error}
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "seen": self.seen, "since": self.since,
+                "last_error": self.last_error}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> AgentPresence:
+        return cls(name=str(raw["name"]), seen=float(raw["seen"]), since=float(raw["since"]),
+                   last_error=str(raw["last_error"]))
+
+
 def state_of_failure(error: BaseException) -> ClusterState:
     """``login_needed`` when the connection waits for an operator's login (LoginNeeded
     anywhere in the chain of causes), ``unreachable`` when it failed otherwise (a

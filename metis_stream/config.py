@@ -20,7 +20,7 @@ from metis_stream.backends.contract import DEFAULT_MAX_JOB_BYTES
 from metis_stream.errors import ConfigError, TemplateError
 from metis_stream.events import MAX_EVENT_BYTES, MAX_REQUEST_BYTES, TYPE_PATTERN
 from metis_stream.files import write_private
-from metis_stream.keys import ApiKey, keyring, named_key
+from metis_stream.keys import HASHED_KEY, ApiKey, keyring, named_key
 from metis_stream.schedulers.dialects import SCHEDULERS
 from metis_stream.spool import DELIVERIES
 from metis_stream.templates import (
@@ -51,6 +51,9 @@ PACKAGE_DIR = Path(__file__).parent
 JOBSCRIPTS_DIR = PACKAGE_DIR / "jobscripts"
 EXAMPLES_FILE = JOBSCRIPTS_DIR / "examples.toml"
 EMIT_SCRIPT = JOBSCRIPTS_DIR / "metis-emit"
+AGENT_SCRIPT = PACKAGE_DIR / "metis_agent.py"
+"""metis-agent, as ``GET /agent`` serves it."""
+LINKS = ("ssh", "agent")
 MIN_SECRET_BYTES = 32
 
 
@@ -176,6 +179,15 @@ class ClusterConfig:
     """Bytes one read takes from all spools together (at least one event's worth a job)."""
     spool_keep: float = 0.0
     """Seconds a job's spool stays after the job ended; 0: removed with its token."""
+    link: str = "ssh"
+    """How the server reaches the cluster (LINKS): ``ssh`` to ``host`` (with no host, the
+    commands run on this machine), or ``agent``: metis-agent dials out from the cluster
+    (docs/agent.md)."""
+    agent_key: str = ""
+    """``sha256:<hex>`` of the key the cluster's agent presents (``link = "agent"``)."""
+    agent_wait: float = 30.0
+    """Seconds an operation (a submission) waits for the agent to be connected before it
+    fails (``link = "agent"``)."""
 
     def __post_init__(self) -> None:
         if not self.delivery:  # the default depends on the scheduler: set it here, once
@@ -368,6 +380,7 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
         raise ConfigError(f"[clusters.{name}] delivery must be one of {', '.join(DELIVERIES)}: "
                           "http (events over the network), spool (through the shared "
                           "filesystem only), both")
+    _check_link(cluster)
     if cluster.spool_interval <= 0 or cluster.spool_keep < 0:
         raise ConfigError(f"[clusters.{name}]: spool_interval must be above 0 and spool_keep "
                           "0 or more (seconds)")
@@ -375,6 +388,26 @@ def _cluster_config(name: str, table: Mapping[str, Any]) -> ClusterConfig:
         raise ConfigError(f"[clusters.{name}] spool_max_bytes must be at least "
                           f"{MAX_EVENT_BYTES} (one event)")
     return cluster
+
+
+def _check_link(cluster: ClusterConfig) -> None:
+    where = f"[clusters.{cluster.name}]"
+    if cluster.link not in LINKS:
+        raise ConfigError(f"{where} link must be one of {', '.join(LINKS)}: ssh (the server "
+                          "logs in to host) or agent (metis-agent dials out from the cluster)")
+    if cluster.link != "agent":
+        if cluster.agent_key:
+            raise ConfigError(f'{where}: agent_key is for link = "agent"')
+        return
+    if cluster.scheduler == "local" or cluster.host:
+        raise ConfigError(f'{where}: link = "agent" is for a cluster\'s batch system (pbs or '
+                          "slurm) that metis-agent reaches: remove host")
+    if not HASHED_KEY.match(cluster.agent_key):
+        raise ConfigError(f'{where}: link = "agent" needs agent_key = "sha256:<64 hex '
+                          'digits>", the hash of the key the agent presents (`metis-stream '
+                          "new-key` prints a key and that form of it)")
+    if cluster.agent_wait <= 0:
+        raise ConfigError(f"{where} agent_wait must be above 0 (seconds)")
 
 
 def _template(name: str, table: Mapping[str, Any], base: Path,

@@ -31,7 +31,7 @@ pick the right parent to be translated everywhere.
     ├── BackendUnavailable            503   the store cannot be reached: retry
     ├── SchedulerError                502   the batch system failed (SubmitOutcomeUnknown)
     ├── ShellError                    502   commands could not run (CommandTimeout 504,
-    │   │                                   HostKeyRefused)
+    │   │                                   HostKeyRefused, AgentAway, OperationRefused)
     │   └── LoginNeeded               503   the cluster waits for an operator's second factor
     ├── WebhookFailed                 502   a webhook's receiver did not take a delivery
     ├── EmbeddingError                500   the program that embeds metis-stream set it up
@@ -59,6 +59,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
     "OUTCOMES",
+    "AgentAway",
     "BackendUnavailable",
     "BadInput",
     "ClientError",
@@ -87,6 +88,7 @@ __all__ = [
     "NotAuthenticated",
     "NotFound",
     "NotRunning",
+    "OperationRefused",
     "Outcome",
     "OutsideFolder",
     "RangeNotSatisfiable",
@@ -358,6 +360,16 @@ class ConnectionLost(ShellError):
     status: the command may or may not have run (a ``qsub`` may have queued a job)."""
 
 
+class AgentAway(ShellError):
+    """The cluster's agent (``link = "agent"``) is not connected: the operation waited for
+    it as long as it may, and was taken back; nothing ran."""
+
+
+class OperationRefused(ShellError):
+    """The cluster's agent refused an operation: a command outside its allowlist, a path
+    outside its work folder (docs/agent.md). Nothing ran."""
+
+
 class LoginNeeded(ShellError):
     """The cluster's login node asks for a second factor after the key, and the server has
     no live connection: an operator must log in (``metis-stream login CLUSTER``,
@@ -457,6 +469,8 @@ _PLAIN_CAUSES: Mapping[type[BaseException], str] = {
     ShellError: "the server could not connect to the cluster",
     HostKeyRefused: "the cluster's host key is not trusted",
     ConnectionLost: "the connection to the cluster broke",
+    AgentAway: "the cluster's agent is not connected",
+    OperationRefused: "the cluster's agent refused an operation",
     CommandTimeout: "the cluster did not answer in time",
     LoginNeeded: "the cluster waits for an operator to log in",
     TimeoutError: "the cluster did not answer in time",

@@ -39,7 +39,7 @@ from metis_stream import tokens
 from metis_stream.backends.contract import AppendResult, Backend
 from metis_stream.backends.follow import follow
 from metis_stream.backoff import Backoff
-from metis_stream.clusters import CLUSTER_STATES
+from metis_stream.clusters import CLUSTER_STATES, AgentPresence
 from metis_stream.config import Config
 from metis_stream.deliverer import Deliverer, send
 from metis_stream.errors import (
@@ -149,7 +149,8 @@ class JobService:
         """The service of ``config`` with the backend and the schedulers it names (Redis or
         memory; SSH, local commands or the local scheduler), as ``serve`` builds them;
         not running yet (``async with``)."""
-        return cls(config, build_backend(config), build_schedulers(config))
+        backend = build_backend(config)
+        return cls(config, backend, build_schedulers(config, backend))
 
     @property
     def running(self) -> bool:
@@ -569,14 +570,19 @@ class JobService:
         process that polls it last wrote it: ``unknown`` before any poll (a cluster
         without live jobs is not polled)."""
         health = await self.backend.cluster_health()
+        agents = await self.backend.agent_presence()
+        now = time.time()
         views = []
         for name, cluster in self.config.clusters.items():
             seen = health.get(name)
-            views.append({"name": name, "scheduler": cluster.scheduler,
-                          "delivery": cluster.delivery,
-                          **(seen.as_json() if seen is not None else {
-                              "state": "unknown", "since": None, "last_error": "",
-                              "checked": None, "flavour": "", "version": ""})})
+            view = {"name": name, "scheduler": cluster.scheduler,
+                    "delivery": cluster.delivery, "link": cluster.link,
+                    **(seen.as_json() if seen is not None else {
+                        "state": "unknown", "since": None, "last_error": "",
+                        "checked": None, "flavour": "", "version": ""})}
+            if cluster.link == "agent":
+                view["agent"] = agents.get(name, AgentPresence(name)).view(now)
+            views.append(view)
         return views
 
     async def get(self, job_id: str, *, seen_by: ApiKey | None) -> Job:

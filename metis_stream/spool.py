@@ -42,8 +42,9 @@ BOUNDARY = re.compile(r"[0-9a-f]{32}\Z")
 # once, and only a spool whose size differs from what the server has (HAVE) costs a
 # ``tail | head``: quiet jobs cost nothing. Each frame is a header line
 # (--BOUNDARY ID SIZE START COUNT), COUNT bytes from START, and a newline; a last line
-# ``--BOUNDARY end`` says that the output is whole. ``head -c`` is not POSIX but is in
-# GNU coreutils, busybox and every BSD.
+# ``--BOUNDARY end`` says that the output is whole. metis-agent, which runs no sh, writes
+# the same frames itself (metis_agent.spool_frames; a test holds the two byte for byte).
+# ``head -c`` is not POSIX but is in GNU coreutils, busybox and every BSD.
 READER = r"""
 set -f
 cd -- "$1" || exit 3
@@ -91,10 +92,15 @@ done
 """
 
 
+def sweep_minutes(keep_seconds: float) -> int:
+    """``keep_seconds`` in the whole minutes that ``find -mmin`` counts."""
+    return max(1, math.ceil(keep_seconds / 60))
+
+
 def sweeper_argv(jobs_dir: str, keep_seconds: float) -> list[str]:
     """One command that removes the spools kept longer than ``keep_seconds``."""
-    minutes = max(1, math.ceil(keep_seconds / 60))
-    return ["sh", "-c", SWEEPER, "metis-spool-sweeper", jobs_dir, str(minutes)]
+    return ["sh", "-c", SWEEPER, "metis-spool-sweeper", jobs_dir,
+            str(sweep_minutes(keep_seconds))]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from metis_stream.backends.follow import follow
 from metis_stream.backends.hub import DEFAULT_SUBSCRIPTION_BUFFER
 from metis_stream.backends.memory import MemoryBackend
 from metis_stream.backends.redis import RedisBackend
-from metis_stream.clusters import ClusterHealth
+from metis_stream.clusters import AgentPresence, ClusterHealth
 from metis_stream.errors import (
     EventLimitReached,
     JobEnded,
@@ -189,6 +190,59 @@ async def test_cluster_health_is_kept_per_cluster(backend: Backend) -> None:
     await backend.set_cluster_health(ClusterHealth("other", "ok", 2.0))
     assert await backend.cluster_health() == {"metis": down,
                                               "other": ClusterHealth("other", "ok", 2.0)}
+
+
+# Agent links
+
+
+async def test_agent_operations_are_taken_once_in_order(make_backend: MakeBackend) -> None:
+    # Two backends on one store (Redis): two server processes, one that the agent's poll
+    # reached; the memory backend is one process's only.
+    sender = make_backend()
+    poller = sender if isinstance(sender, MemoryBackend) else make_backend()
+    for each in {id(sender): sender, id(poller): poller}.values():
+        await each.start()
+    try:
+        assert await poller.agent_take("c1", wait=0.05, limit=10) == []
+        for n in range(5):
+            await sender.agent_send("c1", b"op%d" % n)
+        await sender.agent_send("c2", b"other")
+        assert await poller.agent_take("c1", wait=1, limit=3) == [b"op0", b"op1", b"op2"]
+        assert await sender.agent_withdraw("c1", b"op3") is True
+        assert await sender.agent_withdraw("c1", b"op0") is False  # taken already
+        assert await poller.agent_take("c1", wait=1, limit=10) == [b"op4"]
+        assert await poller.agent_take("c2", wait=1, limit=10) == [b"other"]
+    finally:
+        for each in {id(sender): sender, id(poller): poller}.values():
+            await each.close()
+
+
+async def test_agent_take_waits_for_an_operation(backend: Backend) -> None:
+    async def send_later() -> None:
+        await anyio.sleep(0.3)
+        await backend.agent_send("c", b"late")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(send_later)
+        started = time.monotonic()
+        assert await backend.agent_take("c", wait=5, limit=10) == [b"late"]
+    assert 0.2 < time.monotonic() - started < 3
+
+
+async def test_agent_replies_reach_their_inbox_only(backend: Backend) -> None:
+    assert await backend.agent_replies("c:a", wait=0.05) == []  # the inbox is read
+    await backend.agent_reply("c:a", b"one")
+    await backend.agent_reply("c:a", b"two")
+    assert await backend.agent_replies("c:a", wait=1) == [b"one", b"two"]
+    assert await backend.agent_replies("c:a", wait=0.05) == []
+
+
+async def test_agent_presence_is_kept_per_cluster(backend: Backend) -> None:
+    assert await backend.agent_presence() == {}
+    seen = AgentPresence("metis", seen=10.0, since=5.0, last_error="refused: 401")
+    await backend.set_agent_presence(AgentPresence("metis", seen=1.0))
+    await backend.set_agent_presence(seen)
+    assert await backend.agent_presence() == {"metis": seen}
 
 
 # Appending and reading

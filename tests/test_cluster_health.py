@@ -161,8 +161,8 @@ def test_the_clusters_route_says_each_clusters_health(tmp_path: Path) -> None:
             time.sleep(0.1)
         httpx.delete(f"{server.url}/api/jobs/{job_id}", timeout=10)
     assert before == [{"name": "local", "scheduler": "local", "delivery": "http",
-                       "state": "unknown", "since": None, "last_error": "", "checked": None,
-                       "flavour": "", "version": ""}]
+                       "link": "ssh", "state": "unknown", "since": None, "last_error": "",
+                       "checked": None, "flavour": "", "version": ""}]
     assert after["state"] == "ok" and after["checked"] >= after["since"] > 0
     assert (after["flavour"], after["version"]) == ("", "")  # not a batch system
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from metis_stream.backends.memory import MemoryBackend
 from metis_stream.config import (
     EXAMPLES_FILE,
     ClusterConfig,
@@ -413,7 +414,7 @@ def test_state_dir_and_its_folders_are_made_0700_whatever_the_umask(tmp_path):
     old = os.umask(0)
     try:
         config = load_config(write(tmp_path, minimal()), {"METIS_STATE_DIR": str(state)})
-        asyncio.run(build_schedulers(config)["c"].start())
+        asyncio.run(build_schedulers(config, MemoryBackend())["c"].start())
     finally:
         os.umask(old)
     for folder in (tmp_path / "deep", state, state / "jobs", state / "jobs" / "c"):

@@ -79,6 +79,8 @@ EXPECTED = [
     (errors.ConnectionLost("x"), 502, 1011, 1),
     (CommandTimeout("x"), 504, 1011, 1),
     (HostKeyRefused("x"), 502, 1011, 1),
+    (errors.AgentAway("x"), 502, 1011, 1),
+    (errors.OperationRefused("x"), 502, 1011, 1),
     (errors.LoginNeeded("x"), 503, 1013, 1),
     (errors.LoginRefused("x"), 403, 4403, 1),
     (errors.EmbeddingError("x"), 500, 1011, 1),
@@ -114,12 +116,15 @@ def test_an_unlisted_subclass_takes_its_nearest_ancestors_outcome():
 def test_every_exception_metis_stream_defines_lives_in_errors_under_one_root():
     """One module, one root: only the SSH shell keeps private control-flow exceptions
     that never leave it, and paramiko's policy hook and auth strategy need their own base
-    class."""
+    class; metis-agent runs alone on a cluster, without metis_stream, and its refusals
+    travel as replies."""
     private_allowed = {("metis_stream.shells.ssh", "_NotSent"),
                        ("metis_stream.shells.ssh", "_SessionRefused"),
                        ("metis_stream.shells.ssh", "_UnknownHostKey"),
                        ("metis_stream.shells.ssh", "_CodeNeeded"),
-                       ("metis_stream.shells.ssh", "_CodeRefused")}
+                       ("metis_stream.shells.ssh", "_CodeRefused"),
+                       ("metis_stream.metis_agent", "Refused"),
+                       ("metis_stream.metis_agent", "Failed")}
     found = set()
     for info in pkgutil.walk_packages(metis_stream.__path__, "metis_stream."):
         module = importlib.import_module(info.name)

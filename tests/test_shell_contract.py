@@ -1,7 +1,12 @@
 """The shell contract (metis_stream.shells.base.Shell), run against every shell: LocalShell,
-SSHShell on the test cluster's sshd, and, for the part that needs no real command, the
-FakeShell that the scheduler tests use. A new shell joins ``REAL_SHELLS`` (and ``opened``)
-and must pass all of it.
+SSHShell on the test cluster's sshd, AgentShell through a real server (on Redis) and a
+real metis-agent, and, for the part that needs no real command, the FakeShell that the
+scheduler tests use. A new shell joins ``REAL_SHELLS`` (and ``opened``) and must pass all
+of it.
+
+The agent runs only the scheduler's commands: for the contract it is started with
+``--allow-command`` for the commands these tests run (``CONTRACT_COMMANDS``), as a site
+can allow its own; what it refuses without them is tests/test_agent.py's.
 
 Commands run as the login user, in its home folder; what a test leaves there goes with
 the test (``folder``). Files are checked through the shell's own commands (``cat``,
@@ -23,10 +28,22 @@ import pytest
 from metis_stream.errors import CommandTimeout, OutsideFolder, ShellError, UnsafeArgument
 from metis_stream.shells.base import CHUNK_BYTES, CommandResult, FileInfo, Shell
 from metis_stream.shells.local import LocalShell
+from tests.support.agent import agent_link
 from tests.support.cluster import TestCluster
+from tests.support.redis_server import RedisServer
 from tests.support.shells import FakeShell, ssh_shell
 
-REAL_SHELLS = ["local", pytest.param("ssh", marks=pytest.mark.cluster)]
+REAL_SHELLS = ["local", pytest.param("ssh", marks=pytest.mark.cluster),
+               pytest.param("agent", marks=pytest.mark.redis)]
+
+CONTRACT_COMMANDS = ("cat", "echo", "head", "ls", "mkdir", "no-such-command-metis", "pwd",
+                     "sh", "sha256sum", "stat", "touch", "true")
+"""What the contract tests run besides the scheduler's commands (and each test's own
+scripts: ``folder_commands``)."""
+
+
+def folder_commands(folder: str) -> tuple[str, ...]:
+    return (f"./{folder}/script", f"./{folder}/it's an \"argv\" printer")
 
 UNSAFE_ARGVS = {
     "empty": [],
@@ -63,6 +80,12 @@ async def opened(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
     elif kind == "ssh":
         cluster = request.getfixturevalue("test_cluster")
         shell = ssh_shell(cluster)
+    elif kind == "agent":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        async with agent_link(tmp_path, redis.url, allow_commands=(
+                *CONTRACT_COMMANDS, *folder_commands(folder))) as link:
+            yield link.shell
+        return
     else:
         shell = FakeShell()
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from metis_stream.backends.hub import Hub, Subscription
-from metis_stream.clusters import ClusterHealth
+from metis_stream.clusters import AgentPresence, ClusterHealth
 from metis_stream.errors import EventLimitReached
 from metis_stream.events import Event, NewEvent
 from metis_stream.jobs import Job, JobState
@@ -139,6 +139,41 @@ class Backend(Protocol):
         """Take or renew a lease that expires after ``ttl`` seconds unless renewed; False
         while another owner holds it. Several server processes use it so that only one
         polls each cluster."""
+        ...
+
+    # Agent links (metis_stream.shells.agent): a queue of operations per cluster, which the
+    # poll of the cluster's agent takes from on whichever process it reached, and an inbox
+    # per shell for the replies, which the agent may send through any process. Operations
+    # and replies are opaque bytes here.
+
+    async def agent_send(self, cluster: str, operation: bytes) -> None:
+        """Put ``operation`` at the end of the cluster's queue."""
+        ...
+
+    async def agent_withdraw(self, cluster: str, operation: bytes) -> bool:
+        """Take ``operation`` back out of the queue: True when it was still there (the
+        agent never saw it), False when an agent took it already."""
+        ...
+
+    async def agent_take(self, cluster: str, *, wait: float, limit: int) -> list[bytes]:
+        """The operations at the head of the queue, oldest first, at most ``limit``,
+        waiting up to ``wait`` seconds for the first; each is taken once, by one caller."""
+        ...
+
+    async def agent_reply(self, inbox: str, reply: bytes) -> None:
+        """Put a reply in ``inbox``; one nobody takes is dropped after a while."""
+        ...
+
+    async def agent_replies(self, inbox: str, *, wait: float) -> list[bytes]:
+        """The replies in ``inbox``, oldest first, waiting up to ``wait`` seconds for one."""
+        ...
+
+    async def set_agent_presence(self, presence: AgentPresence) -> None:
+        """Keep what the server knows of a cluster's agent, for every process to show."""
+        ...
+
+    async def agent_presence(self) -> dict[str, AgentPresence]:
+        """What was kept of each cluster's agent, by cluster name."""
         ...
 
     # Webhooks (metis_stream.deliverer). Each webhook's deliverer keeps a cursor in a

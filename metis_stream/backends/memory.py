@@ -6,6 +6,8 @@ use the Redis backend for that and for several processes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
@@ -21,7 +23,7 @@ from metis_stream.backends.contract import (
     JobLimits,
 )
 from metis_stream.backends.hub import Hub, Subscription
-from metis_stream.clusters import ClusterHealth
+from metis_stream.clusters import AgentPresence, ClusterHealth
 from metis_stream.errors import JobEnded, JobNotFound, JobNotSubmitted, NotFound
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState, apply_event
@@ -41,6 +43,26 @@ class _Entry:
     spool: SpoolCursor | None = None
 
 
+class _Queue:
+    """Items in order, and a way to wait for the next."""
+
+    def __init__(self) -> None:
+        self.items: deque[bytes] = deque()
+        self.arrived = asyncio.Event()
+
+    def put(self, item: bytes) -> None:
+        self.items.append(item)
+        self.arrived.set()
+
+    async def take(self, wait: float, limit: int) -> list[bytes]:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while not self.items:
+                    self.arrived.clear()
+                    await self.arrived.wait()
+        return [self.items.popleft() for _ in range(min(limit, len(self.items)))]
+
+
 class MemoryBackend:
     def __init__(self, *, max_events_per_job: int = DEFAULT_MAX_EVENTS_PER_JOB,
                  max_job_bytes: int = DEFAULT_MAX_JOB_BYTES, changes_kept: float = 0.0
@@ -54,6 +76,8 @@ class MemoryBackend:
         self._last_change = 0
         self._webhooks: dict[str, tuple[str | None, dict[str, HookProgress]]] = {}
         self._dead_letters: dict[str, DeadLetter] = {}
+        self._agent_queues: dict[str, _Queue] = {}
+        self._agent_presence: dict[str, AgentPresence] = {}
 
     async def start(self) -> None:
         return None
@@ -164,6 +188,36 @@ class MemoryBackend:
 
     async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
         return True  # one process: nobody else to share with
+
+    async def agent_send(self, cluster: str, operation: bytes) -> None:
+        self._agent_queue(f"ops:{cluster}").put(operation)
+
+    async def agent_withdraw(self, cluster: str, operation: bytes) -> bool:
+        items = self._agent_queue(f"ops:{cluster}").items
+        if operation not in items:
+            return False
+        items.remove(operation)
+        return True
+
+    async def agent_take(self, cluster: str, *, wait: float, limit: int) -> list[bytes]:
+        return await self._agent_queue(f"ops:{cluster}").take(wait, limit)
+
+    async def agent_reply(self, inbox: str, reply: bytes) -> None:
+        queue = self._agent_queues.get(f"inbox:{inbox}")
+        if queue is not None:  # else its shell is gone: nobody would take it
+            queue.put(reply)
+
+    async def agent_replies(self, inbox: str, *, wait: float) -> list[bytes]:
+        return await self._agent_queue(f"inbox:{inbox}").take(wait, READ_PAGE)
+
+    async def set_agent_presence(self, presence: AgentPresence) -> None:
+        self._agent_presence[presence.name] = presence
+
+    async def agent_presence(self) -> dict[str, AgentPresence]:
+        return dict(self._agent_presence)
+
+    def _agent_queue(self, name: str) -> _Queue:
+        return self._agent_queues.setdefault(name, _Queue())
 
     def _journal(self, job_id: str, first: int, last: int) -> None:
         now = time.time()

@@ -12,8 +12,15 @@ import orjson
 from metis_stream.errors import SchedulerError, ShellError
 from metis_stream.job_folder import JobFolder
 from metis_stream.schedulers.flavour import SchedulerFlavour
-from metis_stream.shells.base import Shell
-from metis_stream.spool import Frames, SpoolRead, parse_frames, reader_argv, sweeper_argv
+from metis_stream.shells.base import Shell, SpoolReading
+from metis_stream.spool import (
+    Frames,
+    SpoolRead,
+    parse_frames,
+    reader_argv,
+    sweep_minutes,
+    sweeper_argv,
+)
 from metis_stream.templates import ArrayRange, Template
 
 __all__ = [
@@ -233,6 +240,10 @@ async def read_element_exits_with(shell: Shell, elements_dir: str, timeout: floa
 async def remove_old_spools_with(shell: Shell, jobs_dir: str, keep_seconds: float,
                                   timeout: float, cluster: str) -> None:
     try:
+        if isinstance(shell, SpoolReading):
+            await shell.remove_old_spools(jobs_dir, sweep_minutes(keep_seconds),
+                                          timeout=timeout)
+            return
         result = await shell.run(sweeper_argv(jobs_dir, keep_seconds), timeout=timeout)
     except ShellError as exc:
         raise SchedulerError(f"could not remove old spools on {cluster}: {exc}") from exc
@@ -244,11 +255,16 @@ async def remove_old_spools_with(shell: Shell, jobs_dir: str, keep_seconds: floa
 async def read_spools_with(shell: Shell, jobs_dir: str, reads: Sequence[SpoolRead],
                            timeout: float, cluster: str) -> Frames:
     """Run the spool reader over ``shell`` once for all ``reads``: how every scheduler
-    reads spools, over SSH or on this machine."""
+    reads spools, over SSH or on this machine; a SpoolReading shell (an agent) reads them
+    itself, in the same frames."""
     if not reads:
         return Frames([])
     boundary = secrets.token_hex(16)
     try:
+        if isinstance(shell, SpoolReading):
+            output = await shell.read_spools(jobs_dir, [read.word() for read in reads],
+                                             boundary, timeout=timeout)
+            return parse_frames(output, boundary)
         result = await shell.run(reader_argv(jobs_dir, reads, boundary), timeout=timeout)
     except ShellError as exc:
         raise SchedulerError(f"could not read the spools on {cluster}: {exc}") from exc

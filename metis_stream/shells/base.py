@@ -17,6 +17,7 @@ __all__ = [
     "CommandResult",
     "FileInfo",
     "Shell",
+    "SpoolReading",
     "TakesLogin",
     "check_argv",
     "file_kind",
@@ -130,6 +131,24 @@ class Shell(Protocol):
 
     async def close(self) -> None:
         """Release the shell; closing it again does nothing."""
+        ...
+
+
+@runtime_checkable
+class SpoolReading(Protocol):
+    """A shell that reads and sweeps spools itself instead of running metis_stream.spool's
+    ``sh`` programs: the agent's, which runs no ``sh``. Schedulers ask with isinstance."""
+
+    async def read_spools(self, jobs_dir: str, words: Sequence[str], boundary: str, *,
+                          timeout: float | None) -> bytes:
+        """What spool.READER would print for these words (``SpoolRead.word``), byte for
+        byte in the same frames, for spool.parse_frames."""
+        ...
+
+    async def remove_old_spools(self, jobs_dir: str, minutes: int, *,
+                                timeout: float | None) -> None:
+        """What spool.SWEEPER does: remove the spools of ended jobs older than
+        ``minutes``."""
         ...
 
 

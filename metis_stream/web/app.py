@@ -26,7 +26,7 @@ from metis_stream.errors import MetisError
 from metis_stream.factory import build_backend, build_schedulers
 from metis_stream.schedulers.base import Scheduler
 from metis_stream.service import JobService
-from metis_stream.web import api, files, sockets
+from metis_stream.web import agent, api, files, sockets
 from metis_stream.web.deadline import ABORT, find_abort
 from metis_stream.web.errors import handle_error, handle_starlette_error
 from metis_stream.web.guard import Authorize, Gate, HttpEndpoint
@@ -78,10 +78,10 @@ def create_app(config: Config, *, backend: Backend | None = None,
         logger.warning("metis-stream: INSECURE: insecure_no_auth = true: no API keys, so every "
                        "user of this machine can submit jobs as this server's account and read, "
                        "watch and cancel every job")
+    backend = backend if backend is not None else build_backend(config)
     service = JobService(
-        config,
-        backend if backend is not None else build_backend(config),
-        schedulers if schedulers is not None else build_schedulers(config),
+        config, backend,
+        schedulers if schedulers is not None else build_schedulers(config, backend),
     )
 
     names = ServerNames.of(config.server)
@@ -98,6 +98,14 @@ def create_app(config: Config, *, backend: Backend | None = None,
         Route("/healthz", client(api.healthz)),
         Route("/metrics", client(api.metrics)),
         Route("/api/meta", client(api.meta)),
+        # metis-agent's own: its key, never the host's hook (docs/agent.md).
+        Route("/agent", gate.http(agent.get_agent, client=False), methods=["GET"]),
+        Route("/agent.sha256", gate.http(agent.get_agent_hash, client=False),
+              methods=["GET"]),
+        Route("/api/agent/poll", gate.http(agent.agent_poll, client=False),
+              methods=["POST"]),
+        Route("/api/agent/reply", gate.http(agent.agent_reply, client=False),
+              methods=["POST"]),
         Route("/api/templates", client(api.list_templates)),
         Route("/api/clusters", client(api.list_clusters)),
         Route("/api/clusters/{name}/login", client(api.login_cluster), methods=["POST"]),

@@ -24,6 +24,12 @@ letter id -> JSON (metis_stream.webhooks.DeadLetter).
 Per cluster: ``P clusters:health``, HASH, cluster name -> its health as JSON
 (metis_stream.clusters.ClusterHealth), written by the process that polls it.
 
+Agent links (metis_stream.shells.agent): ``P agent:ops:<cluster>``, LIST, the operations
+waiting for the cluster's agent (RPUSH by any process, BLPOP by the process its poll
+reached); ``P agent:inbox:<inbox>``, LIST, the replies for one shell of one process
+(expiring ``AGENT_INBOX_TTL`` after the last); ``P agents:all``, HASH, cluster name -> what
+is known of its agent as JSON (metis_stream.clusters.AgentPresence).
+
 Indexes: ``P jobs:state:<state>``, ``P jobs:cluster:<cluster>``, ``P jobs:owner:<key
 name>`` (jobs created by a named key: metis_stream.keys) and ``P jobs:user:<end user>``
 (jobs given one), sorted sets of job ids scored by ``order``. A listing pages through the
@@ -89,7 +95,7 @@ from metis_stream.backends.redis.scripts import (
     SET_FIELD_LUA,
     STATES,
 )
-from metis_stream.clusters import ClusterHealth
+from metis_stream.clusters import AgentPresence, ClusterHealth
 from metis_stream.errors import JobEnded, JobNotFound, LogLost, MetisError, NotFound
 from metis_stream.events import Event, NewEvent, decode_event
 from metis_stream.jobs import Job, JobState
@@ -102,6 +108,9 @@ DEFAULT_RETENTION = 7 * 24 * 3600.0
 DEFAULT_MAX_JOB_LIFETIME = 30 * 24 * 3600.0
 DEFAULT_SWEEP_INTERVAL = 600.0
 _SEEN_CAP = 100_000
+AGENT_INBOX_TTL = 600
+_BLOCK_SLICE = 1.0
+"""The longest BLPOP: well under the socket timeout, which a blocked read would hit."""
 _SWEEP_PAGE = 500
 
 
@@ -519,6 +528,62 @@ class RedisBackend:
             raw = cast(dict[bytes, bytes],
                        await self._client.hgetall(self._key("clusters", "health")))
         return {name.decode(): ClusterHealth.from_json(orjson.loads(value))
+                for name, value in raw.items()}
+
+    # Agent links
+
+    async def agent_send(self, cluster: str, operation: bytes) -> None:
+        with unavailable_on_errors():
+            await self._client.rpush(self._key("agent", f"ops:{cluster}"), operation)
+
+    async def agent_withdraw(self, cluster: str, operation: bytes) -> bool:
+        with unavailable_on_errors():
+            removed = await self._client.lrem(  # redis-py's stubs say str; bytes are sent as is
+                self._key("agent", f"ops:{cluster}"), 1, operation)  # type: ignore[arg-type]
+        return bool(removed)
+
+    async def agent_take(self, cluster: str, *, wait: float, limit: int) -> list[bytes]:
+        return await self._take_list(self._key("agent", f"ops:{cluster}"), wait, limit)
+
+    async def agent_reply(self, inbox: str, reply: bytes) -> None:
+        key = self._key("agent", f"inbox:{inbox}")
+        with unavailable_on_errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, reply)
+                pipe.expire(key, AGENT_INBOX_TTL)
+                await pipe.execute()
+
+    async def agent_replies(self, inbox: str, *, wait: float) -> list[bytes]:
+        return await self._take_list(self._key("agent", f"inbox:{inbox}"), wait, READ_PAGE)
+
+    async def _take_list(self, key: str, wait: float, limit: int) -> list[bytes]:
+        """Up to ``limit`` items from the head of a list, blocking up to ``wait`` seconds
+        for the first in short BLPOPs."""
+        deadline = time.monotonic() + wait
+        with unavailable_on_errors():
+            while True:
+                items = cast(list[bytes] | None, await self._client.lpop(key, limit))
+                if items:
+                    return items
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                popped = cast(tuple[bytes, bytes] | None, await self._client.blpop(
+                    [key], timeout=min(_BLOCK_SLICE, max(0.01, remaining))))
+                if popped is not None:
+                    rest = (cast(list[bytes] | None, await self._client.lpop(key, limit - 1))
+                            if limit > 1 else None)
+                    return [popped[1], *(rest or [])]
+
+    async def set_agent_presence(self, presence: AgentPresence) -> None:
+        with unavailable_on_errors():
+            await self._client.hset(self._key("agents", "all"), presence.name,
+                                    to_json(presence.as_json()))
+
+    async def agent_presence(self) -> dict[str, AgentPresence]:
+        with unavailable_on_errors():
+            raw = cast(dict[bytes, bytes], await self._client.hgetall(self._key("agents", "all")))
+        return {name.decode(): AgentPresence.from_json(orjson.loads(value))
                 for name, value in raw.items()}
 
     # Webhooks
